@@ -1,0 +1,124 @@
+"""One text-to-video generation with the measurements every videocache report needs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (frames, height, width, 3) uint8
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class TransformerTimer:
+    """Accumulates wall time spent inside the denoiser's forward, through hooks on that instance only."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.seconds = 0.0
+        self.calls = 0
+        self._start = 0.0
+        self._cuda = next(module.parameters()).is_cuda
+        self._handles = [
+            module.register_forward_pre_hook(self._before),
+            module.register_forward_hook(self._after),
+        ]
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    def _before(self, module, args) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak accelerator allocation on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+
+
+def to_uint8_frames(video: Any) -> np.ndarray:
+    """Pipeline output (list or array, float in [0, 1]) of one video -> (F, H, W, 3) uint8."""
+    array = np.asarray(video, dtype=np.float32)
+    return np.clip(np.round(array * 255.0), 0, 255).astype(np.uint8)
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    seed: int = 0,
+    num_inference_steps: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    guidance_scale: float,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """Run the pipeline once with a seeded generator; time the whole call and the transformer alone."""
+    device = pipe.transformer.device
+    pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoise")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = TransformerTimer(pipe.transformer)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = time.perf_counter()
+    try:
+        output = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="np",
+        )
+    finally:
+        timer.close()
+    wall = time.perf_counter() - start
+    peak, peak_kind = peak_memory_bytes(device)
+    frames = to_uint8_frames(output.frames[0])
+    summary = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": num_inference_steps,
+        "frames": int(frames.shape[0]),
+        "height": int(frames.shape[1]),
+        "width": int(frames.shape[2]),
+        "guidance_scale": guidance_scale,
+        "wall_s": round(wall, 4),
+        "transformer_s": round(timer.seconds, 4),
+        "transformer_calls": timer.calls,
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": peak_kind,
+        "device": str(device),
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        **(extra or {}),
+    }
+    return GenerationResult(frames=frames, summary=summary)

@@ -1,0 +1,81 @@
+"""Resolve a model argument (a known name, a local diffusers folder or a hub id) to a loaded pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "reference-wan"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(ValueError):
+    """Raised with a one-line message that says what to fix."""
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Settings a model was made for; the CLI uses them where the user gave none."""
+
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+
+
+WAN_DEFAULTS = GenerationDefaults(81, 480, 832, 50, 5.0, 16)
+KNOWN_MODELS = {"reference-wan": REFERENCE_DIR}
+
+
+def resolve_model(model: str) -> str:
+    """Map a model argument to a local folder or a hub id, or raise ModelLoadError."""
+    if model in KNOWN_MODELS:
+        path = KNOWN_MODELS[model]
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"the {model} weights are missing at {path}; reinstall videocache or run scripts/train_reference.py"
+            )
+        return str(path)
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "model_index.json")):
+            raise ModelLoadError(f"{model} is not a diffusers pipeline folder (no model_index.json in it)")
+        return expanded
+    if os.path.exists(expanded):
+        raise ModelLoadError(f"{model} is a file; pass a diffusers pipeline folder, a hub id or one of {', '.join(KNOWN_MODELS)}")
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/") and not _HUB_ID.match(model)
+    if looks_like_path or not _HUB_ID.match(model):
+        raise ModelLoadError(
+            f"model {model!r} not found: pass one of {', '.join(KNOWN_MODELS)}, an existing diffusers folder, "
+            "or a hub id such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+        )
+    return model
+
+
+def generation_defaults(source: str) -> GenerationDefaults:
+    """Defaults stored beside a pipeline in videocache.json (the reference pipeline has one), else Wan2.1's."""
+    meta = Path(source) / "videocache.json"
+    if meta.is_file():
+        return GenerationDefaults(**json.loads(meta.read_text())["generation_defaults"])
+    return WAN_DEFAULTS
+
+
+def load_pipeline(model: str = "reference-wan", device: str | None = None, dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """Load a pipeline by name, folder or hub id, on `device` (default: CUDA when present, else CPU)."""
+    source = resolve_model(model)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load {model!r}: {first}") from exc
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device)

@@ -1,0 +1,88 @@
+"""Architecture of the embedded reference pipeline: tiny configurations of the real Wan2.1 classes.
+
+The shapes are chosen so that the transformer sees 320 video tokens per sample (17 frames at 64x64,
+VAE compression 4x4x4, patch 1x2x2) while a 25-step guided video still renders in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from .data import VOCABULARY
+
+Z_DIM = 16
+TEXT_DIM = 64
+SCHEDULER_SHIFT = 3.0
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default; training pads the same way
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the reference vocabulary, built offline (no hub download)."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *VOCABULARY])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH
+    )
+
+
+def build_text_encoder(vocab_size: int, seed: int) -> UMT5EncoderModel:
+    """A small UMT5 encoder; it stays at its (seeded) random initialisation and is frozen."""
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval().requires_grad_(False)
+
+
+def build_vae() -> AutoencoderKLWan:
+    return AutoencoderKLWan(
+        base_dim=16,
+        z_dim=Z_DIM,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=[0.0] * Z_DIM,
+        latents_std=[1.0] * Z_DIM,
+        scale_factor_spatial=4,
+        scale_factor_temporal=4,
+    )
+
+
+def build_transformer() -> WanTransformer3DModel:
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=Z_DIM,
+        out_channels=Z_DIM,
+        text_dim=TEXT_DIM,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=8,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
+def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)

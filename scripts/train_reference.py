@@ -1,0 +1,295 @@
+"""Train the embedded reference pipeline (tiny Wan2.1 architecture) on procedural videos.
+
+Stages, each resumable from its checkpoint in --work-dir:
+  1. vae          AutoencoderKLWan on short random crops of procedural clips (it is fully convolutional
+                  and causal, so it carries over to full 17-frame 64x64 clips);
+  2. latents      encode the training clips once, and measure per-channel latent statistics;
+  3. transformer  WanTransformer3DModel with Wan's rectified-flow objective (velocity eps - x0);
+  4. assemble     WanPipeline.save_pretrained(--out) plus a TRAINING.json record.
+
+    python scripts/train_reference.py --out pipelines/reference/reference-wan
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import WanPipeline
+from tqdm.auto import tqdm
+
+from videocache.pipelines.reference import build
+from videocache.pipelines.reference.data import render_clip, split_captions
+
+
+def to_tensor(video: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (3, F, H, W) float in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(video).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """AutoencoderKLWan's frame-by-frame causal decode without the final clamp to [-1, 1].
+
+    The clamp in `vae.decode` zeroes the gradient of every pixel that overshoots, which stalls
+    training; inference keeps the clamp.
+    """
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        frames.append(vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0))
+    vae.clear_cache()
+    return torch.cat(frames, dim=2)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never corrupts the last good checkpoint
+
+
+def render_bank(args, work: Path) -> None:
+    """Render every training clip once (uint8); the VAE and the latent stage both sample from it."""
+    out = work / "clips.pt"
+    if out.exists():
+        return
+    train_caps, _ = split_captions()
+    jobs = [(cap, args.seed * 1000 + i) for cap in train_caps for i in range(args.clips_per_caption)]
+    videos = np.stack([render_clip(cap, seed).video for cap, seed in tqdm(jobs, desc="render", dynamic_ncols=True)])
+    save_checkpoint(out, videos=torch.from_numpy(videos), captions=[cap.text for cap, _ in jobs])
+
+
+def train_vae(args, device, work: Path) -> None:
+    final = work / "vae_final.pt"
+    if final.exists():
+        return
+    ckpt_path = work / "vae_ckpt.pt"
+    vae = build.build_vae().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    step = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    videos = torch.load(work / "clips.pt", weights_only=False)["videos"].numpy()
+    rng = np.random.default_rng(args.seed + step)
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True)
+    vae.train()
+    while step < args.vae_steps:
+        batch = []
+        for _ in range(args.vae_batch):
+            video = videos[rng.integers(len(videos))]
+            t = rng.integers(0, video.shape[0] - args.vae_frames + 1)
+            y, x = rng.integers(0, video.shape[1] - args.vae_crop + 1, size=2)
+            window = video[t : t + args.vae_frames, y : y + args.vae_crop, x : x + args.vae_crop]
+            batch.append(to_tensor(np.ascontiguousarray(window)))
+        x = torch.stack(batch).to(device)
+        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        posterior = vae.encode(x).latent_dist
+        recon = decode_unclamped(vae, posterior.sample())
+        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        if step % args.ckpt_every == 0 or step == args.vae_steps:
+            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step)
+    bar.close()
+    save_checkpoint(final, model=vae.state_dict())
+
+
+@torch.no_grad()
+def encode_latents(args, device, work: Path) -> None:
+    out = work / "latents.pt"
+    if out.exists():
+        return
+    vae = build.build_vae().to(device).eval()
+    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    bank = torch.load(work / "clips.pt", weights_only=False)
+    videos = bank["videos"].numpy()
+    partial = work / "latents_partial.pt"
+    done: dict = torch.load(partial, weights_only=False) if partial.exists() else {"latents": []}
+    for start in tqdm(range(len(done["latents"]) * 8, len(videos), 8), desc="encode", dynamic_ncols=True):
+        x = torch.stack([to_tensor(v) for v in videos[start : start + 8]]).to(device)
+        done["latents"].append(vae.encode(x).latent_dist.mode().cpu())
+        if len(done["latents"]) % 20 == 0:
+            save_checkpoint(partial, **done)
+    latents = torch.cat(done["latents"])
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+    save_checkpoint(out, latents=latents, captions=bank["captions"], mean=mean, std=std)
+    partial.unlink(missing_ok=True)
+
+
+def text_pipeline(seed: int) -> WanPipeline:
+    tokenizer = build.build_tokenizer()
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=build.build_text_encoder(len(tokenizer), seed),
+        vae=build.build_vae(),
+        scheduler=build.build_scheduler(),
+        transformer=None,
+    )
+
+
+def train_transformer(args, device, work: Path) -> None:
+    final = work / "transformer_final.pt"
+    if final.exists():
+        return
+    data = torch.load(work / "latents.pt", weights_only=False)
+    mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
+    latents = ((data["latents"] - mean) / std).to(device)
+    pipe = text_pipeline(args.seed)
+    captions = sorted(set(data["captions"]))
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(
+            captions + [""], do_classifier_free_guidance=False, max_sequence_length=build.MAX_SEQUENCE_LENGTH
+        )
+    index = {c: i for i, c in enumerate(captions)}
+    caption_ids = torch.tensor([index[c] for c in data["captions"]])
+    empty_id = len(captions)
+    embeds = embeds.to(device)
+
+    torch.manual_seed(args.seed)
+    model = build.build_transformer().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step = 0
+    ckpt_path = work / "transformer_ckpt.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        ema = ckpt["ema"]
+        step = ckpt["step"]
+    gen = torch.Generator().manual_seed(args.seed + step)
+    bar = tqdm(total=args.steps, initial=step, desc="transformer", dynamic_ncols=True)
+    model.train()
+    shift = build.SCHEDULER_SHIFT
+    running = None
+    while step < args.steps:
+        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        cond = caption_ids[idx].clone()
+        cond[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = empty_id
+        u = torch.rand(args.batch, generator=gen)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # same shift as the sampler's schedule
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+        lr = args.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        pred = model(xt, sigma * 1000, embeds[cond.to(device)], return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
+    bar.close()
+    save_checkpoint(final, model=ema)
+
+
+def assemble(args, work: Path, started: float, command: str) -> None:
+    pipe = text_pipeline(args.seed)
+    vae = build.build_vae()
+    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location="cpu")["model"])
+    stats = torch.load(work / "latents.pt", weights_only=False)
+    vae.register_to_config(latents_mean=stats["mean"].tolist(), latents_std=stats["std"].tolist())
+    transformer = build.build_transformer()
+    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+    pipe = WanPipeline(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=vae,
+        scheduler=build.build_scheduler(),
+        transformer=transformer,
+    )
+    out = Path(args.out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
+    record = {
+        "command": command,
+        "seed": args.seed,
+        "arguments": vars(args),
+        "stage_seconds": timings,
+        "total_training_seconds": round(sum(timings.values()), 1),
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "torch": torch.__version__,
+        "finished_unix": time.time(),
+    }
+    (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved reference pipeline to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="pipelines/reference/reference-wan", help="pipeline folder to write")
+    p.add_argument("--work-dir", default="runs/reference", help="checkpoints and intermediate data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-frames", type=int, default=9)
+    p.add_argument("--vae-crop", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--clips-per-caption", type=int, default=6)
+    p.add_argument("--steps", type=int, default=3000, help="transformer optimisation steps")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--stages", default="clips,vae,latents,transformer,assemble")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python " + shlex.join(sys.argv)
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    started = time.time()
+    stages = {"clips": lambda: render_bank(args, work), "vae": lambda: train_vae(args, device, work), "latents": lambda: encode_latents(args, device, work),
+              "transformer": lambda: train_transformer(args, device, work)}
+    for name in args.stages.split(","):
+        if name == "assemble":
+            assemble(args, work, started, command)
+            continue
+        t0 = time.time()
+        stages[name]()
+        timings[name] = round(timings.get(name, 0.0) + time.time() - t0, 1)  # resumed runs add up
+        timings_path.write_text(json.dumps(timings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The `videocache` command line: generate, compare, profile.
+
+This module is an entry point (the same layer as scripts/): it may import videocache.pipelines and
+videocache.eval_vbench, which the engine modules never do. Heavy imports happen inside the commands
+so that `videocache --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _fail(message: str) -> int:
+    print(f"videocache: error: {message}", file=sys.stderr)
+    return 2
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--profile", default="none", help="cache profile name or YAML path; 'none' runs uncached")
+    p.add_argument("--preset", default=None, help="profile preset (the profile's default when omitted)")
+    p.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="out.mp4", help="video file to write (.mp4 or .gif)")
+    p.add_argument("--summary", default=None, help="JSON summary to write")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_generation(args: argparse.Namespace) -> dict[str, Any]:
+    """Load, optionally cache, generate and write; returns the summary. Raises USER_ERRORS on bad input."""
+    import torch
+
+    from videocache.pipelines.generation import generate
+    from videocache.pipelines.loader import generation_defaults, load_pipeline, resolve_model
+    from videocache.video_io import write_video
+
+    source = resolve_model(args.model)
+    defaults = generation_defaults(source)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    steps = args.steps or defaults.num_inference_steps
+    for name, value in (("--steps", steps), ("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None}
+    engine = None
+    if args.profile != "none":
+        import videocache
+
+        engine = videocache.apply(
+            pipe, args.profile, preset=args.preset, max_cache_bytes=args.max_cache_bytes, num_inference_steps=steps
+        )
+        extra.update(profile=args.profile, preset=engine.preset_name)
+    result = generate(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_inference_steps=steps,
+        num_frames=args.frames or defaults.num_frames,
+        height=args.height or defaults.height,
+        width=args.width or defaults.width,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
+        progress=not args.no_progress,
+        extra=extra,
+    )
+    summary = result.summary
+    if engine is not None:
+        stats = engine.stats()
+        summary.update(computed_fraction=stats["computed_fraction"], cache_peak_bytes=stats["cache_peak_bytes"])
+    else:
+        summary.update(computed_fraction=1.0, cache_peak_bytes=0)
+    write_video(args.out, result.frames, fps=defaults.fps)
+    summary["video"] = str(args.out)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    summary = run_generation(args)
+    print(
+        f"wrote {summary['video']}: {summary['frames']} frames {summary['height']}x{summary['width']}, "
+        f"{summary['steps']} steps, {summary['wall_s']:.2f} s (transformer {summary['transformer_s']:.2f} s), "
+        f"computed fraction {summary['computed_fraction']:.3f}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="videocache", description="Training-free caching for video diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one video (reference pipeline by default)")
+    add_generation_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return _fail(str(message).splitlines()[0] if str(message) else type(exc).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
