@@ -34,7 +34,7 @@ def main() -> None:
     transformer = [r["transformer_s"] for r in runs]
     result = {
         "benchmark": "reference-wan generate, 17 frames 64x64, 25 steps, CFG 5.0",
-        "command": "python benchmarks/reference_generate.py --runs %d" % args.runs,
+        "command": f"python benchmarks/reference_generate.py --runs {args.runs}",
         "runs": args.runs,
         "median_wall_s": statistics.median(wall),
         "median_transformer_s": statistics.median(transformer),

@@ -74,7 +74,7 @@ def load_pipeline(model: str = "reference-wan", device: str | None = None, dtype
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load {model!r}: {first}") from exc
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

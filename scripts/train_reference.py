@@ -249,6 +249,8 @@ def assemble(args, work: Path, started: float, command: str) -> None:
         "finished_unix": time.time(),
     }
     (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
+    defaults = {"num_frames": 17, "height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8}
+    (out / "videocache.json").write_text(json.dumps({"generation_defaults": defaults}, indent=2) + "\n")
     print(f"saved reference pipeline to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
 
 

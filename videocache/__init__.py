@@ -1,0 +1,188 @@
+"""videocache: training-free feature caching for video diffusion transformers.
+
+    import videocache
+    engine = videocache.apply(pipe, "reference-wan", "fast")   # hooks the pipeline's transformer
+    video = pipe(prompt, ...)
+    print(engine.stats()["computed_fraction"])
+    videocache.remove(pipe)                                    # output is bit-identical to never applied
+
+The engine is model-agnostic; model adapters (videocache.pipelines) register themselves and are found
+by the transformer's class when `apply` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import ModelAdapter, get_adapter, register_adapter
+from .engine import CacheEngine, EngineConfig
+from .exposure_bias import ExposureBiasConfig, b_schedule, correct_velocity
+from .profile import PresetSpec, Profile, ProfileError, available_profiles, load_profile
+from .table import COMPONENTS, Action, CacheTable, build_table
+
+__all__ = [
+    "COMPONENTS",
+    "Action",
+    "CacheEngine",
+    "CacheTable",
+    "EngineConfig",
+    "ExposureBiasConfig",
+    "ModelAdapter",
+    "PresetSpec",
+    "Profile",
+    "ProfileError",
+    "apply",
+    "apply_to_transformer",
+    "available_profiles",
+    "b_schedule",
+    "build_table",
+    "correct_velocity",
+    "get_adapter",
+    "get_engine",
+    "load_profile",
+    "register_adapter",
+    "remove",
+]
+
+_ATTR = "_videocache_engine"
+
+
+def _preflight(
+    preset: PresetSpec, steps: int, adapter: ModelAdapter, scheduler: Any, num_blocks: int
+) -> None:
+    """Expand the preset once for `steps` steps, so a bad table fails at apply time, not mid-generation."""
+    preset.check_steps(steps)
+    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        return
+    try:
+        trial = copy.deepcopy(scheduler)
+        trial.set_timesteps(steps)
+        sigmas = adapter.scheduler_sigmas(trial, steps)
+    except Exception:  # schedulers that need extra arguments (e.g. dynamic shifting): checked at run time
+        return
+    build_table(preset, sigmas, num_blocks)
+
+
+def apply_to_transformer(
+    transformer: torch.nn.Module,
+    scheduler: Any = None,
+    table_or_profile: CacheTable | Profile | str | Path = "reference-wan",
+    preset: str | None = None,
+    *,
+    max_cache_bytes: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    offload_to_cpu: bool = False,
+    exposure_bias: bool | None = None,
+    trace: bool = True,
+    num_inference_steps: int | None = None,
+) -> CacheEngine:
+    """Attach a cache engine to a transformer without a pipeline.
+
+    `scheduler` (or a zero-argument callable returning it) supplies the per-step sigmas a profile preset
+    needs; it may be None with a fixed CacheTable when calls carry a `cache_context` with `step_index`.
+    `exposure_bias` overrides the preset's enabled flag (None keeps it). `num_inference_steps`, when
+    known, is checked against the profile or table now instead of at the first step.
+    """
+    if getattr(transformer, _ATTR, None) is not None:
+        raise RuntimeError("videocache is already applied to this transformer; call videocache.remove first")
+    adapter = get_adapter(transformer)
+    fingerprint = adapter.fingerprint(transformer)
+    get_scheduler = (
+        scheduler if callable(scheduler) and not hasattr(scheduler, "set_timesteps") else (lambda: scheduler)
+    )
+
+    profile_obj, preset_name = None, None
+    if isinstance(table_or_profile, CacheTable):
+        if preset is not None:
+            raise ValueError("preset applies to profiles; a CacheTable is used as given")
+        source: Any = table_or_profile
+        eb = ExposureBiasConfig(enabled=bool(exposure_bias))
+        if num_inference_steps is not None and num_inference_steps != source.num_steps:
+            raise ValueError(
+                f"the cache table was made for {source.num_steps} steps; this run has {num_inference_steps}"
+            )
+    else:
+        profile_obj = load_profile(table_or_profile)
+        profile_obj.check_model(fingerprint)
+        source = profile_obj.preset(preset)
+        preset_name = source.name
+        eb = source.exposure_bias or ExposureBiasConfig()
+        if exposure_bias is not None:
+            eb = dataclasses.replace(eb, enabled=bool(exposure_bias))
+        steps = num_inference_steps if num_inference_steps is not None else profile_obj.steps
+        _preflight(source, steps, adapter, get_scheduler(), fingerprint["num_blocks"])
+
+    config = EngineConfig(
+        max_cache_bytes=max_cache_bytes,
+        cache_dtype=cache_dtype,
+        offload_to_cpu=offload_to_cpu,
+        exposure_bias=eb,
+        trace=trace,
+    )
+    engine = CacheEngine(
+        transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name
+    )
+    setattr(transformer, _ATTR, engine)
+    return engine
+
+
+def apply(
+    pipe: Any,
+    profile: Profile | str | Path = "reference-wan",
+    preset: str | None = None,
+    *,
+    table: CacheTable | None = None,
+    max_cache_bytes: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    offload_to_cpu: bool = False,
+    exposure_bias: bool | None = None,
+    trace: bool = True,
+    num_inference_steps: int | None = None,
+) -> CacheEngine:
+    """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
+    at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here."""
+    if getattr(pipe, _ATTR, None) is not None:
+        raise RuntimeError(
+            "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
+        )
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
+    engine = apply_to_transformer(
+        transformer,
+        lambda: getattr(pipe, "scheduler", None),
+        table if table is not None else profile,
+        None if table is not None else preset,
+        max_cache_bytes=max_cache_bytes,
+        cache_dtype=cache_dtype,
+        offload_to_cpu=offload_to_cpu,
+        exposure_bias=exposure_bias,
+        trace=trace,
+        num_inference_steps=num_inference_steps,
+    )
+    setattr(pipe, _ATTR, engine)
+    return engine
+
+
+def get_engine(pipe_or_transformer: Any) -> CacheEngine | None:
+    """The engine applied to a pipeline or transformer (or to a pipeline's transformer), or None."""
+    engine = getattr(pipe_or_transformer, _ATTR, None)
+    if engine is None:
+        engine = getattr(getattr(pipe_or_transformer, "transformer", None), _ATTR, None)
+    return engine
+
+
+def remove(pipe_or_transformer: Any) -> None:
+    """Remove every videocache hook and free kept tensors; a no-op when nothing is applied."""
+    engine = get_engine(pipe_or_transformer)
+    if engine is None:
+        return
+    engine.remove()
+    for owner in (pipe_or_transformer, engine.transformer):
+        if getattr(owner, _ATTR, None) is engine:
+            delattr(owner, _ATTR)

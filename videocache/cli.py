@@ -103,12 +103,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from videocache.eval_vbench.compare import config_from_args, format_summary, run_compare
+
+    result = run_compare(config_from_args(args))
+    print(format_summary(result))
+    if result.errors:
+        failed = ", ".join(sorted(result.errors))
+        return _fail(f"{len(result.errors)} method(s) failed ({failed}); details in {result.paths['md']} and {args.out}/logs/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videocache", description="Training-free caching for video diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video (reference pipeline by default)")
     add_generation_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+    from videocache.eval_vbench.compare import add_compare_arguments
+
+    cmp_ = sub.add_parser("compare", help="compare cache methods side by side (speed, computed fraction, PSNR/SSIM)")
+    add_compare_arguments(cmp_)
+    cmp_.set_defaults(func=cmd_compare)
     return parser
 
 

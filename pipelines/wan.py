@@ -1,0 +1,106 @@
+"""Wan2.1 adapter: tells the videocache engine where the cacheable modules of WanTransformer3DModel are.
+
+Each WanTransformerBlock runs `attn1` (self-attention), `attn2` (cross-attention to the text, plus the
+image tokens in I2V) and `ffn`, and multiplies attn1's and ffn's outputs by the step's gates only after
+they return, so caching these module outputs is caching "before the gated residual add".
+Registered on import for `WanTransformer3DModel` (Wan2.1 T2V 1.3B / 14B and the I2V variants).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from videocache.adapters import register_adapter
+from videocache.table import COMPONENTS
+
+# WanAttnProcessor splits the cross-attention context as [image tokens, 512 text tokens] in I2V models.
+WAN_TEXT_CONTEXT_LENGTH = 512
+
+
+def _linear_macs(linear: torch.nn.Linear | None) -> int:
+    return 0 if linear is None else linear.in_features * linear.out_features
+
+
+class WanAdapter:
+    """FLOPs count the matrix multiplications (projections and attention), 2 FLOPs per multiply-add;
+    norms, RoPE, activations and biases are left out (well under 1 % at Wan's sizes).
+
+    Under Ulysses sequence parallelism the blocks see a token shard, so the counts are per rank and the
+    attention term (computed from the local token count) understates the gathered attention; the
+    computed fraction stays a consistent per-rank measure, but absolute FLOPs need the SP degree.
+    """
+
+    architecture = "WanTransformer3DModel"
+
+    def __init__(self) -> None:
+        self._mlp_macs: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
+
+    def blocks(self, transformer: torch.nn.Module) -> Sequence[torch.nn.Module]:
+        return list(transformer.blocks)
+
+    def component_modules(self, block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        return {"self_attn": block.attn1, "cross_attn": block.attn2, "mlp": block.ffn}
+
+    def fingerprint(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "num_blocks": len(transformer.blocks),
+            "components": list(COMPONENTS),
+        }
+
+    def component_flops(self, component: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, tokens = int(hidden.shape[0]), int(hidden.shape[1])
+        if component == "mlp":
+            macs = self._mlp_macs.get(module)
+            if macs is None:
+                macs = self._mlp_macs[module] = sum(
+                    _linear_macs(m) for m in module.modules() if isinstance(m, torch.nn.Linear)
+                )
+            return 2.0 * batch * tokens * macs
+        context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+        image_tokens = 0
+        if context is None:  # self-attention
+            kv_tokens = tokens
+        else:
+            kv_tokens = int(context.shape[1])
+            if getattr(module, "add_k_proj", None) is not None:
+                image_tokens = kv_tokens - WAN_TEXT_CONTEXT_LENGTH
+                kv_tokens = WAN_TEXT_CONTEXT_LENGTH
+        inner = module.to_q.out_features  # heads * head_dim
+        flops = 2.0 * tokens * (_linear_macs(module.to_q) + _linear_macs(module.to_out[0]))
+        flops += 2.0 * kv_tokens * (_linear_macs(module.to_k) + _linear_macs(module.to_v))
+        flops += 4.0 * tokens * kv_tokens * inner  # Q K^T and A V
+        if image_tokens > 0:
+            flops += 2.0 * image_tokens * (_linear_macs(module.add_k_proj) + _linear_macs(module.add_v_proj))
+            flops += 4.0 * tokens * image_tokens * inner
+        return batch * flops
+
+    def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
+        """Per-step sigmas of the scheduler's current schedule (the trailing terminal sigma dropped)."""
+        scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
+        timesteps = getattr(scheduler, "timesteps", None)
+        n = num_steps if num_steps is not None else (len(timesteps) if timesteps is not None else None)
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is not None and (n is None or len(sigmas) >= n):
+            values = [float(s) for s in sigmas]
+            return values[: n if n is not None else max(len(values) - 1, 1)]
+        if timesteps is None:
+            raise ValueError(f"{type(scheduler).__name__} exposes neither sigmas nor timesteps")
+        total = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+        return [float(t) / total for t in timesteps][:n]
+
+    def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        else:
+            timestep = args[1] if len(args) > 1 else None
+        return hidden, timestep
+
+
+register_adapter("WanTransformer3DModel", WanAdapter())

@@ -1,0 +1,401 @@
+"""The cache engine on a tiny random-init WanPipeline built from the real diffusers classes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import videocache as vc
+from videocache import COMPONENTS, Action, CacheTable
+from videocache.engine import COMPONENT_HOOK, TRANSFORMER_HOOK
+
+PROMPT = "a red circle moving left on a black background"
+STEPS = 8
+SA, CA, MLP = (COMPONENTS.index(c) for c in ("self_attn", "cross_attn", "mlp"))
+# shapes seen by the blocks: 5 frames at 32x32 -> latent 2x8x8 -> patches (1,2,2) -> 32 tokens
+TOKENS, TEXT_TOKENS, DIM, FFN, BLOCKS = 32, 16, 128, 512, 8
+TENSOR_BYTES = TOKENS * DIM * 4  # one float32 component output, batch 1
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import WanPipeline
+
+    from videocache.pipelines.reference import build
+
+    tok = build.build_tokenizer()
+    torch.manual_seed(0)
+    p = WanPipeline(
+        tokenizer=tok,
+        text_encoder=build.build_text_encoder(len(tok), 0),
+        vae=build.build_vae(),
+        scheduler=build.build_scheduler(),
+        transformer=build.build_transformer(),
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def run(pipe, guidance_scale: float = 5.0, **kw) -> torch.Tensor:
+    return pipe(
+        prompt=PROMPT,
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        max_sequence_length=TEXT_TOKENS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        **kw,
+    ).frames
+
+
+@pytest.fixture(scope="module")
+def baseline(pipe):
+    return run(pipe)
+
+
+@pytest.fixture
+def clean(pipe):
+    """Every test leaves the pipeline without hooks, even when it fails."""
+    yield pipe
+    vc.remove(pipe)
+
+
+def table(cells: dict[tuple[int, ...], str] | None = None, steps: int = STEPS, order: int = 1) -> CacheTable:
+    """All-compute table with `{(comp, block_or_None): "letters per step"}` overrides."""
+    arr = np.zeros((steps, BLOCKS, 3), dtype=np.int8)
+    for (comp, block), col in (cells or {}).items():
+        for s, ch in enumerate(col):
+            if ch != ".":
+                arr[s, slice(None) if block is None else block, comp] = "CRF".index(ch)
+    return CacheTable(arr, forecast_order=order)
+
+
+def weights() -> dict[str, float]:
+    """FLOPs per call, by hand from the tiny config (the adapter must agree)."""
+    n, m, d = TOKENS, TEXT_TOKENS, DIM
+    return {
+        "self_attn": 4 * 2 * n * d * d + 2 * 2 * n * n * d,
+        "cross_attn": 2 * 2 * n * d * d + 2 * 2 * m * d * d + 2 * 2 * n * m * d,
+        "mlp": 2 * 2 * n * d * FFN,
+    }
+
+
+def hooks_left(module: torch.nn.Module) -> list[str]:
+    found = []
+    for name, sub in module.named_modules():
+        reg = getattr(sub, "_diffusers_hook", None)
+        if reg is not None and (TRANSFORMER_HOOK in reg.hooks or COMPONENT_HOOK in reg.hooks):
+            found.append(name)
+    return found
+
+
+def count_calls(module: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    counter = [0]
+
+    def bump(*_):
+        counter[0] += 1
+
+    return counter, module.register_forward_hook(bump)
+
+
+def test_full_compute_table_is_bit_exact(clean, baseline):
+    engine = vc.apply(clean, table=CacheTable.full_compute(STEPS, BLOCKS))
+    out = run(clean)
+    assert torch.equal(out, baseline)
+    stats = engine.stats()
+    assert stats["computed_fraction"] == 1.0
+    assert stats["calls"] == {
+        "transformer": 2 * STEPS,
+        "compute": 2 * STEPS * BLOCKS * 3,
+        "reuse": 0,
+        "forecast": 0,
+    }
+    assert stats["cache_peak_bytes"] == 0
+
+
+def test_remove_restores_bit_identical_output(clean, baseline):
+    engine = vc.apply(clean, "reference-wan", "fast")
+    assert vc.get_engine(clean) is engine and hooks_left(clean.transformer)
+    with pytest.raises(RuntimeError, match="already applied"):
+        vc.apply(clean, "reference-wan", "slow")
+    with pytest.raises(vc.ProfileError, match="covers 10-100 steps; got 8"):
+        run(clean)  # 8 steps is outside the reference profile's range; nothing else changes
+    vc.remove(clean)
+    assert vc.get_engine(clean) is None and hooks_left(clean.transformer) == []
+    assert "forward" not in clean.transformer.blocks[0].ffn.__dict__  # no wrapper left on the instance
+    assert torch.equal(run(clean), baseline)
+    vc.apply(clean, table=table({(MLP, None): "CRCRCRCR"}))
+    assert not torch.equal(run(clean), baseline)
+    vc.remove(clean)
+    assert torch.equal(run(clean), baseline)
+
+
+def test_reuse_changes_output_and_measured_fraction_is_exact(clean, baseline):
+    engine = vc.apply(clean, table=table({(MLP, None): "CRCRCRCR"}))
+    out = run(clean)
+    assert not torch.equal(out, baseline)
+    assert (out - baseline).abs().max() < 0.5  # a perturbation, not garbage
+    w = weights()
+    expected = 1 - 0.5 * w["mlp"] / sum(w.values())
+    stats = engine.stats()
+    assert stats["computed_fraction"] == pytest.approx(expected, rel=1e-12)
+    assert stats["computed_fraction_by_component"] == {"self_attn": 1.0, "cross_attn": 1.0, "mlp": 0.5}
+    assert stats["executed_flops"] == pytest.approx(2 * STEPS * BLOCKS * (sum(w.values()) - 0.5 * w["mlp"]))
+    assert stats["calls"]["reuse"] == 2 * 4 * BLOCKS
+    assert engine.table.predicted_computed_fraction(w) == pytest.approx(expected)
+    engine.reset_stats()
+    assert engine.stats()["computed_fraction"] is None and engine.trace() == []
+
+
+def test_reused_modules_are_not_executed(clean):
+    block = clean.transformer.blocks[3]
+    ffn_inner, h1 = count_calls(block.ffn.net[2])  # runs only when the real FeedForward runs
+    attn_inner, h2 = count_calls(block.attn1.to_out[0])
+    ffn_outer, h3 = count_calls(block.ffn)  # the module call itself still happens (the hook answers it)
+    try:
+        vc.apply(clean, table=table({(MLP, 3): "CRRCRCCC"}))
+        run(clean)
+    finally:
+        for h in (h1, h2, h3):
+            h.remove()
+    assert ffn_inner[0] == 2 * 5  # 5 computed steps x (cond, uncond)
+    assert attn_inner[0] == 2 * STEPS
+    assert ffn_outer[0] == 2 * STEPS
+
+
+def test_cond_and_uncond_keep_separate_caches(clean):
+    engine = vc.apply(clean, table=table({(MLP, 0): "..CR...."}))
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    manager = engine._hook.state_manager
+    counters: dict[str, int] = {}
+
+    def record(module, args, output):
+        name = manager.context.name
+        step = counters.get(name, 0)
+        counters[name] = step + 1
+        seen[(name, step)] = output.detach().clone()
+
+    handle = clean.transformer.blocks[0].ffn.register_forward_hook(record)
+    try:
+        run(clean)
+    finally:
+        handle.remove()
+    assert counters == {"cond": STEPS, "uncond": STEPS}
+    assert torch.equal(seen[("cond", 3)], seen[("cond", 2)])
+    assert torch.equal(seen[("uncond", 3)], seen[("uncond", 2)])
+    assert not torch.equal(seen[("cond", 3)], seen[("uncond", 2)])
+    contexts = {r["context"] for r in engine.trace()}
+    assert contexts == {"cond", "uncond"}
+
+
+def test_memory_budget_is_honoured(clean):
+    budget = 3 * TENSOR_BYTES
+    engine = vc.apply(clean, table=table({(MLP, None): "..CR...."}), max_cache_bytes=budget)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(clean, guidance_scale=1.0)  # one context: the budget is filled in block order
+    fallback_warnings = [w for w in caught if "nothing kept to reuse" in str(w.message)]
+    assert len(fallback_warnings) == 1  # once per engine, not once per fallback
+    stats = engine.stats()
+    assert stats["cache_peak_bytes"] == budget <= engine.config.max_cache_bytes
+    assert stats["fallbacks"] == BLOCKS - 3
+    done = {r["block"]: r["action"] for r in engine.trace() if r["step"] == 3 and r["component"] == "mlp"}
+    assert done == {b: ("R" if b < 3 else "C") for b in range(BLOCKS)}
+    vc.remove(clean)
+    vc.apply(clean, table=table({(MLP, b): "...R...." for b in range(3)}))
+    assert torch.equal(run(clean, guidance_scale=1.0), out)
+
+
+def test_tensors_are_freed_as_soon_as_unused(clean):
+    engine = vc.apply(clean, table=table({(MLP, None): "..CRCR.."}))
+    current: list[int] = []
+
+    def on_step_end(pipeline, i, t, kwargs):
+        current.append(engine.stats()["cache_current_bytes"])
+        return {}
+
+    run(clean, callback_on_step_end=on_step_end)
+    per_step = 2 * BLOCKS * TENSOR_BYTES  # every block's mlp output, for cond and uncond
+    assert current == [0, 0, per_step, 0, per_step, 0, 0, 0]
+    stats = engine.stats()
+    assert stats["cache_peak_bytes"] == per_step
+    assert stats["cache_current_bytes"] == 0
+
+
+def test_pipeline_reset_frees_an_interrupted_run(clean):
+    engine = vc.apply(clean, table=table({(MLP, None): "..CR...."}))
+
+    def interrupt(pipeline, i, t, kwargs):
+        if i == 2:
+            pipeline._interrupt = True
+        return {}
+
+    run(clean, callback_on_step_end=interrupt)
+    assert engine.stats()["cache_peak_bytes"] > 0
+    assert engine.stats()["cache_current_bytes"] == 0  # _reset_stateful_cache at the end of the call
+
+
+def test_forecast_order_1_is_linear_extrapolation(clean):
+    engine = vc.apply(clean, table=table({(MLP, 0): "CCRCFCCC"}, order=1))
+    outs: list[torch.Tensor] = []
+    manager = engine._hook.state_manager
+
+    def record(module, args, output):
+        if manager.context.name == "cond":
+            outs.append(output.detach().clone())
+
+    inner, h1 = count_calls(clean.transformer.blocks[0].ffn.net[2])
+    h2 = clean.transformer.blocks[0].ffn.register_forward_hook(record)
+    try:
+        run(clean)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert inner[0] == 2 * 6  # neither the reuse (step 2) nor the forecast (step 4) runs the MLP
+    expected = outs[3] + (outs[3] - outs[1]) * (4 - 3) / (3 - 1)  # uneven spacing: computes at 1 and 3
+    assert torch.allclose(outs[4], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(outs[4], outs[3])
+    stats = engine.stats()
+    assert stats["calls"]["forecast"] == 2
+    assert stats["cache_peak_bytes"] == 2 * 2 * TENSOR_BYTES  # k+1 = 2 tensors per context
+
+
+def test_cache_dtype_and_cpu_offload(clean):
+    cells = {(MLP, None): "..CR...."}
+    engine = vc.apply(clean, table=table(cells))
+    full = run(clean)
+    peak32 = engine.stats()["cache_peak_bytes"]
+    vc.remove(clean)
+    engine = vc.apply(clean, table=table(cells), cache_dtype=torch.bfloat16, offload_to_cpu=True)
+    low = run(clean)
+    assert engine.stats()["cache_peak_bytes"] * 2 == peak32
+    assert low.dtype == full.dtype
+    assert (low - full).abs().max() < 0.05
+    vc.remove(clean)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        vc.apply(clean, table=table(cells), cache_dtype=torch.int8)
+
+
+def test_direct_calls_without_cache_context(clean):
+    """No pipeline, no cache_context: one "default" context, steps located in the scheduler's timesteps."""
+    transformer, scheduler = clean.transformer, clean.scheduler
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    text = torch.randn(1, TEXT_TOKENS, 64, generator=g)
+
+    def loop(stop: int = 4) -> torch.Tensor:
+        scheduler.set_timesteps(4)
+        out = []
+        for t in scheduler.timesteps[:stop]:
+            out.append(
+                transformer(
+                    hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text, return_dict=False
+                )[0]
+            )
+        return torch.stack(out)
+
+    plain = loop()
+    engine = vc.apply_to_transformer(transformer, scheduler, table({(MLP, None): "CCRC"}, steps=4))
+    first = loop()
+    second = loop()  # the step index goes back to 0: a new generation, nothing stale is reused
+    assert torch.equal(first, second)
+    assert torch.equal(first[:2], plain[:2]) and not torch.equal(first[2], plain[2])
+    records = engine.trace()
+    loop(stop=2)  # abandoned after step 1: its output is kept for a step 2 that never comes
+    assert engine.stats()["cache_current_bytes"] == BLOCKS * TENSOR_BYTES
+    engine.reset_stats()
+    assert torch.equal(loop(), first)  # the next generation resets the context instead of mixing runs
+    assert engine.stats()["cache_current_bytes"] == 0 and engine.stats()["fallbacks"] == 0
+    assert {r["context"] for r in records} == {"default"}
+    assert [r["step"] for r in records if r["block"] == 0 and r["component"] == "mlp"] == [0, 1, 2, 3] * 2
+    assert [r["action"] for r in records if r["block"] == 0 and r["component"] == "mlp"][:4] == list("CCRC")
+    vc.remove(transformer)
+    assert hooks_left(transformer) == []
+    assert torch.equal(loop(), plain)
+
+
+def test_mismatched_table_is_rejected(clean):
+    with pytest.raises(ValueError, match="8 blocks|has 4 blocks"):
+        vc.apply(clean, table=CacheTable(np.zeros((STEPS, 4, 3), dtype=np.int8)))
+    vc.apply(clean, table=CacheTable.full_compute(10, BLOCKS))
+    with pytest.raises(ValueError, match="made for 10 steps; this run has 8"):
+        run(clean)
+
+
+def test_reuse_without_budget_actions_match_table(clean):
+    cells = {(SA, 5): "..CRR...", (CA, 2): "...CRCR.", (MLP, 7): ".CRRRR.."}
+    engine = vc.apply(clean, table=table(cells))
+    run(clean)
+    got = np.zeros((STEPS, BLOCKS, 3), dtype=np.int8)
+    for r in engine.trace():
+        if r["context"] == "uncond":
+            got[r["step"], r["block"], COMPONENTS.index(r["component"])] = "CRF".index(r["action"])
+    assert np.array_equal(got, engine.table.actions)
+    assert engine.stats()["fallbacks"] == 0 and engine.stats()["cache_current_bytes"] == 0
+    assert engine.table.action(3, 5, SA) is Action.REUSE
+
+
+@pytest.mark.parametrize(
+    "config, blocks, dim, ffn, profile",
+    [
+        (
+            dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),
+            30,
+            1536,
+            8960,
+            "wan2.1-t2v-1.3b",
+        ),
+        (
+            dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824),
+            40,
+            5120,
+            13824,
+            "wan2.1-t2v-14b",
+        ),
+    ],
+)
+def test_full_size_wan_configs_on_meta(config, blocks, dim, ffn, profile):
+    """The adapter's fingerprint and FLOP formulas for the real Wan2.1 sizes (no weights allocated)."""
+    from videocache.adapters import get_adapter
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            **config,
+        )
+    adapter = get_adapter(model)
+    assert adapter.fingerprint(model) == {
+        "architecture": "WanTransformer3DModel",
+        "num_blocks": blocks,
+        "components": list(COMPONENTS),
+    }
+    n, m = 32760, 512  # 480p, 81 frames; T5 context
+    with torch.device("meta"):
+        x = torch.empty(1, n, dim)
+        ctx = torch.empty(1, m, dim)
+    block = model.blocks[0]
+    assert (
+        adapter.component_flops("self_attn", block.attn1, (x, None, None, None), {})
+        == 4 * 2 * n * dim**2 + 2 * 2 * n * n * dim
+    )
+    assert adapter.component_flops("cross_attn", block.attn2, (x, ctx, None, None), {}) == (
+        2 * 2 * n * dim**2 + 2 * 2 * m * dim**2 + 2 * 2 * n * m * dim
+    )
+    assert adapter.component_flops("mlp", block.ffn, (x,), {}) == 2 * 2 * n * dim * ffn
+    vc.apply_to_transformer(model, None, profile)  # fingerprint matches its shipped profile
+    assert len(hooks_left(model)) == 1 + 3 * blocks
+    vc.remove(model)
+    assert hooks_left(model) == []

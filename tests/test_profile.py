@@ -1,0 +1,181 @@
+"""Profiles: schema validation, one-line errors, shipped profiles and their measured compute budgets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import videocache as vc
+from videocache.profile import PROFILES_DIR, ProfileError
+
+SHIPPED = ("reference-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
+PROMPT = "a red circle moving left on a black background"
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    assert isinstance(excinfo.value, ValueError)
+    return msg
+
+
+def write(tmp_path, text: str, name: str = "p.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def reference_dict() -> dict:
+    return yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import WanPipeline
+
+    from videocache.pipelines.reference import build
+
+    tok = build.build_tokenizer()
+    torch.manual_seed(0)
+    p = WanPipeline(
+        tokenizer=tok,
+        text_encoder=build.build_text_encoder(len(tok), 0),
+        vae=build.build_vae(),
+        scheduler=build.build_scheduler(),
+        transformer=build.build_transformer(),
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def run(pipe, steps: int):
+    return pipe(
+        prompt=PROMPT,
+        num_frames=5,
+        height=32,
+        width=32,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).frames
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profiles_load_and_round_trip(name, tmp_path):
+    prof = vc.load_profile(name)
+    assert prof.name == name and prof.calibrated is False
+    assert set(prof.presets) >= {"slow", "fast"}
+    assert prof.model.architecture == "WanTransformer3DModel"
+    again = vc.load_profile(prof.save(tmp_path / f"{name}.yaml"))
+    assert again.to_dict() == prof.to_dict()
+    assert vc.load_profile(PROFILES_DIR / f"{name}.yaml").to_dict() == prof.to_dict()  # a path works too
+
+
+def test_block_counts_of_real_wan_profiles():
+    assert vc.load_profile("wan2.1-t2v-1.3b").model.num_blocks == 30
+    assert vc.load_profile("wan2.1-t2v-14b").model.num_blocks == 40
+    assert "FEB-Cache" in vc.load_profile("wan2.1-t2v-14b").metadata["source"]
+
+
+def test_unknown_name_lists_available():
+    msg = one_line(pytest.raises(ProfileError, vc.load_profile, "no-such-profile"))
+    assert "reference-wan" in msg
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "schema_version: 1\nname: [unclosed\n")
+    msg = one_line(pytest.raises(ProfileError, vc.load_profile, path))
+    assert str(path) in msg and "not valid YAML" in msg and "line" in msg
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+        (
+            lambda d: d["presets"]["fast"]["rules"][0].update(interval=0),
+            "presets.fast: rules[0]: interval must be",
+        ),
+        (lambda d: d["presets"]["slow"]["rules"][0].update(stage="middle"), "stage must be one of"),
+        (lambda d: d["presets"]["slow"]["rules"][0].update(blocks="3-99"), "block 99 does not exist"),
+        (lambda d: d["presets"]["slow"]["rules"][0].update(components=["mlp", "norm"]), "components must be"),
+        (lambda d: d.update(default_preset="turbo"), "default_preset 'turbo' is not one of"),
+        (lambda d: d["model"].pop("num_blocks"), "missing required key 'num_blocks'"),
+        (lambda d: d["exposure_bias"].update(sign=2), "broken.yaml: exposure_bias.sign must be"),
+        (lambda d: d.update(schema_version=2), "schema_version must be 1"),
+        (lambda d: d["presets"]["slow"].update(explicit={"mlp": {"all": [30]}}), "lists step 30"),
+    ],
+)
+def test_schema_errors_are_one_line_with_file(tmp_path, mutate, expect):
+    data = reference_dict()
+    mutate(data)
+    path = write(tmp_path, yaml.safe_dump(data), "broken.yaml")
+    msg = one_line(pytest.raises(ProfileError, vc.load_profile, path))
+    assert msg.startswith(str(path)), msg
+    assert expect in msg, msg
+
+
+def test_unknown_preset_lists_valid_ones():
+    prof = vc.load_profile("reference-wan")
+    msg = one_line(pytest.raises(ProfileError, prof.preset, "turbo"))
+    assert "slow" in msg and "fast" in msg
+    assert prof.preset().name == prof.default_preset
+
+
+def test_wrong_architecture(pipe):
+    prof = vc.load_profile("reference-wan")
+    msg = one_line(
+        pytest.raises(
+            ProfileError, prof.check_model, {"architecture": "WanTransformer3DModel", "num_blocks": 30}
+        )
+    )
+    assert msg.startswith("profile reference-wan is for WanTransformer3DModel with 8 blocks; this model is")
+    assert "30 blocks" in msg and "wan2.1-t2v-1.3b" in msg  # suggests the shipped profile that fits
+    msg = one_line(pytest.raises(ProfileError, vc.apply, pipe, "wan2.1-t2v-14b"))
+    assert (
+        "is for WanTransformer3DModel with 40 blocks; this model is WanTransformer3DModel with 8 blocks"
+        in msg
+    )
+    assert vc.get_engine(pipe) is None  # nothing half-applied
+    with pytest.raises(ValueError, match="no adapter for Linear"):
+        vc.apply_to_transformer(torch.nn.Linear(2, 2), None, "reference-wan")
+
+
+def test_step_count_outside_profile(pipe):
+    prof = vc.load_profile("reference-wan")
+    msg = one_line(pytest.raises(ProfileError, prof.check_steps, 5))
+    assert msg.startswith("profile reference-wan covers 10-100 steps; got 5")
+    vc.apply(pipe, "reference-wan", "fast")
+    try:
+        msg = one_line(pytest.raises(ProfileError, run, pipe, 5))
+        assert "covers 10-100 steps; got 5" in msg
+    finally:
+        vc.remove(pipe)
+    msg = one_line(pytest.raises(ProfileError, vc.apply, pipe, "reference-wan", num_inference_steps=200))
+    assert "covers 10-100 steps; got 200" in msg and vc.get_engine(pipe) is None  # caught at apply time
+    engine = vc.apply(pipe, "reference-wan", "slow", num_inference_steps=50)
+    assert engine.preset_name == "slow" and engine.table is None  # built at the run's first step
+    vc.remove(pipe)
+    data = reference_dict()
+    data["step_rule"] = {"mode": "exact"}
+    exact = vc.Profile.from_dict(data, source="exact.yaml")
+    msg = one_line(pytest.raises(ProfileError, exact.check_steps, 30))
+    assert "exactly 25 steps" in msg
+
+
+@pytest.mark.parametrize("preset, limit", [("slow", 0.7), ("fast", 0.5)])
+def test_reference_presets_meet_measured_budgets(pipe, preset, limit):
+    """Measured (modules actually executed) on the tiny reference transformer, 25 steps with CFG."""
+    engine = vc.apply(pipe, "reference-wan", preset)
+    try:
+        run(pipe, 25)
+        stats = engine.stats()
+    finally:
+        vc.remove(pipe)
+    assert stats["calls"]["transformer"] == 50
+    assert stats["computed_fraction"] <= limit, stats
+    assert stats["computed_fraction"] >= limit - 0.3, stats  # still computing a sensible share
+    assert stats["cache_current_bytes"] == 0

@@ -1,0 +1,98 @@
+"""Model adapters: what the engine needs to know about one transformer family, and their registry.
+
+The engine is model-agnostic: it only sees blocks, their cacheable component modules, FLOPs per call
+and the scheduler's sigmas through an adapter looked up by the transformer's class. Adapters live in
+`videocache.pipelines` and register themselves on import; `get_adapter` imports the built-in ones
+lazily, so the engine has no import-time dependency on any model package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+# Modules that register the built-in adapters when imported (soft dependency, resolved at lookup time).
+BUILTIN_ADAPTER_MODULES: tuple[str, ...] = ("videocache.pipelines", "videocache.pipelines.wan")
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """The per-architecture knowledge the engine uses. Component names come from `videocache.COMPONENTS`."""
+
+    architecture: str
+
+    def blocks(self, transformer: torch.nn.Module) -> Sequence[torch.nn.Module]:
+        """The transformer blocks, in execution order."""
+
+    def component_modules(self, block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Cacheable sub-modules of one block, keyed by component name. Their outputs are cached as
+        returned, i.e. before the block applies its gate and residual add."""
+
+    def fingerprint(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        """{"architecture": str, "num_blocks": int, "components": [str, ...]}, compared to a profile's `model`."""
+
+    def component_flops(self, component: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+        """FLOPs of one call of a component module, from its input shapes only (no data access)."""
+
+    def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
+        """Per-step sigmas (1 = pure noise) of the current schedule, one per denoising step."""
+
+    def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+        """(x_t, timestep) of a top-level transformer call."""
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def _key(cls_name_or_type: str | type) -> str:
+    return cls_name_or_type if isinstance(cls_name_or_type, str) else cls_name_or_type.__name__
+
+
+def register_adapter(cls_name_or_type: str | type, adapter: ModelAdapter) -> None:
+    """Register `adapter` for a transformer class (by class or class name); re-registering replaces."""
+    missing = [
+        m
+        for m in (
+            "blocks",
+            "component_modules",
+            "fingerprint",
+            "component_flops",
+            "scheduler_sigmas",
+            "denoiser_inputs",
+        )
+        if not callable(getattr(adapter, m, None))
+    ]
+    if missing:
+        raise TypeError(f"adapter {type(adapter).__name__} lacks {', '.join(missing)}")
+    _REGISTRY[_key(cls_name_or_type)] = adapter
+
+
+def registered_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _load_builtin_adapters() -> None:
+    for name in BUILTIN_ADAPTER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:  # not installed with this build; a broken adapter still raises
+            if e.name is None or not name.startswith(e.name):
+                raise
+
+
+def get_adapter(transformer: torch.nn.Module) -> ModelAdapter:
+    """The adapter registered for the transformer's class (or the nearest base class)."""
+    for attempt in range(2):
+        for cls in type(transformer).__mro__:
+            adapter = _REGISTRY.get(cls.__name__)
+            if adapter is not None:
+                return adapter
+        if attempt == 0:
+            _load_builtin_adapters()
+    raise ValueError(
+        f"videocache has no adapter for {type(transformer).__name__}; supported: "
+        f"{', '.join(registered_architectures()) or 'none'} (register one with videocache.register_adapter)"
+    )

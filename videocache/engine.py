@@ -1,0 +1,601 @@
+"""The cache engine: executes a cache table on a transformer through diffusers' hook registry.
+
+Hooks are attached to module *instances* (no class patching), so `remove()` restores the exact original
+forwards and the output becomes bit-identical to a model that never had the engine:
+
+* one hook on each cacheable component module of each block (for Wan: `attn1`, `attn2`, `ffn`) that
+  replaces its forward. On COMPUTE it runs the module and keeps the output only if the table reads it
+  later; on REUSE it returns the kept output without running the module; on FORECAST it extrapolates
+  from the last k+1 kept outputs. The block then applies the *current* step's gate to whatever the
+  component returned, so the cache sits exactly before the gated residual add.
+* one hook on the transformer that works out the step of each call (from the pipeline's
+  `cache_context`, else from the scheduler's timesteps), picks the table for the run, and applies the
+  optional exposure-bias correction to the output.
+
+State lives per cache context ("cond", "uncond", ... or "default" for a direct call) in a diffusers
+`StateManager`, so the two CFG branches never read each other's tensors. The pipeline's
+`_reset_stateful_cache()` frees everything at the end of a call; a context whose step index goes
+backwards starts a new generation and is reset too.
+
+Sequence parallelism (Ulysses): every rank holds its own shard of the tokens, so the tensors kept here
+are per-rank shards and must never be gathered. Correctness needs every compute/reuse decision to be
+identical on all ranks. Decisions made here depend only on (table, step), which all ranks share, so they
+agree without communication. `CacheEngine._decide` is the single place where a data-dependent decision
+(e.g. a threshold on a feature change) would have to be agreed on by a collective before it is used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+
+from .adapters import ModelAdapter
+from .exposure_bias import ExposureBiasConfig, correct_velocity
+from .table import COMPONENTS, Action, CacheTable, build_table
+
+TRANSFORMER_HOOK = "videocache_transformer"
+COMPONENT_HOOK = "videocache_component"
+_DEFAULT_CONTEXT = CacheContext("default")
+_NC = len(COMPONENTS)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Storage and correction options. `max_cache_bytes` bounds the kept tensors over all contexts;
+    `cache_dtype`/`offload_to_cpu` change how they are kept (restored to the module's dtype/device on use)."""
+
+    max_cache_bytes: int | None = None
+    cache_dtype: torch.dtype | None = None
+    offload_to_cpu: bool = False
+    exposure_bias: ExposureBiasConfig = field(default_factory=ExposureBiasConfig)
+    trace: bool = True
+
+    def __post_init__(self) -> None:
+        m = self.max_cache_bytes
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"max_cache_bytes must be an integer >= 0 or None; got {m!r}")
+        if self.cache_dtype is not None and not (
+            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"cache_dtype must be a floating torch.dtype (e.g. torch.bfloat16); got {self.cache_dtype!r}"
+            )
+        if not isinstance(self.offload_to_cpu, bool):
+            raise ValueError(f"offload_to_cpu must be True or False; got {self.offload_to_cpu!r}")
+        if not isinstance(self.exposure_bias, ExposureBiasConfig):
+            raise ValueError("exposure_bias must be an ExposureBiasConfig")
+
+
+# -- kept outputs ------------------------------------------------------------------------------------
+def _flatten(out: Any) -> tuple[list[torch.Tensor], type | None]:
+    """A component output as a list of tensors plus the container type (None for a bare tensor)."""
+    if isinstance(out, torch.Tensor):
+        return [out], None
+    if isinstance(out, tuple | list) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out), type(out)
+    raise TypeError(
+        f"videocache can cache tensors or tuples of tensors; this component returned {type(out).__name__}"
+    )
+
+
+def _rebuild(parts: Sequence[torch.Tensor], container: type | None) -> Any:
+    return parts[0] if container is None else container(parts)
+
+
+class _Entry:
+    """One kept component output: the step it was computed at and the last step that reads it."""
+
+    __slots__ = ("step", "parts", "container", "nbytes", "last_use", "devices", "dtypes")
+
+    def __init__(
+        self,
+        step: int,
+        parts: list[torch.Tensor],
+        container: type | None,
+        last_use: int,
+        devices: list[torch.device],
+        dtypes: list[torch.dtype],
+    ) -> None:
+        self.step = step
+        self.parts = parts
+        self.container = container
+        self.nbytes = sum(p.numel() * p.element_size() for p in parts)
+        self.last_use = last_use
+        self.devices = devices
+        self.dtypes = dtypes
+
+    def restored(self) -> list[torch.Tensor]:
+        return [
+            p.to(device=d, dtype=t) for p, d, t in zip(self.parts, self.devices, self.dtypes, strict=True)
+        ]
+
+
+def _newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) -> torch.Tensor:
+    """Value at `x` of the polynomial through (xs[i], fs[i]) (Newton divided differences, float32).
+
+    With two points this is the linear extrapolation f1 + (f1 - f0) (x - x1) / (x1 - x0); with k+1 points it
+    is the order-k finite-difference Taylor forecast, valid for uneven step spacing too.
+    """
+    coeffs = [f.float() for f in fs]
+    n = len(xs)
+    for j in range(1, n):
+        for i in range(n - 1, j - 1, -1):
+            coeffs[i] = (coeffs[i] - coeffs[i - 1]) / float(xs[i] - xs[i - j])
+    result = coeffs[n - 1]
+    for i in range(n - 2, -1, -1):
+        result = coeffs[i] + result * float(x - xs[i])
+    return result.to(fs[0].dtype)
+
+
+# -- per-context state -------------------------------------------------------------------------------
+class _ContextState(BaseState):
+    """Where one cache context is in its run, and the component outputs it keeps."""
+
+    def __init__(self, engine: CacheEngine) -> None:
+        self.engine = engine
+        self.entries: dict[int, list[_Entry]] = {}
+        self.step: int | None = None
+        self.sigma: float | None = None
+        self.table: CacheTable | None = None
+        self.call_index = -1
+
+    def reset(self, *args, **kwargs) -> None:
+        for kept in self.entries.values():
+            for e in kept:
+                self.engine._release(e)
+        self.entries.clear()
+        self.step = None
+        self.sigma = None
+        self.table = None
+
+
+class _EngineStateManager(StateManager):
+    """A StateManager that treats a call with no cache context as the single context "default"."""
+
+    @property
+    def context(self) -> CacheContext:
+        return self._context if self._context is not None else _DEFAULT_CONTEXT
+
+
+# -- hooks -------------------------------------------------------------------------------------------
+class _TransformerHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, engine: CacheEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.state_manager = _EngineStateManager(_ContextState, (engine,))
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.engine._run_transformer(self, args, kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+class _ComponentHook(ModelHook):
+    _is_stateful = False  # its state is the transformer hook's, per context
+
+    def __init__(self, engine: CacheEngine, block: int, comp: int) -> None:
+        super().__init__()
+        self.engine = engine
+        self.block = block
+        self.comp = comp
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.engine._run_component(self, module, args, kwargs)
+
+
+# -- table sources -----------------------------------------------------------------------------------
+class _TableSource:
+    """Gives the table for a run of `num_steps` steps with these sigmas (a preset, or one fixed table)."""
+
+    def __init__(self, source: CacheTable | Any, num_blocks: int) -> None:
+        self.fixed = source if isinstance(source, CacheTable) else None
+        self.preset = None if self.fixed is not None else source
+        self.num_blocks = num_blocks
+        self._built: dict[tuple, CacheTable] = {}
+
+    def __call__(self, num_steps: int, sigmas: Sequence[float] | None) -> CacheTable:
+        if self.fixed is not None:
+            if num_steps != self.fixed.num_steps:
+                raise ValueError(
+                    f"the cache table was made for {self.fixed.num_steps} steps; this run has {num_steps}: "
+                    f"run {self.fixed.num_steps} steps or apply a table for {num_steps}"
+                )
+            return self.fixed
+        if sigmas is None or len(sigmas) != num_steps:
+            raise ValueError(
+                "videocache needs the scheduler's sigmas to expand a profile preset: apply it to a pipeline "
+                "with a scheduler, or pass the scheduler to apply_to_transformer"
+            )
+        key = (num_steps, tuple(round(float(s), 6) for s in sigmas))
+        table = self._built.get(key)
+        if table is None:
+            if len(self._built) >= 8:
+                self._built.clear()
+            table = self._built[key] = build_table(self.preset, sigmas, self.num_blocks)
+        return table
+
+
+# -- the engine --------------------------------------------------------------------------------------
+class CacheEngine:
+    """Executes cache tables on one transformer; see the module docstring. Create it with
+    `videocache.apply` / `videocache.apply_to_transformer`."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        adapter: ModelAdapter,
+        source: CacheTable | Any,
+        scheduler: Callable[[], Any] | Any = None,
+        config: EngineConfig | None = None,
+        *,
+        profile: Any = None,
+        preset: str | None = None,
+    ) -> None:
+        self.transformer = transformer
+        self.adapter = adapter
+        self.config = config or EngineConfig()
+        self.profile = profile
+        self.preset = preset
+        self._scheduler = scheduler if callable(scheduler) else (lambda: scheduler)
+        self._blocks = list(adapter.blocks(transformer))
+        self._components: list[dict[str, torch.nn.Module]] = []
+        for i, block in enumerate(self._blocks):
+            comps = adapter.component_modules(block)
+            bad = [c for c in comps if c not in COMPONENTS]
+            if bad:
+                raise ValueError(
+                    f"adapter gave unknown component {bad[0]!r} for block {i}; valid: {COMPONENTS}"
+                )
+            self._components.append(comps)
+        if isinstance(source, CacheTable) and source.num_blocks != len(self._blocks):
+            raise ValueError(
+                f"the cache table has {source.num_blocks} blocks; this {type(transformer).__name__} has {len(self._blocks)}"
+            )
+        self._tables = _TableSource(source, len(self._blocks))
+        self.table: CacheTable | None = source if isinstance(source, CacheTable) else None
+        self._active: _ContextState | None = None
+        self._bytes = 0
+        self._peak = 0
+        self._context_names: list[str] = []
+        self._context_ids: dict[str, int] = {}
+        self._warned_fallback = False
+        self._warned_sigma = False
+        self._created_registries: list[torch.nn.Module] = []
+        self.reset_stats()
+        self._hook: _TransformerHook | None = None
+        self._attach()
+
+    # -- attach / detach -----------------------------------------------------------------------
+    def _registry(self, module: torch.nn.Module) -> HookRegistry:
+        if not hasattr(module, "_diffusers_hook"):
+            self._created_registries.append(module)
+        return HookRegistry.check_if_exists_or_initialize(module)
+
+    def _attach(self) -> None:
+        root = self._registry(self.transformer)
+        if root.get_hook(TRANSFORMER_HOOK) is not None:
+            raise RuntimeError(
+                "videocache is already applied to this transformer; call videocache.remove first"
+            )
+        self._hook = _TransformerHook(self)
+        root.register_hook(self._hook, TRANSFORMER_HOOK)
+        try:
+            for b, comps in enumerate(self._components):
+                for name, module in comps.items():
+                    self._registry(module).register_hook(
+                        _ComponentHook(self, b, COMPONENTS.index(name)), COMPONENT_HOOK
+                    )
+        except Exception:
+            self.remove()  # never leave a half-attached engine behind
+            raise
+        root.invalidate_child_registries_cache()  # so cache_context reaches the new hooks
+
+    @property
+    def preset_name(self) -> str | None:
+        """Name of the profile preset in use (None for a table applied directly)."""
+        return self.preset
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def remove(self) -> None:
+        """Detach every hook and free every kept tensor; forwards are restored exactly."""
+        if self._hook is None:
+            return
+        self._hook.state_manager.reset()
+        root = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        root.remove_hook(TRANSFORMER_HOOK, recurse=False)
+        for comps in self._components:
+            for module in comps.values():
+                if hasattr(module, "_diffusers_hook"):
+                    module._diffusers_hook.remove_hook(COMPONENT_HOOK, recurse=False)
+        for module in self._created_registries:
+            reg = getattr(module, "_diffusers_hook", None)
+            if reg is not None and not reg.hooks:
+                del module._diffusers_hook
+                # the registry leaves the original bound forward as an instance attribute; drop it so the
+                # class's forward is found again, exactly as before apply
+                fwd = module.__dict__.get("forward")
+                if (
+                    getattr(fwd, "__self__", None) is module
+                    and getattr(fwd, "__func__", None) is type(module).forward
+                ):
+                    del module.forward
+        self._created_registries.clear()
+        if hasattr(self.transformer, "_diffusers_hook"):
+            self.transformer._diffusers_hook.invalidate_child_registries_cache()
+        self._hook = None
+        self._active = None
+
+    # -- the transformer call ------------------------------------------------------------------
+    def _context_id(self, name: str) -> int:
+        cid = self._context_ids.get(name)
+        if cid is None:
+            cid = self._context_ids[name] = len(self._context_names)
+            self._context_names.append(name)
+        return cid
+
+    def _step_from_timestep(self, scheduler: Any, timestep: Any) -> int | None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or timestep is None or len(timesteps) == 0:
+            return None
+        t = (
+            float(torch.as_tensor(timestep).detach().float().max())
+            if not isinstance(timestep, int | float)
+            else float(timestep)
+        )
+        ts = torch.as_tensor(timesteps).detach().float().cpu()
+        idx = int((ts - t).abs().argmin())
+        return idx if abs(float(ts[idx]) - t) <= 1e-3 * max(1.0, abs(t)) else None
+
+    def _locate(
+        self, ctx: CacheContext, state: _ContextState, timestep: Any
+    ) -> tuple[int, int, float | None]:
+        """(step, num_steps, sigma) of this call: from the cache context, else from the scheduler, else by
+        counting the calls of this context."""
+        scheduler = self._scheduler()
+        num = ctx.num_inference_steps
+        if num is None:
+            timesteps = getattr(scheduler, "timesteps", None)
+            if timesteps is not None and len(timesteps) > 0:
+                num = len(timesteps)
+            elif self._tables.fixed is not None:
+                num = self._tables.fixed.num_steps
+        step = ctx.step_index
+        if step is None:
+            step = self._step_from_timestep(scheduler, timestep)
+        if step is None:  # nothing to go by: count the calls of this context
+            step = 0 if state.step is None else state.step + 1
+            if num is not None and step >= num:
+                step = 0
+        if num is None:
+            raise ValueError(
+                "videocache cannot tell how many steps this run has: call the transformer inside "
+                "transformer.cache_context(name, step_index=i, num_inference_steps=N, sigma=s), or give it a scheduler"
+            )
+        if not 0 <= step < num:
+            raise ValueError(f"step {step} is outside this run of {num} steps")
+        sigma = ctx.sigma
+        if sigma is None:
+            sigmas = getattr(scheduler, "sigmas", None)
+            if sigmas is not None and len(sigmas) > step:
+                sigma = float(sigmas[step])
+        return int(step), int(num), (None if sigma is None else float(sigma))
+
+    def _run_transformer(self, hook: _TransformerHook, args: tuple, kwargs: dict) -> Any:
+        manager = hook.state_manager
+        ctx = manager.context
+        state: _ContextState = manager.get_state()
+        x_t, timestep = self.adapter.denoiser_inputs(args, kwargs)
+        step, num, sigma = self._locate(ctx, state, timestep)
+        if state.step is not None and step < state.step:  # a new generation began in this context
+            state.reset()
+        if state.table is None or state.table.num_steps != num:
+            state.reset()
+            sigmas = None
+            if self._tables.preset is not None:
+                sigmas = self.adapter.scheduler_sigmas(self._scheduler(), num)
+            state.table = self._tables(num, sigmas)
+            self.table = state.table
+        state.step, state.sigma = step, sigma
+        if self.config.trace:
+            self._call_log.append((self._context_id(ctx.name), step, sigma))
+            state.call_index = len(self._call_log) - 1
+        previous, self._active = self._active, state
+        try:
+            out = hook.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._active = previous
+        self._counts["transformer"] += 1
+        eb = self.config.exposure_bias
+        if eb.enabled:
+            out = self._correct_exposure_bias(out, x_t, sigma)
+        return out
+
+    def _correct_exposure_bias(self, out: Any, x_t: torch.Tensor, sigma: float | None) -> Any:
+        if sigma is None:
+            if not self._warned_sigma:
+                warnings.warn(
+                    "videocache: no sigma for this call; exposure-bias correction skipped", stacklevel=3
+                )
+                self._warned_sigma = True
+            return out
+        b = self.config.exposure_bias.factor(sigma)
+
+        def fix(v: torch.Tensor) -> torch.Tensor:
+            return correct_velocity(v, x_t, sigma, b)
+
+        if isinstance(out, torch.Tensor):
+            return fix(out)
+        if isinstance(out, tuple):
+            return (fix(out[0]), *out[1:])
+        if hasattr(out, "sample"):
+            out.sample = fix(out.sample)
+            return out
+        raise TypeError(f"cannot apply the exposure-bias correction to a {type(out).__name__} output")
+
+    # -- a component call ----------------------------------------------------------------------
+    def _decide(self, state: _ContextState, step: int, block: int, comp: int) -> Action:
+        """The action for this cell. Table-only today, hence identical on every sequence-parallel rank; any
+        data-dependent rule must be agreed across ranks (e.g. all_reduce of the criterion) right here."""
+        return Action(int(state.table.actions[step, block, comp]))
+
+    def _run_component(self, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        forward = hook.fn_ref.original_forward
+        state = self._active
+        if state is None or state.table is None:  # called outside a tracked transformer call
+            return forward(*args, **kwargs)
+        step, block, comp = state.step, hook.block, hook.comp
+        flops = float(self.adapter.component_flops(COMPONENTS[comp], module, args, kwargs))
+        action = self._decide(state, step, block, comp)
+        key = block * _NC + comp
+        done = action
+        if action == Action.COMPUTE:
+            out = forward(*args, **kwargs)
+            self._keep(state, key, step, block, comp, out)
+        else:
+            deps = state.table.dependencies(step, block, comp)
+            kept = state.entries.get(key, ())
+            found = [e for e in kept if e.step in deps]
+            if len(found) != len(deps) or not deps:
+                out = forward(*args, **kwargs)
+                done = Action.COMPUTE
+                self._fallback(step, block, comp)
+            elif action == Action.REUSE:
+                out = _rebuild(found[-1].restored(), found[-1].container)
+            else:
+                xs = [e.step for e in found]
+                parts = [e.restored() for e in found]
+                fc = [_newton_extrapolate(xs, [p[i] for p in parts], step) for i in range(len(parts[0]))]
+                out = _rebuild(fc, found[-1].container)
+        if done == Action.COMPUTE:
+            self._executed[comp] += flops
+        else:
+            self._skipped[comp] += flops
+        self._counts[done.name.lower()] += 1
+        kept = state.entries.get(key)
+        if kept:
+            alive = [e for e in kept if e.last_use > step]
+            if len(alive) != len(kept):
+                for e in kept:
+                    if e.last_use <= step:
+                        self._release(e)
+                state.entries[key] = alive
+        if self.config.trace:
+            self._trace.append((state.call_index, block, comp, int(done)))
+        return out
+
+    def _keep(self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any) -> None:
+        # last_use is not None exactly when table.next_use_after(step, ...) is: keep only what is read later
+        last = state.table.last_use(step, block, comp)
+        if last is None:
+            return
+        parts, container = _flatten(out)
+        devices = [p.device for p in parts]
+        dtypes = [p.dtype for p in parts]
+        cfg = self.config
+        stored = []
+        for p in parts:
+            p = p.detach()
+            if cfg.offload_to_cpu or cfg.cache_dtype is not None:
+                p = p.to(
+                    device="cpu" if cfg.offload_to_cpu else p.device,
+                    dtype=cfg.cache_dtype or p.dtype,
+                    copy=True,
+                )
+            stored.append(p)
+        entry = _Entry(step, stored, container, last, devices, dtypes)
+        if cfg.max_cache_bytes is not None and self._bytes + entry.nbytes > cfg.max_cache_bytes:
+            self._refused += 1
+            return
+        state.entries.setdefault(key, []).append(entry)
+        self._bytes += entry.nbytes
+        self._peak = max(self._peak, self._bytes)
+
+    def _release(self, entry: _Entry) -> None:
+        self._bytes -= entry.nbytes
+        entry.parts = []
+
+    def _fallback(self, step: int, block: int, comp: int) -> None:
+        self._fallbacks += 1
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            warnings.warn(
+                f"videocache: nothing kept to reuse at step {step}, block {block} {COMPONENTS[comp]} "
+                f"(max_cache_bytes={self.config.max_cache_bytes}); computing it instead. Further fallbacks "
+                "are counted in engine.stats()['fallbacks'].",
+                stacklevel=4,
+            )
+
+    # -- measurements --------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Zero the FLOP counters, call counts and trace; peak bytes restart from the current bytes."""
+        self._executed = [0.0] * _NC
+        self._skipped = [0.0] * _NC
+        self._counts = {"transformer": 0, "compute": 0, "reuse": 0, "forecast": 0}
+        self._fallbacks = 0
+        self._refused = 0
+        self._call_log: list[tuple[int, int, float | None]] = []
+        self._trace: list[tuple[int, int, int, int]] = []
+        self._peak = self._bytes
+
+    def stats(self) -> dict[str, Any]:
+        """What actually executed since the last reset_stats: FLOP-weighted computed fraction of block
+        components (overall and per component), kept-tensor bytes, call counts and fallbacks."""
+        ex, sk = sum(self._executed), sum(self._skipped)
+        by_comp = {
+            c: (
+                self._executed[i] / (self._executed[i] + self._skipped[i])
+                if self._executed[i] + self._skipped[i]
+                else None
+            )
+            for i, c in enumerate(COMPONENTS)
+        }
+        return {
+            "computed_fraction": ex / (ex + sk) if ex + sk else None,
+            "computed_fraction_by_component": by_comp,
+            "executed_flops": ex,
+            "skipped_flops": sk,
+            "cache_peak_bytes": self._peak,
+            "cache_current_bytes": self._bytes,
+            "calls": dict(self._counts),
+            "fallbacks": self._fallbacks,
+            "refused_stores": self._refused,
+        }
+
+    def trace(self) -> list[dict[str, Any]]:
+        """One record per component call: {context, step, sigma, block, component, action} where action is the
+        letter of what executed (C/R/F; a reuse that fell back to compute reads C)."""
+        out = []
+        for call, block, comp, code in self._trace:
+            cid, step, sigma = self._call_log[call]
+            out.append(
+                {
+                    "context": self._context_names[cid],
+                    "step": step,
+                    "sigma": sigma,
+                    "block": block,
+                    "component": COMPONENTS[comp],
+                    "action": "CRF"[code],
+                }
+            )
+        return out
+
+    def __repr__(self) -> str:
+        src = (
+            f"profile={getattr(self.profile, 'name', None)!r}, preset={self.preset!r}"
+            if self.profile
+            else "table"
+        )
+        return f"CacheEngine({type(self.transformer).__name__}, {src}, attached={self.attached})"

@@ -1,0 +1,573 @@
+"""Cache profiles: a validated YAML file of compact presets for one model architecture.
+
+A profile says which model it is for (checked against the adapter's fingerprint at apply time), which
+step counts it covers, and per preset the rules that `videocache.table.build_table` expands into a
+cache table for a concrete run. Every mistake in a profile is reported as a one-line `ProfileError`
+naming the file and the field to fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .exposure_bias import ExposureBiasConfig
+from .table import COMPONENTS
+
+SCHEMA_VERSION = 1
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+STAGES = ("early", "late", "all")
+MODES = ("reuse", "forecast")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used as written; the message is one line saying what to fix."""
+
+
+@contextlib.contextmanager
+def _where(path: str) -> Iterator[None]:
+    """Prefix validation errors raised inside with the field path, keeping them one line."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:  # ProfileError included: nested paths accumulate
+        msg = str(e)
+        raise ProfileError(msg if msg.startswith(path) else f"{path}: {msg}") from None
+
+
+def _check_keys(data: Any, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"must be a mapping; got {type(data).__name__} {data!r}")
+    unknown = [k for k in data if k not in required + optional]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (valid: {', '.join(required + optional)})")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"missing required key {missing[0]!r}")
+    return dict(data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# -- block selections --------------------------------------------------------------------------------
+def _parse_block_item(item: Any) -> tuple[int, int]:
+    if _is_int(item):
+        return item, item
+    if isinstance(item, str):
+        text = item.strip()
+        if "-" in text:
+            a, _, b = text.partition("-")
+            if a.strip().isdigit() and b.strip().isdigit():
+                lo, hi = int(a), int(b)
+                if lo <= hi:
+                    return lo, hi
+        elif text.isdigit():
+            return int(text), int(text)
+    raise ValueError(
+        f"blocks must be 'all', an index, an 'a-b' range (a <= b) or a list of them; got {item!r}"
+    )
+
+
+def parse_blocks(spec: Any) -> tuple[tuple[int, int], ...] | None:
+    """'all' -> None; otherwise inclusive (lo, hi) ranges."""
+    if spec == "all":
+        return None
+    items = spec if isinstance(spec, list | tuple) else [spec]
+    if not items:
+        raise ValueError("blocks list is empty")
+    return tuple(_parse_block_item(i) for i in items)
+
+
+def resolve_blocks(spec: Any, num_blocks: int) -> list[int]:
+    ranges = parse_blocks(spec)
+    if ranges is None:
+        return list(range(num_blocks))
+    out: set[int] = set()
+    for lo, hi in ranges:
+        if hi >= num_blocks:
+            raise ValueError(
+                f"block {hi} does not exist in a model with {num_blocks} blocks (0-{num_blocks - 1})"
+            )
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+# -- schema ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepRule:
+    """`scale`: stretch warm-up/final counts and intervals to the run's step count, within [min, max];
+    `exact`: only the profile's own step count."""
+
+    mode: str = "scale"
+    min_steps: int | None = None
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("scale", "exact"):
+            raise ValueError(f"step_rule.mode must be 'scale' or 'exact'; got {self.mode!r}")
+        for name in ("min_steps", "max_steps"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 1):
+                raise ValueError(f"step_rule.{name} must be an integer >= 1; got {v!r}")
+        if self.min_steps is not None and self.max_steps is not None and self.min_steps > self.max_steps:
+            raise ValueError(f"step_rule.min_steps ({self.min_steps}) is above max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture fingerprint the profile was made for."""
+
+    architecture: str
+    num_blocks: int
+    components: tuple[str, ...] = COMPONENTS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"model.architecture must be a class name; got {self.architecture!r}")
+        if not _is_int(self.num_blocks) or self.num_blocks < 1:
+            raise ValueError(f"model.num_blocks must be an integer >= 1; got {self.num_blocks!r}")
+        comps = tuple(self.components)
+        bad = [c for c in comps if c not in COMPONENTS]
+        if bad or not comps:
+            raise ValueError(
+                f"model.components must be a non-empty subset of {list(COMPONENTS)}; got {list(comps)}"
+            )
+        object.__setattr__(self, "components", comps)
+
+    def fingerprint(self) -> dict:
+        return {
+            "architecture": self.architecture,
+            "num_blocks": self.num_blocks,
+            "components": list(self.components),
+        }
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """In `stage`, for `blocks` x `components`: compute every `interval`-th step counted from the stage's
+    first step, reuse (or forecast with `mode: forecast`) in between."""
+
+    stage: str
+    components: tuple[str, ...]
+    interval: int
+    blocks: Any = "all"
+    mode: str = "reuse"
+    order: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
+        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        bad = [c for c in comps if c not in COMPONENTS]
+        if bad or not comps:
+            raise ValueError(
+                f"components must be a non-empty list of {', '.join(COMPONENTS)}; got {list(comps)}"
+            )
+        object.__setattr__(self, "components", comps)
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        parse_blocks(self.blocks)
+        if not _is_int(self.interval) or self.interval < 1:
+            raise ValueError(f"interval must be an integer >= 1; got {self.interval!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be 'reuse' or 'forecast'; got {self.mode!r}")
+        if self.order is not None:
+            if self.mode != "forecast":
+                raise ValueError("order is only meaningful with mode: forecast")
+            if not _is_int(self.order) or not 1 <= self.order <= 4:
+                raise ValueError(f"order must be an integer in 1-4; got {self.order!r}")
+
+    def block_indices(self, num_blocks: int) -> list[int]:
+        return resolve_blocks(self.blocks, num_blocks)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"stage": self.stage, "components": list(self.components)}
+        d["blocks"] = list(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
+        d["interval"] = self.interval
+        if self.mode != "reuse":
+            d["mode"] = self.mode
+        if self.order is not None:
+            d["order"] = self.order
+        return d
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A preset's counts for one concrete step count (after `step_rule` scaling)."""
+
+    num_steps: int
+    reference_steps: int
+    warmup_steps: int
+    final_steps: int
+    intervals: tuple[int, ...]
+
+    def reference_step(self, step: int) -> int:
+        """The profile step nearest to a run step (explicit lists are written for the profile's steps)."""
+        if self.num_steps == self.reference_steps or self.num_steps == 1:
+            return step
+        return int(math.floor(step * (self.reference_steps - 1) / (self.num_steps - 1) + 0.5))
+
+
+def _scale(count: int, factor: float, keep_one: bool) -> int:
+    if count == 0 or (keep_one and count == 1):
+        return count
+    return max(1, int(math.floor(count * factor + 0.5)))
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """One named preset. `reference_steps`, `step_rule`, `source` and `profile_name` are filled in by
+    the owning `Profile`; `exposure_bias=None` inherits the profile's setting."""
+
+    name: str = "preset"
+    warmup_steps: int = 0
+    final_steps: int = 0
+    stage_threshold: float = 0.4
+    rules: tuple[RuleSpec, ...] = ()
+    explicit: Mapping[str, Mapping[Any, tuple[int, ...]]] = field(default_factory=dict)
+    exposure_bias: ExposureBiasConfig | None = None
+    reference_steps: int | None = None
+    step_rule: StepRule = field(default_factory=StepRule)
+    source: str = "<preset>"
+    profile_name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "final_steps"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0; got {v!r}")
+        t = self.stage_threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"stage_threshold must be a number in [0, 1] (sigma, 1 = noisiest); got {t!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for r in self.rules:
+            if not isinstance(r, RuleSpec):
+                raise TypeError(f"rules must be RuleSpec objects; got {type(r).__name__}")
+        orders = {r.order or 1 for r in self.rules if r.mode == "forecast"}
+        if len(orders) > 1:
+            raise ValueError(f"all forecast rules of a preset must use the same order; got {sorted(orders)}")
+        explicit: dict[str, dict[Any, tuple[int, ...]]] = {}
+        for comp, per_blocks in dict(self.explicit).items():
+            if comp not in COMPONENTS:
+                raise ValueError(f"explicit: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
+            if not isinstance(per_blocks, Mapping):
+                raise ValueError(f"explicit.{comp} must map block selections to lists of steps")
+            explicit[comp] = {}
+            for block_spec, steps in per_blocks.items():
+                parse_blocks(block_spec)
+                if not isinstance(steps, list | tuple) or not all(_is_int(s) and s >= 0 for s in steps):
+                    raise ValueError(
+                        f"explicit.{comp}.{block_spec} must be a list of step indices >= 0; got {steps!r}"
+                    )
+                if self.reference_steps is not None and any(s >= self.reference_steps for s in steps):
+                    raise ValueError(
+                        f"explicit.{comp}.{block_spec} lists step {max(steps)} but the profile has "
+                        f"{self.reference_steps} steps (0-{self.reference_steps - 1})"
+                    )
+                explicit[comp][block_spec] = tuple(steps)
+        object.__setattr__(self, "explicit", explicit)
+
+    @property
+    def forecast_order(self) -> int:
+        orders = [r.order or 1 for r in self.rules if r.mode == "forecast"]
+        return orders[0] if orders else 1
+
+    resolve_blocks = staticmethod(resolve_blocks)
+
+    def check_steps(self, num_steps: int) -> None:
+        """Raise a one-line ProfileError when the profile does not cover this step count."""
+        ref, rule = self.reference_steps, self.step_rule
+        label = f"profile {self.profile_name or self.name}"
+        if not _is_int(num_steps) or num_steps < 1:
+            raise ProfileError(f"{label}: the number of steps must be an integer >= 1; got {num_steps!r}")
+        if ref is None:
+            return
+        if rule.mode == "exact":
+            if num_steps != ref:
+                raise ProfileError(
+                    f"{label} is made for exactly {ref} steps (step_rule mode: exact); got {num_steps}: "
+                    f"run {ref} steps or use a profile made for {num_steps}"
+                )
+            return
+        lo, hi = rule.min_steps or 1, rule.max_steps or 10**9
+        if not lo <= num_steps <= hi:
+            raise ProfileError(
+                f"{label} covers {lo}-{hi} steps; got {num_steps}: run a step count in that range "
+                f"or use a profile made for {num_steps} steps"
+            )
+
+    def plan_for(self, num_steps: int) -> StepPlan:
+        self.check_steps(num_steps)
+        ref = self.reference_steps or num_steps
+        f = num_steps / ref
+        return StepPlan(
+            num_steps=num_steps,
+            reference_steps=ref,
+            warmup_steps=_scale(self.warmup_steps, f, keep_one=False),
+            final_steps=_scale(self.final_steps, f, keep_one=False),
+            intervals=tuple(_scale(r.interval, f, keep_one=True) for r in self.rules),
+        )
+
+    def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
+        d: dict[str, Any] = {
+            "warmup_steps": self.warmup_steps,
+            "final_steps": self.final_steps,
+            "stage_threshold": self.stage_threshold,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+        if self.explicit:
+            d["explicit"] = {c: {k: list(v) for k, v in pb.items()} for c, pb in self.explicit.items()}
+        if self.exposure_bias is not None and self.exposure_bias != inherited_eb:
+            d["exposure_bias"] = self.exposure_bias.to_dict()
+        return d
+
+
+@dataclass
+class Profile:
+    name: str
+    model: ModelSpec
+    steps: int
+    presets: dict[str, PresetSpec]
+    default_preset: str
+    calibrated: bool = False
+    step_rule: StepRule = field(default_factory=StepRule)
+    exposure_bias: ExposureBiasConfig = field(default_factory=ExposureBiasConfig)
+    metadata: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    source: str = "<profile>"
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ProfileError(f"schema_version must be {SCHEMA_VERSION}; got {self.schema_version!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ProfileError(f"name must be a non-empty string; got {self.name!r}")
+        if not isinstance(self.calibrated, bool):
+            raise ProfileError(f"calibrated must be true or false; got {self.calibrated!r}")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ProfileError(f"steps must be an integer >= 1; got {self.steps!r}")
+        rule = self.step_rule
+        if rule.mode == "scale" and not (rule.min_steps or 1) <= self.steps <= (rule.max_steps or 10**9):
+            raise ProfileError(
+                f"steps ({self.steps}) lies outside step_rule {rule.min_steps}-{rule.max_steps}"
+            )
+        if not isinstance(self.metadata, dict):
+            raise ProfileError("metadata must be a mapping")
+        if not self.presets:
+            raise ProfileError("presets: a profile needs at least one preset")
+        if self.default_preset not in self.presets:
+            raise ProfileError(
+                f"default_preset {self.default_preset!r} is not one of the presets ({', '.join(self.presets)})"
+            )
+        filled: dict[str, PresetSpec] = {}
+        for key, p in self.presets.items():
+            with _where(f"presets.{key}"):
+                p = replace(
+                    p,
+                    name=key,
+                    reference_steps=self.steps,
+                    step_rule=self.step_rule,
+                    source=self.source,
+                    profile_name=self.name,
+                    exposure_bias=p.exposure_bias if p.exposure_bias is not None else self.exposure_bias,
+                )
+                for i, r in enumerate(p.rules):
+                    with _where(f"rules[{i}]"):
+                        r.block_indices(self.model.num_blocks)
+                        off = [c for c in r.components if c not in self.model.components]
+                        if off:
+                            raise ValueError(f"component {off[0]!r} is not in model.components")
+                for comp, per_blocks in p.explicit.items():
+                    for spec in per_blocks:
+                        with _where(f"explicit.{comp}.{spec}"):
+                            resolve_blocks(spec, self.model.num_blocks)
+            filled[key] = p
+        self.presets = filled
+
+    # -- use ----------------------------------------------------------------------------------
+    def preset(self, name: str | None = None) -> PresetSpec:
+        key = self.default_preset if name is None else name
+        if key not in self.presets:
+            raise ProfileError(
+                f"profile {self.name} has no preset {key!r}; valid presets: {', '.join(self.presets)}"
+            )
+        return self.presets[key]
+
+    def check_model(self, fingerprint: Mapping[str, Any]) -> None:
+        """Raise a one-line ProfileError unless the model matches the architecture this profile is for."""
+        want = self.model
+        arch, blocks = fingerprint.get("architecture"), fingerprint.get("num_blocks")
+        comps = tuple(fingerprint.get("components", want.components))
+        if arch != want.architecture or blocks != want.num_blocks:
+            raise ProfileError(
+                f"profile {self.name} is for {want.architecture} with {want.num_blocks} blocks; this model is "
+                f"{arch} with {blocks} blocks: use a profile made for it ({_suggest(arch, blocks)})"
+            )
+        missing = [c for c in want.components if c not in comps]
+        if missing:
+            raise ProfileError(
+                f"profile {self.name} caches {', '.join(missing)}, which this {arch} adapter does not expose "
+                f"(it has {', '.join(comps)})"
+            )
+
+    def check_steps(self, num_steps: int) -> None:
+        self.preset().check_steps(num_steps)
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "model": self.model.fingerprint(),
+            "calibrated": self.calibrated,
+            "steps": self.steps,
+            "step_rule": {k: v for k, v in vars(self.step_rule).items() if v is not None},
+            "default_preset": self.default_preset,
+            "exposure_bias": self.exposure_bias.to_dict(),
+            "presets": {k: p.to_dict(self.exposure_bias) for k, p in self.presets.items()},
+            "metadata": self.metadata,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<profile>") -> Profile:
+        """Parse and validate; every error is a one-line ProfileError prefixed with `source`."""
+        try:
+            return cls._from_dict(data, source)
+        except ProfileError as e:
+            raise ProfileError(f"{source}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, data: Any, source: str) -> Profile:
+        with _where("profile"):
+            top = _check_keys(
+                data,
+                ("schema_version", "name", "model", "steps", "presets"),
+                ("calibrated", "step_rule", "default_preset", "exposure_bias", "metadata"),
+            )
+        with _where("model"):
+            m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components",))
+            model = ModelSpec(m["architecture"], m["num_blocks"], tuple(m.get("components", COMPONENTS)))
+        with _where("step_rule"):
+            sr = _check_keys(top.get("step_rule") or {}, (), ("mode", "min_steps", "max_steps"))
+            step_rule = StepRule(**sr)
+        with _where("exposure_bias"):
+            eb = ExposureBiasConfig(**_check_eb(top.get("exposure_bias") or {}))
+        presets_raw = top["presets"]
+        if not isinstance(presets_raw, Mapping) or not presets_raw:
+            raise ProfileError("presets: must be a non-empty mapping of preset name -> preset")
+        presets = {}
+        for key, raw in presets_raw.items():
+            with _where(f"presets.{key}"):
+                presets[str(key)] = _parse_preset(str(key), raw, eb, top["steps"])
+        default = top.get("default_preset", next(iter(presets)))
+        return cls(
+            name=top["name"],
+            model=model,
+            steps=top["steps"],
+            presets=presets,
+            default_preset=default,
+            calibrated=top.get("calibrated", False),
+            step_rule=step_rule,
+            exposure_bias=eb,
+            metadata=top.get("metadata") or {},
+            schema_version=top["schema_version"],
+            source=source,
+        )
+
+
+def _check_eb(raw: Any) -> dict:
+    return _check_keys(raw, (), ("enabled", "b_high", "b_low", "t_threshold", "sign"))
+
+
+def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: Any) -> PresetSpec:
+    p = _check_keys(
+        raw,
+        (),
+        ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "exposure_bias"),
+    )
+    rules = []
+    raw_rules = p.get("rules") or []
+    if not isinstance(raw_rules, list):
+        raise ValueError("rules must be a list")
+    for i, r in enumerate(raw_rules):
+        with _where(f"rules[{i}]"):
+            r = _check_keys(r, ("stage", "components", "interval"), ("blocks", "mode", "order"))
+            rules.append(RuleSpec(**r))
+    eb = None
+    if p.get("exposure_bias") is not None:
+        with _where("exposure_bias"):
+            eb = replace(profile_eb, **_check_eb(p["exposure_bias"]))
+    return PresetSpec(
+        name=name,
+        warmup_steps=p.get("warmup_steps", 0),
+        final_steps=p.get("final_steps", 0),
+        stage_threshold=p.get("stage_threshold", 0.4),
+        rules=tuple(rules),
+        explicit=p.get("explicit") or {},
+        exposure_bias=eb,
+        reference_steps=steps if _is_int(steps) else None,
+    )
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in the repository's `profiles/` directory."""
+    if not PROFILES_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _suggest(arch: Any, blocks: Any) -> str:
+    matches = []
+    for name in available_profiles():
+        try:
+            data = yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
+            model = data.get("model", {})
+        except Exception:  # a broken neighbour must not hide the real error
+            continue
+        if model.get("architecture") == arch and model.get("num_blocks") == blocks:
+            matches.append(name)
+    if matches:
+        return "shipped: " + ", ".join(matches)
+    return "none is shipped; calibrate one with the videocache CLI or write one in profiles/"
+
+
+def load_profile(name_or_path: str | Path | Profile) -> Profile:
+    """A Profile from a bare name (looked up in the repo's profiles/), a path, or a Profile (returned)."""
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    text = str(name_or_path)
+    path = Path(text)
+    is_path = path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text or path.is_file()
+    if not is_path:
+        path = PROFILES_DIR / f"{text}.yaml"
+        if not path.is_file():
+            avail = ", ".join(available_profiles()) or "none"
+            raise ProfileError(
+                f"no profile named {text!r} in {PROFILES_DIR} (available: {avail}); or pass a path"
+            )
+    if not path.is_file():
+        raise ProfileError(f"profile file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or type(e).__name__
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ProfileError(f"{path}: not valid YAML: {problem}{where}") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
+    return Profile.from_dict(data, source=str(path))

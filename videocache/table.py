@@ -1,0 +1,238 @@
+"""The cache table: for every (step, block, component) of one run, compute / reuse / forecast.
+
+A table is the only thing the engine consults to decide what to execute, so everything that depends on
+it (which tensors to keep, when to free them, the predicted compute share) is derived here, once, from
+the table alone. `build_table` expands a compact preset (see `videocache.profile`) for a concrete run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .profile import PresetSpec
+
+COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
+_LETTERS = "CRF"
+
+
+class Action(enum.IntEnum):
+    COMPUTE = 0
+    REUSE = 1
+    FORECAST = 2
+
+    @property
+    def letter(self) -> str:
+        return _LETTERS[self]
+
+
+class TableError(ValueError):
+    """A cache table that cannot be executed (bad shape, or a reuse with nothing computed before it)."""
+
+
+@dataclass(eq=False)
+class CacheTable:
+    """Actions of shape (num_steps, num_blocks, len(COMPONENTS)), values in `Action`.
+
+    `forecast_order` k: a FORECAST cell extrapolates from the last k+1 computed outputs of its
+    (block, component), or from as many as exist when fewer were computed before it.
+    The table is treated as immutable: the array is copied and made read-only.
+    """
+
+    actions: np.ndarray
+    forecast_order: int = 1
+    _computes: list[list[list[int]]] = field(init=False, repr=False)
+    _last_use: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.actions)
+        if arr.ndim != 3 or arr.shape[2] != len(COMPONENTS) or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise TableError(
+                f"cache table actions must have shape (num_steps, num_blocks, {len(COMPONENTS)}); got {arr.shape}"
+            )
+        if arr.dtype.kind not in "iub":
+            raise TableError(
+                f"cache table actions must be integers (0=compute, 1=reuse, 2=forecast); got {arr.dtype}"
+            )
+        if arr.size and (arr.min() < 0 or arr.max() > int(Action.FORECAST)):
+            raise TableError("cache table actions must be 0 (compute), 1 (reuse) or 2 (forecast)")
+        if not isinstance(self.forecast_order, int) or self.forecast_order < 1:
+            raise TableError(f"forecast_order must be an integer >= 1; got {self.forecast_order!r}")
+        arr = arr.astype(np.int8, copy=True)
+        arr.flags.writeable = False
+        self.actions = arr
+        steps, blocks, comps = arr.shape
+        self._computes = [
+            [np.flatnonzero(arr[:, b, c] == Action.COMPUTE).tolist() for c in range(comps)]
+            for b in range(blocks)
+        ]
+        for b, c, s in zip(*np.nonzero(arr.transpose(1, 2, 0) != Action.COMPUTE), strict=True):
+            if not self._computes[b][c] or self._computes[b][c][0] > s:
+                verb = "reuses" if arr[s, b, c] == Action.REUSE else "forecasts"
+                raise TableError(
+                    f"cache table: block {b} {COMPONENTS[c]} {verb} at step {s} with no earlier compute; "
+                    "compute it at an earlier step (e.g. add warm-up steps)"
+                )
+        # last step that reads the output computed at (s, b, c); -1 = nobody reads it
+        last = np.full(arr.shape, -1, dtype=np.int32)
+        for s, b, c in zip(*np.nonzero(arr != Action.COMPUTE), strict=True):
+            for d in self.dependencies(int(s), int(b), int(c)):
+                last[d, b, c] = max(last[d, b, c], s)
+        last.flags.writeable = False
+        self._last_use = last
+
+    # -- shape ------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self.actions.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.actions.shape[1]
+
+    # -- queries the engine makes on its hot path -------------------------------------------------
+    def action(self, step: int, block: int, comp_index: int) -> Action:
+        return Action(int(self.actions[step, block, comp_index]))
+
+    def dependencies(self, step: int, block: int, comp_index: int) -> tuple[int, ...]:
+        """Compute steps whose outputs a cell reads: () for COMPUTE, the latest earlier compute for REUSE,
+        the latest min(k+1, available) earlier computes (ascending) for FORECAST."""
+        kind = self.actions[step, block, comp_index]
+        if kind == Action.COMPUTE:
+            return ()
+        computes = self._computes[block][comp_index]
+        i = bisect.bisect_left(computes, step)
+        n = 1 if kind == Action.REUSE else self.forecast_order + 1
+        return tuple(computes[max(0, i - n) : i])
+
+    def last_use(self, step: int, block: int, comp_index: int) -> int | None:
+        """Last step that reads the output computed at `step`, or None: the engine frees it after that step."""
+        v = int(self._last_use[step, block, comp_index])
+        return None if v < 0 else v
+
+    def next_use_after(self, step: int, block: int, comp: int | str) -> int | None:
+        """First step > `step` that reuses or forecasts from a value computed at or before `step`, or None.
+
+        At a COMPUTE cell this says whether its output must be stored at all.
+        """
+        c = COMPONENTS.index(comp) if isinstance(comp, str) else comp
+        computes = self._computes[block][c]
+        for r in range(step + 1, self.num_steps):
+            if self.actions[r, block, c] == Action.COMPUTE:
+                # once k+1 computes lie in (step, r], no later cell can read anything from <= step
+                i, j = bisect.bisect_right(computes, step), bisect.bisect_right(computes, r)
+                if j - i >= self.forecast_order + 1:
+                    return None
+                continue
+            deps = self.dependencies(r, block, c)
+            if deps and deps[0] <= step:
+                return r
+        return None
+
+    # -- summaries --------------------------------------------------------------------------------
+    def is_full_compute(self) -> bool:
+        return not bool(np.any(self.actions != Action.COMPUTE))
+
+    def predicted_computed_fraction(self, weights: Mapping[str, float]) -> float:
+        """FLOP-weighted share of block-component work the table executes (weights: FLOPs per call of
+        each component). A prediction only: the engine measures what really ran."""
+        missing = [c for c in COMPONENTS if c not in weights]
+        if missing:
+            raise TableError(
+                f"predicted_computed_fraction needs a weight for every component; missing {missing}"
+            )
+        w = np.array([float(weights[c]) for c in COMPONENTS])
+        if np.any(w < 0) or w.sum() <= 0:
+            raise TableError("component weights must be >= 0 and not all zero")
+        computed = (self.actions == Action.COMPUTE).sum(axis=(0, 1))
+        return float((computed * w).sum() / (self.num_steps * self.num_blocks * w.sum()))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Number of cells per component and action letter."""
+        return {
+            comp: {a.letter: int((self.actions[:, :, c] == a).sum()) for a in Action}
+            for c, comp in enumerate(COMPONENTS)
+        }
+
+    def to_text(self) -> str:
+        """Rows = steps; per block one letter per component (order of COMPONENTS), C/R/F."""
+        width = len(str(self.num_steps - 1))
+        head = f"{'':>{width}}  " + " ".join(f"{b:<{len(COMPONENTS)}}" for b in range(self.num_blocks))
+        lines = [
+            f"# C=compute R=reuse F=forecast(order {self.forecast_order}); per block: {'/'.join(COMPONENTS)}",
+            head,
+        ]
+        for s in range(self.num_steps):
+            cells = " ".join("".join(_LETTERS[v] for v in self.actions[s, b]) for b in range(self.num_blocks))
+            lines.append(f"{s:>{width}}  {cells}")
+        return "\n".join(lines)
+
+    def with_cells(self, cells: Sequence[tuple[int, int, int]], action: Action) -> CacheTable:
+        """A copy with the given (step, block, comp_index) cells set to `action`."""
+        arr = self.actions.copy()
+        for s, b, c in cells:
+            arr[s, b, c] = action
+        return CacheTable(arr, self.forecast_order)
+
+    @classmethod
+    def full_compute(cls, num_steps: int, num_blocks: int) -> CacheTable:
+        return cls(np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8))
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) -> CacheTable:
+    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks.
+
+    Order of precedence, low to high: rules (in order), explicit reuse lists, warm-up/final steps.
+    """
+    from .profile import ProfileError  # profile imports this module; import lazily to avoid a cycle
+
+    sig = [float(s) for s in sigmas]
+    num_steps = len(sig)
+    plan = preset.plan_for(num_steps)  # checks the step count is covered and scales counts/intervals
+    arr = np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8)
+
+    stage_steps = {
+        "all": list(range(num_steps)),
+        "early": [s for s in range(num_steps) if sig[s] >= preset.stage_threshold],
+        "late": [s for s in range(num_steps) if sig[s] < preset.stage_threshold],
+    }
+    for rule, interval in zip(preset.rules, plan.intervals, strict=True):
+        steps = stage_steps[rule.stage]
+        if not steps:
+            continue
+        blocks = rule.block_indices(num_blocks)
+        comps = [COMPONENTS.index(c) for c in rule.components]
+        skip = Action.FORECAST if rule.mode == "forecast" else Action.REUSE
+        first = steps[0]
+        for s in steps:
+            value = Action.COMPUTE if (s - first) % interval == 0 else skip
+            for c in comps:
+                arr[s, blocks, c] = value
+
+    for comp, per_blocks in preset.explicit.items():
+        c = COMPONENTS.index(comp)
+        for block_spec, ref_steps in per_blocks.items():
+            blocks = preset.resolve_blocks(block_spec, num_blocks)
+            wanted = set(ref_steps)
+            for s in range(num_steps):
+                if plan.reference_step(s) in wanted:
+                    arr[s, blocks, c] = Action.REUSE
+
+    arr[: plan.warmup_steps] = Action.COMPUTE
+    if plan.final_steps:
+        arr[num_steps - plan.final_steps :] = Action.COMPUTE
+    try:
+        return CacheTable(arr, forecast_order=preset.forecast_order)
+    except TableError as e:
+        raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None
