@@ -69,50 +69,71 @@ def render_bank(args, work: Path) -> None:
     save_checkpoint(out, videos=torch.from_numpy(videos), captions=[cap.text for cap, _ in jobs])
 
 
+def vae_phases(args) -> list[dict]:
+    """Curriculum: short windows first (cheap), then full-length clips so that the causal cache is
+    trained over every temporal chunk a 17-frame video has (short-window training alone leaves the
+    later chunks at ~9 dB)."""
+    return [
+        {"name": "short", "steps": args.vae_steps, "frames": args.vae_frames, "batch": args.vae_batch},
+        {"name": "full", "steps": args.vae_full_steps, "frames": 17, "batch": args.vae_full_batch},
+    ]
+
+
 def train_vae(args, device, work: Path) -> None:
     final = work / "vae_final.pt"
     if final.exists():
         return
     ckpt_path = work / "vae_ckpt.pt"
     vae = build.build_vae().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step = 0
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        vae.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
     videos = torch.load(work / "clips.pt", weights_only=False)["videos"].numpy()
-    rng = np.random.default_rng(args.seed + step)
-    bar = tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True)
+    total = sum(ph["steps"] for ph in vae_phases(args))
+    step = 0
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False) if ckpt_path.exists() else None
+    if ckpt is not None:
+        vae.load_state_dict(ckpt["model"])
+        step = ckpt["step"]
+    bar = tqdm(total=total, initial=step, desc="vae", dynamic_ncols=True)
     vae.train()
-    while step < args.vae_steps:
-        batch = []
-        for _ in range(args.vae_batch):
-            video = videos[rng.integers(len(videos))]
-            t = rng.integers(0, video.shape[0] - args.vae_frames + 1)
-            y, x = rng.integers(0, video.shape[1] - args.vae_crop + 1, size=2)
-            window = video[t : t + args.vae_frames, y : y + args.vae_crop, x : x + args.vae_crop]
-            batch.append(to_tensor(np.ascontiguousarray(window)))
-        x = torch.stack(batch).to(device)
-        lr = args.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        posterior = vae.encode(x).latent_dist
-        recon = decode_unclamped(vae, posterior.sample())
-        rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
-        if step % args.ckpt_every == 0 or step == args.vae_steps:
-            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step)
+    begin = 0
+    for phase in vae_phases(args):
+        end = begin + phase["steps"]
+        if step >= end:
+            begin = end
+            continue
+        # Each phase has its own optimiser and cosine schedule, so a resumed run follows the same curriculum.
+        opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        if ckpt is not None and ckpt.get("phase") == phase["name"]:
+            opt.load_state_dict(ckpt["opt"])
+        rng = np.random.default_rng(args.seed + step)
+        while step < end:
+            local = step - begin
+            batch = []
+            for _ in range(phase["batch"]):
+                video = videos[rng.integers(len(videos))]
+                t = rng.integers(0, video.shape[0] - phase["frames"] + 1)
+                y, x = rng.integers(0, video.shape[1] - args.vae_crop + 1, size=2)
+                window = video[t : t + phase["frames"], y : y + args.vae_crop, x : x + args.vae_crop]
+                batch.append(to_tensor(np.ascontiguousarray(window)))
+            x = torch.stack(batch).to(device)
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * local / phase["steps"]))
+            for g in opt.param_groups:
+                g["lr"] = args.vae_lr * min(1.0, (local + 1) / 100) * cosine
+            posterior = vae.encode(x).latent_dist
+            recon = decode_unclamped(vae, posterior.sample())
+            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            kl = posterior.kl().mean() / x[0].numel()
+            loss = rec + args.vae_kl * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
+            bar.update(1)
+            bar.set_postfix(phase=phase["name"], loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+            if step % args.ckpt_every == 0 or step == end:
+                save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step, phase=phase["name"])
+        begin = end
     bar.close()
     save_checkpoint(final, model=vae.state_dict())
 
@@ -263,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-frames", type=int, default=9)
     p.add_argument("--vae-crop", type=int, default=32)
+    p.add_argument("--vae-full-steps", type=int, default=1000, help="second phase on full 17-frame windows")
+    p.add_argument("--vae-full-batch", type=int, default=4)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--clips-per-caption", type=int, default=6)

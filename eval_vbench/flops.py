@@ -1,0 +1,181 @@
+"""Measure how much transformer block work a run really executed, FLOP-weighted.
+
+A cache's computed fraction must be measured, never derived from its configuration: diffusers hooks
+replace a module's forward, so a forward pre-hook on `attn1` fires even when the hook returns a cached
+value. We therefore probe the first projection *inside* each component (attention: the output
+projection `to_out[0]`, which runs exactly once per executed attention whether or not q/k/v are fused;
+feed-forward: its first Linear). Those only run when the component's own computation runs.
+
+FLOPs per executed component, for a batch of B sequences of N video tokens, hidden d, text length M:
+  self-attention   B * 2 * (4 N d^2 + 2 N^2 d)
+  cross-attention  B * 2 * (2 N d^2 + 2 M d^2 + 2 N M d)
+  feed-forward     B * 2 * (2 N d f)         (f = the feed-forward's hidden width)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+COMPONENTS = ("attn1", "attn2", "ffn")
+
+
+def self_attention_flops(n: int, d: int) -> int:
+    return 2 * (4 * n * d * d + 2 * n * n * d)
+
+
+def cross_attention_flops(n: int, m: int, d: int) -> int:
+    return 2 * (2 * n * d * d + 2 * m * d * d + 2 * n * m * d)
+
+
+def feed_forward_flops(n: int, d: int, f: int) -> int:
+    return 2 * (2 * n * d * f)
+
+
+def _first_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Linear):
+            return sub
+    raise ValueError(f"{type(module).__name__} has no Linear layer to probe")
+
+
+def _last_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    found = [sub for sub in module.modules() if isinstance(sub, torch.nn.Linear)]
+    if not found:
+        raise ValueError(f"{type(module).__name__} has no Linear layer to probe")
+    return found[-1]
+
+
+def _attention_output_projection(attn: torch.nn.Module) -> torch.nn.Linear:
+    to_out = getattr(attn, "to_out", None)
+    if isinstance(to_out, torch.nn.ModuleList) and len(to_out) and isinstance(to_out[0], torch.nn.Linear):
+        return to_out[0]
+    if isinstance(to_out, torch.nn.Linear):
+        return to_out
+    raise ValueError(f"{type(attn).__name__} has no to_out projection to probe")
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
+    """The block list of a Wan-style transformer (blocks[i].attn1 / attn2 / ffn)."""
+    blocks = getattr(transformer, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
+        raise ValueError(
+            f"{type(transformer).__name__} has no `blocks` list; the FLOP counter supports Wan-style transformers"
+        )
+    for i, block in enumerate(blocks):
+        missing = [c for c in COMPONENTS if not hasattr(block, c)]
+        if missing:
+            raise ValueError(
+                f"blocks[{i}] has no {', '.join(missing)}; the FLOP counter supports Wan-style blocks"
+            )
+    return blocks
+
+
+@dataclass
+class ComponentCounts:
+    """Executed component calls and their FLOPs, keyed by component kind (attn1 / attn2 / ffn)."""
+
+    calls: Counter = field(default_factory=Counter)
+    flops: Counter = field(default_factory=Counter)
+
+    @property
+    def total_flops(self) -> int:
+        return int(sum(self.flops.values()))
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {
+            "calls": {k: int(self.calls[k]) for k in COMPONENTS},
+            "flops": {k: int(self.flops[k]) for k in COMPONENTS},
+        }
+
+
+class ComponentCounter:
+    """Counts executed block components of `transformer` while installed; use as a context manager.
+
+    Installs plain torch hooks on the probe Linears (and a pre-hook on each cross-attention to learn
+    the text length), so it sees exactly what ran, whichever cache library is active.
+    """
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+        self.counts = ComponentCounts()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._text_len: dict[int, int] = {}
+
+    def __enter__(self) -> ComponentCounter:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def install(self) -> None:
+        if self._handles:
+            return
+        for i, block in enumerate(transformer_blocks(self.transformer)):
+            self._handles.append(
+                _attention_output_projection(block.attn1).register_forward_pre_hook(self._self_attn)
+            )
+            self._handles.append(
+                block.attn2.register_forward_pre_hook(self._remember_text(i), with_kwargs=True)
+            )
+            self._handles.append(
+                _attention_output_projection(block.attn2).register_forward_pre_hook(self._cross_attn(i))
+            )
+            f = _last_linear(block.ffn).in_features
+            self._handles.append(_first_linear(block.ffn).register_forward_pre_hook(self._ffn(f)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> ComponentCounts:
+        """Return the counts so far and start from zero."""
+        counts, self.counts = self.counts, ComponentCounts()
+        return counts
+
+    @staticmethod
+    def _shape(x: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, tokens, width) of a (..., tokens, width) activation."""
+        n, d = int(x.shape[-2]), int(x.shape[-1])
+        return max(1, x.numel() // (n * d)), n, d
+
+    def _add(self, kind: str, flops: int) -> None:
+        self.counts.calls[kind] += 1
+        self.counts.flops[kind] += flops
+
+    def _self_attn(self, module, args) -> None:
+        b, n, d = self._shape(args[0])
+        self._add("attn1", b * self_attention_flops(n, d))
+
+    def _remember_text(self, index: int):
+        def hook(module, args, kwargs) -> None:
+            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            if text is not None:
+                self._text_len[index] = int(text.shape[-2])
+
+        return hook
+
+    def _cross_attn(self, index: int):
+        def hook(module, args) -> None:
+            b, n, d = self._shape(args[0])
+            self._add("attn2", b * cross_attention_flops(n, self._text_len.get(index, 0), d))
+
+        return hook
+
+    def _ffn(self, hidden: int):
+        def hook(module, args) -> None:
+            b, n, d = self._shape(args[0])
+            self._add("ffn", b * feed_forward_flops(n, d, hidden))
+
+        return hook
+
+
+def computed_fraction(method: ComponentCounts, uncached: ComponentCounts) -> float:
+    """FLOP-weighted share of the uncached run's block work that the method executed."""
+    if uncached.total_flops <= 0:
+        raise ValueError("the uncached run executed no block components; cannot form a computed fraction")
+    return method.total_flops / uncached.total_flops

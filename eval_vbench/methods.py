@@ -1,0 +1,424 @@
+"""Method specs for side-by-side comparisons, and how each one is switched on and off a pipeline.
+
+A spec is a short string (`diffusers:fbcache:0.08`) parsed into a small validated dataclass. Every
+method can `apply` itself to a loaded pipeline and returns an `AppliedMethod` that removes it again
+and reports what it kept in memory. cache-dit patches pipeline classes for the whole process, so its
+methods declare `isolated = True` and the comparison runs each of them in a process of its own.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+VALID_FORMS = (
+    "none",
+    "videocache:PROFILE[:PRESET]",
+    "diffusers:fbcache:THRESHOLD",
+    "diffusers:taylorseer:INTERVAL",
+    "diffusers:magcache:THRESHOLD",
+    "diffusers:pab:RANGE",
+    "cachedit:dbcache:Fn:Bn:THRESHOLD",
+    "cachedit:dbcache-taylorseer:Fn:Bn:THRESHOLD[:ORDER]",
+)
+# diffusers' TaylorSeer default identifiers match nothing on Wan (it would silently run uncached).
+WAN_TAYLORSEER_IDENTIFIERS = (r"^blocks\.\d+\.(attn1|attn2|ffn)$",)
+# Share of the steps every peer keeps uncached at the start (MagCache's retention ratio, used for
+# cache-dit's warm-up too so that the peers are compared at the same warm-up).
+WARMUP_FRACTION = 0.2
+
+
+class MethodSpecError(ValueError):
+    """A spec that cannot be parsed; the message is one line and lists the valid forms."""
+
+
+def _spec_error(spec: str, why: str | None = None) -> MethodSpecError:
+    head = f"bad method spec {spec!r}: {why}" if why else f"unknown method spec {spec!r}"
+    return MethodSpecError(f"{head}; valid forms: {', '.join(VALID_FORMS)}")
+
+
+# -- what a method needs from the comparison and what it gives back ---------------------------------------
+@dataclass
+class MethodSetup:
+    """What `apply` may use besides the pipeline.
+
+    `calibrate()` runs one generation of the comparison's first prompt and seed with whatever is
+    applied to the pipeline at that moment (MagCache learns its ratios this way); `store` persists
+    small results such as those ratios across reruns of the same comparison.
+    """
+
+    num_inference_steps: int
+    calibrate: Callable[[], None] = lambda: None
+    store: dict[str, Any] = field(default_factory=dict)
+    save_store: Callable[[], None] = lambda: None
+
+
+@dataclass
+class AppliedMethod:
+    """A method switched on; `remove()` restores the uncached pipeline."""
+
+    remove: Callable[[], None]
+    cache_bytes: Callable[[], int] | None = None  # bytes held now, sampled after every transformer call
+    stats: Callable[[], dict[str, Any]] = dict  # the method's own report (videocache: engine.stats())
+    reset_stats: Callable[[], None] = lambda: None
+    info: dict[str, Any] = field(default_factory=dict)  # settings that actually ran (e.g. calibrated ratios)
+
+
+# -- value parsing ------------------------------------------------------------------------------------
+def _positive_float(spec: str, name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise _spec_error(spec, f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise _spec_error(spec, f"{name} must be a positive number, got {text!r}")
+    return value
+
+
+def _int(spec: str, name: str, text: str, minimum: int) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise _spec_error(spec, f"{name} must be an integer >= {minimum}, got {text!r}")
+    value = int(text)
+    if value < minimum:
+        raise _spec_error(spec, f"{name} must be an integer >= {minimum}, got {text!r}")
+    return value
+
+
+# -- methods -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """Base of every method spec."""
+
+    family: ClassVar[str] = ""
+    isolated: ClassVar[bool] = False  # True: must run in a process of its own
+
+    @property
+    def spec(self) -> str:  # canonical form, used as the method's name in reports
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """Short label for plots."""
+        return self.spec.split(":", 1)[-1]
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NoCache(Method):
+    """The uncached reference run."""
+
+    family: ClassVar[str] = "none"
+
+    @property
+    def spec(self) -> str:
+        return "none"
+
+    @property
+    def label(self) -> str:
+        return "none"
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        return AppliedMethod(remove=lambda: None, cache_bytes=lambda: 0)
+
+
+@dataclass(frozen=True)
+class VideocacheMethod(Method):
+    """videocache's own engine with a profile (name or YAML path) and an optional preset."""
+
+    profile: str
+    preset: str | None = None
+    family: ClassVar[str] = "videocache"
+
+    @property
+    def spec(self) -> str:
+        return f"videocache:{self.profile}" + (f":{self.preset}" if self.preset else "")
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        import videocache  # lazily: the engine is optional for every other method
+
+        kwargs: dict[str, Any] = {"preset": self.preset}
+        if "num_inference_steps" in inspect.signature(videocache.apply).parameters:
+            kwargs["num_inference_steps"] = setup.num_inference_steps
+        engine = videocache.apply(pipe, self.profile, **kwargs)
+        return AppliedMethod(
+            remove=lambda: videocache.remove(pipe),
+            stats=engine.stats,
+            reset_stats=getattr(engine, "reset_stats", lambda: None),
+            info={"preset": getattr(engine, "preset_name", self.preset)},
+        )
+
+
+def _diffusers_applied(pipe: Any, config: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
+    from .cache_memory import diffusers_hook_roots, tensor_bytes
+
+    transformer = pipe.transformer
+    transformer.enable_cache(config)
+    return AppliedMethod(
+        remove=transformer.disable_cache,
+        cache_bytes=lambda: tensor_bytes(diffusers_hook_roots(transformer)),
+        info=info or {},
+    )
+
+
+@dataclass(frozen=True)
+class FBCacheMethod(Method):
+    """diffusers First-Block-Cache: skip all later blocks while the first block's residual barely moves."""
+
+    threshold: float
+    family: ClassVar[str] = "diffusers:fbcache"
+
+    @property
+    def spec(self) -> str:
+        return f"diffusers:fbcache:{self.threshold:g}"
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        from diffusers import FirstBlockCacheConfig
+
+        return _diffusers_applied(pipe, FirstBlockCacheConfig(threshold=self.threshold))
+
+
+@dataclass(frozen=True)
+class TaylorSeerMethod(Method):
+    """diffusers TaylorSeer: full compute every INTERVAL steps, Taylor forecasts of attn1/attn2/ffn between."""
+
+    interval: int
+    family: ClassVar[str] = "diffusers:taylorseer"
+
+    @property
+    def spec(self) -> str:
+        return f"diffusers:taylorseer:{self.interval}"
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        from diffusers import TaylorSeerCacheConfig
+
+        config = TaylorSeerCacheConfig(
+            cache_interval=self.interval, cache_identifiers=list(WAN_TAYLORSEER_IDENTIFIERS)
+        )
+        return _diffusers_applied(pipe, config, {"cache_identifiers": list(WAN_TAYLORSEER_IDENTIFIERS)})
+
+
+_MAG_PRINT = re.compile(r"\[MagCache\] Calibration Complete[^\n]*\n\s*(\[[^\]]*\])")
+
+
+def parse_mag_ratios(printed: str) -> list[float]:
+    """MagCache ratios from diffusers' calibration printout (one list per cache context, e.g. cond and
+    uncond on Wan), averaged element-wise into the single list MagCacheConfig takes."""
+    lists = [ast.literal_eval(m) for m in _MAG_PRINT.findall(printed)]
+    lists = [[float(v) for v in found] for found in lists if found]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios (did the run cover every step?)")
+    length = len(lists[0])
+    if any(len(found) != length for found in lists):
+        raise RuntimeError(
+            f"MagCache calibration printed ratio lists of different lengths: {[len(x) for x in lists]}"
+        )
+    return [sum(col) / len(col) for col in zip(*lists, strict=True)]
+
+
+@dataclass(frozen=True)
+class MagCacheMethod(Method):
+    """diffusers MagCache, calibrated automatically on the comparison's first prompt."""
+
+    threshold: float
+    family: ClassVar[str] = "diffusers:magcache"
+
+    @property
+    def spec(self) -> str:
+        return f"diffusers:magcache:{self.threshold:g}"
+
+    def calibrated_ratios(self, pipe: Any, setup: MethodSetup) -> list[float]:
+        """Ratios for this step count from the store, or from one calibration run (then stored)."""
+        from diffusers import MagCacheConfig
+
+        key = f"magcache_ratios_{setup.num_inference_steps}"
+        if key not in setup.store:
+            pipe.transformer.enable_cache(
+                MagCacheConfig(calibrate=True, num_inference_steps=setup.num_inference_steps)
+            )
+            printed = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(printed):
+                    setup.calibrate()
+            finally:
+                pipe.transformer.disable_cache()
+            setup.store[key] = parse_mag_ratios(printed.getvalue())
+            setup.save_store()
+        return list(setup.store[key])
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        from diffusers import MagCacheConfig
+
+        ratios = self.calibrated_ratios(pipe, setup)
+        config = MagCacheConfig(
+            threshold=self.threshold,
+            num_inference_steps=setup.num_inference_steps,
+            retention_ratio=WARMUP_FRACTION,
+            mag_ratios=ratios,
+        )
+        return _diffusers_applied(pipe, config, {"mag_ratios": [round(r, 6) for r in ratios]})
+
+
+@dataclass(frozen=True)
+class PABMethod(Method):
+    """diffusers Pyramid Attention Broadcast: self-attention recomputed every RANGE calls in its window."""
+
+    skip_range: int
+    family: ClassVar[str] = "diffusers:pab"
+
+    @property
+    def spec(self) -> str:
+        return f"diffusers:pab:{self.skip_range}"
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        from diffusers import PyramidAttentionBroadcastConfig
+
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=self.skip_range,
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
+        return _diffusers_applied(
+            pipe,
+            config,
+            {"spatial_attention_timestep_skip_range": list(config.spatial_attention_timestep_skip_range)},
+        )
+
+
+@dataclass(frozen=True)
+class CacheDitDBCacheMethod(Method):
+    """cache-dit DBCache: compute the first Fn and last Bn blocks, reuse the middle while the residual
+    difference stays under THRESHOLD; optionally with cache-dit's TaylorSeer calibrator (ORDER).
+
+    Fn is explicit because cache-dit's default (8) leaves nothing to cache on the 8-block reference
+    model. Warm-up is WARMUP_FRACTION of the steps. cache-dit's calibrator forms its first derivative
+    only from the third fully computed step on, so with fewer than 3 warm-up steps (and no later
+    recompute) it forecasts exactly like plain DBCache reuse.
+    """
+
+    fn: int
+    bn: int
+    threshold: float
+    taylorseer_order: int | None = None
+    family: ClassVar[str] = "cachedit:dbcache"
+    isolated: ClassVar[bool] = True
+
+    @property
+    def spec(self) -> str:
+        if self.taylorseer_order is None:
+            return f"cachedit:dbcache:{self.fn}:{self.bn}:{self.threshold:g}"
+        return f"cachedit:dbcache-taylorseer:{self.fn}:{self.bn}:{self.threshold:g}:{self.taylorseer_order}"
+
+    @property
+    def kind(self) -> str:
+        """Family for plots: DBCache alone or with the TaylorSeer calibrator."""
+        return "cachedit:dbcache" if self.taylorseer_order is None else "cachedit:dbcache-taylorseer"
+
+    def warmup_steps(self, num_inference_steps: int) -> int:
+        return max(1, int(WARMUP_FRACTION * num_inference_steps + 0.5))
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        num_blocks = len(pipe.transformer.blocks)
+        if self.fn + self.bn >= num_blocks:  # checked before cache-dit patches anything
+            raise ValueError(
+                f"{self.spec}: Fn + Bn = {self.fn + self.bn} leaves none of the model's {num_blocks} blocks to cache"
+            )
+        import cache_dit
+
+        from .cache_memory import cachedit_roots, tensor_bytes
+
+        config = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=self.fn,
+            Bn_compute_blocks=self.bn,
+            residual_diff_threshold=self.threshold,
+            max_warmup_steps=self.warmup_steps(setup.num_inference_steps),
+            num_inference_steps=setup.num_inference_steps,
+        )
+        calibrator = None
+        if self.taylorseer_order is not None:
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
+        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        return AppliedMethod(
+            remove=lambda: cache_dit.disable_cache(pipe),
+            cache_bytes=lambda: tensor_bytes(cachedit_roots(pipe)),
+            info={
+                "max_warmup_steps": config.max_warmup_steps,
+                "cache_dit": getattr(cache_dit, "__version__", "?"),
+            },
+        )
+
+
+def family_of(method: Method) -> str:
+    """Marker family for plots and reports (DBCache with and without its calibrator are distinct)."""
+    return method.kind if isinstance(method, CacheDitDBCacheMethod) else method.family
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+def parse_method(spec: str) -> Method:
+    """Parse one spec; raise MethodSpecError (a ValueError, one line, listing the valid forms) otherwise."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise _spec_error(str(spec), "empty")
+    text = spec.strip()
+    parts = text.split(":")
+    head = parts[0].lower()
+    if text.lower() == "none":
+        return NoCache()
+    if head == "videocache":
+        if len(parts) not in (2, 3) or not all(parts[1:]):
+            raise _spec_error(text, "expected videocache:PROFILE[:PRESET]")
+        return VideocacheMethod(profile=parts[1], preset=parts[2] if len(parts) == 3 else None)
+    if head == "diffusers" and len(parts) >= 2:
+        kind = parts[1].lower()
+        forms = {"fbcache": "THRESHOLD", "taylorseer": "INTERVAL", "magcache": "THRESHOLD", "pab": "RANGE"}
+        if kind not in forms:
+            raise _spec_error(text)
+        if len(parts) != 3:
+            raise _spec_error(text, f"expected diffusers:{kind}:{forms[kind]}")
+        value = parts[2]
+        if kind == "fbcache":
+            return FBCacheMethod(_positive_float(text, "THRESHOLD", value))
+        if kind == "magcache":
+            return MagCacheMethod(_positive_float(text, "THRESHOLD", value))
+        if kind == "taylorseer":
+            return TaylorSeerMethod(_int(text, "INTERVAL", value, 2))
+        return PABMethod(_int(text, "RANGE", value, 2))
+    if head == "cachedit" and len(parts) >= 2:
+        kind = parts[1].lower()
+        if kind == "dbcache":
+            if len(parts) != 5:
+                raise _spec_error(text, "expected cachedit:dbcache:Fn:Bn:THRESHOLD")
+            order = None
+        elif kind == "dbcache-taylorseer":
+            if len(parts) not in (5, 6):
+                raise _spec_error(text, "expected cachedit:dbcache-taylorseer:Fn:Bn:THRESHOLD[:ORDER]")
+            order = _int(text, "ORDER", parts[5], 1) if len(parts) == 6 else 1
+            if order > 4:
+                raise _spec_error(text, f"ORDER must be 1 to 4, got {order}")
+        else:
+            raise _spec_error(text)
+        return CacheDitDBCacheMethod(
+            fn=_int(text, "Fn", parts[2], 1),
+            bn=_int(text, "Bn", parts[3], 0),
+            threshold=_positive_float(text, "THRESHOLD", parts[4]),
+            taylorseer_order=order,
+        )
+    raise _spec_error(text)
+
+
+def parse_methods(specs: list[str]) -> list[Method]:
+    """Parse every spec, `none` first and exactly once, duplicates (by canonical form) dropped."""
+    methods: list[Method] = [NoCache()]
+    seen = {"none"}
+    for spec in specs:
+        method = parse_method(spec)
+        if method.spec not in seen:
+            seen.add(method.spec)
+            methods.append(method)
+    return methods

@@ -1,0 +1,80 @@
+"""Quality measurements of a reference pipeline: prompt adherence and VAE reconstruction.
+
+    python -m videocache.pipelines.reference.evaluate [--model reference-wan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..generation import generate
+from .checker import check_video
+from .data import Caption, render_clip, split_captions
+
+
+@dataclass
+class AdherenceReport:
+    prompts: int
+    colour_rate: float
+    direction_rate: float
+    misses: list[dict]
+
+
+def prompt_adherence(pipe, captions: Sequence[Caption], steps: int = 25, guidance_scale: float = 5.0,
+                     progress: bool = False) -> AdherenceReport:
+    """Generate one video per caption (seed = its index) and check its colour and direction."""
+    colour = direction = 0
+    misses = []
+    for i, caption in enumerate(tqdm(captions, desc="adherence", disable=not progress)):
+        frames = generate(pipe, caption.text, seed=i, num_inference_steps=steps, num_frames=17, height=64,
+                          width=64, guidance_scale=guidance_scale, progress=False).frames
+        result = check_video(frames)
+        colour_ok, direction_ok = result.matches(caption)
+        colour += colour_ok
+        direction += direction_ok
+        if not (colour_ok and direction_ok):
+            misses.append({"prompt": caption.text, "colour": result.colour, "direction": result.direction})
+    n = len(captions)
+    return AdherenceReport(n, colour / n, direction / n, misses)
+
+
+@torch.no_grad()
+def vae_psnr(vae, captions: Sequence[Caption], seed: int = 10_000) -> list[float]:
+    """PSNR (dB, uint8 peak 255) of encode -> decode on freshly rendered clips of the given captions."""
+    psnrs = []
+    for i, caption in enumerate(captions):
+        video = render_clip(caption, seed=seed + i).video
+        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(vae.device, vae.dtype)
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().cpu()
+        recon = ((recon[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().numpy()
+        mse = float(np.mean((recon - video.astype(np.float64)) ** 2))
+        psnrs.append(10 * math.log10(255.0**2 / max(mse, 1e-10)))
+    return psnrs
+
+
+def main() -> None:
+    from ..loader import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="reference-wan")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
+    args = p.parse_args()
+    pipe = load_pipeline(args.model, device="cpu")
+    _, held_out = split_captions()
+    held_out = held_out[: args.limit]
+    psnrs = vae_psnr(pipe.vae, held_out)
+    report = prompt_adherence(pipe, held_out, steps=args.steps, progress=True)
+    print(json.dumps({"vae_psnr_mean": float(np.mean(psnrs)), "vae_psnr_min": float(np.min(psnrs)), **asdict(report)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
