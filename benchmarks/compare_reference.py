@@ -17,8 +17,12 @@ import sys
 from pathlib import Path
 
 DEFAULT_METHODS = (
+    "videocache:reference-wan:full",  # computes everything: must reproduce the uncached video bit-exactly
     "videocache:reference-wan:slow",
     "videocache:reference-wan:fast",
+    "videocache:reference-wan:slow:eb",  # exposure-bias correction b(t) (FEB-Cache, re-derived for flow matching)
+    "videocache:reference-wan:fast:eb",
+    "videocache:reference-wan:fast:eb-inv",  # the opposite direction (1 / b(t))
     "diffusers:fbcache:0.05",
     "diffusers:fbcache:0.1",
     "diffusers:fbcache:0.2",

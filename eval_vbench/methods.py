@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import inspect
 import io
 import math
 import re
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 
 VALID_FORMS = (
     "none",
-    "videocache:PROFILE[:PRESET]",
+    "videocache:PROFILE[:PRESET][:eb|eb-inv|noeb]",
     "diffusers:fbcache:THRESHOLD",
     "diffusers:taylorseer:INTERVAL",
     "diffusers:magcache:THRESHOLD",
@@ -136,19 +135,32 @@ class VideocacheMethod(Method):
 
     profile: str
     preset: str | None = None
+    exposure_bias: str | None = None  # None: the profile's setting; "eb": b(t) on; "eb-inv": 1/b(t); "noeb": off
     family: ClassVar[str] = "videocache"
 
     @property
     def spec(self) -> str:
-        return f"videocache:{self.profile}" + (f":{self.preset}" if self.preset else "")
+        return ":".join(p for p in ("videocache", self.profile, self.preset, self.exposure_bias) if p)
+
+    def exposure_bias_override(self) -> Any:
+        from videocache import ExposureBiasConfig
+
+        if self.exposure_bias is None:
+            return None
+        if self.exposure_bias == "noeb":
+            return False
+        return ExposureBiasConfig(enabled=True, sign=-1 if self.exposure_bias == "eb-inv" else 1)
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         import videocache  # lazily: the engine is optional for every other method
 
-        kwargs: dict[str, Any] = {"preset": self.preset}
-        if "num_inference_steps" in inspect.signature(videocache.apply).parameters:
-            kwargs["num_inference_steps"] = setup.num_inference_steps
-        engine = videocache.apply(pipe, self.profile, **kwargs)
+        engine = videocache.apply(
+            pipe,
+            self.profile,
+            preset=self.preset,
+            num_inference_steps=setup.num_inference_steps,
+            exposure_bias=self.exposure_bias_override(),
+        )
         return AppliedMethod(
             remove=lambda: videocache.remove(pipe),
             stats=engine.stats,
@@ -371,9 +383,10 @@ def parse_method(spec: str) -> Method:
     if text.lower() == "none":
         return NoCache()
     if head == "videocache":
+        eb = parts.pop() if len(parts) > 2 and parts[-1] in ("eb", "eb-inv", "noeb") else None
         if len(parts) not in (2, 3) or not all(parts[1:]):
-            raise _spec_error(text, "expected videocache:PROFILE[:PRESET]")
-        return VideocacheMethod(profile=parts[1], preset=parts[2] if len(parts) == 3 else None)
+            raise _spec_error(text, "expected videocache:PROFILE[:PRESET][:eb|eb-inv|noeb]")
+        return VideocacheMethod(profile=parts[1], preset=parts[2] if len(parts) == 3 else None, exposure_bias=eb)
     if head == "diffusers" and len(parts) >= 2:
         kind = parts[1].lower()
         forms = {"fbcache": "THRESHOLD", "taylorseer": "INTERVAL", "magcache": "THRESHOLD", "pab": "RANGE"}

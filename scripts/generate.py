@@ -17,9 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
-
 from videocache.cli import USER_ERRORS, add_generation_arguments, run_generation
+from videocache.distributed.state import process_state
 
 
 def read_prompts(path: str) -> list[str]:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default=None, help="file with one prompt per line (data parallel over ranks)")
     parser.add_argument("--out-dir", default="videos", help="with --prompts: folder for the videos and summaries")
     args = parser.parse_args(argv)
-    state = PartialState()
+    state = process_state()
     try:
         if (args.prompt is None) == (args.prompts is None):
             raise ValueError("give exactly one of --prompt or --prompts")

@@ -75,7 +75,8 @@ def vae_phases(args) -> list[dict]:
     later chunks at ~9 dB)."""
     return [
         {"name": "short", "steps": args.vae_steps, "frames": args.vae_frames, "batch": args.vae_batch},
-        {"name": "full", "steps": args.vae_full_steps, "frames": 17, "batch": args.vae_full_batch},
+        {"name": "full", "steps": args.vae_full_steps, "frames": 17, "batch": args.vae_full_batch,
+         "schedule_steps": args.vae_full_schedule_steps or args.vae_full_steps},
     ]
 
 
@@ -115,7 +116,7 @@ def train_vae(args, device, work: Path) -> None:
                 window = video[t : t + phase["frames"], y : y + args.vae_crop, x : x + args.vae_crop]
                 batch.append(to_tensor(np.ascontiguousarray(window)))
             x = torch.stack(batch).to(device)
-            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * local / phase["steps"]))
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * local / phase.get("schedule_steps", phase["steps"])))
             for g in opt.param_groups:
                 g["lr"] = args.vae_lr * min(1.0, (local + 1) / 100) * cosine
             posterior = vae.encode(x).latent_dist
@@ -134,6 +135,59 @@ def train_vae(args, device, work: Path) -> None:
             if step % args.ckpt_every == 0 or step == end:
                 save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step, phase=phase["name"])
         begin = end
+    bar.close()
+    save_checkpoint(final, model=vae.state_dict())
+
+
+def train_decoder(args, device, work: Path) -> None:
+    """Fine-tune only post_quant_conv + decoder on full clips, from the frozen encoder's posterior mean.
+
+    The latents the transformer learns depend on the encoder alone, so this stage is independent of
+    the transformer stage (they may run at the same time) and sharpens reconstruction for free.
+    """
+    final = work / "vae_decoder_final.pt"
+    if final.exists():
+        return
+    vae = build.build_vae().to(device)
+    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    trainable = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    vae.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=args.decoder_lr, weight_decay=0.0)
+    ckpt_path = work / "decoder_ckpt.pt"
+    step = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        vae.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    videos = torch.load(work / "clips.pt", weights_only=False)["videos"].numpy()
+    rng = np.random.default_rng(args.seed + 7 + step)
+    bar = tqdm(total=args.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True)
+    while step < args.decoder_steps:
+        batch = []
+        for _ in range(args.vae_full_batch):
+            video = videos[rng.integers(len(videos))]
+            y, x = rng.integers(0, video.shape[1] - args.vae_crop + 1, size=2)
+            batch.append(to_tensor(np.ascontiguousarray(video[:, y : y + args.vae_crop, x : x + args.vae_crop])))
+        x = torch.stack(batch).to(device)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mode()
+        recon = decode_unclamped(vae, z)
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        for g in opt.param_groups:
+            g["lr"] = args.decoder_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach().clamp(-1, 1), x).item(), 1e-10))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr:.1f}")
+        if step % args.ckpt_every == 0 or step == args.decoder_steps:
+            save_checkpoint(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), step=step)
     bar.close()
     save_checkpoint(final, model=vae.state_dict())
 
@@ -161,17 +215,6 @@ def encode_latents(args, device, work: Path) -> None:
     partial.unlink(missing_ok=True)
 
 
-def text_pipeline(seed: int) -> WanPipeline:
-    tokenizer = build.build_tokenizer()
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=build.build_text_encoder(len(tokenizer), seed),
-        vae=build.build_vae(),
-        scheduler=build.build_scheduler(),
-        transformer=None,
-    )
-
-
 def train_transformer(args, device, work: Path) -> None:
     final = work / "transformer_final.pt"
     if final.exists():
@@ -179,7 +222,7 @@ def train_transformer(args, device, work: Path) -> None:
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
     latents = ((data["latents"] - mean) / std).to(device)
-    pipe = text_pipeline(args.seed)
+    pipe = build.build_pipeline(args.seed, with_transformer=False)
     captions = sorted(set(data["captions"]))
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(
@@ -242,9 +285,9 @@ def train_transformer(args, device, work: Path) -> None:
 
 
 def assemble(args, work: Path, started: float, command: str) -> None:
-    pipe = text_pipeline(args.seed)
+    pipe = build.build_pipeline(args.seed, with_transformer=False)
     vae = build.build_vae()
-    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location="cpu")["model"])
+    vae.load_state_dict(torch.load(work / "vae_decoder_final.pt", map_location="cpu")["model"])
     stats = torch.load(work / "latents.pt", weights_only=False)
     vae.register_to_config(latents_mean=stats["mean"].tolist(), latents_std=stats["std"].tolist())
     transformer = build.build_transformer()
@@ -261,6 +304,7 @@ def assemble(args, work: Path, started: float, command: str) -> None:
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
     record = {
         "command": command,
+        "invocations": json.loads((work / "commands.json").read_text()),
         "seed": args.seed,
         "arguments": vars(args),
         "stage_seconds": timings,
@@ -286,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-crop", type=int, default=32)
     p.add_argument("--vae-full-steps", type=int, default=1000, help="second phase on full 17-frame windows")
     p.add_argument("--vae-full-batch", type=int, default=4)
+    p.add_argument("--vae-full-schedule-steps", type=int, default=None,
+                   help="length of the full phase's cosine schedule (default: --vae-full-steps)")
+    p.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning steps")
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--clips-per-caption", type=int, default=6)
@@ -295,24 +343,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--stages", default="clips,vae,latents,transformer,assemble")
+    p.add_argument("--stages", default="clips,vae,latents,transformer,decoder,assemble")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)
+    history_path = work / "commands.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
+    history_path.write_text(json.dumps([*history, {"command": command, "started_unix": time.time()}], indent=1))
     timings_path = work / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     started = time.time()
     stages = {"clips": lambda: render_bank(args, work), "vae": lambda: train_vae(args, device, work), "latents": lambda: encode_latents(args, device, work),
-              "transformer": lambda: train_transformer(args, device, work)}
+              "transformer": lambda: train_transformer(args, device, work),
+              "decoder": lambda: train_decoder(args, device, work)}
     for name in args.stages.split(","):
         if name == "assemble":
             assemble(args, work, started, command)
             continue
         t0 = time.time()
         stages[name]()
-        timings[name] = round(timings.get(name, 0.0) + time.time() - t0, 1)  # resumed runs add up
+        # Re-read: stages may run as separate processes at the same time. Resumed runs add up.
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        timings[name] = round(timings.get(name, 0.0) + time.time() - t0, 1)
         timings_path.write_text(json.dumps(timings))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from videocache.pipelines.loader import REFERENCE_DIR
 
@@ -27,18 +26,22 @@ def reference_pipe():
 @pytest.fixture
 def tiny_random_pipe():
     """Random-init tiny Wan pipeline built from the reference architecture (no weights needed)."""
-    from diffusers import WanPipeline
+    from videocache.pipelines.reference import build
+
+    pipe = build.build_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init reference pipeline saved as a diffusers folder, with small generation defaults."""
+    import json
 
     from videocache.pipelines.reference import build
 
-    tokenizer = build.build_tokenizer()
-    torch.manual_seed(0)
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=build.build_text_encoder(len(tokenizer), 0),
-        vae=build.build_vae(),
-        scheduler=build.build_scheduler(),
-        transformer=build.build_transformer(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    folder = tmp_path_factory.mktemp("tiny-wan")
+    build.build_pipeline(seed=0).save_pretrained(folder)
+    defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 10, "guidance_scale": 5.0, "fps": 8}
+    (folder / "videocache.json").write_text(json.dumps({"generation_defaults": defaults}))
+    return folder

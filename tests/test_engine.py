@@ -23,19 +23,9 @@ TENSOR_BYTES = TOKENS * DIM * 4  # one float32 component output, batch 1
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import WanPipeline
-
     from videocache.pipelines.reference import build
 
-    tok = build.build_tokenizer()
-    torch.manual_seed(0)
-    p = WanPipeline(
-        tokenizer=tok,
-        text_encoder=build.build_text_encoder(len(tok), 0),
-        vae=build.build_vae(),
-        scheduler=build.build_scheduler(),
-        transformer=build.build_transformer(),
-    )
+    p = build.build_pipeline(seed=0)
     p.set_progress_bar_config(disable=True)
     return p
 

@@ -32,19 +32,9 @@ def reference_dict() -> dict:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import WanPipeline
-
     from videocache.pipelines.reference import build
 
-    tok = build.build_tokenizer()
-    torch.manual_seed(0)
-    p = WanPipeline(
-        tokenizer=tok,
-        text_encoder=build.build_text_encoder(len(tok), 0),
-        vae=build.build_vae(),
-        scheduler=build.build_scheduler(),
-        transformer=build.build_transformer(),
-    )
+    p = build.build_pipeline(seed=0)
     p.set_progress_bar_config(disable=True)
     return p
 

@@ -77,7 +77,7 @@ def apply_to_transformer(
     max_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
     offload_to_cpu: bool = False,
-    exposure_bias: bool | None = None,
+    exposure_bias: bool | ExposureBiasConfig | None = None,
     trace: bool = True,
     num_inference_steps: int | None = None,
 ) -> CacheEngine:
@@ -85,7 +85,8 @@ def apply_to_transformer(
 
     `scheduler` (or a zero-argument callable returning it) supplies the per-step sigmas a profile preset
     needs; it may be None with a fixed CacheTable when calls carry a `cache_context` with `step_index`.
-    `exposure_bias` overrides the preset's enabled flag (None keeps it). `num_inference_steps`, when
+    `exposure_bias` overrides the preset's enabled flag (a bool) or its whole configuration (an
+    ExposureBiasConfig); None keeps the preset's. `num_inference_steps`, when
     known, is checked against the profile or table now instead of at the first step.
     """
     if getattr(transformer, _ATTR, None) is not None:
@@ -101,7 +102,7 @@ def apply_to_transformer(
         if preset is not None:
             raise ValueError("preset applies to profiles; a CacheTable is used as given")
         source: Any = table_or_profile
-        eb = ExposureBiasConfig(enabled=bool(exposure_bias))
+        eb = exposure_bias if isinstance(exposure_bias, ExposureBiasConfig) else ExposureBiasConfig(enabled=bool(exposure_bias))
         if num_inference_steps is not None and num_inference_steps != source.num_steps:
             raise ValueError(
                 f"the cache table was made for {source.num_steps} steps; this run has {num_inference_steps}"
@@ -112,7 +113,9 @@ def apply_to_transformer(
         source = profile_obj.preset(preset)
         preset_name = source.name
         eb = source.exposure_bias or ExposureBiasConfig()
-        if exposure_bias is not None:
+        if isinstance(exposure_bias, ExposureBiasConfig):
+            eb = exposure_bias
+        elif exposure_bias is not None:
             eb = dataclasses.replace(eb, enabled=bool(exposure_bias))
         steps = num_inference_steps if num_inference_steps is not None else profile_obj.steps
         _preflight(source, steps, adapter, get_scheduler(), fingerprint["num_blocks"])
@@ -140,7 +143,7 @@ def apply(
     max_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
     offload_to_cpu: bool = False,
-    exposure_bias: bool | None = None,
+    exposure_bias: bool | ExposureBiasConfig | None = None,
     trace: bool = True,
     num_inference_steps: int | None = None,
 ) -> CacheEngine:

@@ -51,12 +51,16 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
 
     source = resolve_model(args.model)
     defaults = generation_defaults(source)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
     steps = args.steps or defaults.num_inference_steps
     for name, value in (("--steps", steps), ("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if args.profile != "none":  # cheap checks first: a bad profile, preset or step count fails before loading
+        import videocache
+
+        videocache.load_profile(args.profile).preset(args.preset).check_steps(steps)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None}
     engine = None
     if args.profile != "none":

@@ -8,6 +8,12 @@ forwards and the output becomes bit-identical to a model that never had the engi
   later; on REUSE it returns the kept output without running the module; on FORECAST it extrapolates
   from the last k+1 kept outputs. The block then applies the *current* step's gate to whatever the
   component returned, so the cache sits exactly before the gated residual add.
+* with block runs in the table (ProfilingDiT's background blocks), one hook on every block: on a run's
+  compute step the run's first block remembers its input h_in and the last block keeps
+  delta = h_out - h_in; on a reuse step the first block returns h_in + delta and the run's other blocks
+  return their input unchanged, so none of the run's components execute (their FLOPs, as measured on the
+  run's last compute, count as skipped). Blocks in runs must take the hidden states first (or as
+  `hidden_states=`) and return the new hidden states tensor.
 * one hook on the transformer that works out the step of each call (from the pipeline's
   `cache_context`, else from the scheduler's timesteps), picks the table for the run, and applies the
   optional exposure-bias correction to the output.
@@ -41,8 +47,11 @@ from .table import COMPONENTS, Action, CacheTable, build_table
 
 TRANSFORMER_HOOK = "videocache_transformer"
 COMPONENT_HOOK = "videocache_component"
+BLOCK_HOOK = "videocache_block"
 _DEFAULT_CONTEXT = CacheContext("default")
 _NC = len(COMPONENTS)
+_TRACE_LETTERS = "CRFD"
+_SKIPPED = 3  # trace code of a component whose block a block-run reuse skipped
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,19 @@ def _newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) -
     return result.to(fs[0].dtype)
 
 
+def drop_empty_registry(module: torch.nn.Module) -> None:
+    """Delete a hook registry left without hooks, so the module is exactly as before any hook was added."""
+    reg = getattr(module, "_diffusers_hook", None)
+    if reg is None or reg.hooks:
+        return
+    del module._diffusers_hook
+    # the registry leaves the original bound forward as an instance attribute; drop it so the class's
+    # forward is found again
+    fwd = module.__dict__.get("forward")
+    if getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(module).forward:
+        del module.forward
+
+
 # -- per-context state -------------------------------------------------------------------------------
 class _ContextState(BaseState):
     """Where one cache context is in its run, and the component outputs it keeps."""
@@ -144,12 +166,24 @@ class _ContextState(BaseState):
         self.sigma: float | None = None
         self.table: CacheTable | None = None
         self.call_index = -1
+        # block runs: kept delta per run, h_in of a run being computed, what each run does this step, and
+        # the FLOPs of each (block, component) of a run as last executed (what a skip saves)
+        self.run_deltas: dict[int, _Entry] = {}
+        self.run_inputs: dict[int, torch.Tensor] = {}
+        self.run_doing: dict[int, Action] = {}
+        self.block_flops: dict[int, list[float | None]] = {}
 
     def reset(self, *args, **kwargs) -> None:
         for kept in self.entries.values():
             for e in kept:
                 self.engine._release(e)
         self.entries.clear()
+        for e in self.run_deltas.values():
+            self.engine._release(e)
+        self.run_deltas.clear()
+        self.run_inputs.clear()
+        self.run_doing.clear()
+        self.block_flops.clear()
         self.step = None
         self.sigma = None
         self.table = None
@@ -193,6 +227,18 @@ class _ComponentHook(ModelHook):
         return self.engine._run_component(self, module, args, kwargs)
 
 
+class _BlockHook(ModelHook):
+    _is_stateful = False  # its state is the transformer hook's, per context
+
+    def __init__(self, engine: CacheEngine, block: int) -> None:
+        super().__init__()
+        self.engine = engine
+        self.block = block
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.engine._run_block(self, args, kwargs)
+
+
 # -- table sources -----------------------------------------------------------------------------------
 class _TableSource:
     """Gives the table for a run of `num_steps` steps with these sigmas (a preset, or one fixed table)."""
@@ -202,6 +248,13 @@ class _TableSource:
         self.preset = None if self.fixed is not None else source
         self.num_blocks = num_blocks
         self._built: dict[tuple, CacheTable] = {}
+
+    @property
+    def has_block_runs(self) -> bool:
+        """Whether any table from this source can have block runs (block hooks are attached only then)."""
+        if self.fixed is not None:
+            return bool(self.fixed.block_runs)
+        return getattr(self.preset, "block_runs", None) is not None
 
     def __call__(self, num_steps: int, sigmas: Sequence[float] | None) -> CacheTable:
         if self.fixed is not None:
@@ -295,6 +348,9 @@ class CacheEngine:
                     self._registry(module).register_hook(
                         _ComponentHook(self, b, COMPONENTS.index(name)), COMPONENT_HOOK
                     )
+            if self._tables.has_block_runs:
+                for b, block in enumerate(self._blocks):
+                    self._registry(block).register_hook(_BlockHook(self, b), BLOCK_HOOK)
         except Exception:
             self.remove()  # never leave a half-attached engine behind
             raise
@@ -320,18 +376,12 @@ class CacheEngine:
             for module in comps.values():
                 if hasattr(module, "_diffusers_hook"):
                     module._diffusers_hook.remove_hook(COMPONENT_HOOK, recurse=False)
+        for block in self._blocks:
+            reg = getattr(block, "_diffusers_hook", None)
+            if reg is not None and BLOCK_HOOK in reg.hooks:
+                reg.remove_hook(BLOCK_HOOK, recurse=False)
         for module in self._created_registries:
-            reg = getattr(module, "_diffusers_hook", None)
-            if reg is not None and not reg.hooks:
-                del module._diffusers_hook
-                # the registry leaves the original bound forward as an instance attribute; drop it so the
-                # class's forward is found again, exactly as before apply
-                fwd = module.__dict__.get("forward")
-                if (
-                    getattr(fwd, "__self__", None) is module
-                    and getattr(fwd, "__func__", None) is type(module).forward
-                ):
-                    del module.forward
+            drop_empty_registry(module)
         self._created_registries.clear()
         if hasattr(self.transformer, "_diffusers_hook"):
             self.transformer._diffusers_hook.invalidate_child_registries_cache()
@@ -483,6 +533,8 @@ class CacheEngine:
             self._executed[comp] += flops
         else:
             self._skipped[comp] += flops
+        if state.table.run_of(block) is not None:
+            state.block_flops.setdefault(block, [None] * _NC)[comp] = flops
         self._counts[done.name.lower()] += 1
         kept = state.entries.get(key)
         if kept:
@@ -496,12 +548,90 @@ class CacheEngine:
             self._trace.append((state.call_index, block, comp, int(done)))
         return out
 
+    # -- a block call (block runs only) ---------------------------------------------------------
+    def _run_block(self, hook: _BlockHook, args: tuple, kwargs: dict) -> Any:
+        forward = hook.fn_ref.original_forward
+        state = self._active
+        table = None if state is None else state.table
+        run = None if table is None else table.run_of(hook.block)
+        if run is None:  # outside a tracked call, or a block this table computes normally
+            return forward(*args, **kwargs)
+        step, block = state.step, hook.block
+        first, last = table.block_runs[run]
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if block == first:
+            action = table.run_action(step, run)
+            kept = state.run_deltas.get(run)
+            if kept is not None and kept.last_use < step:  # left over from a reuse that fell back
+                self._release(state.run_deltas.pop(run))
+                kept = None
+            if action == Action.REUSE and (kept is None or kept.step != table.run_dependency(step, run)):
+                action = Action.COMPUTE
+                self._fallback(step, block, None)
+            state.run_doing[run] = action
+            if action == Action.COMPUTE:
+                self._runs["compute"] += 1
+                if table.run_last_use(step, run) is not None:
+                    state.run_inputs[run] = hidden
+            else:
+                self._runs["reuse"] += 1
+        if state.run_doing.get(run) == Action.REUSE:
+            self._skip_block(state, block)
+            if block != first:
+                return hidden
+            delta = state.run_deltas[run]
+            out = (hidden.float() + delta.restored()[0].float()).to(hidden.dtype)
+            if delta.last_use <= step:
+                self._release(state.run_deltas.pop(run))
+            return out
+        out = forward(*args, **kwargs)
+        if block == last and run in state.run_inputs:
+            if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+                raise TypeError(
+                    f"block runs need blocks that return the hidden states tensor; block {block} returned "
+                    f"{type(out).__name__}"
+                )
+            h_in = state.run_inputs.pop(run)
+            delta = (out.float() - h_in.float()).to(out.dtype)
+            self._keep_delta(state, run, step, delta)
+        return out
+
+    def _skip_block(self, state: _ContextState, block: int) -> None:
+        """Account a block a run reuse skips: its components' FLOPs (as last executed) count as skipped."""
+        flops = state.block_flops.get(block, [None] * _NC)
+        for comp in range(_NC):
+            if flops[comp] is not None:
+                self._skipped[comp] += flops[comp]
+            if self.config.trace:
+                self._trace.append((state.call_index, block, comp, _SKIPPED))
+        self._runs["skipped_blocks"] += 1
+
+    def _keep_delta(self, state: _ContextState, run: int, step: int, delta: torch.Tensor) -> None:
+        old = state.run_deltas.pop(run, None)
+        if old is not None:
+            self._release(old)
+        last = state.table.run_last_use(step, run)
+        if last is None:
+            return
+        entry = self._stored_entry(step, [delta], None, last)
+        if entry is not None:
+            state.run_deltas[run] = entry
+
     def _keep(self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any) -> None:
         # last_use is not None exactly when table.next_use_after(step, ...) is: keep only what is read later
         last = state.table.last_use(step, block, comp)
         if last is None:
             return
         parts, container = _flatten(out)
+        entry = self._stored_entry(step, parts, container, last)
+        if entry is not None:
+            state.entries.setdefault(key, []).append(entry)
+
+    def _stored_entry(
+        self, step: int, parts: list[torch.Tensor], container: type | None, last: int
+    ) -> _Entry | None:
+        """Kept copies of `parts` as the config says (dtype, offload), counted against the byte budget; None
+        when the budget refuses them."""
         devices = [p.device for p in parts]
         dtypes = [p.dtype for p in parts]
         cfg = self.config
@@ -518,21 +648,23 @@ class CacheEngine:
         entry = _Entry(step, stored, container, last, devices, dtypes)
         if cfg.max_cache_bytes is not None and self._bytes + entry.nbytes > cfg.max_cache_bytes:
             self._refused += 1
-            return
-        state.entries.setdefault(key, []).append(entry)
+            return None
         self._bytes += entry.nbytes
         self._peak = max(self._peak, self._bytes)
+        return entry
 
     def _release(self, entry: _Entry) -> None:
         self._bytes -= entry.nbytes
         entry.parts = []
 
-    def _fallback(self, step: int, block: int, comp: int) -> None:
+    def _fallback(self, step: int, block: int, comp: int | None) -> None:
+        """A reuse with nothing kept (comp None: a block run starting at `block`) computes instead."""
         self._fallbacks += 1
         if not self._warned_fallback:
             self._warned_fallback = True
+            what = "its block run" if comp is None else COMPONENTS[comp]
             warnings.warn(
-                f"videocache: nothing kept to reuse at step {step}, block {block} {COMPONENTS[comp]} "
+                f"videocache: nothing kept to reuse at step {step}, block {block} {what} "
                 f"(max_cache_bytes={self.config.max_cache_bytes}); computing it instead. Further fallbacks "
                 "are counted in engine.stats()['fallbacks'].",
                 stacklevel=4,
@@ -544,6 +676,7 @@ class CacheEngine:
         self._executed = [0.0] * _NC
         self._skipped = [0.0] * _NC
         self._counts = {"transformer": 0, "compute": 0, "reuse": 0, "forecast": 0}
+        self._runs = {"compute": 0, "reuse": 0, "skipped_blocks": 0}
         self._fallbacks = 0
         self._refused = 0
         self._call_log: list[tuple[int, int, float | None]] = []
@@ -552,7 +685,8 @@ class CacheEngine:
 
     def stats(self) -> dict[str, Any]:
         """What actually executed since the last reset_stats: FLOP-weighted computed fraction of block
-        components (overall and per component), kept-tensor bytes, call counts and fallbacks."""
+        components (overall and per component), kept-tensor bytes, call counts, block-run executions
+        (computed / reused runs, skipped blocks) and fallbacks."""
         ex, sk = sum(self._executed), sum(self._skipped)
         by_comp = {
             c: (
@@ -570,13 +704,15 @@ class CacheEngine:
             "cache_peak_bytes": self._peak,
             "cache_current_bytes": self._bytes,
             "calls": dict(self._counts),
+            "block_runs": dict(self._runs),
             "fallbacks": self._fallbacks,
             "refused_stores": self._refused,
         }
 
     def trace(self) -> list[dict[str, Any]]:
         """One record per component call: {context, step, sigma, block, component, action} where action is the
-        letter of what executed (C/R/F; a reuse that fell back to compute reads C)."""
+        letter of what executed (C/R/F; a reuse that fell back to compute reads C; D: the component's block
+        was skipped by a block-run reuse)."""
         out = []
         for call, block, comp, code in self._trace:
             cid, step, sigma = self._call_log[call]
@@ -587,7 +723,7 @@ class CacheEngine:
                     "sigma": sigma,
                     "block": block,
                     "component": COMPONENTS[comp],
-                    "action": "CRF"[code],
+                    "action": _TRACE_LETTERS[code],
                 }
             )
         return out

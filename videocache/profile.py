@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from .exposure_bias import ExposureBiasConfig
-from .table import COMPONENTS
+from .fgbg import FgBgProfile
+from .table import COMPONENTS, consecutive_runs
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
@@ -199,14 +200,50 @@ class RuleSpec:
 
 
 @dataclass(frozen=True)
+class BlockRunSpec:
+    """ProfilingDiT's background-block caching: the `blocks` (usually those the fg/bg profiler classed as
+    background) are grouped into maximal runs of consecutive blocks; each run is computed on every step of
+    its own warm-up, then recomputed every T_s steps, T_s = t_max - (t_max - t_min)(s - s0)/(S - s0) (long
+    reuse stretches early, short late), and skipped with its kept delta h_out - h_in in between."""
+
+    blocks: Any
+    t_max: int
+    t_min: int
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, list):
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        parse_blocks(self.blocks)
+        for name in ("t_max", "t_min"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
+
+    def runs(self, num_blocks: int) -> list[tuple[int, int]]:
+        """The maximal runs of consecutive blocks, (first, last) inclusive."""
+        return consecutive_runs(resolve_blocks(self.blocks, num_blocks))
+
+    def to_dict(self) -> dict:
+        blocks = list(self.blocks) if isinstance(self.blocks, tuple) else self.blocks
+        return {"blocks": blocks, "warmup_steps": self.warmup_steps, "t_max": self.t_max, "t_min": self.t_min}
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    """A preset's counts for one concrete step count (after `step_rule` scaling)."""
+    """A preset's counts for one concrete step count (after `step_rule` scaling); `block_runs` is the
+    scaled (warmup_steps, t_max, t_min) of the preset's block runs, or None."""
 
     num_steps: int
     reference_steps: int
     warmup_steps: int
     final_steps: int
     intervals: tuple[int, ...]
+    block_runs: tuple[int, int, int] | None = None
 
     def reference_step(self, step: int) -> int:
         """The profile step nearest to a run step (explicit lists are written for the profile's steps)."""
@@ -233,6 +270,7 @@ class PresetSpec:
     rules: tuple[RuleSpec, ...] = ()
     explicit: Mapping[str, Mapping[Any, tuple[int, ...]]] = field(default_factory=dict)
     exposure_bias: ExposureBiasConfig | None = None
+    block_runs: BlockRunSpec | None = None
     reference_steps: int | None = None
     step_rule: StepRule = field(default_factory=StepRule)
     source: str = "<preset>"
@@ -250,6 +288,8 @@ class PresetSpec:
         for r in self.rules:
             if not isinstance(r, RuleSpec):
                 raise TypeError(f"rules must be RuleSpec objects; got {type(r).__name__}")
+        if self.block_runs is not None and not isinstance(self.block_runs, BlockRunSpec):
+            raise TypeError(f"block_runs must be a BlockRunSpec; got {type(self.block_runs).__name__}")
         orders = {r.order or 1 for r in self.rules if r.mode == "forecast"}
         if len(orders) > 1:
             raise ValueError(f"all forecast rules of a preset must use the same order; got {sorted(orders)}")
@@ -307,12 +347,20 @@ class PresetSpec:
         self.check_steps(num_steps)
         ref = self.reference_steps or num_steps
         f = num_steps / ref
+        br = self.block_runs
         return StepPlan(
             num_steps=num_steps,
             reference_steps=ref,
             warmup_steps=_scale(self.warmup_steps, f, keep_one=False),
             final_steps=_scale(self.final_steps, f, keep_one=False),
             intervals=tuple(_scale(r.interval, f, keep_one=True) for r in self.rules),
+            block_runs=None
+            if br is None
+            else (
+                _scale(br.warmup_steps, f, keep_one=False),
+                _scale(br.t_max, f, keep_one=True),
+                _scale(br.t_min, f, keep_one=True),
+            ),
         )
 
     def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
@@ -326,6 +374,8 @@ class PresetSpec:
             d["explicit"] = {c: {k: list(v) for k, v in pb.items()} for c, pb in self.explicit.items()}
         if self.exposure_bias is not None and self.exposure_bias != inherited_eb:
             d["exposure_bias"] = self.exposure_bias.to_dict()
+        if self.block_runs is not None:
+            d["block_runs"] = self.block_runs.to_dict()
         return d
 
 
@@ -342,6 +392,7 @@ class Profile:
     metadata: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     source: str = "<profile>"
+    fgbg: FgBgProfile | None = None  # the fg/bg block profile the block-run presets were chosen from
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -359,6 +410,10 @@ class Profile:
             )
         if not isinstance(self.metadata, dict):
             raise ProfileError("metadata must be a mapping")
+        if self.fgbg is not None and len(self.fgbg.r_attn) != self.model.num_blocks:
+            raise ProfileError(
+                f"fgbg scores {len(self.fgbg.r_attn)} blocks; model.num_blocks is {self.model.num_blocks}"
+            )
         if not self.presets:
             raise ProfileError("presets: a profile needs at least one preset")
         if self.default_preset not in self.presets:
@@ -387,6 +442,9 @@ class Profile:
                     for spec in per_blocks:
                         with _where(f"explicit.{comp}.{spec}"):
                             resolve_blocks(spec, self.model.num_blocks)
+                if p.block_runs is not None:
+                    with _where("block_runs.blocks"):
+                        p.block_runs.runs(self.model.num_blocks)
             filled[key] = p
         self.presets = filled
 
@@ -431,6 +489,7 @@ class Profile:
             "default_preset": self.default_preset,
             "exposure_bias": self.exposure_bias.to_dict(),
             "presets": {k: p.to_dict(self.exposure_bias) for k, p in self.presets.items()},
+            **({"fgbg": self.fgbg.to_dict()} if self.fgbg is not None else {}),
             "metadata": self.metadata,
         }
 
@@ -456,7 +515,7 @@ class Profile:
             top = _check_keys(
                 data,
                 ("schema_version", "name", "model", "steps", "presets"),
-                ("calibrated", "step_rule", "default_preset", "exposure_bias", "metadata"),
+                ("calibrated", "step_rule", "default_preset", "exposure_bias", "fgbg", "metadata"),
             )
         with _where("model"):
             m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components",))
@@ -474,6 +533,10 @@ class Profile:
             with _where(f"presets.{key}"):
                 presets[str(key)] = _parse_preset(str(key), raw, eb, top["steps"])
         default = top.get("default_preset", next(iter(presets)))
+        fgbg = None
+        if top.get("fgbg") is not None:
+            with _where("fgbg"):
+                fgbg = FgBgProfile.from_dict(top["fgbg"])
         return cls(
             name=top["name"],
             model=model,
@@ -484,6 +547,7 @@ class Profile:
             step_rule=step_rule,
             exposure_bias=eb,
             metadata=top.get("metadata") or {},
+            fgbg=fgbg,
             schema_version=top["schema_version"],
             source=source,
         )
@@ -497,7 +561,7 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
     p = _check_keys(
         raw,
         (),
-        ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "exposure_bias"),
+        ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "exposure_bias", "block_runs"),
     )
     rules = []
     raw_rules = p.get("rules") or []
@@ -511,6 +575,10 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
     if p.get("exposure_bias") is not None:
         with _where("exposure_bias"):
             eb = replace(profile_eb, **_check_eb(p["exposure_bias"]))
+    block_runs = None
+    if p.get("block_runs") is not None:
+        with _where("block_runs"):
+            block_runs = BlockRunSpec(**_check_keys(p["block_runs"], ("blocks", "t_max", "t_min"), ("warmup_steps",)))
     return PresetSpec(
         name=name,
         warmup_steps=p.get("warmup_steps", 0),
@@ -519,6 +587,7 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
         rules=tuple(rules),
         explicit=p.get("explicit") or {},
         exposure_bias=eb,
+        block_runs=block_runs,
         reference_steps=steps if _is_int(steps) else None,
     )
 

@@ -3,6 +3,11 @@
 A table is the only thing the engine consults to decide what to execute, so everything that depends on
 it (which tensors to keep, when to free them, the predicted compute share) is derived here, once, from
 the table alone. `build_table` expands a compact preset (see `videocache.profile`) for a concrete run.
+
+Optional second layer, block runs (ProfilingDiT): maximal runs of consecutive blocks that are cached as a
+whole. On a run's compute step the engine keeps delta = h_out - h_in across the run; on its reuse step the
+run's blocks do not execute and h_in + delta is used instead. A block in a run is cached only this way, so
+its component cells are always COMPUTE.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import bisect
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +42,35 @@ class TableError(ValueError):
     """A cache table that cannot be executed (bad shape, or a reuse with nothing computed before it)."""
 
 
+def consecutive_runs(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices, (first, last) inclusive: [1, 2, 3, 5] -> [(1, 3), (5, 5)]."""
+    runs: list[tuple[int, int]] = []
+    for b in sorted(set(int(b) for b in blocks)):
+        if runs and b == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    return runs
+
+
+def decreasing_interval_steps(num_steps: int, warmup_steps: int, t_max: int, t_min: int) -> np.ndarray:
+    """Compute steps (bool, one per step) of ProfilingDiT's schedule: every step of the warm-up s0, then a
+    recompute T_s steps after each compute step s, T_s = T_max - (T_max - T_min)(s - s0)/(S - s0) rounded
+    and kept in [T_min, T_max], so reuse stretches are long early and short late. Step 0 always computes."""
+    if not 1 <= t_min <= t_max:
+        raise TableError(f"block-run intervals need 1 <= t_min <= t_max; got t_min={t_min}, t_max={t_max}")
+    s0 = min(max(0, warmup_steps), num_steps)
+    compute = np.zeros(num_steps, dtype=bool)
+    compute[: max(s0, 1)] = True
+    s = max(s0, 1) - 1
+    while True:
+        frac = max(0, s - s0) / max(1, num_steps - s0)
+        s += min(t_max, max(t_min, _round_half_up(t_max - (t_max - t_min) * frac)))
+        if s >= num_steps:
+            return compute
+        compute[s] = True
+
+
 @dataclass(eq=False)
 class CacheTable:
     """Actions of shape (num_steps, num_blocks, len(COMPONENTS)), values in `Action`.
@@ -44,12 +78,20 @@ class CacheTable:
     `forecast_order` k: a FORECAST cell extrapolates from the last k+1 computed outputs of its
     (block, component), or from as many as exist when fewer were computed before it.
     The table is treated as immutable: the array is copied and made read-only.
+
+    `block_runs` ((first, last) inclusive, ascending, disjoint) with `run_actions` of shape
+    (num_steps, len(block_runs)), values COMPUTE or REUSE: the optional block-run layer (module docstring).
     """
 
     actions: np.ndarray
     forecast_order: int = 1
+    block_runs: tuple[tuple[int, int], ...] = ()
+    run_actions: np.ndarray | None = None
     _computes: list[list[list[int]]] = field(init=False, repr=False)
     _last_use: np.ndarray = field(init=False, repr=False)
+    _run_of: dict[int, int] = field(init=False, repr=False)
+    _run_deps: np.ndarray = field(init=False, repr=False)
+    _run_last_use: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.actions)
@@ -87,6 +129,70 @@ class CacheTable:
                 last[d, b, c] = max(last[d, b, c], s)
         last.flags.writeable = False
         self._last_use = last
+        self._init_block_runs()
+
+    def _init_block_runs(self) -> None:
+        runs = tuple(self.block_runs)
+        ok = all(
+            isinstance(r, tuple | list) and len(r) == 2 and all(isinstance(b, int | np.integer) for b in r) for r in runs
+        )
+        if not ok:
+            raise TableError(f"block_runs must be (first, last) block index pairs; got {list(runs)}")
+        runs = tuple((int(a), int(b)) for a, b in runs)
+        steps, blocks = self.actions.shape[:2]
+        prev = -1
+        for a, b in runs:
+            if not prev < a <= b < blocks:
+                raise TableError(
+                    f"block_runs must be ascending, disjoint (first, last) ranges within blocks 0-{blocks - 1}; "
+                    f"got {list(runs)}"
+                )
+            prev = b
+        self.block_runs = runs
+        self._run_of = {blk: r for r, (a, b) in enumerate(runs) for blk in range(a, b + 1)}
+        if self.run_actions is None:
+            if runs:
+                raise TableError("block_runs need run_actions of shape (num_steps, number of runs)")
+            ra = np.zeros((steps, 0), dtype=np.int8)
+        else:
+            ra = np.asarray(self.run_actions)
+            if ra.shape != (steps, len(runs)) or ra.dtype.kind not in "iub":
+                raise TableError(
+                    f"run_actions must be integers of shape ({steps}, {len(runs)}) (steps, block runs); "
+                    f"got {ra.dtype} {ra.shape}"
+                )
+            if ra.size and (ra.min() < 0 or ra.max() > int(Action.REUSE)):
+                raise TableError("run_actions must be 0 (compute) or 1 (reuse)")
+            ra = ra.astype(np.int8, copy=True)
+        ra.flags.writeable = False
+        self.run_actions = ra
+        for blk in self._run_of:
+            if np.any(self.actions[:, blk] != Action.COMPUTE):
+                r = self.block_runs[self._run_of[blk]]
+                raise TableError(
+                    f"block {blk} is in block run {r[0]}-{r[1]}, which caches it whole; its component cells must "
+                    "all be compute"
+                )
+        # the compute step each run reuse reads, and the last step reading each run compute (-1: none)
+        deps = np.full(ra.shape, -1, dtype=np.int32)
+        last = np.full(ra.shape, -1, dtype=np.int32)
+        for r in range(len(runs)):
+            src = -1
+            for s in range(steps):
+                if ra[s, r] == Action.COMPUTE:
+                    src = s
+                elif src < 0:
+                    a, b = runs[r]
+                    raise TableError(
+                        f"cache table: block run {a}-{b} reuses at step {s} with no earlier compute; "
+                        "compute it at an earlier step (e.g. add warm-up steps)"
+                    )
+                else:
+                    deps[s, r] = src
+                    last[src, r] = s
+        deps.flags.writeable = False
+        last.flags.writeable = False
+        self._run_deps, self._run_last_use = deps, last
 
     # -- shape ------------------------------------------------------------------------------------
     @property
@@ -136,9 +242,34 @@ class CacheTable:
                 return r
         return None
 
+    # -- block runs -------------------------------------------------------------------------------
+    def run_of(self, block: int) -> int | None:
+        """Index of the block run containing `block`, or None."""
+        return self._run_of.get(block)
+
+    def run_action(self, step: int, run: int) -> Action:
+        return Action(int(self.run_actions[step, run]))
+
+    def run_dependency(self, step: int, run: int) -> int | None:
+        """The compute step whose delta a run reuse at `step` adds; None at a run compute step."""
+        v = int(self._run_deps[step, run])
+        return None if v < 0 else v
+
+    def run_last_use(self, step: int, run: int) -> int | None:
+        """Last step that reuses the delta computed at `step`, or None: the engine keeps it only if read."""
+        v = int(self._run_last_use[step, run])
+        return None if v < 0 else v
+
+    def skipped_cells(self) -> np.ndarray:
+        """(num_steps, num_blocks) bool: blocks that a block-run reuse skips at that step."""
+        skipped = np.zeros(self.actions.shape[:2], dtype=bool)
+        for r, (a, b) in enumerate(self.block_runs):
+            skipped[:, a : b + 1] = (self.run_actions[:, r] == Action.REUSE)[:, None]
+        return skipped
+
     # -- summaries --------------------------------------------------------------------------------
     def is_full_compute(self) -> bool:
-        return not bool(np.any(self.actions != Action.COMPUTE))
+        return not bool(np.any(self.actions != Action.COMPUTE) or np.any(self.run_actions != Action.COMPUTE))
 
     def predicted_computed_fraction(self, weights: Mapping[str, float]) -> float:
         """FLOP-weighted share of block-component work the table executes (weights: FLOPs per call of
@@ -151,13 +282,18 @@ class CacheTable:
         w = np.array([float(weights[c]) for c in COMPONENTS])
         if np.any(w < 0) or w.sum() <= 0:
             raise TableError("component weights must be >= 0 and not all zero")
-        computed = (self.actions == Action.COMPUTE).sum(axis=(0, 1))
+        computed = ((self.actions == Action.COMPUTE) & ~self.skipped_cells()[:, :, None]).sum(axis=(0, 1))
         return float((computed * w).sum() / (self.num_steps * self.num_blocks * w.sum()))
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Number of cells per component and action letter."""
+        """Number of cells per component and action letter; cells a block-run reuse skips count as R."""
+        skipped = self.skipped_cells()
         return {
-            comp: {a.letter: int((self.actions[:, :, c] == a).sum()) for a in Action}
+            comp: {
+                a.letter: int(((self.actions[:, :, c] == a) & ~skipped).sum())
+                + (int(skipped.sum()) if a == Action.REUSE else 0)
+                for a in Action
+            }
             for c, comp in enumerate(COMPONENTS)
         }
 
@@ -167,19 +303,26 @@ class CacheTable:
         head = f"{'':>{width}}  " + " ".join(f"{b:<{len(COMPONENTS)}}" for b in range(self.num_blocks))
         lines = [
             f"# C=compute R=reuse F=forecast(order {self.forecast_order}); per block: {'/'.join(COMPONENTS)}",
-            head,
         ]
+        if self.block_runs:
+            runs = ", ".join(f"{a}-{b}" for a, b in self.block_runs)
+            lines.append(f"# block runs {runs}: D = skipped, h_in + delta of the run's last compute")
+        lines.append(head)
+        skipped = self.skipped_cells()
         for s in range(self.num_steps):
-            cells = " ".join("".join(_LETTERS[v] for v in self.actions[s, b]) for b in range(self.num_blocks))
+            cells = " ".join(
+                "D" * len(COMPONENTS) if skipped[s, b] else "".join(_LETTERS[v] for v in self.actions[s, b])
+                for b in range(self.num_blocks)
+            )
             lines.append(f"{s:>{width}}  {cells}")
         return "\n".join(lines)
 
     def with_cells(self, cells: Sequence[tuple[int, int, int]], action: Action) -> CacheTable:
-        """A copy with the given (step, block, comp_index) cells set to `action`."""
+        """A copy with the given (step, block, comp_index) cells set to `action` (block runs kept)."""
         arr = self.actions.copy()
         for s, b, c in cells:
             arr[s, b, c] = action
-        return CacheTable(arr, self.forecast_order)
+        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions)
 
     @classmethod
     def full_compute(cls, num_steps: int, num_blocks: int) -> CacheTable:
@@ -193,7 +336,8 @@ def _round_half_up(x: float) -> int:
 def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) -> CacheTable:
     """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks.
 
-    Order of precedence, low to high: rules (in order), explicit reuse lists, warm-up/final steps.
+    Order of precedence, low to high: rules (in order), explicit reuse lists, block runs (their blocks are
+    cached whole, so component rules do not apply to them), warm-up/final steps.
     """
     from .profile import ProfileError  # profile imports this module; import lazily to avoid a cycle
 
@@ -229,10 +373,21 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
                 if plan.reference_step(s) in wanted:
                     arr[s, blocks, c] = Action.REUSE
 
+    runs: list[tuple[int, int]] = []
+    run_actions = np.zeros((num_steps, 0), dtype=np.int8)
+    if preset.block_runs is not None and plan.block_runs is not None:
+        runs = preset.block_runs.runs(num_blocks)
+        compute = decreasing_interval_steps(num_steps, *plan.block_runs)
+        run_actions = np.repeat(np.where(compute, Action.COMPUTE, Action.REUSE)[:, None], len(runs), axis=1)
+        for a, b in runs:
+            arr[:, a : b + 1] = Action.COMPUTE
+
     arr[: plan.warmup_steps] = Action.COMPUTE
+    run_actions[: plan.warmup_steps] = Action.COMPUTE
     if plan.final_steps:
         arr[num_steps - plan.final_steps :] = Action.COMPUTE
+        run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
     try:
-        return CacheTable(arr, forecast_order=preset.forecast_order)
+        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8))
     except TableError as e:
         raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None

@@ -7,7 +7,7 @@ VAE compression 4x4x4, patch 1x2x2) while a 25-step guided video still renders i
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -86,3 +86,17 @@ def build_transformer() -> WanTransformer3DModel:
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
+
+
+def build_pipeline(seed: int = 0, with_transformer: bool = True) -> WanPipeline:
+    """A reference pipeline at (seeded) random initialisation: the starting point of training, and a
+    tiny real WanPipeline for tests that need no trained weights."""
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(len(tokenizer), seed)  # seeds torch; the modules below follow from it
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=build_vae(),
+        scheduler=build_scheduler(),
+        transformer=build_transformer() if with_transformer else None,
+    )
