@@ -17,22 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from videocache.pipelines.generation import read_prompts
+
 from .methods import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
 
 MAIN_PROCESS = "main"
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} not found")
-    prompts = [line.strip() for line in path.read_text().splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompts (one per line, # starts a comment)")
-    return prompts
 
 
 @dataclass(frozen=True)

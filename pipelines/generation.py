@@ -6,6 +6,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,3 +123,15 @@ def generate(
         **(extra or {}),
     }
     return GenerationResult(frames=frames, summary=summary)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found")
+    prompts = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompts (one per line, # starts a comment)")
+    return prompts

@@ -19,16 +19,7 @@ from pathlib import Path
 
 from videocache.cli import USER_ERRORS, add_generation_arguments, run_generation
 from videocache.distributed.state import process_state
-
-
-def read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
+from videocache.pipelines.generation import read_prompts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -177,7 +177,8 @@ def train_decoder(args, device, work: Path) -> None:
         recon = decode_unclamped(vae, z)
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
         for g in opt.param_groups:
-            g["lr"] = args.decoder_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.decoder_steps)))
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / (args.decoder_schedule_steps or args.decoder_steps)))
+            g["lr"] = args.decoder_lr * min(1.0, (step + 1) / 50) * cosine
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -304,6 +305,9 @@ def assemble(args, work: Path, started: float, command: str) -> None:
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
     record = {
         "command": command,
+        # One command that runs the same recipe end to end (the stages as run are in `invocations`).
+        "reproduce": "python scripts/train_reference.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("stages", "work_dir") and v is not None),
         "invocations": json.loads((work / "commands.json").read_text()),
         "seed": args.seed,
         "arguments": vars(args),
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-full-schedule-steps", type=int, default=None,
                    help="length of the full phase's cosine schedule (default: --vae-full-steps)")
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only fine-tuning steps")
+    p.add_argument("--decoder-schedule-steps", type=int, default=None,
+                   help="length of the decoder's cosine schedule (default: --decoder-steps)")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)

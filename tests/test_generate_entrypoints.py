@@ -79,6 +79,6 @@ def test_accelerate_launch_data_parallel_over_prompts(tiny_model_dir, tmp_path):
 
 def test_accelerate_launch_missing_prompt_file(tiny_model_dir, tmp_path):
     proc = _accelerate(1, "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "nope.txt"))
-    assert proc.returncode != 0 and "generate.py: error: prompt file" in proc.stderr
+    assert proc.returncode != 0 and "generate.py: error: prompts file" in proc.stderr
     # accelerate's launcher re-raises the child's exit status with its own traceback; ours prints none
     assert 'generate.py", line' not in proc.stderr

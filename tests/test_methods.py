@@ -92,7 +92,7 @@ def test_bad_specs_give_one_line_listing_valid_forms(spec, fragment):
     text = str(info.value)
     assert fragment in text
     assert "\n" not in text
-    assert "valid forms: none, videocache:PROFILE[:PRESET], diffusers:fbcache:THRESHOLD" in text
+    assert "valid forms: none, videocache:PROFILE[:PRESET][:eb|eb-inv|noeb], diffusers:fbcache:THRESHOLD" in text
 
 
 def test_parse_methods_puts_none_first_once_and_drops_duplicates():
@@ -256,3 +256,20 @@ def test_a_failing_method_is_reported_and_the_others_still_recorded(tiny_random_
     assert runner.store.read_record("videocache:no-such-profile", item) is None  # retried on the next run
     assert runner.store.read_record("diffusers:fbcache:0.2", item)["computed_fraction"] < 1.0
     assert runner.store.read_record("none", item)["psnr"] == math.inf
+
+
+@pytest.mark.parametrize(
+    "spec, preset, switch",
+    [("videocache:reference-wan:fast:eb", "fast", "eb"), ("videocache:reference-wan:eb-inv", None, "eb-inv"),
+     ("videocache:reference-wan:slow:noeb", "slow", "noeb"), ("videocache:reference-wan:fast", "fast", None)],
+)
+def test_videocache_spec_exposure_bias_switch(spec, preset, switch):
+    method = m.parse_method(spec)
+    assert (method.preset, method.exposure_bias, method.spec) == (preset, switch, spec)
+    override = method.exposure_bias_override()
+    if switch is None:
+        assert override is None
+    elif switch == "noeb":
+        assert override is False
+    else:
+        assert override.enabled and override.sign == (-1 if switch == "eb-inv" else 1)

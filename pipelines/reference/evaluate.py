@@ -61,19 +61,44 @@ def vae_psnr(vae, captions: Sequence[Caption], seed: int = 10_000) -> list[float
 
 
 def main() -> None:
+    from pathlib import Path
+
     from ..loader import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args()
     pipe = load_pipeline(args.model, device="cpu")
     _, held_out = split_captions()
     held_out = held_out[: args.limit]
     psnrs = vae_psnr(pipe.vae, held_out)
     report = prompt_adherence(pipe, held_out, steps=args.steps, progress=True)
-    print(json.dumps({"vae_psnr_mean": float(np.mean(psnrs)), "vae_psnr_min": float(np.min(psnrs)), **asdict(report)}, indent=2))
+    result = {
+        "model": args.model,
+        "held_out_prompts": report.prompts,
+        "steps": args.steps,
+        "guidance_scale": 5.0,
+        "vae_psnr_mean": round(float(np.mean(psnrs)), 2),
+        "vae_psnr_min": round(float(np.min(psnrs)), 2),
+        "gates": {"colour_rate": 0.8, "direction_rate": 0.7, "vae_psnr_mean": 28.0},
+        **asdict(report),
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+        rows = [("prompted colour found", f"{report.colour_rate:.0%}", ">= 80 %", report.colour_rate >= 0.8),
+                ("prompted direction found", f"{report.direction_rate:.0%}", ">= 70 %", report.direction_rate >= 0.7),
+                ("VAE PSNR, held-out clips (mean)", f"{result['vae_psnr_mean']:.2f} dB", ">= 28 dB",
+                 result["vae_psnr_mean"] >= 28.0)]
+        table = "\n".join(f"| {a} | {b} | {c} | {'met' if ok else 'NOT met'} |" for a, b, c, ok in rows)
+        Path(args.out + ".md").write_text(
+            f"# Reference pipeline quality ({report.prompts} held-out prompts, {args.steps} steps, CFG 5.0)\n\n"
+            f"`python -m videocache.pipelines.reference.evaluate --out {args.out}`\n\n"
+            "| measure | value | gate | |\n|---|---|---|---|\n" + table + "\n"
+        )
 
 
 if __name__ == "__main__":
