@@ -216,6 +216,18 @@ def encode_latents(args, device, work: Path) -> None:
     partial.unlink(missing_ok=True)
 
 
+def transformer_lr(args, step: int) -> float:
+    """Warm-up then cosine decay per phase; the second phase is a warm restart at a lower peak."""
+    begin = 0
+    phases = ((args.steps, args.steps, args.lr, 200), (args.steps2, args.steps2_schedule or args.steps2, args.lr2, 100))
+    for steps, schedule, peak, warmup in phases:
+        if step < begin + steps:
+            local = step - begin
+            return peak * min(1.0, (local + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * local / schedule)))
+        begin += steps
+    raise ValueError(f"step {step} is past the last transformer phase")
+
+
 def train_transformer(args, device, work: Path) -> None:
     final = work / "transformer_final.pt"
     if final.exists():
@@ -247,11 +259,12 @@ def train_transformer(args, device, work: Path) -> None:
         ema = ckpt["ema"]
         step = ckpt["step"]
     gen = torch.Generator().manual_seed(args.seed + step)
-    bar = tqdm(total=args.steps, initial=step, desc="transformer", dynamic_ncols=True)
+    total = args.steps + args.steps2
+    bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
     model.train()
     shift = build.SCHEDULER_SHIFT
     running = None
-    while step < args.steps:
+    while step < total:
         idx = torch.randint(len(latents), (args.batch,), generator=gen)
         x0 = latents[idx]
         cond = caption_ids[idx].clone()
@@ -262,7 +275,7 @@ def train_transformer(args, device, work: Path) -> None:
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
-        lr = args.lr * min(1.0, (step + 1) / 200) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = transformer_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
         pred = model(xt, sigma * 1000, embeds[cond.to(device)], return_dict=False)[0]
@@ -279,7 +292,7 @@ def train_transformer(args, device, work: Path) -> None:
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == total:
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
     bar.close()
     save_checkpoint(final, model=ema)
@@ -346,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3000, help="transformer optimisation steps")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--steps2", type=int, default=0, help="second transformer phase (warm restart), steps")
+    p.add_argument("--lr2", type=float, default=3e-4, help="second transformer phase, peak learning rate")
+    p.add_argument("--steps2-schedule", type=int, default=None,
+                   help="length of the second phase's cosine schedule (default: --steps2)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ckpt-every", type=int, default=100)
