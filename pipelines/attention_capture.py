@@ -65,7 +65,9 @@ class WanSelfAttentionCapture:
     """While `armed`, records per block the attention each token receives (mean over `heads`, or all heads),
     as (B, N) float32 in `received`. Use as a context manager; hooks sit on the attn1 instances only."""
 
-    def __init__(self, transformer: torch.nn.Module, heads: Sequence[int] | None = None, chunk: int = 1024) -> None:
+    def __init__(
+        self, transformer: torch.nn.Module, heads: Sequence[int] | None = None, chunk: int = 1024
+    ) -> None:
         num_heads = transformer.blocks[0].attn1.heads
         if heads is not None:
             heads = sorted({int(h) for h in heads})
@@ -131,12 +133,16 @@ def score_call(
     patch_size: Sequence[int],
     signal: str = "x0",
     border: int = 1,
+    token_threshold: float = 0.5,
 ) -> tuple[torch.Tensor, list[dict[int, float | None]]]:
     """Token-grid foreground masks (B, F', H', W') from one call's output (B, C, F, H, W), cut at latent
-    resolution and pooled to patches, and each sample's per-block R_attn. `border` latent positions at the
-    frame edge are background (the Wan VAE's zero padding distorts them)."""
+    resolution and pooled to patches (a token is foreground when `token_threshold` of its positions are),
+    and each sample's per-block R_attn. `border` latent positions at the frame edge are background (the Wan
+    VAE's zero padding distorts them)."""
     latents = mask_signal(output, x_t, sigma, signal).permute(0, 2, 3, 4, 1)  # (B, F, H, W, C)
-    masks = torch.stack([pool_mask(foreground_mask(f, border=border), patch_size) for f in latents])
+    masks = torch.stack(
+        [pool_mask(foreground_mask(f, border=border), patch_size, token_threshold) for f in latents]
+    )
     scores = [block_scores({blk: a[i] for blk, a in received.items()}, masks[i]) for i in range(len(masks))]
     return masks, scores
 
@@ -174,7 +180,16 @@ class _ContextProbe(ModelHook):
         sample = out[0] if isinstance(out, tuple) else out.sample
         x_t = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         run = self.run
-        _, scores = score_call(capture.take(), sample, x_t, ctx.sigma, run.patch_size, run.signal, run.border)
+        _, scores = score_call(
+            capture.take(),
+            sample,
+            x_t,
+            ctx.sigma,
+            run.patch_size,
+            run.signal,
+            run.border,
+            run.token_threshold,
+        )
         for s in scores:
             run.scores.add(step, s)
         return out
@@ -188,6 +203,7 @@ class _ProfileRun:
     patch_size: tuple[int, int, int]
     signal: str
     border: int
+    token_threshold: float
 
 
 def profile_pipeline(
@@ -200,6 +216,7 @@ def profile_pipeline(
     chunk: int = 1024,
     signal: str = "x0",
     border: int = 1,
+    token_threshold: float = 0.5,
     tau: float | None = None,
     **call_kwargs: Any,
 ) -> FgBgProfile:
@@ -217,6 +234,7 @@ def profile_pipeline(
         patch_size=tuple(transformer.config.patch_size),
         signal=signal,
         border=border,
+        token_threshold=token_threshold,
     )
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_ContextProbe(run), PROBE_HOOK)

@@ -75,7 +75,8 @@ def hooks_left(module: torch.nn.Module) -> list[str]:
     return [
         n
         for n, m in module.named_modules()
-        if getattr(m, "_diffusers_hook", None) is not None and any(k in m._diffusers_hook.hooks for k in names)
+        if getattr(m, "_diffusers_hook", None) is not None
+        and any(k in m._diffusers_hook.hooks for k in names)
     ]
 
 
@@ -137,7 +138,9 @@ def profile_dict(block_runs: dict, **preset) -> dict:
 
 
 def test_profile_block_runs_build_and_round_trip():
-    prof = Profile.from_dict(profile_dict({"blocks": [1, "2-3", 5, 6], "warmup_steps": 2, "t_max": 3, "t_min": 1}))
+    prof = Profile.from_dict(
+        profile_dict({"blocks": [1, "2-3", 5, 6], "warmup_steps": 2, "t_max": 3, "t_min": 1})
+    )
     preset = prof.preset("bg")
     assert preset.block_runs == BlockRunSpec((1, "2-3", 5, 6), t_max=3, t_min=1, warmup_steps=2)
     table = vc.build_table(preset, np.linspace(1, 0.1, STEPS), BLOCKS)
@@ -163,7 +166,10 @@ def test_profile_block_run_rules_do_not_touch_run_blocks():
 @pytest.mark.parametrize(
     ("block_runs", "fragment"),
     [
-        ({"blocks": [1], "t_max": 2, "t_min": 3}, "presets.bg: block_runs: t_min (3) must not exceed t_max (2)"),
+        (
+            {"blocks": [1], "t_max": 2, "t_min": 3},
+            "presets.bg: block_runs: t_min (3) must not exceed t_max (2)",
+        ),
         ({"blocks": [1], "t_max": 0, "t_min": 0}, "t_max must be an integer >= 1"),
         ({"blocks": [1], "t_max": 2}, "missing required key 't_min'"),
         ({"blocks": [1], "t_max": 2, "t_min": 1, "every": 3}, "unknown key 'every'"),

@@ -51,7 +51,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
 
     source = resolve_model(args.model)
     defaults = generation_defaults(source)
-    steps = args.steps or defaults.num_inference_steps
+    steps = args.steps if args.steps is not None else defaults.num_inference_steps
     for name, value in (("--steps", steps), ("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")

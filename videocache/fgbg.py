@@ -5,9 +5,9 @@ For one denoiser call this module turns two model-agnostic inputs into per-block
 * the attention every video token *receives* in a block, a_i = mean_j A_ji (column means of the
   self-attention matrix), accumulated over query chunks so that N x N is never held at once;
 * a foreground mask derived from the model's own output: the output's channels at every latent position
-  reduced to 3 principal components, the first one split in two per latent frame (Otsu = optimal 1-D
-  2-means), the smaller side taken as foreground, cleaned by a 3x3 majority filter, then pooled to the
-  token grid by majority.
+  reduced to 3 principal components; per latent frame the distance from the frame's median (background)
+  split in two by Otsu (the optimal 1-D 2-means), the far side taken as foreground, cleaned by a 3x3
+  majority filter, then pooled to the token grid.
 
 R_attn = |high-attention tokens AND foreground| / |foreground| per frame (high = above mean + 1 std of that
 frame), averaged over frames, steps and prompts. Blocks with R_attn >= tau (default: the median over blocks)
@@ -48,7 +48,9 @@ def attention_received(
     O(chunk * Nk) instead of O(Nq * Nk). Returns (..., Nk).
     """
     if q.ndim < 2 or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q (..., Nq, D) and k (..., Nk, D) must agree on leading dims and D; got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"q (..., Nq, D) and k (..., Nk, D) must agree on leading dims and D; got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -103,28 +105,33 @@ def foreground_mask(features: torch.Tensor, *, border: int = 0, cleanup: bool = 
     """Foreground positions of one sample from per-position output features (F, H, W, C) -> (F, H, W) bool.
 
     Each frame's mean feature is removed (frame-wide shifts, e.g. a causal VAE's first frame, are not
-    subject); PCA over all positions of the video to 3 components; per frame an Otsu split of the first
-    component, whose smaller side is the foreground (subjects are smaller than scenes); then a 3x3 majority
-    filter.
-    Positions within `border` of the frame edge (where a VAE's zero padding distorts the latent) are
-    left out of the fit and count as background.
+    subject); PCA over all positions of the video to 3 components; per frame, each position's distance
+    from the frame's median in that 3-D space (the median position is background while the subject covers
+    less than half the frame) is split in two by Otsu (the exact 1-D 2-means) and the far side is the
+    foreground; then a 3x3 majority filter. Positions within `border` of the frame edge (where a VAE's zero
+    padding distorts the latent) are left out of the fit and count as background.
+
+    On the reference pipeline this scored a higher IoU against true masks than Otsu on the first component
+    with the smaller side as foreground (0.54 vs 0.50 on clean latents; 0.50 vs 0.48 from the model's
+    prediction at sigma 0.38).
     """
     if features.ndim != 4:
-        raise ValueError(f"features must be (frames, height, width, channels); got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"features must be (frames, height, width, channels); got shape {tuple(features.shape)}"
+        )
     frames, h, w, c = features.shape
     if isinstance(border, bool) or not isinstance(border, int) or border < 0 or 2 * border >= min(h, w):
-        raise ValueError(f"border must be an integer >= 0 leaving an inner area of the {h}x{w} frame; got {border!r}")
+        raise ValueError(
+            f"border must be an integer >= 0 leaving an inner area of the {h}x{w} frame; got {border!r}"
+        )
     inner = torch.zeros(h, w, dtype=torch.bool, device=features.device)
     inner[border : h - border, border : w - border] = True
     x = features[:, inner].float()  # (F, positions, C)
     x = x - x.mean(dim=1, keepdim=True)
-    pc1 = principal_components(x.reshape(-1, c), n=min(3, c))[:, 0].reshape(frames, -1)
-    fg = []
-    for row in pc1:
-        above = row > otsu_threshold(row)
-        fg.append(above if 2 * int(above.sum()) <= above.numel() else ~above)
+    pcs = principal_components(x.reshape(-1, c), n=min(3, c)).reshape(frames, x.shape[1], -1)
+    dist = (pcs - pcs.median(dim=1, keepdim=True).values).norm(dim=-1)
     mask = torch.zeros(frames, h, w, dtype=torch.bool, device=features.device)
-    mask[:, inner] = torch.stack(fg)
+    mask[:, inner] = torch.stack([d > otsu_threshold(d) for d in dist])
     return majority_filter(mask) if cleanup else mask
 
 
@@ -178,7 +185,9 @@ def r_attn(high: torch.Tensor, foreground: torch.Tensor) -> float | None:
     """|high & fg| / |fg| per frame, averaged over frames with a foreground; None when no frame has one."""
     hi, fg = high.reshape(high.shape[0], -1).bool(), foreground.reshape(foreground.shape[0], -1).bool()
     if hi.shape != fg.shape:
-        raise ValueError(f"high-attention and foreground masks differ in shape: {tuple(hi.shape)} vs {tuple(fg.shape)}")
+        raise ValueError(
+            f"high-attention and foreground masks differ in shape: {tuple(hi.shape)} vs {tuple(fg.shape)}"
+        )
     n = fg.sum(1)
     keep = n > 0
     if not bool(keep.any()):
@@ -191,7 +200,9 @@ def block_scores(
 ) -> dict[int, float | None]:
     """R_attn of every block of one sample, from its received attention (N,) and the (F, H, W) mask."""
     frames = foreground.shape[0]
-    return {b: r_attn(high_attention(a.reshape(frames, -1), num_std), foreground) for b, a in received.items()}
+    return {
+        b: r_attn(high_attention(a.reshape(frames, -1), num_std), foreground) for b, a in received.items()
+    }
 
 
 def classify(scores: Sequence[float], tau: float | None = None) -> tuple[float, tuple[str, ...]]:
@@ -215,7 +226,9 @@ class ScoreAccumulator:
     def __post_init__(self) -> None:
         self.steps = tuple(int(s) for s in self.steps)
         if self.num_blocks < 1 or not self.steps or len(set(self.steps)) != len(self.steps):
-            raise ValueError(f"need >= 1 block and distinct steps; got {self.num_blocks} blocks, steps {list(self.steps)}")
+            raise ValueError(
+                f"need >= 1 block and distinct steps; got {self.num_blocks} blocks, steps {list(self.steps)}"
+            )
         self._sum = np.zeros((self.num_blocks, len(self.steps)))
         self._count = np.zeros((self.num_blocks, len(self.steps)), dtype=np.int64)
 
@@ -266,15 +279,22 @@ class FgBgProfile:
 
     def __post_init__(self) -> None:
         if not self.r_attn or not all(_is_number(v) for v in self.r_attn):
-            raise ValueError(f"r_attn must be a non-empty list of numbers, one per block; got {self.r_attn!r}")
+            raise ValueError(
+                f"r_attn must be a non-empty list of numbers, one per block; got {self.r_attn!r}"
+            )
         if len(self.classes) != len(self.r_attn) or any(c not in CLASSES for c in self.classes):
-            raise ValueError(f"classes must be one of {CLASSES} per block ({len(self.r_attn)} blocks); got {list(self.classes)}")
+            raise ValueError(
+                f"classes must be one of {CLASSES} per block ({len(self.r_attn)} blocks); got {list(self.classes)}"
+            )
         if not _is_number(self.tau):
             raise ValueError(f"tau must be a number; got {self.tau!r}")
-        if not self.steps_used or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps_used):
+        if not self.steps_used or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps_used
+        ):
             raise ValueError(f"steps_used must be a non-empty list of step indices; got {self.steps_used!r}")
         if self.per_step and (
-            len(self.per_step) != len(self.r_attn) or any(len(r) != len(self.steps_used) for r in self.per_step)
+            len(self.per_step) != len(self.r_attn)
+            or any(len(r) != len(self.steps_used) for r in self.per_step)
         ):
             raise ValueError("per_step must be a (blocks x steps_used) matrix")
 
@@ -289,7 +309,12 @@ class FgBgProfile:
 
     def block_runs_preset(self, warmup_steps: int, t_max: int, t_min: int) -> dict[str, Any]:
         """The preset's `block_runs` entry that caches this profile's background blocks."""
-        return {"blocks": self.background_blocks, "warmup_steps": warmup_steps, "t_max": t_max, "t_min": t_min}
+        return {
+            "blocks": self.background_blocks,
+            "warmup_steps": warmup_steps,
+            "t_max": t_max,
+            "t_min": t_min,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> FgBgProfile:
@@ -343,7 +368,7 @@ def save_heatmap(profile: FgBgProfile, path: str | Path, title: str = "R_attn pe
     if not profile.per_step:
         raise ValueError("this profile has no per-step scores to plot")
     data = np.array(profile.per_step, dtype=np.float64)
-    fig = Figure(figsize=(1.6 + 0.45 * data.shape[1], 1.0 + 0.35 * data.shape[0]))
+    fig = Figure(figsize=(max(5.0, 1.6 + 0.45 * data.shape[1]), 1.2 + 0.35 * data.shape[0]))
     ax = fig.subplots()
     im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap="viridis")
     ax.set_xticks(range(data.shape[1]), [str(s) for s in profile.steps_used])

@@ -74,6 +74,7 @@ def validate_masks(
     chunk: int = 1024,
     signal: str = "x0",
     border: int = 1,
+    token_threshold: float = 0.5,
     tau: float | None = None,
     noise_seed: int = 0,
     max_sequence_length: int = 512,
@@ -99,7 +100,10 @@ def validate_masks(
         for caption in captions:
             text = caption if isinstance(caption, str) else caption.text
             embeds, _ = pipe.encode_prompt(
-                text, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
+                text,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+                device=device,
             )
             for seed in seeds:
                 clip = render_clip(text, CLIP_SEED_BASE + int(seed))
@@ -120,7 +124,9 @@ def validate_masks(
                     finally:
                         capture.armed = False
                     received = capture.take()
-                    masks, scores = score_call(received, out, x_t, sigma, patch, signal, border)
+                    masks, scores = score_call(
+                        received, out, x_t, sigma, patch, signal, border, token_threshold
+                    )
                     ious[step].append(mask_iou(masks[0], true_mask))
                     derived.add(step, scores[0])
                     truth.add(step, block_scores({b: a[0] for b, a in received.items()}, true_mask))
