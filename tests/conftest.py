@@ -23,14 +23,33 @@ def reference_pipe():
     return pipe
 
 
-@pytest.fixture
-def tiny_random_pipe():
-    """Random-init tiny Wan pipeline built from the reference architecture (no weights needed)."""
+def _random_pipe():
     from videocache.pipelines.reference import build
 
     pipe = build.build_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def tiny_random_pipe():
+    """Random-init tiny Wan pipeline built from the reference architecture (no weights needed), fresh per test."""
+    return _random_pipe()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The same tiny random pipeline, shared by the tests of one module (engine, profile, block-run tests)."""
+    return _random_pipe()
+
+
+@pytest.fixture
+def clean(pipe):
+    """Every test leaves the shared pipeline without videocache hooks, even when it fails."""
+    import videocache
+
+    yield pipe
+    videocache.remove(pipe)
 
 
 @pytest.fixture(scope="session")

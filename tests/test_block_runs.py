@@ -17,15 +17,6 @@ STEPS, BLOCKS = 6, 8
 RUNS = ((1, 3), (5, 6))
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from videocache.pipelines.reference import build
-
-    p = build.build_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def run(pipe, guidance_scale: float = 5.0) -> torch.Tensor:
     return pipe(
         prompt=PROMPT,
@@ -43,12 +34,6 @@ def run(pipe, guidance_scale: float = 5.0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def baseline(pipe):
     return run(pipe)
-
-
-@pytest.fixture
-def clean(pipe):
-    yield pipe
-    vc.remove(pipe)
 
 
 def run_table(letters: str, runs=RUNS) -> CacheTable:

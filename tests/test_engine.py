@@ -21,15 +21,6 @@ TOKENS, TEXT_TOKENS, DIM, FFN, BLOCKS = 32, 16, 128, 512, 8
 TENSOR_BYTES = TOKENS * DIM * 4  # one float32 component output, batch 1
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from videocache.pipelines.reference import build
-
-    p = build.build_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def run(pipe, guidance_scale: float = 5.0, **kw) -> torch.Tensor:
     return pipe(
         prompt=PROMPT,
@@ -48,13 +39,6 @@ def run(pipe, guidance_scale: float = 5.0, **kw) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def baseline(pipe):
     return run(pipe)
-
-
-@pytest.fixture
-def clean(pipe):
-    """Every test leaves the pipeline without hooks, even when it fails."""
-    yield pipe
-    vc.remove(pipe)
 
 
 def table(cells: dict[tuple[int, ...], str] | None = None, steps: int = STEPS, order: int = 1) -> CacheTable:

@@ -30,15 +30,6 @@ def reference_dict() -> dict:
     return yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    from videocache.pipelines.reference import build
-
-    p = build.build_pipeline(seed=0)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def run(pipe, steps: int):
     return pipe(
         prompt=PROMPT,
