@@ -298,7 +298,7 @@ def train_transformer(args, device, work: Path) -> None:
     save_checkpoint(final, model=ema)
 
 
-def assemble(args, work: Path, started: float, command: str) -> None:
+def assemble(args, work: Path, command: str) -> None:
     pipe = build.build_pipeline(args.seed, with_transformer=False)
     vae = build.build_vae()
     vae.load_state_dict(torch.load(work / "vae_decoder_final.pt", map_location="cpu")["model"])
@@ -376,13 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     history_path.write_text(json.dumps([*history, {"command": command, "started_unix": time.time()}], indent=1))
     timings_path = work / "timings.json"
-    started = time.time()
     stages = {"clips": lambda: render_bank(args, work), "vae": lambda: train_vae(args, device, work), "latents": lambda: encode_latents(args, device, work),
               "transformer": lambda: train_transformer(args, device, work),
               "decoder": lambda: train_decoder(args, device, work)}
     for name in args.stages.split(","):
         if name == "assemble":
-            assemble(args, work, started, command)
+            assemble(args, work, command)
             continue
         t0 = time.time()
         stages[name]()
