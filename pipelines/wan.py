@@ -9,7 +9,7 @@ Registered on import for `WanTransformer3DModel` (Wan2.1 T2V 1.3B / 14B and the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from videocache.table import COMPONENTS
 
 # WanAttnProcessor splits the cross-attention context as [image tokens, 512 text tokens] in I2V models.
 WAN_TEXT_CONTEXT_LENGTH = 512
+_BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
 
 
 def _linear_macs(linear: torch.nn.Linear | None) -> int:
@@ -79,6 +80,33 @@ class WanAdapter:
             flops += 2.0 * image_tokens * (_linear_macs(module.add_k_proj) + _linear_macs(module.add_v_proj))
             flops += 4.0 * tokens * image_tokens * inner
         return batch * flops
+
+    def lean_block_forward(
+        self, block: torch.nn.Module, args: tuple, kwargs: dict, component: Callable[[str, Callable[[], tuple]], Any]
+    ) -> torch.Tensor:
+        """WanTransformerBlock.forward (diffusers 0.35-0.42), except that a component's input (norm and
+        modulation) is prepared only if `component(name, make_args)` calls `make_args`, i.e. only when the
+        engine computes that component. Reused components then cost a gated add and nothing else; the
+        arithmetic on the residual stream is the block's own, in the same order and dtypes."""
+        bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
+        hidden, context, temb, rotary_emb = (bound[name] for name in _BLOCK_ARGS)
+        if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (batch, tokens, 6, dim)
+            mods = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+            mods = [m.squeeze(2) for m in mods]
+        else:
+            mods = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        shift, scale, gate, c_shift, c_scale, c_gate = mods
+
+        h = hidden
+        out = component(
+            "self_attn",
+            lambda: ((block.norm1(h.float()) * (1 + scale) + shift).type_as(h), None, None, rotary_emb),
+        )
+        h = (h.float() + out * gate).type_as(h)
+        out = component("cross_attn", lambda: (block.norm2(h.float()).type_as(h), context, None, None))
+        h = h + out
+        out = component("mlp", lambda: ((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h),))
+        return (h.float() + out.float() * c_gate).type_as(h)
 
     def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
         """Per-step sigmas of the scheduler's current schedule (the trailing terminal sigma dropped)."""

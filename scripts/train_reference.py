@@ -139,6 +139,27 @@ def train_vae(args, device, work: Path) -> None:
     save_checkpoint(final, model=vae.state_dict())
 
 
+def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size crop of every frame that contains the moving shape in a random frame, and the
+    shape's mask (pixels far from the clip's median colour, which is the flat background).
+
+    Random crops mostly see background, and a plain pixel loss is dominated by it: the decoder then
+    renders a red shape brown. Centring crops on the shape and weighting its pixels fixes both.
+    """
+    background = np.median(video.reshape(-1, 3), axis=0)
+    fg = np.linalg.norm(video.astype(np.float32) - background, axis=-1) > 40.0
+    height, width = video.shape[1:3]
+    ys, xs = np.nonzero(fg[rng.integers(len(video))])
+    if len(ys):
+        i = rng.integers(len(ys))
+        y = int(np.clip(ys[i] - rng.integers(size), 0, height - size))
+        x = int(np.clip(xs[i] - rng.integers(size), 0, width - size))
+    else:
+        y, x = (int(v) for v in rng.integers(0, [height - size + 1, width - size + 1]))
+    window = (slice(None), slice(y, y + size), slice(x, x + size))
+    return np.ascontiguousarray(video[window]), fg[window].astype(np.float32)
+
+
 def train_decoder(args, device, work: Path) -> None:
     """Fine-tune only post_quant_conv + decoder on full clips, from the frozen encoder's posterior mean.
 
@@ -166,16 +187,18 @@ def train_decoder(args, device, work: Path) -> None:
     rng = np.random.default_rng(args.seed + 7 + step)
     bar = tqdm(total=args.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True)
     while step < args.decoder_steps:
-        batch = []
+        crops, weights = [], []
         for _ in range(args.vae_full_batch):
-            video = videos[rng.integers(len(videos))]
-            y, x = rng.integers(0, video.shape[1] - args.vae_crop + 1, size=2)
-            batch.append(to_tensor(np.ascontiguousarray(video[:, y : y + args.vae_crop, x : x + args.vae_crop])))
-        x = torch.stack(batch).to(device)
+            crop, fg = shape_crop(videos[rng.integers(len(videos))], args.vae_crop, rng)
+            crops.append(to_tensor(crop))
+            weights.append(torch.from_numpy(1.0 + (args.decoder_fg_weight - 1.0) * fg))
+        x = torch.stack(crops).to(device)
+        w = torch.stack(weights)[:, None].to(device)  # (B, 1, F, H, W), broadcast over RGB
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
         recon = decode_unclamped(vae, z)
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        err = recon - x
+        loss = ((err.square() + 0.5 * err.abs()) * w).sum() / (w.sum() * x.shape[1])
         for g in opt.param_groups:
             cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / (args.decoder_schedule_steps or args.decoder_steps)))
             g["lr"] = args.decoder_lr * min(1.0, (step + 1) / 50) * cosine
@@ -353,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-schedule-steps", type=int, default=None,
                    help="length of the decoder's cosine schedule (default: --decoder-steps)")
     p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--decoder-fg-weight", type=float, default=4.0,
+                   help="loss weight of the moving shape's pixels relative to the background's")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--clips-per-caption", type=int, default=6)

@@ -79,6 +79,29 @@ def count_calls(module: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.R
     return counter, module.register_forward_hook(bump)
 
 
+def record_component_outputs(engine, block: int, comp: int) -> list[tuple[str, torch.Tensor]]:
+    """(cache context, output) of every call of one component, as the block receives it: computed,
+    reused or forecast (reused components are not module calls any more, so module hooks miss them)."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    manager = engine._hook.state_manager
+    serve, compute = engine._serve, engine._compute
+
+    def recording_serve(state, b, c):
+        out = serve(state, b, c)
+        if out is not None and (b, c) == (block, comp):
+            seen.append((manager.context.name, out.detach().clone()))
+        return out
+
+    def recording_compute(state, hook, module, args, kwargs):
+        out = compute(state, hook, module, args, kwargs)
+        if (hook.block, hook.comp) == (block, comp):
+            seen.append((manager.context.name, out.detach().clone()))
+        return out
+
+    engine._serve, engine._compute = recording_serve, recording_compute
+    return seen
+
+
 def test_full_compute_table_is_bit_exact(clean, baseline):
     engine = vc.apply(clean, table=CacheTable.full_compute(STEPS, BLOCKS))
     out = run(clean)
@@ -132,35 +155,31 @@ def test_reused_modules_are_not_executed(clean):
     block = clean.transformer.blocks[3]
     ffn_inner, h1 = count_calls(block.ffn.net[2])  # runs only when the real FeedForward runs
     attn_inner, h2 = count_calls(block.attn1.to_out[0])
-    ffn_outer, h3 = count_calls(block.ffn)  # the module call itself still happens (the hook answers it)
+    ffn_outer, h3 = count_calls(block.ffn)
+    norm3, h4 = count_calls(block.norm3)  # the MLP's input norm: the lean block forward skips it on reuse
+    norm1, h5 = count_calls(block.norm1)
     try:
         vc.apply(clean, table=table({(MLP, 3): "CRRCRCCC"}))
         run(clean)
     finally:
-        for h in (h1, h2, h3):
+        for h in (h1, h2, h3, h4, h5):
             h.remove()
     assert ffn_inner[0] == 2 * 5  # 5 computed steps x (cond, uncond)
     assert attn_inner[0] == 2 * STEPS
-    assert ffn_outer[0] == 2 * STEPS
+    assert ffn_outer[0] == 2 * 5
+    assert norm3[0] == 2 * 5
+    assert norm1[0] == 2 * STEPS
 
 
 def test_cond_and_uncond_keep_separate_caches(clean):
     engine = vc.apply(clean, table=table({(MLP, 0): "..CR...."}))
-    seen: dict[tuple[str, int], torch.Tensor] = {}
-    manager = engine._hook.state_manager
+    outputs = record_component_outputs(engine, 0, MLP)
+    run(clean)
+    seen = {}
     counters: dict[str, int] = {}
-
-    def record(module, args, output):
-        name = manager.context.name
-        step = counters.get(name, 0)
-        counters[name] = step + 1
-        seen[(name, step)] = output.detach().clone()
-
-    handle = clean.transformer.blocks[0].ffn.register_forward_hook(record)
-    try:
-        run(clean)
-    finally:
-        handle.remove()
+    for name, out in outputs:
+        seen[(name, counters.get(name, 0))] = out
+        counters[name] = counters.get(name, 0) + 1
     assert counters == {"cond": STEPS, "uncond": STEPS}
     assert torch.equal(seen[("cond", 3)], seen[("cond", 2)])
     assert torch.equal(seen[("uncond", 3)], seen[("uncond", 2)])
@@ -218,20 +237,13 @@ def test_pipeline_reset_frees_an_interrupted_run(clean):
 
 def test_forecast_order_1_is_linear_extrapolation(clean):
     engine = vc.apply(clean, table=table({(MLP, 0): "CCRCFCCC"}, order=1))
-    outs: list[torch.Tensor] = []
-    manager = engine._hook.state_manager
-
-    def record(module, args, output):
-        if manager.context.name == "cond":
-            outs.append(output.detach().clone())
-
-    inner, h1 = count_calls(clean.transformer.blocks[0].ffn.net[2])
-    h2 = clean.transformer.blocks[0].ffn.register_forward_hook(record)
+    outputs = record_component_outputs(engine, 0, MLP)
+    inner, handle = count_calls(clean.transformer.blocks[0].ffn.net[2])
     try:
         run(clean)
     finally:
-        h1.remove()
-        h2.remove()
+        handle.remove()
+    outs = [out for name, out in outputs if name == "cond"]
     assert inner[0] == 2 * 6  # neither the reuse (step 2) nor the forecast (step 4) runs the MLP
     expected = outs[3] + (outs[3] - outs[1]) * (4 - 3) / (3 - 1)  # uneven spacing: computes at 1 and 3
     assert torch.allclose(outs[4], expected, rtol=1e-5, atol=1e-6)
@@ -373,3 +385,35 @@ def test_full_size_wan_configs_on_meta(config, blocks, dim, ffn, profile):
     assert len(hooks_left(model)) == 1 + 3 * blocks
     vc.remove(model)
     assert hooks_left(model) == []
+
+
+def test_wan_lean_block_forward_matches_the_block(clean):
+    """The adapter's lean forward, with every component computed, is the block's own forward bit for bit."""
+    from videocache.adapters import get_adapter
+
+    block = clean.transformer.blocks[2]
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("args", tuple(a.detach().clone() if torch.is_tensor(a) else a for a in args))
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        run(clean)
+    finally:
+        handle.remove()
+    args = captured["args"]
+    adapter = get_adapter(clean.transformer)
+    modules = adapter.component_modules(block)
+    called = []
+
+    def component(name, make_args):
+        called.append(name)
+        return modules[name](*make_args())
+
+    with torch.no_grad():
+        lean = adapter.lean_block_forward(block, args, {}, component)
+        assert torch.equal(lean, block(*args))
+        as_kwargs = dict(zip(("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"), args, strict=True))
+        assert torch.equal(adapter.lean_block_forward(block, (), as_kwargs, component), lean)
+    assert called == ["self_attn", "cross_attn", "mlp"] * 2

@@ -43,6 +43,11 @@ class ModelAdapter(Protocol):
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         """(x_t, timestep) of a top-level transformer call."""
 
+    # Optional: `lean_block_forward(block, args, kwargs, component) -> hidden_states`, the block's forward
+    # where each component's output is `component(name, make_args)` and `make_args()` builds the
+    # component's inputs. The engine then prepares inputs (norms, modulation) only for computed
+    # components. Without it, reused components still pay for their block's input preparation.
+
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 

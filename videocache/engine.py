@@ -100,7 +100,7 @@ def _rebuild(parts: Sequence[torch.Tensor], container: type | None) -> Any:
 class _Entry:
     """One kept component output: the step it was computed at and the last step that reads it."""
 
-    __slots__ = ("step", "parts", "container", "nbytes", "last_use", "devices", "dtypes")
+    __slots__ = ("step", "parts", "container", "nbytes", "last_use", "devices", "dtypes", "flops")
 
     def __init__(
         self,
@@ -118,6 +118,7 @@ class _Entry:
         self.last_use = last_use
         self.devices = devices
         self.dtypes = dtypes
+        self.flops = 0.0  # FLOPs of the call that produced it (what a reuse of it saves)
 
     def restored(self) -> list[torch.Tensor]:
         return [
@@ -172,6 +173,8 @@ class _ContextState(BaseState):
         self.run_inputs: dict[int, torch.Tensor] = {}
         self.run_doing: dict[int, Action] = {}
         self.block_flops: dict[int, list[float | None]] = {}
+        # (num_steps, num_blocks) bool: the block has a component that is not computed at that step
+        self.partial_blocks: Any = None
 
     def reset(self, *args, **kwargs) -> None:
         for kept in self.entries.values():
@@ -184,6 +187,7 @@ class _ContextState(BaseState):
         self.run_inputs.clear()
         self.run_doing.clear()
         self.block_flops.clear()
+        self.partial_blocks = None
         self.step = None
         self.sigma = None
         self.table = None
@@ -222,6 +226,8 @@ class _ComponentHook(ModelHook):
         self.engine = engine
         self.block = block
         self.comp = comp
+        self.flops_key: tuple | None = None  # input shapes of the memoised FLOP count
+        self.flops = 0.0
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         return self.engine._run_component(self, module, args, kwargs)
@@ -343,12 +349,15 @@ class CacheEngine:
         self._hook = _TransformerHook(self)
         root.register_hook(self._hook, TRANSFORMER_HOOK)
         try:
+            self._component_hooks: list[dict[int, tuple[_ComponentHook, torch.nn.Module]]] = []
             for b, comps in enumerate(self._components):
+                hooks = {}
                 for name, module in comps.items():
-                    self._registry(module).register_hook(
-                        _ComponentHook(self, b, COMPONENTS.index(name)), COMPONENT_HOOK
-                    )
-            if self._tables.has_block_runs:
+                    hook = _ComponentHook(self, b, COMPONENTS.index(name))
+                    self._registry(module).register_hook(hook, COMPONENT_HOOK)
+                    hooks[hook.comp] = (hook, module)
+                self._component_hooks.append(hooks)
+            if self._tables.has_block_runs or hasattr(self.adapter, "lean_block_forward"):
                 for b, block in enumerate(self._blocks):
                     self._registry(block).register_hook(_BlockHook(self, b), BLOCK_HOOK)
         except Exception:
@@ -457,6 +466,7 @@ class CacheEngine:
             if self._tables.preset is not None:
                 sigmas = self.adapter.scheduler_sigmas(self._scheduler(), num)
             state.table = self._tables(num, sigmas)
+            state.partial_blocks = (state.table.actions != int(Action.COMPUTE)).any(axis=2)
             self.table = state.table
         state.step, state.sigma = step, sigma
         if self.config.trace:
@@ -501,34 +511,61 @@ class CacheEngine:
         data-dependent rule must be agreed across ranks (e.g. all_reduce of the criterion) right here."""
         return Action(int(state.table.actions[step, block, comp]))
 
+    def _flops(self, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+        """FLOPs of this component call; depends on input shapes only, so memoised per shape."""
+        shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args[:2])
+        if shapes != hook.flops_key:
+            hook.flops_key = shapes
+            hook.flops = float(self.adapter.component_flops(COMPONENTS[hook.comp], module, args, kwargs))
+        return hook.flops
+
     def _run_component(self, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-        forward = hook.fn_ref.original_forward
         state = self._active
         if state is None or state.table is None:  # called outside a tracked transformer call
-            return forward(*args, **kwargs)
-        step, block, comp = state.step, hook.block, hook.comp
-        flops = float(self.adapter.component_flops(COMPONENTS[comp], module, args, kwargs))
+            return hook.fn_ref.original_forward(*args, **kwargs)
+        out = self._serve(state, hook.block, hook.comp)
+        if out is None:
+            out = self._compute(state, hook, module, args, kwargs)
+        return out
+
+    def _serve(self, state: _ContextState, block: int, comp: int) -> Any | None:
+        """The output of a cell the table reuses or forecasts, from what is kept; None when the cell must be
+        computed (its action is COMPUTE, or what it reads was not kept: a fallback, counted)."""
+        step = state.step
         action = self._decide(state, step, block, comp)
-        key = block * _NC + comp
-        done = action
         if action == Action.COMPUTE:
-            out = forward(*args, **kwargs)
-            self._keep(state, key, step, block, comp, out)
+            return None
+        deps = state.table.dependencies(step, block, comp)
+        key = block * _NC + comp
+        kept = state.entries.get(key, ())
+        found = [e for e in kept if e.step in deps]
+        if len(found) != len(deps) or not deps:
+            self._fallback(step, block, comp)
+            return None
+        if action == Action.REUSE:
+            out = _rebuild(found[-1].restored(), found[-1].container)
         else:
-            deps = state.table.dependencies(step, block, comp)
-            kept = state.entries.get(key, ())
-            found = [e for e in kept if e.step in deps]
-            if len(found) != len(deps) or not deps:
-                out = forward(*args, **kwargs)
-                done = Action.COMPUTE
-                self._fallback(step, block, comp)
-            elif action == Action.REUSE:
-                out = _rebuild(found[-1].restored(), found[-1].container)
-            else:
-                xs = [e.step for e in found]
-                parts = [e.restored() for e in found]
-                fc = [_newton_extrapolate(xs, [p[i] for p in parts], step) for i in range(len(parts[0]))]
-                out = _rebuild(fc, found[-1].container)
+            xs = [e.step for e in found]
+            parts = [e.restored() for e in found]
+            fc = [_newton_extrapolate(xs, [p[i] for p in parts], step) for i in range(len(parts[0]))]
+            out = _rebuild(fc, found[-1].container)
+        self._account(state, block, comp, action, found[-1].flops)
+        return out
+
+    def _compute(
+        self, state: _ContextState, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> Any:
+        flops = self._flops(hook, module, args, kwargs)
+        out = hook.fn_ref.original_forward(*args, **kwargs)
+        entry = self._keep(state, hook.block * _NC + hook.comp, state.step, hook.block, hook.comp, out)
+        if entry is not None:
+            entry.flops = flops
+        self._account(state, hook.block, hook.comp, Action.COMPUTE, flops)
+        return out
+
+    def _account(self, state: _ContextState, block: int, comp: int, done: Action, flops: float) -> None:
+        """Count what this cell executed, and free kept outputs of the cell that nothing reads any more."""
+        step = state.step
         if done == Action.COMPUTE:
             self._executed[comp] += flops
         else:
@@ -536,6 +573,7 @@ class CacheEngine:
         if state.table.run_of(block) is not None:
             state.block_flops.setdefault(block, [None] * _NC)[comp] = flops
         self._counts[done.name.lower()] += 1
+        key = block * _NC + comp
         kept = state.entries.get(key)
         if kept:
             alive = [e for e in kept if e.last_use > step]
@@ -546,16 +584,16 @@ class CacheEngine:
                 state.entries[key] = alive
         if self.config.trace:
             self._trace.append((state.call_index, block, comp, int(done)))
-        return out
 
-    # -- a block call (block runs only) ---------------------------------------------------------
+    # -- a block call ---------------------------------------------------------------------------
     def _run_block(self, hook: _BlockHook, args: tuple, kwargs: dict) -> Any:
-        forward = hook.fn_ref.original_forward
         state = self._active
         table = None if state is None else state.table
-        run = None if table is None else table.run_of(hook.block)
-        if run is None:  # outside a tracked call, or a block this table computes normally
-            return forward(*args, **kwargs)
+        if table is None:  # outside a tracked call
+            return hook.fn_ref.original_forward(*args, **kwargs)
+        run = table.run_of(hook.block)
+        if run is None:
+            return self._block_forward(hook, state, args, kwargs)
         step, block = state.step, hook.block
         first, last = table.block_runs[run]
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -584,7 +622,7 @@ class CacheEngine:
             if delta.last_use <= step:
                 self._release(state.run_deltas.pop(run))
             return out
-        out = forward(*args, **kwargs)
+        out = self._block_forward(hook, state, args, kwargs)
         if block == last and run in state.run_inputs:
             if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
                 raise TypeError(
@@ -595,6 +633,26 @@ class CacheEngine:
             delta = (out.float() - h_in.float()).to(out.dtype)
             self._keep_delta(state, run, step, delta)
         return out
+
+    def _block_forward(self, hook: _BlockHook, state: _ContextState, args: tuple, kwargs: dict) -> Any:
+        """The block's own forward when it computes every component this step (so a compute-everything
+        table stays bit-exact); otherwise the adapter's lean forward, which prepares a component's input
+        (norm, modulation) only when that component is computed."""
+        lean = getattr(self.adapter, "lean_block_forward", None)
+        if lean is None or not state.partial_blocks[state.step, hook.block]:
+            return hook.fn_ref.original_forward(*args, **kwargs)
+        block = hook.block
+        hooks = self._component_hooks[block]
+
+        def component(name: str, make_args: Callable[[], tuple]) -> Any:
+            comp = COMPONENTS.index(name)
+            out = self._serve(state, block, comp)
+            if out is None:
+                chook, module = hooks[comp]
+                out = self._compute(state, chook, module, make_args(), {})
+            return out
+
+        return lean(self._blocks[block], args, kwargs, component)
 
     def _skip_block(self, state: _ContextState, block: int) -> None:
         """Account a block a run reuse skips: its components' FLOPs (as last executed) count as skipped."""
@@ -617,15 +675,18 @@ class CacheEngine:
         if entry is not None:
             state.run_deltas[run] = entry
 
-    def _keep(self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any) -> None:
+    def _keep(
+        self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any
+    ) -> _Entry | None:
         # last_use is not None exactly when table.next_use_after(step, ...) is: keep only what is read later
         last = state.table.last_use(step, block, comp)
         if last is None:
-            return
+            return None
         parts, container = _flatten(out)
         entry = self._stored_entry(step, parts, container, last)
         if entry is not None:
             state.entries.setdefault(key, []).append(entry)
+        return entry
 
     def _stored_entry(
         self, step: int, parts: list[torch.Tensor], container: type | None, last: int
