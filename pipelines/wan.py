@@ -81,6 +81,11 @@ class WanAdapter:
             flops += 4.0 * tokens * image_tokens * inner
         return batch * flops
 
+    def constant_modules(self, transformer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+        """The text projection sees the same prompt embeddings at every step of a context; RoPE depends on
+        the latent shape only."""
+        return {"text_embedder": (transformer.condition_embedder.text_embedder, "tensor"), "rope": (transformer.rope, "shape")}
+
     def lean_block_forward(
         self, block: torch.nn.Module, args: tuple, kwargs: dict, component: Callable[[str, Callable[[], tuple]], Any]
     ) -> torch.Tensor:

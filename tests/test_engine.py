@@ -417,3 +417,28 @@ def test_wan_lean_block_forward_matches_the_block(clean):
         as_kwargs = dict(zip(("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"), args, strict=True))
         assert torch.equal(adapter.lean_block_forward(block, (), as_kwargs, component), lean)
     assert called == ["self_attn", "cross_attn", "mlp"] * 2
+
+
+def test_constant_modules_run_once_per_context(clean, baseline):
+    runs = {"text": 0, "rope": 0}
+
+    def counting(module, name):  # counts executions of the module's own forward, not calls answered by a hook
+        def forward(*args, **kwargs):
+            runs[name] += 1
+            return type(module).forward(module, *args, **kwargs)
+
+        module.forward = forward
+
+    text, rope = clean.transformer.condition_embedder.text_embedder, clean.transformer.rope
+    counting(text, "text")
+    counting(rope, "rope")
+    try:
+        engine = vc.apply(clean, table=CacheTable.full_compute(STEPS, BLOCKS))
+        assert torch.equal(run(clean), baseline)  # the memoised outputs are the modules' own
+        assert runs == {"text": 2, "rope": 2}  # cond and uncond, once each for the whole run
+        assert engine.stats()["calls"]["transformer"] == 2 * STEPS
+        vc.remove(clean)
+        run(clean)
+        assert runs == {"text": 2 + 2 * STEPS, "rope": 2 + 2 * STEPS}
+    finally:
+        del text.forward, rope.forward

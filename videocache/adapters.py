@@ -47,6 +47,9 @@ class ModelAdapter(Protocol):
     # where each component's output is `component(name, make_args)` and `make_args()` builds the
     # component's inputs. The engine then prepares inputs (norms, modulation) only for computed
     # components. Without it, reused components still pay for their block's input preparation.
+    # Optional: `constant_modules(transformer) -> {name: (module, "tensor" | "shape")}`, modules outside
+    # the blocks whose output depends only on their first input's identity (e.g. the text projection of
+    # the prompt embeddings) or its shape (e.g. RoPE tables); the engine reuses their last output.
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}

@@ -47,6 +47,7 @@ from .table import COMPONENTS, Action, CacheTable, build_table
 
 TRANSFORMER_HOOK = "videocache_transformer"
 COMPONENT_HOOK = "videocache_component"
+MEMO_HOOK = "videocache_memo"
 BLOCK_HOOK = "videocache_block"
 _DEFAULT_CONTEXT = CacheContext("default")
 _NC = len(COMPONENTS)
@@ -175,6 +176,7 @@ class _ContextState(BaseState):
         self.block_flops: dict[int, list[float | None]] = {}
         # (num_steps, num_blocks) bool: the block has a component that is not computed at that step
         self.partial_blocks: Any = None
+        self.memo: dict[str, tuple[tuple, Any]] = {}  # constant modules' last (key, output)
 
     def reset(self, *args, **kwargs) -> None:
         for kept in self.entries.values():
@@ -188,6 +190,7 @@ class _ContextState(BaseState):
         self.run_doing.clear()
         self.block_flops.clear()
         self.partial_blocks = None
+        self.memo.clear()
         self.step = None
         self.sigma = None
         self.table = None
@@ -243,6 +246,40 @@ class _BlockHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         return self.engine._run_block(self, args, kwargs)
+
+
+class _MemoHook(ModelHook):
+    """Answers a module whose output is a pure function of its first input, given by identity ("tensor":
+    the same tensor object, not modified in place since) or by shape ("shape"), from the last call in the
+    same cache context. Exact: the module's own earlier output is returned."""
+
+    _is_stateful = False  # its state is the transformer hook's, per context
+
+    def __init__(self, engine: CacheEngine, name: str, mode: str) -> None:
+        super().__init__()
+        if mode not in ("tensor", "shape"):
+            raise ValueError(f"constant module {name!r}: mode must be 'tensor' or 'shape', not {mode!r}")
+        self.engine = engine
+        self.name = name
+        self.mode = mode
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        state = self.engine._active
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if state is None or not isinstance(x, torch.Tensor):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if self.mode == "shape":
+            key: tuple = (tuple(x.shape), x.dtype, x.device)
+            hit = state.memo.get(self.name, ((),))[0] == key
+        else:  # the key pins its input tensor, so no other tensor can take over its identity
+            key = (x, x._version)
+            kept = state.memo.get(self.name, ((None, None),))[0]
+            hit = kept[0] is x and kept[1] == x._version
+        if hit:
+            return state.memo[self.name][1]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        state.memo[self.name] = (key, out)
+        return out
 
 
 # -- table sources -----------------------------------------------------------------------------------
@@ -357,6 +394,10 @@ class CacheEngine:
                     self._registry(module).register_hook(hook, COMPONENT_HOOK)
                     hooks[hook.comp] = (hook, module)
                 self._component_hooks.append(hooks)
+            constant = getattr(self.adapter, "constant_modules", None)
+            self._memo_modules = list((constant(self.transformer) if constant else {}).items())
+            for name, (module, mode) in self._memo_modules:
+                self._registry(module).register_hook(_MemoHook(self, name, mode), MEMO_HOOK)
             if self._tables.has_block_runs or hasattr(self.adapter, "lean_block_forward"):
                 for b, block in enumerate(self._blocks):
                     self._registry(block).register_hook(_BlockHook(self, b), BLOCK_HOOK)
@@ -389,6 +430,10 @@ class CacheEngine:
             reg = getattr(block, "_diffusers_hook", None)
             if reg is not None and BLOCK_HOOK in reg.hooks:
                 reg.remove_hook(BLOCK_HOOK, recurse=False)
+        for _, (module, _) in getattr(self, "_memo_modules", ()):
+            reg = getattr(module, "_diffusers_hook", None)
+            if reg is not None and MEMO_HOOK in reg.hooks:
+                reg.remove_hook(MEMO_HOOK, recurse=False)
         for module in self._created_registries:
             drop_empty_registry(module)
         self._created_registries.clear()
