@@ -206,6 +206,13 @@ class _ProfileRun:
     token_threshold: float
 
 
+def default_profile_steps(num_steps: int) -> list[int]:
+    """Every few steps from 60 % of the schedule on. Earlier the subject is not yet resolved and the mask
+    cut from the prediction is poor: on the reference pipeline (25 steps) its IoU against true masks was
+    0.35 at step 10, 0.42 at 13, 0.49 at 16, 0.54 at 19, 0.58 at 22."""
+    return list(range(round(0.6 * num_steps), num_steps, max(1, num_steps // 8)))
+
+
 def profile_pipeline(
     pipe: Any,
     prompts: Sequence[str],

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from videocache.fgbg import save_heatmap
-from videocache.pipelines.attention_capture import SIGNALS, profile_pipeline
+from videocache.pipelines.attention_capture import SIGNALS, default_profile_steps, profile_pipeline
 from videocache.pipelines.loader import KNOWN_MODELS, generation_defaults, load_pipeline, resolve_model
 
 
@@ -32,18 +32,12 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def default_steps(num_steps: int) -> list[int]:
-    """Every few steps from 60 % of the schedule on. Earlier the subject is not yet resolved and the mask
-    cut from the prediction is poor: on the reference pipeline (25 steps) its IoU against true masks was
-    0.35 at step 10, 0.42 at 13, 0.49 at 16, 0.54 at 19, 0.58 at 22."""
-    return list(range(round(0.6 * num_steps), num_steps, max(1, num_steps // 8)))
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
     p.add_argument("--out", default="runs/fgbg", help="folder for fgbg.yaml and the heatmaps")
-    p.add_argument("--steps", type=int_list, help="denoising steps to score (default: see default_steps)")
+    p.add_argument("--steps", type=int_list, help="denoising steps to score (default: see default_profile_steps)")
     p.add_argument("--heads", type=int_list, help="attention heads to use (default: all)")
     p.add_argument(
         "--prompt",
@@ -90,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pipe.set_progress_bar_config(disable=True)
     gen = generation_defaults(source)
-    steps = args.steps or default_steps(gen.num_inference_steps)
+    steps = args.steps or default_profile_steps(gen.num_inference_steps)
     is_reference = args.model in KNOWN_MODELS or args.reference_data
     if args.prompt:
         prompts = args.prompt

@@ -80,6 +80,7 @@ def apply_to_transformer(
     exposure_bias: bool | ExposureBiasConfig | None = None,
     trace: bool = True,
     num_inference_steps: int | None = None,
+    observer: Any = None,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -126,6 +127,7 @@ def apply_to_transformer(
         offload_to_cpu=offload_to_cpu,
         exposure_bias=eb,
         trace=trace,
+        observer=observer,
     )
     engine = CacheEngine(
         transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name
@@ -146,9 +148,11 @@ def apply(
     exposure_bias: bool | ExposureBiasConfig | None = None,
     trace: bool = True,
     num_inference_steps: int | None = None,
+    observer: Any = None,
 ) -> CacheEngine:
     """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
-    at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here."""
+    at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
+    `observer(context, step, block, component, output)` sees every computed component (calibration)."""
     if getattr(pipe, _ATTR, None) is not None:
         raise RuntimeError(
             "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
@@ -167,6 +171,7 @@ def apply(
         exposure_bias=exposure_bias,
         trace=trace,
         num_inference_steps=num_inference_steps,
+        observer=observer,
     )
     setattr(pipe, _ATTR, engine)
     return engine

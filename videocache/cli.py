@@ -118,6 +118,68 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
+    p.add_argument("--prompts", default=None,
+                   help="calibration prompts, one per line (reference-wan default: 4 training captions, none of "
+                        "which the benchmarks use)")
+    p.add_argument("--budget", type=float, action="append", required=True,
+                   help="computed-fraction budget in (0, 1]; repeat for several presets (e.g. --budget 0.5 --budget 0.33)")
+    p.add_argument("--preset-names", nargs="+", default=None, help="one preset name per budget (default budget_0_5 ...)")
+    p.add_argument("--out", required=True, help="profile YAML to write (the report goes next to it, .json)")
+    p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import shlex
+
+    from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
+    from videocache.pipelines.generation import read_prompts
+    from videocache.pipelines.loader import generation_defaults, load_pipeline, resolve_model
+
+    for budget in args.budget:
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"--budget must be in (0, 1]; got {budget}")
+    if args.preset_names and len(args.preset_names) != len(args.budget):
+        raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {len(args.budget)} budgets")
+    out = Path(args.out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--out must be a .yaml file; got {args.out}")
+    source = resolve_model(args.model)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.model == "reference-wan":
+        from videocache.pipelines.reference.data import split_captions
+
+        prompts = [c.text for c in split_captions()[0][::61][:4]]
+    else:
+        raise ValueError("give --prompts FILE for a model other than reference-wan")
+    d = generation_defaults(source)
+    settings = CalibrationSettings(
+        steps=args.steps or d.num_inference_steps, frames=args.frames or d.num_frames, height=args.height or d.height,
+        width=args.width or d.width, guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
+    )
+    pipe = load_pipeline(args.model, device=args.device)
+    command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
+    profile, report = calibrate(
+        pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,
+        fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} (presets {', '.join(profile.presets)}) and {out.with_suffix('.json')} in {report['seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="videocache", description="Training-free caching for video diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="compare cache methods side by side (speed, computed fraction, PSNR/SSIM)")
     add_compare_arguments(cmp_)
     cmp_.set_defaults(func=cmd_compare)
+    prof = sub.add_parser("profile", help="calibrate a cache profile (fg/bg blocks, budgeted table search) from a few prompts")
+    add_profile_arguments(prof)
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

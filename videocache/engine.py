@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
@@ -65,6 +66,8 @@ class EngineConfig:
     offload_to_cpu: bool = False
     exposure_bias: ExposureBiasConfig = field(default_factory=ExposureBiasConfig)
     trace: bool = True
+    # called as observer(context, step, block, component, output) after every computed component (calibration)
+    observer: Callable[[str, int, int, str, Any], None] | None = None
 
     def __post_init__(self) -> None:
         m = self.max_cache_bytes
@@ -588,7 +591,11 @@ class CacheEngine:
             self._fallback(step, block, comp)
             return None
         if action == Action.REUSE:
-            out = _rebuild(found[-1].restored(), found[-1].container)
+            parts = found[-1].restored()
+            scale = None if state.table.reuse_scale is None else float(state.table.reuse_scale[step, block, comp])
+            if scale is not None and scale != 1.0:
+                parts = [p * scale for p in parts]
+            out = _rebuild(parts, found[-1].container)
         else:
             xs = [e.step for e in found]
             parts = [e.restored() for e in found]
@@ -602,6 +609,8 @@ class CacheEngine:
     ) -> Any:
         flops = self._flops(hook, module, args, kwargs)
         out = hook.fn_ref.original_forward(*args, **kwargs)
+        if self.config.observer is not None:
+            self.config.observer(self._hook.state_manager.context.name, state.step, hook.block, COMPONENTS[hook.comp], out)
         entry = self._keep(state, hook.block * _NC + hook.comp, state.step, hook.block, hook.comp, out)
         if entry is not None:
             entry.flops = flops
@@ -814,6 +823,11 @@ class CacheEngine:
             "fallbacks": self._fallbacks,
             "refused_stores": self._refused,
         }
+
+    def component_flops(self) -> np.ndarray:
+        """(blocks, components) FLOPs of each component's last computed call (0 where none ran yet)."""
+        return np.array([[self._component_hooks[b][c][0].flops if c in self._component_hooks[b] else 0.0
+                          for c in range(_NC)] for b in range(len(self._blocks))])
 
     def trace(self) -> list[dict[str, Any]]:
         """One record per component call: {context, step, sigma, block, component, action} where action is the

@@ -258,6 +258,52 @@ def _scale(count: int, factor: float, keep_one: bool) -> int:
     return max(1, int(math.floor(count * factor + 0.5)))
 
 
+def _check_step_lists(key: str, raw: Any, reference_steps: int | None) -> dict[str, dict[Any, tuple[int, ...]]]:
+    """{component: {block selection: [step, ...]}}, validated."""
+    out: dict[str, dict[Any, tuple[int, ...]]] = {}
+    for comp, per_blocks in dict(raw or {}).items():
+        if comp not in COMPONENTS:
+            raise ValueError(f"{key}: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
+        if not isinstance(per_blocks, Mapping):
+            raise ValueError(f"{key}.{comp} must map block selections to lists of steps")
+        out[comp] = {}
+        for block_spec, steps in per_blocks.items():
+            parse_blocks(block_spec)
+            if not isinstance(steps, list | tuple) or not all(_is_int(s) and s >= 0 for s in steps):
+                raise ValueError(f"{key}.{comp}.{block_spec} must be a list of step indices >= 0; got {steps!r}")
+            if reference_steps is not None and any(s >= reference_steps for s in steps):
+                raise ValueError(
+                    f"{key}.{comp}.{block_spec} lists step {max(steps)} but the profile has "
+                    f"{reference_steps} steps (0-{reference_steps - 1})"
+                )
+            out[comp][block_spec] = tuple(steps)
+    return out
+
+
+def _check_correction(raw: Any, reference_steps: int | None) -> dict[str, dict[Any, dict[int, float]]]:
+    """{component: {block selection: {step: factor}}}: factors for reused outputs, in (0, 4)."""
+    out: dict[str, dict[Any, dict[int, float]]] = {}
+    for comp, per_blocks in dict(raw or {}).items():
+        if comp not in COMPONENTS:
+            raise ValueError(f"correction: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
+        if not isinstance(per_blocks, Mapping):
+            raise ValueError(f"correction.{comp} must map block selections to {{step: factor}}")
+        out[comp] = {}
+        for block_spec, factors in per_blocks.items():
+            parse_blocks(block_spec)
+            if not isinstance(factors, Mapping) or not all(
+                _is_int(k) and k >= 0 and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 4
+                for k, v in factors.items()
+            ):
+                raise ValueError(
+                    f"correction.{comp}.{block_spec} must map step indices to factors in (0, 4); got {factors!r}"
+                )
+            if reference_steps is not None and any(k >= reference_steps for k in factors):
+                raise ValueError(f"correction.{comp}.{block_spec} lists a step beyond the profile's {reference_steps} steps")
+            out[comp][block_spec] = {int(k): float(v) for k, v in factors.items()}
+    return out
+
+
 @dataclass(frozen=True)
 class PresetSpec:
     """One named preset. `reference_steps`, `step_rule`, `source` and `profile_name` are filled in by
@@ -269,6 +315,8 @@ class PresetSpec:
     stage_threshold: float = 0.4
     rules: tuple[RuleSpec, ...] = ()
     explicit: Mapping[str, Mapping[Any, tuple[int, ...]]] = field(default_factory=dict)
+    explicit_forecast: Mapping[str, Mapping[Any, tuple[int, ...]]] = field(default_factory=dict)
+    correction: Mapping[str, Mapping[Any, Mapping[int, float]]] = field(default_factory=dict)
     exposure_bias: ExposureBiasConfig | None = None
     block_runs: BlockRunSpec | None = None
     reference_steps: int | None = None
@@ -293,26 +341,11 @@ class PresetSpec:
         orders = {r.order or 1 for r in self.rules if r.mode == "forecast"}
         if len(orders) > 1:
             raise ValueError(f"all forecast rules of a preset must use the same order; got {sorted(orders)}")
-        explicit: dict[str, dict[Any, tuple[int, ...]]] = {}
-        for comp, per_blocks in dict(self.explicit).items():
-            if comp not in COMPONENTS:
-                raise ValueError(f"explicit: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
-            if not isinstance(per_blocks, Mapping):
-                raise ValueError(f"explicit.{comp} must map block selections to lists of steps")
-            explicit[comp] = {}
-            for block_spec, steps in per_blocks.items():
-                parse_blocks(block_spec)
-                if not isinstance(steps, list | tuple) or not all(_is_int(s) and s >= 0 for s in steps):
-                    raise ValueError(
-                        f"explicit.{comp}.{block_spec} must be a list of step indices >= 0; got {steps!r}"
-                    )
-                if self.reference_steps is not None and any(s >= self.reference_steps for s in steps):
-                    raise ValueError(
-                        f"explicit.{comp}.{block_spec} lists step {max(steps)} but the profile has "
-                        f"{self.reference_steps} steps (0-{self.reference_steps - 1})"
-                    )
-                explicit[comp][block_spec] = tuple(steps)
-        object.__setattr__(self, "explicit", explicit)
+        object.__setattr__(self, "explicit", _check_step_lists("explicit", self.explicit, self.reference_steps))
+        object.__setattr__(
+            self, "explicit_forecast", _check_step_lists("explicit_forecast", self.explicit_forecast, self.reference_steps)
+        )
+        object.__setattr__(self, "correction", _check_correction(self.correction, self.reference_steps))
 
     @property
     def forecast_order(self) -> int:
@@ -372,6 +405,10 @@ class PresetSpec:
         }
         if self.explicit:
             d["explicit"] = {c: {k: list(v) for k, v in pb.items()} for c, pb in self.explicit.items()}
+        if self.explicit_forecast:
+            d["explicit_forecast"] = {c: {k: list(v) for k, v in pb.items()} for c, pb in self.explicit_forecast.items()}
+        if self.correction:
+            d["correction"] = {c: {k: dict(v) for k, v in pb.items()} for c, pb in self.correction.items()}
         if self.exposure_bias is not None and self.exposure_bias != inherited_eb:
             d["exposure_bias"] = self.exposure_bias.to_dict()
         if self.block_runs is not None:
@@ -557,11 +594,18 @@ def _check_eb(raw: Any) -> dict:
     return _check_keys(raw, (), ("enabled", "b_high", "b_low", "t_threshold", "sign"))
 
 
+def preset_from_dict(name: str, raw: Any, steps: int | None = None) -> PresetSpec:
+    """One preset from its profile-YAML mapping (for tools that build presets, e.g. calibration)."""
+    with _where(f"preset {name!r}"):
+        return _parse_preset(name, raw, ExposureBiasConfig(), steps)
+
+
 def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: Any) -> PresetSpec:
     p = _check_keys(
         raw,
         (),
-        ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "exposure_bias", "block_runs"),
+        ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "explicit_forecast", "correction",
+         "exposure_bias", "block_runs"),
     )
     rules = []
     raw_rules = p.get("rules") or []
@@ -586,6 +630,8 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
         stage_threshold=p.get("stage_threshold", 0.4),
         rules=tuple(rules),
         explicit=p.get("explicit") or {},
+        explicit_forecast=p.get("explicit_forecast") or {},
+        correction=p.get("correction") or {},
         exposure_bias=eb,
         block_runs=block_runs,
         reference_steps=steps if _is_int(steps) else None,

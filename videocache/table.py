@@ -81,12 +81,16 @@ class CacheTable:
 
     `block_runs` ((first, last) inclusive, ascending, disjoint) with `run_actions` of shape
     (num_steps, len(block_runs)), values COMPUTE or REUSE: the optional block-run layer (module docstring).
+
+    `reuse_scale` (same shape as `actions`, float): a REUSE cell returns the kept output times its factor
+    (EOC-style correction calibrated from uncached runs); None means 1 everywhere.
     """
 
     actions: np.ndarray
     forecast_order: int = 1
     block_runs: tuple[tuple[int, int], ...] = ()
     run_actions: np.ndarray | None = None
+    reuse_scale: np.ndarray | None = None
     _computes: list[list[list[int]]] = field(init=False, repr=False)
     _last_use: np.ndarray = field(init=False, repr=False)
     _run_of: dict[int, int] = field(init=False, repr=False)
@@ -110,6 +114,12 @@ class CacheTable:
         arr = arr.astype(np.int8, copy=True)
         arr.flags.writeable = False
         self.actions = arr
+        if self.reuse_scale is not None:
+            scale = np.asarray(self.reuse_scale, dtype=np.float32).copy()
+            if scale.shape != arr.shape or not np.isfinite(scale).all():
+                raise TableError(f"reuse_scale must be finite numbers of shape {arr.shape}; got {scale.shape}")
+            scale.flags.writeable = False
+            self.reuse_scale = scale
         steps, blocks, comps = arr.shape
         self._computes = [
             [np.flatnonzero(arr[:, b, c] == Action.COMPUTE).tolist() for c in range(comps)]
@@ -322,7 +332,7 @@ class CacheTable:
         arr = self.actions.copy()
         for s, b, c in cells:
             arr[s, b, c] = action
-        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions)
+        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale)
 
     @classmethod
     def full_compute(cls, num_steps: int, num_blocks: int) -> CacheTable:
@@ -364,14 +374,25 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
             for c in comps:
                 arr[s, blocks, c] = value
 
-    for comp, per_blocks in preset.explicit.items():
-        c = COMPONENTS.index(comp)
-        for block_spec, ref_steps in per_blocks.items():
-            blocks = preset.resolve_blocks(block_spec, num_blocks)
-            wanted = set(ref_steps)
-            for s in range(num_steps):
-                if plan.reference_step(s) in wanted:
-                    arr[s, blocks, c] = Action.REUSE
+    for explicit, action in ((preset.explicit, Action.REUSE), (preset.explicit_forecast, Action.FORECAST)):
+        for comp, per_blocks in explicit.items():
+            c = COMPONENTS.index(comp)
+            for block_spec, ref_steps in per_blocks.items():
+                blocks = preset.resolve_blocks(block_spec, num_blocks)
+                wanted = set(ref_steps)
+                for s in range(num_steps):
+                    if plan.reference_step(s) in wanted:
+                        arr[s, blocks, c] = action
+    # calibrated correction factors hold for the step count they were measured at only
+    scale = None
+    if preset.correction and num_steps == plan.reference_steps:
+        scale = np.ones(arr.shape, dtype=np.float32)
+        for comp, per_blocks in preset.correction.items():
+            c = COMPONENTS.index(comp)
+            for block_spec, factors in per_blocks.items():
+                blocks = preset.resolve_blocks(block_spec, num_blocks)
+                for s, factor in factors.items():
+                    scale[s, blocks, c] = factor
 
     runs: list[tuple[int, int]] = []
     run_actions = np.zeros((num_steps, 0), dtype=np.int8)
@@ -388,6 +409,6 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
         arr[num_steps - plan.final_steps :] = Action.COMPUTE
         run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
     try:
-        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8))
+        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale)
     except TableError as e:
         raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None

@@ -1,0 +1,283 @@
+"""`videocache profile`: calibrate a cache profile for a model from a few prompts, within compute budgets.
+
+1. fg/bg block classes from the model's own attention (ProfilingDiT; `videocache.fgbg`).
+2. One uncached run per calibration prompt records per-cell Gram statistics (`videocache.calibrate`)
+   and the reference video.
+3. Per budget, the table search builds one candidate per ablation stage (static table; + background
+   block runs; + exposure-bias scaling; + forecasting; + EOC correction), each is generated on the
+   calibration prompts, and its measured computed fraction and PSNR against the uncached video decide:
+   an addition is kept only where it measurably helps.
+4. The winners become the profile's presets, with the ablation, the predicted and measured figures, and
+   the command in its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import videocache
+from videocache.calibrate import (
+    GramRecorder,
+    SearchOptions,
+    TableSearch,
+    step_proxy_errors,
+)
+from videocache.exposure_bias import ExposureBiasConfig
+from videocache.fgbg import FgBgProfile
+from videocache.profile import Profile
+from videocache.table import CacheTable
+
+from ..pipelines.attention_capture import default_profile_steps, profile_pipeline
+from ..pipelines.generation import generate
+from .fidelity import psnr, ssim
+
+STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    steps: int
+    frames: int
+    height: int
+    width: int
+    guidance_scale: float
+    seed: int = 0
+
+    def call(self) -> dict[str, Any]:
+        return {
+            "num_inference_steps": self.steps,
+            "num_frames": self.frames,
+            "height": self.height,
+            "width": self.width,
+            "guidance_scale": self.guidance_scale,
+        }
+
+
+@dataclass
+class Recording:
+    grams: np.ndarray  # (prompts, blocks, components, steps, steps)
+    flops: np.ndarray  # (blocks, components) per call
+    sigmas: list[float]
+    references: list[np.ndarray]  # uncached videos, uint8
+
+
+def _generate(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
+    return generate(pipe, prompt, seed=s.seed, progress=False, **s.call()).frames
+
+
+def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, progress: bool = True) -> Recording:
+    """Uncached runs with a Gram recorder on every component (a compute-everything table is exact)."""
+    num_blocks = len(videocache.adapters.get_adapter(pipe.transformer).blocks(pipe.transformer))
+    grams, refs = [], []
+    flops = None
+    for prompt in tqdm(prompts, desc="record", disable=not progress, dynamic_ncols=True):
+        recorder = GramRecorder(s.steps, num_blocks, band)
+        engine = videocache.apply(
+            pipe, table=CacheTable.full_compute(s.steps, num_blocks), observer=recorder, trace=False
+        )
+        try:
+            refs.append(_generate(pipe, prompt, s))
+            flops = engine.component_flops()
+        finally:
+            videocache.remove(pipe)
+        grams.append(recorder.gram)
+    sigmas = videocache.adapters.get_adapter(pipe.transformer).scheduler_sigmas(pipe, s.steps)
+    return Recording(np.stack(grams), flops, sigmas, refs)
+
+
+def _latent(pipe, prompt: str, s: CalibrationSettings) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(s.seed)
+    return pipe(prompt=prompt, generator=generator, output_type="latent", **s.call()).frames.float()
+
+
+def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch.Tensor, cells: np.ndarray) -> float:
+    """Relative error of the final latent when the `cells` (steps, blocks, components) bool mask reuse the
+    previous step's output and everything else is computed."""
+    actions = np.where(cells, int(videocache.Action.REUSE), int(videocache.Action.COMPUTE)).astype(np.int8)
+    videocache.apply(pipe, table=CacheTable(actions), trace=False)
+    try:
+        latent = _latent(pipe, prompt, s)
+    finally:
+        videocache.remove(pipe)
+    return float((latent - reference).norm() / reference.norm())
+
+
+def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """How much the rest of sampling amplifies a one-step feature error, measured by perturbation.
+
+    Per step t: the final latent's relative error when every component reuses its step t-1 output at t,
+    divided by the proxy error of that reuse (`proxy`: (steps, components)). Per component: the same with
+    only that component reused, averaged over `component_steps`. Both normalised to mean 1."""
+    num_blocks = len(videocache.adapters.get_adapter(pipe.transformer).blocks(pipe.transformer))
+    shape = (s.steps, num_blocks, len(videocache.COMPONENTS))
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(t, None) for t in range(1, s.steps)] + [(t, c) for c in range(shape[2]) for t in component_steps]
+    step_w, comp_w = np.zeros(s.steps), np.zeros(shape[2])
+    with torch.no_grad():
+        reference = _latent(pipe, prompt, s)
+        for t, c in tqdm(jobs, desc="sensitivity", disable=not progress, dynamic_ncols=True):
+            cells = np.zeros(shape, dtype=bool)
+            cells[t, :, slice(None) if c is None else c] = True
+            error = _perturbed_error(pipe, prompt, s, reference, cells)
+            if c is None:
+                step_w[t] = error / max(float(proxy[t].sum()), 1e-12)
+            else:
+                comp_w[c] += error / max(float(proxy[t, c]), 1e-12) / len(component_steps)
+    step_w[0] = step_w[1:].max()
+    return step_w / step_w[1:].mean(), comp_w / comp_w.mean()
+
+
+def measure(pipe, profile: Profile, preset: str, prompts: Sequence[str], refs: Sequence[np.ndarray],
+            s: CalibrationSettings) -> dict[str, float]:
+    """Computed fraction (engine-measured), mean PSNR and SSIM against the uncached videos."""
+    engine = videocache.apply(pipe, profile, preset=preset, trace=False)
+    psnrs, ssims = [], []
+    try:
+        for prompt, ref in zip(prompts, refs, strict=True):
+            video = _generate(pipe, prompt, s)
+            psnrs.append(min(psnr(video, ref), 99.0))
+            ssims.append(ssim(video, ref))
+        fraction = engine.stats()["computed_fraction"]
+    finally:
+        videocache.remove(pipe)
+    return {"computed_fraction": round(float(fraction), 4), "psnr": round(float(np.mean(psnrs)), 3),
+            "ssim": round(float(np.mean(ssims)), 4)}
+
+
+def _profile(base: dict, presets: dict[str, dict]) -> Profile:
+    return Profile.from_dict({**base, "presets": presets, "default_preset": next(iter(presets))}, "<calibration>")
+
+
+def calibrate(
+    pipe,
+    name: str,
+    prompts: Sequence[str],
+    budgets: Sequence[float],
+    settings: CalibrationSettings,
+    *,
+    preset_names: Sequence[str] | None = None,
+    fgbg: FgBgProfile | None = None,
+    fgbg_prompts: int = 2,
+    sensitivity_prompts: int = 1,
+    measure_top: int = 3,
+    base_options: SearchOptions | None = None,
+    eb: ExposureBiasConfig | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[Profile, dict]:
+    """The calibrated profile and a report {fgbg, budgets: [{budget, stages: [...], chosen}], seconds}."""
+    started = time.time()
+    adapter = videocache.adapters.get_adapter(pipe.transformer)
+    fingerprint = adapter.fingerprint(pipe.transformer)
+    names = list(preset_names or [f"budget_{b:g}".replace(".", "_") for b in budgets])
+    if len(names) != len(budgets):
+        raise ValueError(f"{len(budgets)} budgets but {len(names)} preset names")
+    if fgbg is None and fgbg_prompts > 0:
+        log("profiling foreground/background blocks from the model's attention ...")
+        try:
+            fgbg = profile_pipeline(pipe, prompts[:fgbg_prompts], default_profile_steps(settings.steps), **settings.call())
+        except ValueError as exc:  # e.g. no foreground found at all (an untrained model)
+            log(f"no fg/bg block classes ({exc}); the +fgbg stage is skipped")
+    if fgbg is not None:
+        log(f"block classes: {' '.join(fgbg.classes)} (R_attn {', '.join(f'{v:.2f}' for v in fgbg.r_attn)})")
+    rec = record(pipe, prompts, settings, progress=progress)
+    proxy = step_proxy_errors(rec.grams[:sensitivity_prompts])
+    component_steps = sorted({round(f * (settings.steps - 1)) for f in (0.15, 0.4, 0.65, 0.9)})
+    measured = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress)
+                for i in range(sensitivity_prompts)]
+    weights = np.mean([m[0] for m in measured], axis=0)
+    comp_weights = np.mean([m[1] for m in measured], axis=0)
+    log("step sensitivity: " + " ".join(f"{w:.2f}" for w in weights))
+    log("component sensitivity: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(videocache.COMPONENTS, comp_weights, strict=True)))
+    search = TableSearch(rec.grams, rec.flops, rec.sigmas, step_weights=weights, component_weights=comp_weights)
+    opts0 = base_options or SearchOptions()
+    eb_on = dataclasses.replace(eb or ExposureBiasConfig(), enabled=True)
+    base = {
+        "schema_version": 1,
+        "name": name,
+        "model": {k: fingerprint[k] for k in ("architecture", "num_blocks", "components")},
+        "calibrated": True,
+        "steps": settings.steps,
+        "step_rule": {"mode": "scale", "min_steps": max(1, settings.steps // 2), "max_steps": settings.steps * 4},
+        "exposure_bias": (eb or ExposureBiasConfig()).to_dict(),
+        **({"fgbg": fgbg.to_dict()} if fgbg is not None else {}),
+    }
+    report: dict[str, Any] = {"fgbg": None if fgbg is None else fgbg.to_dict(), "step_sensitivity": [round(float(w), 4) for w in weights],
+                              "component_sensitivity": dict(zip(videocache.COMPONENTS, np.round(comp_weights, 4).tolist(), strict=True)),
+                              "budgets": []}
+    chosen_presets: dict[str, dict] = {}
+    for budget, preset_name in zip(budgets, names, strict=True):
+        log(f"budget {budget}:")
+        stages: list[dict] = []
+        best: tuple[dict, dict] | None = None  # (row, preset)
+        opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=())
+        use_eb = False
+        for stage in STAGES:
+            trial_opts, trial_eb = opts, use_eb
+            if stage == "+fgbg":  # background blocks recomputed one step less often
+                if fgbg is None or not fgbg.background_blocks:
+                    continue
+                trial_opts = dataclasses.replace(opts, group_blocks=tuple(fgbg.background_blocks))
+            elif stage == "+eb":
+                trial_eb = True
+            elif stage == "+correction":
+                trial_opts = dataclasses.replace(opts, correction=True)
+            elif stage == "+forecast":
+                trial_opts = dataclasses.replace(opts, forecast=True)
+            if stage == "+eb":
+                candidates = [dataclasses.replace(best[1], preset={**best[1].preset, "exposure_bias": eb_on.to_dict()})]
+            else:
+                try:
+                    candidates = search.best_within(budget, trial_opts, keep=measure_top)
+                except ValueError as exc:
+                    log(f"  {stage:12s} {exc}")
+                    continue
+                if trial_eb:
+                    candidates = [dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()})
+                                  for c in candidates]
+            trial = None
+            for candidate in candidates:
+                measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", prompts,
+                                   rec.references, settings)
+                if trial is None or measured["psnr"] > trial[0]["psnr"]:
+                    trial = (measured, candidate)
+            measured, candidate = trial
+            row = {"stage": stage, "predicted_fraction": round(candidate.predicted_fraction, 4),
+                   "predicted_error": round(candidate.predicted_error, 5), **measured}
+            kept = best is None or measured["psnr"] > best[0]["psnr"]
+            row["kept"] = bool(kept)
+            stages.append(row)
+            log(f"  {stage:12s} predicted fraction {row['predicted_fraction']:.3f}  measured "
+                f"{measured['computed_fraction']:.3f}  PSNR {measured['psnr']:.2f} dB  SSIM {measured['ssim']:.4f}"
+                f"{'  (kept)' if kept else ''}")
+            if kept:
+                best = (row, candidate)
+                opts, use_eb = trial_opts, trial_eb
+        if best is None:
+            raise ValueError(f"no table reaches the budget {budget}: raise it")
+        chosen_presets[preset_name] = best[1].preset
+        report["budgets"].append({"budget": budget, "preset": preset_name, "stages": stages, "chosen": best[0]})
+    chosen_presets["full"] = {"warmup_steps": 0, "final_steps": 0, "rules": []}  # exactness check: computes all
+    report["seconds"] = round(time.time() - started, 1)
+    base["metadata"] = {
+        "made_by": command or "videocache profile",
+        "calibration_prompts": list(prompts),
+        "settings": dataclasses.asdict(settings),
+        "calibration_seconds": report["seconds"],
+        "measured_on_calibration_prompts": {
+            b["preset"]: {"budget": b["budget"], **{k: b["chosen"][k] for k in
+                          ("stage", "predicted_fraction", "computed_fraction", "psnr", "ssim")}}
+            for b in report["budgets"]
+        },
+    }
+    return _profile(base, chosen_presets), report

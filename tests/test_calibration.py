@@ -1,0 +1,113 @@
+"""Budgeted calibration: Gram statistics, predicted vs measured computed fraction, the `profile` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import videocache as vc
+from videocache.calibrate import GramRecorder, SearchOptions, TableSearch, step_proxy_errors
+from videocache.cli import main
+from videocache.eval_vbench.calibration import CalibrationSettings, measure, record
+
+SETTINGS = CalibrationSettings(steps=6, frames=5, height=32, width=32, guidance_scale=5.0)
+PROMPTS = ["a red circle moving left on a black background", "a blue square moving up on a white background"]
+
+
+@pytest.fixture(scope="module")
+def recording(pipe):
+    return record(pipe, PROMPTS, SETTINGS, progress=False)
+
+
+def test_gram_recorder_is_exact():
+    rec = GramRecorder(num_steps=3, num_blocks=1, band=1)
+    outs = [torch.randn(2, 4) for _ in range(3)]
+    for ctx in ("cond", "uncond"):
+        for step, out in enumerate(outs):
+            rec(ctx, step, 0, "mlp", out)
+    c = vc.COMPONENTS.index("mlp")
+    flat = torch.stack([o.reshape(-1) for o in outs]).double()
+    expected = 2 * (flat @ flat.T).numpy()  # summed over the two contexts
+    band = np.abs(np.subtract.outer(range(3), range(3))) <= 1
+    np.testing.assert_allclose(rec.gram[0, c][band], expected[band], rtol=1e-12)
+    assert rec.gram[0, c, 0, 2] == 0.0  # outside the band: not recorded
+
+
+def test_reuse_error_from_gram_matches_the_tensors(recording):
+    search = TableSearch(recording.grams, recording.flops, recording.sigmas)
+    err = search.cell_error(1, 0, 3, (2,), (1.0,))
+    assert err.shape == (len(PROMPTS),) and (err > 0).all()
+    proxy = step_proxy_errors(recording.grams)
+    assert proxy.shape == (len(PROMPTS), SETTINGS.steps, len(vc.COMPONENTS)) and (proxy[:, 0] == 0).all()
+    assert (proxy[:, 1:] > 0).all()
+
+
+def test_predicted_fraction_is_what_the_engine_measures(pipe, recording):
+    search = TableSearch(recording.grams, recording.flops, recording.sigmas)
+    opts = SearchOptions(warmup_steps=(1, 2), final_steps=(0, 1), intervals=(1, 2, 3), forecast=True)
+    [best] = search.best_within(0.6, opts, keep=1, slack=0.3)
+    assert best.predicted_fraction <= 0.6
+    profile = vc.Profile.from_dict(
+        {
+            "schema_version": 1,
+            "name": "t",
+            "model": {"architecture": "WanTransformer3DModel", "num_blocks": 8,
+                      "components": list(vc.COMPONENTS)},
+            "steps": SETTINGS.steps,
+            "presets": {"p": best.preset},
+        }
+    )
+    measured = measure(pipe, profile, "p", PROMPTS[:1], recording.references[:1], SETTINGS)
+    assert measured["computed_fraction"] == pytest.approx(best.predicted_fraction, abs=1e-4)
+    assert 10 < measured["psnr"] < 99
+
+
+def test_correction_factors_go_into_the_preset(recording):
+    search = TableSearch(recording.grams, recording.flops, recording.sigmas)
+    preset = {"warmup_steps": 1, "final_steps": 0, "rules": [{"stage": "all", "components": ["mlp"], "interval": 2}]}
+    plain = search.evaluate(preset)
+    corrected = search.evaluate(preset, correction=True)
+    assert "correction" not in plain.preset and set(corrected.preset["correction"]) == {"mlp"}
+    assert corrected.predicted_error <= plain.predicted_error + 1e-12  # least-squares scale never hurts
+
+
+def test_unreachable_budget_is_a_clear_error(recording):
+    search = TableSearch(recording.grams, recording.flops, recording.sigmas)
+    with pytest.raises(ValueError, match="no candidate has a computed fraction"):
+        search.best_within(0.01, SearchOptions(intervals=(1, 2)))
+
+
+def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "tiny.yaml"
+    code = main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--budget", "0.75",
+                 "--budget", "0.6", "--preset-names", "slow", "fast", "--out", str(out), "--steps", "10",
+                 "--no-progress"])
+    assert code == 0
+    profile = vc.load_profile(out)
+    assert {"slow", "fast", "full"} <= set(profile.presets) and profile.calibrated
+    report = json.loads(out.with_suffix(".json").read_text())
+    for entry in report["budgets"]:
+        assert entry["chosen"]["computed_fraction"] <= entry["budget"] + 1e-9
+        assert entry["stages"][0]["stage"] == "static"
+    assert "videocache profile" in yaml.safe_load(out.read_text())["metadata"]["made_by"]
+    assert "predicted fraction" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "1.5"], "--budget must be in (0, 1]"),
+        (["--budget", "0.5", "--preset-names", "a", "b"], "gives 2 names for 1 budgets"),
+        (["--budget", "0.5", "--model", "/no/such/model"], "not found"),
+    ],
+)
+def test_profile_command_bad_input(tmp_path, capsys, argv, message):
+    assert main(["profile", *argv, "--out", str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

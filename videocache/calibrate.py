@@ -1,0 +1,224 @@
+"""Budgeted cache-table calibration from uncached runs (FEB-Cache's table search, generalised).
+
+An uncached calibration run records, for every (context, block, component), the Gram matrix of the
+component's outputs over the steps: G[s, s'] = <F_s, F_s'>. Any value the engine hands back at step t
+instead of computing F_t is a linear combination of earlier computed outputs (reuse: F_last; EOC-style
+corrected reuse: a * F_last; order-1 forecast: (1 + r) F_last - r F_prev), so its exact squared error
+||F_t - sum a_i F_i||^2 follows from G alone, without keeping any tensor.
+
+The search space is FEB-Cache's stage-aware one, written as profile rules: a warm-up, then in the early
+stage (sigma >= stage_threshold) attention and MLP each recomputed every a_early / m_early steps, in the
+late stage every a_late / m_late steps (FEB keeps attention fresh early and the MLP late: the search
+finds how much), optionally with the background blocks (fg/bg profile) one step coarser, and a final
+fully computed step. Every candidate's computed fraction is exact (FLOPs per cell) and its error is
+predicted from the Gram matrices: the sum over skipped cells of their relative error (to the block's
+output scale), weighted by the step's measured sensitivity (how much the rest of sampling amplifies an
+error made there), median over the calibration prompts (a majority vote). The best-predicted candidates
+within the budget are then measured by generation, and the measurement decides.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .profile import preset_from_dict
+from .table import COMPONENTS, Action, build_table
+
+ATTENTION = ("self_attn", "cross_attn")
+
+@dataclass
+class GramRecorder:
+    """Engine observer for one calibration run: accumulates per-cell Gram matrices, summed over contexts."""
+
+    num_steps: int
+    num_blocks: int
+    band: int = 9  # pairs of steps further apart than this are not recorded (memory)
+    gram: np.ndarray = field(init=False)  # (blocks, components, steps, steps) float64
+    _seen: dict = field(init=False, default_factory=dict)  # (context, block, comp) -> {step: tensor}
+
+    def __post_init__(self) -> None:
+        self.gram = np.zeros((self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps))
+
+    def __call__(self, context: str, step: int, block: int, component: str, output) -> None:
+        import torch
+
+        c = COMPONENTS.index(component)
+        out = output[0] if isinstance(output, tuple | list) else output
+        flat = out.detach().reshape(-1).to(torch.float64)
+        kept = self._seen.setdefault((context, block, c), {})
+        for s in [s for s in kept if s < step - self.band or s >= step]:  # too old, or a new run began
+            del kept[s]
+        kept[step] = flat
+        for s, other in kept.items():
+            value = float(torch.dot(flat, other))
+            self.gram[block, c, step, s] += value
+            if s != step:
+                self.gram[block, c, s, step] += value
+
+
+def _combination_error(gram: np.ndarray, t: int, steps: Sequence[int], coeffs: Sequence[float]) -> np.ndarray:
+    """||F_t - sum_i a_i F_{s_i}||^2 per prompt, from (prompts, steps, steps) Gram matrices."""
+    err = gram[:, t, t].copy()
+    for a, s in zip(coeffs, steps, strict=True):
+        err -= 2 * a * gram[:, t, s]
+    for a, s in zip(coeffs, steps, strict=True):
+        for b, u in zip(coeffs, steps, strict=True):
+            err += a * b * gram[:, s, u]
+    return np.maximum(err, 0.0)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """The candidate family: warm-up and final steps, recompute intervals tried per stage and component
+    group, whether skipped cells forecast (order 1) or reuse, EOC-style correction of reused outputs, and a
+    block group (e.g. the background blocks) recomputed one step less often than the rest."""
+
+    warmup_steps: Sequence[int] = (2, 3, 4, 5)
+    final_steps: Sequence[int] = (0, 1)
+    intervals: Sequence[int] = (1, 2, 3, 4)
+    stage_threshold: float = 0.4
+    forecast: bool = False
+    correction: bool = False
+    group_blocks: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.intervals or min(self.intervals) < 1 or min(self.warmup_steps) < 1:
+            raise ValueError("intervals must be >= 1 and warm-up steps >= 1 (step 0 always computes)")
+        object.__setattr__(self, "group_blocks", tuple(self.group_blocks))
+
+    def presets(self) -> list[dict]:
+        """Every candidate preset of the family, in profile-rule form."""
+        mode = {"mode": "forecast"} if self.forecast else {}
+        out = []
+        for warm, final, ae, al, me, ml in itertools.product(
+            self.warmup_steps, self.final_steps, *[self.intervals] * 4
+        ):
+            rules = []
+            for stage, comps, interval in (("early", list(ATTENTION), ae), ("late", list(ATTENTION), al),
+                                           ("early", ["mlp"], me), ("late", ["mlp"], ml)):
+                if interval > 1:
+                    rules.append({"stage": stage, "components": comps, "blocks": "all", "interval": interval, **mode})
+                if self.group_blocks:
+                    rules.append({"stage": stage, "components": comps, "blocks": list(self.group_blocks),
+                                  "interval": interval + 1, **mode})
+            out.append({"warmup_steps": warm, "final_steps": final, "stage_threshold": self.stage_threshold,
+                        "rules": rules})
+        return out
+
+
+@dataclass
+class Candidate:
+    preset: dict
+    actions: np.ndarray
+    predicted_fraction: float
+    predicted_error: float
+
+
+class TableSearch:
+    """Scores candidate tables on the Gram statistics of P calibration prompts.
+
+    `grams`: (prompts, blocks, components, steps, steps); `flops`: (blocks, components) FLOPs of one call;
+    `sigmas`: the run's per-step sigmas (1 = noise); `step_weights`: measured step sensitivity."""
+
+    def __init__(
+        self,
+        grams: np.ndarray,
+        flops: np.ndarray,
+        sigmas: Sequence[float],
+        band: int = 9,
+        step_weights: Sequence[float] | None = None,
+        component_weights: Sequence[float] | None = None,
+    ) -> None:
+        self.band = band
+        self.grams = np.asarray(grams, dtype=np.float64)
+        self.flops = np.asarray(flops, dtype=np.float64)
+        self.sigmas = [float(s) for s in sigmas]
+        _, self.num_blocks, _, self.num_steps, _ = self.grams.shape
+        self.step_weights = np.ones(self.num_steps) if step_weights is None else np.asarray(step_weights, dtype=np.float64)
+        self.component_weights = (
+            np.ones(len(COMPONENTS)) if component_weights is None else np.asarray(component_weights, dtype=np.float64)
+        )
+        diag = np.einsum("pbcss->pbcs", self.grams)
+        # per (prompt, step, block): the block's output scale, the sum of its components' norms
+        self.scale = np.maximum(np.sqrt(np.maximum(diag, 0.0)).sum(axis=2).transpose(0, 2, 1), 1e-12)
+        # mean least-squares factor <F_t, F_s> / ||F_s||^2 over prompts (the EOC trend prior)
+        self.alpha = (self.grams / np.maximum(diag[..., None, :], 1e-30)).mean(axis=0)  # (b, c, t, s)
+        self._memo: dict[tuple, np.ndarray] = {}
+
+    def cell_error(self, b: int, c: int, t: int, steps: tuple[int, ...], coeffs: tuple[float, ...]) -> np.ndarray:
+        """Per-prompt relative error of handing back sum_i coeffs_i F_{steps_i} for F_t; beyond the recorded
+        band of steps the error is taken as the full output (as if nothing were kept)."""
+        key = (b, c, t, steps, coeffs)
+        err = self._memo.get(key)
+        if err is None:
+            if any(t - s > self.band for s in steps):
+                err = np.sqrt(self.grams[:, b, c, t, t]) / self.scale[:, t, b]
+            else:
+                err = np.sqrt(_combination_error(self.grams[:, b, c], t, steps, coeffs)) / self.scale[:, t, b]
+            self._memo[key] = err
+        return err
+
+    def evaluate(self, preset: dict, correction: bool = False) -> Candidate:
+        """Exact computed fraction and predicted error of one preset; with `correction`, the preset gets
+        the EOC factors of its reused cells (the mean least-squares scale from the calibration runs)."""
+        spec = preset_from_dict("candidate", preset, self.num_steps)
+        table = build_table(spec, self.sigmas, self.num_blocks)
+        actions = np.asarray(table.actions)
+        skipped = actions != Action.COMPUTE
+        fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
+        total = np.zeros(self.grams.shape[0])
+        factors: dict[str, dict[int, dict[int, float]]] = {}
+        for t, b, c in zip(*np.nonzero(skipped), strict=True):
+            t, b, c = int(t), int(b), int(c)
+            deps = table.dependencies(t, b, c)
+            if actions[t, b, c] == Action.FORECAST and len(deps) == 2:
+                prev, last = deps
+                r = (t - last) / (last - prev)
+                err = self.cell_error(b, c, t, (last, prev), (1 + r, -r))
+            else:
+                last = deps[-1]
+                a = round(float(self.alpha[b, c, t, last]), 5) if correction else 1.0
+                err = self.cell_error(b, c, t, (last,), (a,))
+                if a != 1.0:
+                    factors.setdefault(COMPONENTS[c], {}).setdefault(b, {})[t] = a
+            total += err * self.step_weights[t] * self.component_weights[c]
+        if factors:
+            preset = {**preset, "correction": factors}
+        return Candidate(preset, actions, fraction, float(np.median(total)))
+
+    def best_within(self, budget: float, opts: SearchOptions, keep: int = 3, slack: float = 0.06) -> list[Candidate]:
+        """The `keep` candidates with the lowest predicted error among those whose computed fraction is in
+        [budget - slack, budget] (a table far under budget wastes it)."""
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"the compute budget must be in (0, 1]; got {budget}")
+        fitting = []
+        for preset in opts.presets():
+            spec = preset_from_dict("candidate", preset, self.num_steps)
+            actions = np.asarray(build_table(spec, self.sigmas, self.num_blocks).actions)
+            skipped = actions != Action.COMPUTE
+            fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
+            if budget - slack <= fraction <= budget:
+                fitting.append(preset)
+        if not fitting:
+            raise ValueError(
+                f"no candidate has a computed fraction in [{budget - slack:.2f}, {budget}]: widen the intervals"
+            )
+        scored = sorted((self.evaluate(p, opts.correction) for p in fitting), key=lambda c: c.predicted_error)
+        return scored[:keep]
+
+
+def step_proxy_errors(grams: np.ndarray) -> np.ndarray:
+    """(prompts, steps, components) sum over blocks of the relative error of reusing the component at
+    step t from step t - 1 (0 at step 0): the proxy that measured sensitivities are divided by."""
+    search = TableSearch(grams, np.ones(grams.shape[1:3]), [1.0] * grams.shape[-1])
+    P, B, C, S, _ = search.grams.shape
+    out = np.zeros((P, S, C))
+    for t in range(1, S):
+        for b in range(B):
+            for c in range(C):
+                out[:, t, c] += search.cell_error(b, c, t, (t - 1,), (1.0,))
+    return out
