@@ -13,22 +13,19 @@ rerunning resumes what is missing. Expect about half an hour on the 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 DEFAULT_METHODS = (
     "videocache:reference-wan:full",  # computes everything: must reproduce the uncached video bit-exactly
-    "videocache:reference-wan:slow",
+    "videocache:reference-wan:slow",  # calibrated presets (videocache profile), budgets 0.6 / 0.5 / 0.33
+    "videocache:reference-wan:balanced",
     "videocache:reference-wan:fast",
-    "videocache:reference-wan:slow:eb",  # exposure-bias correction b(t) (FEB-Cache, re-derived for flow matching)
-    "videocache:reference-wan:fast:eb",
-    "videocache:reference-wan:fast:eb-inv",  # the opposite direction (1 / b(t))
-    "diffusers:fbcache:0.05",
     "diffusers:fbcache:0.1",
     "diffusers:fbcache:0.2",
     "diffusers:taylorseer:2",
     "diffusers:taylorseer:3",
-    "diffusers:magcache:0.06",
     "diffusers:magcache:0.12",
     "diffusers:magcache:0.24",
     "diffusers:pab:2",
@@ -38,6 +35,7 @@ DEFAULT_METHODS = (
     "cachedit:dbcache-taylorseer:1:0:0.08",
     "cachedit:dbcache-taylorseer:1:0:0.16",
 )
+CALIBRATION_REPORT = Path(__file__).resolve().parents[1] / "profiles" / "reference-wan.json"
 DEFAULT_OUT = Path(__file__).resolve().with_name("compare_reference")
 
 
@@ -62,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--save-videos", action="store_true")
     p.add_argument("--low-memory", action="store_true")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the per-stage presets of the calibration report (profiles/reference-wan.json)")
     args, extra = p.parse_known_args(argv)  # anything else goes to `videocache compare` unchanged
 
     out = Path(args.out)
@@ -85,9 +85,63 @@ def main(argv: list[str] | None = None) -> int:
         *(["--low-memory"] if args.low_memory else []),
         *extra,
     ]  # fmt: skip
+    methods = list(args.methods)
+    if args.ablation and CALIBRATION_REPORT.is_file():
+        methods += write_ablation_profile(out / "ablation.yaml")
+        command[command.index("--methods") + 1 : command.index("--methods") + 1 + len(args.methods)] = methods
     from videocache.cli import main as videocache_main
 
-    return videocache_main(command)
+    code = videocache_main(command)
+    if args.ablation and CALIBRATION_REPORT.is_file() and (out / "report.json").is_file():
+        write_ablation_table(out)
+    return code
+
+
+def _stage_preset_name(preset: str, stage: str) -> str:
+    return f"{preset}__{stage.lstrip('+').replace('-', '_')}"
+
+
+def write_ablation_profile(path: Path) -> list[str]:
+    """One preset per (budget, ablation stage) of the calibration report, in a profile of their own; the
+    method specs that run them."""
+    import yaml
+
+    from videocache.profile import PROFILES_DIR
+
+    report = json.loads(CALIBRATION_REPORT.read_text())
+    data = yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
+    presets = {
+        _stage_preset_name(b["preset"], row["stage"]): row["preset"] for b in report["budgets"] for row in b["stages"]
+    }
+    data.update(name="reference-wan-ablation", presets=presets, default_preset=next(iter(presets)))
+    path.write_text("# Written by benchmarks/compare_reference.py from profiles/reference-wan.json\n" + yaml.safe_dump(data, sort_keys=False))
+    return [f"videocache:{path}:{name}" for name in presets]
+
+
+def write_ablation_table(out: Path) -> None:
+    """ablation.md: each calibration stage on the held-out benchmark prompts, next to its calibration-prompt figures."""
+    report = json.loads(CALIBRATION_REPORT.read_text())
+    records = {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
+    lines = [
+        "# Ablation of the calibrated reference-wan presets",
+        "",
+        "Each stage adds one thing to the previous kept one; `kept` = the calibration kept it because it raised the",
+        "measured PSNR on the calibration prompts. Benchmark columns: the held-out prompts of `report.md`.",
+        "",
+        "| preset (budget) | stage | kept | calib. fraction | calib. PSNR | bench fraction | bench PSNR | bench SSIM |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for b in report["budgets"]:
+        for row in b["stages"]:
+            spec = f"videocache:{out / 'ablation.yaml'}:{_stage_preset_name(b['preset'], row['stage'])}"
+            rec = records.get(spec, {})
+            fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+            lines.append(
+                f"| {b['preset']} ({b['budget']}) | {row['stage']} | {'yes' if row['kept'] else 'no'} | "
+                f"{row['computed_fraction']:.3f} | {row['psnr']:.2f} | {fmt(rec.get('computed_fraction'), 3)} | "
+                f"{fmt(rec.get('psnr'), 2)} | {fmt(rec.get('ssim'), 4)} |"
+            )
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":  # required: the comparison's worker processes are spawned

@@ -208,7 +208,7 @@ def calibrate(
         "model": {k: fingerprint[k] for k in ("architecture", "num_blocks", "components")},
         "calibrated": True,
         "steps": settings.steps,
-        "step_rule": {"mode": "scale", "min_steps": max(1, settings.steps // 2), "max_steps": settings.steps * 4},
+        "step_rule": {"mode": "scale", "min_steps": max(1, round(0.4 * settings.steps)), "max_steps": settings.steps * 4},
         "exposure_bias": (eb or ExposureBiasConfig()).to_dict(),
         **({"fgbg": fgbg.to_dict()} if fgbg is not None else {}),
     }
@@ -256,6 +256,7 @@ def calibrate(
                    "predicted_error": round(candidate.predicted_error, 5), **measured}
             kept = best is None or measured["psnr"] > best[0]["psnr"]
             row["kept"] = bool(kept)
+            row["preset"] = candidate.preset
             stages.append(row)
             log(f"  {stage:12s} predicted fraction {row['predicted_fraction']:.3f}  measured "
                 f"{measured['computed_fraction']:.3f}  PSNR {measured['psnr']:.2f} dB  SSIM {measured['ssim']:.4f}"

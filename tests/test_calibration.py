@@ -111,3 +111,14 @@ def test_profile_command_bad_input(tmp_path, capsys, argv, message):
     assert main(["profile", *argv, "--out", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_correction_factors_survive_a_json_round_trip():
+    from videocache.profile import preset_from_dict
+
+    raw = {"warmup_steps": 1, "rules": [{"stage": "all", "components": ["mlp"], "interval": 2}],
+           "correction": {"mlp": {"0-3": {3: 1.02, 5: 0.99}}}}
+    spec = preset_from_dict("p", json.loads(json.dumps(raw)), steps=8)  # JSON turns the step keys into strings
+    assert spec.correction == {"mlp": {"0-3": {3: 1.02, 5: 0.99}}}
+    with pytest.raises(vc.ProfileError, match=r"factors in \(0, 4\)"):
+        preset_from_dict("p", {**raw, "correction": {"mlp": {0: {3: 9.0}}}}, steps=8)

@@ -47,7 +47,8 @@ def run(pipe, steps: int):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_profiles_load_and_round_trip(name, tmp_path):
     prof = vc.load_profile(name)
-    assert prof.name == name and prof.calibrated is False
+    # reference-wan is made by `videocache profile`; the real-model profiles await real weights
+    assert prof.name == name and prof.calibrated is (name == "reference-wan")
     assert set(prof.presets) >= {"slow", "fast"}
     assert prof.model.architecture == "WanTransformer3DModel"
     again = vc.load_profile(prof.save(tmp_path / f"{name}.yaml"))

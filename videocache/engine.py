@@ -596,6 +596,11 @@ class CacheEngine:
             if scale is not None and scale != 1.0:
                 parts = [p * scale for p in parts]
             out = _rebuild(parts, found[-1].container)
+        elif len(found) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps
+            (prev, last) = found
+            weight = 1.0 + (step - last.step) / (last.step - prev.step)
+            fc = [torch.lerp(a, b, weight) for a, b in zip(prev.restored(), last.restored(), strict=True)]
+            out = _rebuild(fc, last.container)
         else:
             xs = [e.step for e in found]
             parts = [e.restored() for e in found]

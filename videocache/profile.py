@@ -291,6 +291,8 @@ def _check_correction(raw: Any, reference_steps: int | None) -> dict[str, dict[A
         out[comp] = {}
         for block_spec, factors in per_blocks.items():
             parse_blocks(block_spec)
+            if isinstance(factors, Mapping):  # JSON has string keys only
+                factors = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in factors.items()}
             if not isinstance(factors, Mapping) or not all(
                 _is_int(k) and k >= 0 and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 4
                 for k, v in factors.items()
