@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(held_out_prompts(args.prompts_count))
         + "\n"
     )
+    ablation = args.ablation and CALIBRATION_REPORT.is_file()
+    methods = [*args.methods, *(write_ablation_profile(out / "ablation.yaml") if ablation else [])]
     command = [
         "compare",
         "--model", args.model,
@@ -80,19 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         "--steps", str(args.steps),
         "--repeats", str(args.repeats),
         "--seeds", *map(str, args.seeds),
-        "--methods", *args.methods,
+        "--methods", *methods,
         *(["--save-videos"] if args.save_videos else []),
         *(["--low-memory"] if args.low_memory else []),
         *extra,
     ]  # fmt: skip
-    methods = list(args.methods)
-    if args.ablation and CALIBRATION_REPORT.is_file():
-        methods += write_ablation_profile(out / "ablation.yaml")
-        command[command.index("--methods") + 1 : command.index("--methods") + 1 + len(args.methods)] = methods
     from videocache.cli import main as videocache_main
 
     code = videocache_main(command)
-    if args.ablation and CALIBRATION_REPORT.is_file() and (out / "report.json").is_file():
+    if ablation and (out / "report.json").is_file():
         write_ablation_table(out)
     return code
 
@@ -118,6 +116,10 @@ def write_ablation_profile(path: Path) -> list[str]:
     return [f"videocache:{path}:{name}" for name in presets]
 
 
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def write_ablation_table(out: Path) -> None:
     """ablation.md: each calibration stage on the held-out benchmark prompts, next to its calibration-prompt figures."""
     report = json.loads(CALIBRATION_REPORT.read_text())
@@ -135,11 +137,10 @@ def write_ablation_table(out: Path) -> None:
         for row in b["stages"]:
             spec = f"videocache:{out / 'ablation.yaml'}:{_stage_preset_name(b['preset'], row['stage'])}"
             rec = records.get(spec, {})
-            fmt = lambda v, d: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
             lines.append(
                 f"| {b['preset']} ({b['budget']}) | {row['stage']} | {'yes' if row['kept'] else 'no'} | "
-                f"{row['computed_fraction']:.3f} | {row['psnr']:.2f} | {fmt(rec.get('computed_fraction'), 3)} | "
-                f"{fmt(rec.get('psnr'), 2)} | {fmt(rec.get('ssim'), 4)} |"
+                f"{row['computed_fraction']:.3f} | {row['psnr']:.2f} | {_fmt(rec.get('computed_fraction'), 3)} | "
+                f"{_fmt(rec.get('psnr'), 2)} | {_fmt(rec.get('ssim'), 4)} |"
             )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
 

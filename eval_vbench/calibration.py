@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import videocache
 from videocache.calibrate import (
+    Candidate,
     GramRecorder,
     SearchOptions,
     TableSearch,
@@ -193,10 +194,10 @@ def calibrate(
     rec = record(pipe, prompts, settings, progress=progress)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts])
     component_steps = sorted({round(f * (settings.steps - 1)) for f in (0.15, 0.4, 0.65, 0.9)})
-    measured = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress)
-                for i in range(sensitivity_prompts)]
-    weights = np.mean([m[0] for m in measured], axis=0)
-    comp_weights = np.mean([m[1] for m in measured], axis=0)
+    sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress)
+                     for i in range(sensitivity_prompts)]
+    weights = np.mean([w for w, _ in sensitivities], axis=0)
+    comp_weights = np.mean([w for _, w in sensitivities], axis=0)
     log("step sensitivity: " + " ".join(f"{w:.2f}" for w in weights))
     log("component sensitivity: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(videocache.COMPONENTS, comp_weights, strict=True)))
     search = TableSearch(rec.grams, rec.flops, rec.sigmas, step_weights=weights, component_weights=comp_weights)
@@ -219,7 +220,7 @@ def calibrate(
     for budget, preset_name in zip(budgets, names, strict=True):
         log(f"budget {budget}:")
         stages: list[dict] = []
-        best: tuple[dict, dict] | None = None  # (row, preset)
+        best: tuple[dict, Candidate] | None = None  # (report row, candidate)
         opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=())
         use_eb = False
         for stage in STAGES:
@@ -234,17 +235,17 @@ def calibrate(
                 trial_opts = dataclasses.replace(opts, correction=True)
             elif stage == "+forecast":
                 trial_opts = dataclasses.replace(opts, forecast=True)
-            if stage == "+eb":
-                candidates = [dataclasses.replace(best[1], preset={**best[1].preset, "exposure_bias": eb_on.to_dict()})]
+            if stage == "+eb":  # the same table, now with exposure-bias scaling
+                candidates = [best[1]]
             else:
                 try:
                     candidates = search.best_within(budget, trial_opts, keep=measure_top)
                 except ValueError as exc:
                     log(f"  {stage:12s} {exc}")
                     continue
-                if trial_eb:
-                    candidates = [dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()})
-                                  for c in candidates]
+            if trial_eb:
+                candidates = [dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()})
+                              for c in candidates]
             trial = None
             for candidate in candidates:
                 measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", prompts,

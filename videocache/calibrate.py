@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .profile import preset_from_dict
-from .table import COMPONENTS, Action, build_table
+from .table import COMPONENTS, Action, CacheTable, build_table
 
 ATTENTION = ("self_attn", "cross_attn")
 
@@ -162,14 +162,20 @@ class TableSearch:
             self._memo[key] = err
         return err
 
-    def evaluate(self, preset: dict, correction: bool = False) -> Candidate:
+    def _expand(self, preset: dict) -> tuple[CacheTable, float]:
+        """The preset's table for the calibration run and its exact FLOP-weighted computed fraction."""
+        table = build_table(preset_from_dict("candidate", preset, self.num_steps), self.sigmas, self.num_blocks)
+        skipped = np.asarray(table.actions) != Action.COMPUTE
+        fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
+        return table, fraction
+
+    def evaluate(self, preset: dict, correction: bool = False, expanded: tuple[CacheTable, float] | None = None) -> Candidate:
         """Exact computed fraction and predicted error of one preset; with `correction`, the preset gets
-        the EOC factors of its reused cells (the mean least-squares scale from the calibration runs)."""
-        spec = preset_from_dict("candidate", preset, self.num_steps)
-        table = build_table(spec, self.sigmas, self.num_blocks)
+        the EOC factors of its reused cells (the mean least-squares scale from the calibration runs).
+        `expanded`: the preset's `_expand` result, when already at hand."""
+        table, fraction = expanded or self._expand(preset)
         actions = np.asarray(table.actions)
         skipped = actions != Action.COMPUTE
-        fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
         total = np.zeros(self.grams.shape[0])
         factors: dict[str, dict[int, dict[int, float]]] = {}
         for t, b, c in zip(*np.nonzero(skipped), strict=True):
@@ -197,17 +203,16 @@ class TableSearch:
             raise ValueError(f"the compute budget must be in (0, 1]; got {budget}")
         fitting = []
         for preset in opts.presets():
-            spec = preset_from_dict("candidate", preset, self.num_steps)
-            actions = np.asarray(build_table(spec, self.sigmas, self.num_blocks).actions)
-            skipped = actions != Action.COMPUTE
-            fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
-            if budget - slack <= fraction <= budget:
-                fitting.append(preset)
+            expanded = self._expand(preset)
+            if budget - slack <= expanded[1] <= budget:
+                fitting.append((preset, expanded))
         if not fitting:
             raise ValueError(
                 f"no candidate has a computed fraction in [{budget - slack:.2f}, {budget}]: widen the intervals"
             )
-        scored = sorted((self.evaluate(p, opts.correction) for p in fitting), key=lambda c: c.predicted_error)
+        scored = sorted(
+            (self.evaluate(p, opts.correction, expanded) for p, expanded in fitting), key=lambda c: c.predicted_error
+        )
         return scored[:keep]
 
 

@@ -177,8 +177,6 @@ class _ContextState(BaseState):
         self.run_inputs: dict[int, torch.Tensor] = {}
         self.run_doing: dict[int, Action] = {}
         self.block_flops: dict[int, list[float | None]] = {}
-        # (num_steps, num_blocks) bool: the block has a component that is not computed at that step
-        self.partial_blocks: Any = None
         self.memo: dict[str, tuple[tuple, Any]] = {}  # constant modules' last (key, output)
 
     def reset(self, *args, **kwargs) -> None:
@@ -192,7 +190,6 @@ class _ContextState(BaseState):
         self.run_inputs.clear()
         self.run_doing.clear()
         self.block_flops.clear()
-        self.partial_blocks = None
         self.memo.clear()
         self.step = None
         self.sigma = None
@@ -514,7 +511,6 @@ class CacheEngine:
             if self._tables.preset is not None:
                 sigmas = self.adapter.scheduler_sigmas(self._scheduler(), num)
             state.table = self._tables(num, sigmas)
-            state.partial_blocks = (state.table.actions != int(Action.COMPUTE)).any(axis=2)
             self.table = state.table
         state.step, state.sigma = step, sigma
         if self.config.trace:
@@ -698,7 +694,7 @@ class CacheEngine:
         table stays bit-exact); otherwise the adapter's lean forward, which prepares a component's input
         (norm, modulation) only when that component is computed."""
         lean = getattr(self.adapter, "lean_block_forward", None)
-        if lean is None or not state.partial_blocks[state.step, hook.block]:
+        if lean is None or not state.table.partial_blocks[state.step, hook.block]:
             return hook.fn_ref.original_forward(*args, **kwargs)
         block = hook.block
         hooks = self._component_hooks[block]

@@ -258,51 +258,50 @@ def _scale(count: int, factor: float, keep_one: bool) -> int:
     return max(1, int(math.floor(count * factor + 0.5)))
 
 
-def _check_step_lists(key: str, raw: Any, reference_steps: int | None) -> dict[str, dict[Any, tuple[int, ...]]]:
-    """{component: {block selection: [step, ...]}}, validated."""
-    out: dict[str, dict[Any, tuple[int, ...]]] = {}
+def _per_block_entries(key: str, raw: Any, what: str) -> Iterator[tuple[str, Any, Any]]:
+    """(component, block selection, value) of a {component: {block selection: value}} mapping, with the
+    component names, the mappings and the block selections validated; `what` names the value for errors."""
     for comp, per_blocks in dict(raw or {}).items():
         if comp not in COMPONENTS:
             raise ValueError(f"{key}: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
         if not isinstance(per_blocks, Mapping):
-            raise ValueError(f"{key}.{comp} must map block selections to lists of steps")
-        out[comp] = {}
-        for block_spec, steps in per_blocks.items():
+            raise ValueError(f"{key}.{comp} must map block selections to {what}")
+        for block_spec, value in per_blocks.items():
             parse_blocks(block_spec)
-            if not isinstance(steps, list | tuple) or not all(_is_int(s) and s >= 0 for s in steps):
-                raise ValueError(f"{key}.{comp}.{block_spec} must be a list of step indices >= 0; got {steps!r}")
-            if reference_steps is not None and any(s >= reference_steps for s in steps):
-                raise ValueError(
-                    f"{key}.{comp}.{block_spec} lists step {max(steps)} but the profile has "
-                    f"{reference_steps} steps (0-{reference_steps - 1})"
-                )
-            out[comp][block_spec] = tuple(steps)
+            yield comp, block_spec, value
+
+
+def _check_step_lists(key: str, raw: Any, reference_steps: int | None) -> dict[str, dict[Any, tuple[int, ...]]]:
+    """{component: {block selection: [step, ...]}}, validated."""
+    out: dict[str, dict[Any, tuple[int, ...]]] = {comp: {} for comp in dict(raw or {})}
+    for comp, block_spec, steps in _per_block_entries(key, raw, "lists of steps"):
+        if not isinstance(steps, list | tuple) or not all(_is_int(s) and s >= 0 for s in steps):
+            raise ValueError(f"{key}.{comp}.{block_spec} must be a list of step indices >= 0; got {steps!r}")
+        if reference_steps is not None and any(s >= reference_steps for s in steps):
+            raise ValueError(
+                f"{key}.{comp}.{block_spec} lists step {max(steps)} but the profile has "
+                f"{reference_steps} steps (0-{reference_steps - 1})"
+            )
+        out[comp][block_spec] = tuple(steps)
     return out
 
 
 def _check_correction(raw: Any, reference_steps: int | None) -> dict[str, dict[Any, dict[int, float]]]:
     """{component: {block selection: {step: factor}}}: factors for reused outputs, in (0, 4)."""
-    out: dict[str, dict[Any, dict[int, float]]] = {}
-    for comp, per_blocks in dict(raw or {}).items():
-        if comp not in COMPONENTS:
-            raise ValueError(f"correction: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
-        if not isinstance(per_blocks, Mapping):
-            raise ValueError(f"correction.{comp} must map block selections to {{step: factor}}")
-        out[comp] = {}
-        for block_spec, factors in per_blocks.items():
-            parse_blocks(block_spec)
-            if isinstance(factors, Mapping):  # JSON has string keys only
-                factors = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in factors.items()}
-            if not isinstance(factors, Mapping) or not all(
-                _is_int(k) and k >= 0 and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 4
-                for k, v in factors.items()
-            ):
-                raise ValueError(
-                    f"correction.{comp}.{block_spec} must map step indices to factors in (0, 4); got {factors!r}"
-                )
-            if reference_steps is not None and any(k >= reference_steps for k in factors):
-                raise ValueError(f"correction.{comp}.{block_spec} lists a step beyond the profile's {reference_steps} steps")
-            out[comp][block_spec] = {int(k): float(v) for k, v in factors.items()}
+    out: dict[str, dict[Any, dict[int, float]]] = {comp: {} for comp in dict(raw or {})}
+    for comp, block_spec, factors in _per_block_entries("correction", raw, "{step: factor}"):
+        if isinstance(factors, Mapping):  # JSON has string keys only
+            factors = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in factors.items()}
+        if not isinstance(factors, Mapping) or not all(
+            _is_int(k) and k >= 0 and isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 4
+            for k, v in factors.items()
+        ):
+            raise ValueError(
+                f"correction.{comp}.{block_spec} must map step indices to factors in (0, 4); got {factors!r}"
+            )
+        if reference_steps is not None and any(k >= reference_steps for k in factors):
+            raise ValueError(f"correction.{comp}.{block_spec} lists a step beyond the profile's {reference_steps} steps")
+        out[comp][block_spec] = {int(k): float(v) for k, v in factors.items()}
     return out
 
 

@@ -91,6 +91,7 @@ class CacheTable:
     block_runs: tuple[tuple[int, int], ...] = ()
     run_actions: np.ndarray | None = None
     reuse_scale: np.ndarray | None = None
+    partial_blocks: np.ndarray = field(init=False, repr=False)
     _computes: list[list[list[int]]] = field(init=False, repr=False)
     _last_use: np.ndarray = field(init=False, repr=False)
     _run_of: dict[int, int] = field(init=False, repr=False)
@@ -114,6 +115,8 @@ class CacheTable:
         arr = arr.astype(np.int8, copy=True)
         arr.flags.writeable = False
         self.actions = arr
+        # (num_steps, num_blocks): the block has a component that is not computed at that step
+        self.partial_blocks = (arr != Action.COMPUTE).any(axis=2)
         if self.reuse_scale is not None:
             scale = np.asarray(self.reuse_scale, dtype=np.float32).copy()
             if scale.shape != arr.shape or not np.isfinite(scale).all():
