@@ -54,6 +54,8 @@ _DEFAULT_CONTEXT = CacheContext("default")
 _NC = len(COMPONENTS)
 _TRACE_LETTERS = "CRFD"
 _SKIPPED = 3  # trace code of a component whose block a block-run reuse skipped
+_COMPUTE, _REUSE = int(Action.COMPUTE), int(Action.REUSE)
+_COUNT_KEYS = ("compute", "reuse", "forecast")
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def _rebuild(parts: Sequence[torch.Tensor], container: type | None) -> Any:
 class _Entry:
     """One kept component output: the step it was computed at and the last step that reads it."""
 
-    __slots__ = ("step", "parts", "container", "nbytes", "last_use", "devices", "dtypes", "flops")
+    __slots__ = ("step", "parts", "container", "nbytes", "last_use", "devices", "dtypes", "flops", "converted")
 
     def __init__(
         self,
@@ -123,8 +125,14 @@ class _Entry:
         self.devices = devices
         self.dtypes = dtypes
         self.flops = 0.0  # FLOPs of the call that produced it (what a reuse of it saves)
+        # kept in another dtype or on another device than it was produced in (cache_dtype, offload_to_cpu)
+        self.converted = any(
+            p.device != d or p.dtype != t for p, d, t in zip(parts, devices, dtypes, strict=True)
+        )
 
     def restored(self) -> list[torch.Tensor]:
+        if not self.converted:
+            return self.parts
         return [
             p.to(device=d, dtype=t) for p, d, t in zip(self.parts, self.devices, self.dtypes, strict=True)
         ]
@@ -550,10 +558,10 @@ class CacheEngine:
         raise TypeError(f"cannot apply the exposure-bias correction to a {type(out).__name__} output")
 
     # -- a component call ----------------------------------------------------------------------
-    def _decide(self, state: _ContextState, step: int, block: int, comp: int) -> Action:
+    def _decide(self, state: _ContextState, step: int, block: int, comp: int) -> int:
         """The action for this cell. Table-only today, hence identical on every sequence-parallel rank; any
         data-dependent rule must be agreed across ranks (e.g. all_reduce of the criterion) right here."""
-        return Action(int(state.table.actions[step, block, comp]))
+        return state.table.cells[step][block][comp][0]
 
     def _flops(self, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
         """FLOPs of this component call; depends on input shapes only, so memoised per shape."""
@@ -577,33 +585,29 @@ class CacheEngine:
         computed (its action is COMPUTE, or what it reads was not kept: a fallback, counted)."""
         step = state.step
         action = self._decide(state, step, block, comp)
-        if action == Action.COMPUTE:
+        if action == _COMPUTE:
             return None
-        deps = state.table.dependencies(step, block, comp)
-        key = block * _NC + comp
-        kept = state.entries.get(key, ())
+        _, deps, _, scale = state.table.cells[step][block][comp]
+        kept = state.entries.get(block * _NC + comp, ())
         found = [e for e in kept if e.step in deps]
         if len(found) != len(deps) or not deps:
             self._fallback(step, block, comp)
             return None
-        if action == Action.REUSE:
-            parts = found[-1].restored()
-            scale = None if state.table.reuse_scale is None else float(state.table.reuse_scale[step, block, comp])
-            if scale is not None and scale != 1.0:
+        last = found[-1]
+        if action == _REUSE:
+            parts = last.restored()
+            if scale != 1.0:
                 parts = [p * scale for p in parts]
-            out = _rebuild(parts, found[-1].container)
         elif len(found) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps
-            (prev, last) = found
+            prev = found[0]
             weight = 1.0 + (step - last.step) / (last.step - prev.step)
-            fc = [torch.lerp(a, b, weight) for a, b in zip(prev.restored(), last.restored(), strict=True)]
-            out = _rebuild(fc, last.container)
+            parts = [torch.lerp(a, b, weight) for a, b in zip(prev.restored(), last.restored(), strict=True)]
         else:
             xs = [e.step for e in found]
-            parts = [e.restored() for e in found]
-            fc = [_newton_extrapolate(xs, [p[i] for p in parts], step) for i in range(len(parts[0]))]
-            out = _rebuild(fc, found[-1].container)
-        self._account(state, block, comp, action, found[-1].flops)
-        return out
+            kept_parts = [e.restored() for e in found]
+            parts = [_newton_extrapolate(xs, [p[i] for p in kept_parts], step) for i in range(len(kept_parts[0]))]
+        self._account(state, block, comp, action, last.flops)
+        return _rebuild(parts, last.container)
 
     def _compute(
         self, state: _ContextState, hook: _ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict
@@ -615,30 +619,25 @@ class CacheEngine:
         entry = self._keep(state, hook.block * _NC + hook.comp, state.step, hook.block, hook.comp, out)
         if entry is not None:
             entry.flops = flops
-        self._account(state, hook.block, hook.comp, Action.COMPUTE, flops)
+        self._account(state, hook.block, hook.comp, _COMPUTE, flops)
         return out
 
-    def _account(self, state: _ContextState, block: int, comp: int, done: Action, flops: float) -> None:
+    def _account(self, state: _ContextState, block: int, comp: int, done: int, flops: float) -> None:
         """Count what this cell executed, and free kept outputs of the cell that nothing reads any more."""
         step = state.step
-        if done == Action.COMPUTE:
+        if done == _COMPUTE:
             self._executed[comp] += flops
         else:
             self._skipped[comp] += flops
-        if state.table.run_of(block) is not None:
+        if state.table.block_runs and state.table.run_of(block) is not None:
             state.block_flops.setdefault(block, [None] * _NC)[comp] = flops
-        self._counts[done.name.lower()] += 1
-        key = block * _NC + comp
-        kept = state.entries.get(key)
-        if kept:
-            alive = [e for e in kept if e.last_use > step]
-            if len(alive) != len(kept):
-                for e in kept:
-                    if e.last_use <= step:
-                        self._release(e)
-                state.entries[key] = alive
+        self._counts[_COUNT_KEYS[done]] += 1
+        kept = state.entries.get(block * _NC + comp)
+        # kept entries are in step order and so are their last uses: the expired ones are at the front
+        while kept and kept[0].last_use <= step:
+            self._release(kept.pop(0))
         if self.config.trace:
-            self._trace.append((state.call_index, block, comp, int(done)))
+            self._trace.append((state.call_index, block, comp, done))
 
     # -- a block call ---------------------------------------------------------------------------
     def _run_block(self, hook: _BlockHook, args: tuple, kwargs: dict) -> Any:
@@ -734,7 +733,7 @@ class CacheEngine:
         self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any
     ) -> _Entry | None:
         # last_use is not None exactly when table.next_use_after(step, ...) is: keep only what is read later
-        last = state.table.last_use(step, block, comp)
+        last = state.table.cells[step][block][comp][2]
         if last is None:
             return None
         parts, container = _flatten(out)

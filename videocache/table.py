@@ -71,6 +71,9 @@ def decreasing_interval_steps(num_steps: int, warmup_steps: int, t_max: int, t_m
         compute[s] = True
 
 
+_COMPUTE, _REUSE, _FORECAST = 0, 1, 2  # Action values as plain ints, for loops where enum lookups cost
+
+
 @dataclass(eq=False)
 class CacheTable:
     """Actions of shape (num_steps, num_blocks, len(COMPONENTS)), values in `Action`.
@@ -93,10 +96,12 @@ class CacheTable:
     reuse_scale: np.ndarray | None = None
     partial_blocks: np.ndarray = field(init=False, repr=False)
     _computes: list[list[list[int]]] = field(init=False, repr=False)
-    _last_use: np.ndarray = field(init=False, repr=False)
     _run_of: dict[int, int] = field(init=False, repr=False)
     _run_deps: np.ndarray = field(init=False, repr=False)
     _run_last_use: np.ndarray = field(init=False, repr=False)
+    # cells[step][block][comp] = (action, dependencies, last_use or None, reuse factor): the same facts as
+    # the arrays, as plain Python values, because the engine reads one per component call
+    cells: list[list[list[tuple[int, tuple[int, ...], int | None, float]]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.actions)
@@ -124,24 +129,45 @@ class CacheTable:
             scale.flags.writeable = False
             self.reuse_scale = scale
         steps, blocks, comps = arr.shape
-        self._computes = [
-            [np.flatnonzero(arr[:, b, c] == Action.COMPUTE).tolist() for c in range(comps)]
-            for b in range(blocks)
+        # one pass per (block, component): compute steps, what each cell reads, who reads each compute last
+        acts = arr.tolist()
+        scale = self.reuse_scale.tolist() if self.reuse_scale is not None else None
+        n_read = {_REUSE: 1, _FORECAST: self.forecast_order + 1}
+        last = [[[-1] * comps for _ in range(blocks)] for _ in range(steps)]
+        deps_of: list[list[list[tuple[int, ...]]]] = [[[()] * comps for _ in range(blocks)] for _ in range(steps)]
+        self._computes = [[[] for _ in range(comps)] for _ in range(blocks)]
+        for b in range(blocks):
+            for c in range(comps):
+                computes = self._computes[b][c]
+                for s in range(steps):
+                    kind = acts[s][b][c]
+                    if kind == _COMPUTE:
+                        computes.append(s)
+                        continue
+                    if not computes:
+                        verb = "reuses" if kind == _REUSE else "forecasts"
+                        raise TableError(
+                            f"cache table: block {b} {COMPONENTS[c]} {verb} at step {s} with no earlier compute; "
+                            "compute it at an earlier step (e.g. add warm-up steps)"
+                        )
+                    deps = deps_of[s][b][c] = tuple(computes[-n_read[kind]:])
+                    for d in deps:
+                        last[d][b][c] = s  # s only grows, so this ends as the last reader
+        self.cells = [
+            [
+                [
+                    (
+                        acts[s][b][c],
+                        deps_of[s][b][c],
+                        None if last[s][b][c] < 0 else last[s][b][c],
+                        1.0 if scale is None else scale[s][b][c],
+                    )
+                    for c in range(comps)
+                ]
+                for b in range(blocks)
+            ]
+            for s in range(steps)
         ]
-        for b, c, s in zip(*np.nonzero(arr.transpose(1, 2, 0) != Action.COMPUTE), strict=True):
-            if not self._computes[b][c] or self._computes[b][c][0] > s:
-                verb = "reuses" if arr[s, b, c] == Action.REUSE else "forecasts"
-                raise TableError(
-                    f"cache table: block {b} {COMPONENTS[c]} {verb} at step {s} with no earlier compute; "
-                    "compute it at an earlier step (e.g. add warm-up steps)"
-                )
-        # last step that reads the output computed at (s, b, c); -1 = nobody reads it
-        last = np.full(arr.shape, -1, dtype=np.int32)
-        for s, b, c in zip(*np.nonzero(arr != Action.COMPUTE), strict=True):
-            for d in self.dependencies(int(s), int(b), int(c)):
-                last[d, b, c] = max(last[d, b, c], s)
-        last.flags.writeable = False
-        self._last_use = last
         self._init_block_runs()
 
     def _init_block_runs(self) -> None:
@@ -223,18 +249,11 @@ class CacheTable:
     def dependencies(self, step: int, block: int, comp_index: int) -> tuple[int, ...]:
         """Compute steps whose outputs a cell reads: () for COMPUTE, the latest earlier compute for REUSE,
         the latest min(k+1, available) earlier computes (ascending) for FORECAST."""
-        kind = self.actions[step, block, comp_index]
-        if kind == Action.COMPUTE:
-            return ()
-        computes = self._computes[block][comp_index]
-        i = bisect.bisect_left(computes, step)
-        n = 1 if kind == Action.REUSE else self.forecast_order + 1
-        return tuple(computes[max(0, i - n) : i])
+        return self.cells[step][block][comp_index][1]
 
     def last_use(self, step: int, block: int, comp_index: int) -> int | None:
         """Last step that reads the output computed at `step`, or None: the engine frees it after that step."""
-        v = int(self._last_use[step, block, comp_index])
-        return None if v < 0 else v
+        return self.cells[step][block][comp_index][2]
 
     def next_use_after(self, step: int, block: int, comp: int | str) -> int | None:
         """First step > `step` that reuses or forecasts from a value computed at or before `step`, or None.
