@@ -4,9 +4,10 @@
 2. One uncached run per calibration prompt records per-cell Gram statistics (`videocache.calibrate`)
    and the reference video.
 3. Per budget, the table search builds one candidate per ablation stage (static table; + background
-   block runs; + exposure-bias scaling; + forecasting; + EOC correction), each is generated on the
-   calibration prompts, and its measured computed fraction and PSNR against the uncached video decide:
-   an addition is kept only where it measurably helps.
+   block groups; + exposure-bias scaling; + EOC correction; + forecasting; + optimal compute-step
+   schedules found by dynamic programming), each is generated on the calibration prompts, and its
+   measured computed fraction and PSNR against the uncached video decide: an addition is kept only
+   where it measurably helps.
 4. The winners become the profile's presets, with the ablation, the predicted and measured figures, and
    the command in its metadata.
 """
@@ -34,13 +35,15 @@ from videocache.calibrate import (
 from videocache.exposure_bias import ExposureBiasConfig
 from videocache.fgbg import FgBgProfile
 from videocache.profile import Profile
+from videocache.schedule_search import schedule_preset
 from videocache.table import CacheTable
 
 from ..pipelines.attention_capture import default_profile_steps, profile_pipeline
 from ..pipelines.generation import generate
 from .fidelity import psnr, ssim
 
-STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast")
+STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
+SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,8 @@ def calibrate(
                 trial_opts = dataclasses.replace(opts, forecast=True)
             if stage == "+eb":  # the same table, now with exposure-bias scaling
                 candidates = [best[1]]
+            elif stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
+                candidates = [search.evaluate(schedule_preset(search, budget, g)) for g in SCHEDULE_GRANULARITIES]
             else:
                 try:
                     candidates = search.best_within(budget, trial_opts, keep=measure_top)

@@ -1,0 +1,81 @@
+"""Optimal compute-step schedules: exact shortest paths, budget respected, never worse than a rule table."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import videocache as vc
+from videocache.calibrate import TableSearch
+from videocache.schedule_search import _cell_costs, _shortest_paths, schedule_preset
+
+STEPS, BLOCKS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def search() -> TableSearch:
+    """Gram matrices of smooth random feature trajectories (one prompt, so median = mean)."""
+    rng = np.random.default_rng(0)
+    comps = len(vc.COMPONENTS)
+    grams = np.zeros((1, BLOCKS, comps, STEPS, STEPS))
+    for b, c in itertools.product(range(BLOCKS), range(comps)):
+        walk = np.cumsum(rng.normal(size=(STEPS, 16)) * rng.uniform(0.2, 1.0, size=(STEPS, 1)), axis=0) + 3
+        grams[0, b, c] = walk @ walk.T
+    flops = rng.uniform(1, 3, size=(BLOCKS, comps))
+    weights = rng.uniform(0.5, 2.0, size=STEPS)
+    return TableSearch(grams, flops, np.linspace(1, 0.05, STEPS), band=STEPS, step_weights=weights)
+
+
+def _brute_force(cost: np.ndarray) -> np.ndarray:
+    """Least total cost per number of computes, over every compute set containing step 0."""
+    T = cost.shape[1]
+    best = np.full(T + 1, np.inf)
+    for k in range(1, T + 1):
+        for rest in itertools.combinations(range(1, T), k - 1):
+            computes = [0, *rest]
+            total = 0.0
+            for t in range(T):
+                if t in computes:
+                    continue
+                before = [s for s in computes if s < t]
+                p = before[-2] + 1 if len(before) > 1 else 0
+                total += cost[p, before[-1], t]
+            best[k] = min(best[k], total)
+    return best
+
+
+def test_shortest_paths_are_optimal(search):
+    cost, forecast = _cell_costs(search, [0, 1], [0, 2])
+    schedule = _shortest_paths(cost, forecast)
+    np.testing.assert_allclose(schedule.errors[1:], _brute_force(cost)[1:], rtol=1e-9)
+    for k in range(1, STEPS + 1):
+        assert len(schedule.computes[k]) == k and schedule.computes[k][0] == 0
+    assert schedule.errors[STEPS] == 0.0
+
+
+@pytest.mark.parametrize("granularity", ["aligned", "component", "block"])
+def test_schedule_respects_the_budget(search, granularity):
+    preset = schedule_preset(search, 0.5, granularity)
+    candidate = search.evaluate(preset)
+    assert 0.3 < candidate.predicted_fraction <= 0.5
+
+
+def test_aligned_schedule_beats_a_fixed_interval_rule(search):
+    """TaylorSeer-style tables (warm-up, then every other step forecast) are points of the searched space."""
+    rule = {"warmup_steps": 2, "final_steps": 0, "rules": [
+        {"stage": "all", "components": list(vc.COMPONENTS), "blocks": "all", "interval": 2, "mode": "forecast"}]}
+    fixed = search.evaluate(rule)
+    found = search.evaluate(schedule_preset(search, fixed.predicted_fraction, "aligned"))
+    assert found.predicted_fraction <= fixed.predicted_fraction + 1e-9
+    assert found.predicted_error <= fixed.predicted_error + 1e-9
+
+
+def test_bad_arguments(search):
+    with pytest.raises(ValueError, match="granularity"):
+        schedule_preset(search, 0.5, "per-token")
+    with pytest.raises(ValueError, match="budget"):
+        schedule_preset(search, 1.5)
+    with pytest.raises(ValueError, match="no schedule fits"):
+        schedule_preset(search, 0.01)
