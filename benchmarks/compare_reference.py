@@ -4,7 +4,8 @@ A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 `a {colour} {shape} moving {direction} on a {background} background` (never seen in training),
 25 steps, 2 timed repeats (the minimum counts), the uncached pipeline as reference, and every peer at
 two or more settings. Results (report.json, report.md, pareto.png, per-run records) go to --out;
-rerunning resumes what is missing. Expect about half an hour on the 2-core CPU.
+rerunning resumes what is missing (and reruns a preset whose profile changed). Expect about an hour
+on the 2-core CPU.
 
     python benchmarks/compare_reference.py                       # the committed results
     python benchmarks/compare_reference.py --prompts-count 4 --out /tmp/cmp   # a quick look
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,14 +28,18 @@ DEFAULT_METHODS = (
     "diffusers:fbcache:0.2",
     "diffusers:taylorseer:2",
     "diffusers:taylorseer:3",
+    "diffusers:taylorseer:4",
     "diffusers:magcache:0.12",
     "diffusers:magcache:0.24",
+    "diffusers:magcache:0.4",
     "diffusers:pab:2",
     "diffusers:pab:3",
     "cachedit:dbcache:1:0:0.08",
     "cachedit:dbcache:1:0:0.16",
+    "cachedit:dbcache:1:0:0.3",
     "cachedit:dbcache-taylorseer:1:0:0.08",
     "cachedit:dbcache-taylorseer:1:0:0.16",
+    "cachedit:dbcache-taylorseer:1:0:0.3",
 )
 CALIBRATION_REPORT = Path(__file__).resolve().parents[1] / "profiles" / "reference-wan.json"
 DEFAULT_OUT = Path(__file__).resolve().with_name("compare_reference")
@@ -113,7 +119,14 @@ def write_ablation_profile(path: Path) -> list[str]:
     }
     data.update(name="reference-wan-ablation", presets=presets, default_preset=next(iter(presets)))
     path.write_text("# Written by benchmarks/compare_reference.py from profiles/reference-wan.json\n" + yaml.safe_dump(data, sort_keys=False))
-    return [f"videocache:{path}:{name}" for name in presets]
+    return [_ablation_spec(path, name) for name in presets]
+
+
+def _ablation_spec(path: Path, preset: str) -> str:
+    """The method spec of one ablation preset; the profile path relative to the working directory when
+    it lies below it, so that reports do not carry this machine's absolute paths."""
+    rel = os.path.relpath(path)
+    return f"videocache:{path if rel.startswith('..') else rel}:{preset}"
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -135,7 +148,7 @@ def write_ablation_table(out: Path) -> None:
     ]
     for b in report["budgets"]:
         for row in b["stages"]:
-            spec = f"videocache:{out / 'ablation.yaml'}:{_stage_preset_name(b['preset'], row['stage'])}"
+            spec = _ablation_spec(out / "ablation.yaml", _stage_preset_name(b["preset"], row["stage"]))
             rec = records.get(spec, {})
             lines.append(
                 f"| {b['preset']} ({b['budget']}) | {row['stage']} | {'yes' if row['kept'] else 'no'} | "

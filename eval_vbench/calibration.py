@@ -189,7 +189,8 @@ def calibrate(
     if fgbg is None and fgbg_prompts > 0:
         log("profiling foreground/background blocks from the model's attention ...")
         try:
-            fgbg = profile_pipeline(pipe, prompts[:fgbg_prompts], default_profile_steps(settings.steps), **settings.call())
+            fgbg = profile_pipeline(pipe, prompts[:fgbg_prompts], default_profile_steps(settings.steps),
+                                    progress=progress, **settings.call())
         except ValueError as exc:  # e.g. no foreground found at all (an untrained model)
             log(f"no fg/bg block classes ({exc}); the +fgbg stage is skipped")
     if fgbg is not None:

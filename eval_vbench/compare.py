@@ -159,7 +159,8 @@ def run_compare(config: CompareConfig) -> CompareResult:
     methods = list(config.methods)
     groups = group_methods(methods)
     total = len(methods) * len(items)
-    done = sum(store.has_record(m.spec, item) for m in methods for item in items)
+    digests = {m.spec: m.config_digest() for m in methods}
+    done = sum(store.has_record(m.spec, item, digests[m.spec]) for m in methods for item in items)
     errors: dict[str, str] = {}
     bar = tqdm(
         total=total, initial=done, desc="compare", unit="run", disable=not config.progress, dynamic_ncols=True
@@ -178,7 +179,9 @@ def run_compare(config: CompareConfig) -> CompareResult:
             bar.write(f"videocache compare: {msg['method']} failed: {msg['message']}")
 
     def run_group_item(group: WorkerGroup, item: Item) -> None:
-        pending = [m for m in group.methods if m.spec not in errors and not store.has_record(m.spec, item)]
+        pending = [
+            m for m in group.methods if m.spec not in errors and not store.has_record(m.spec, item, digests[m.spec])
+        ]
         if not pending:
             return
         bar.set_description_str(f"compare p{item.index} seed {item.seed}", refresh=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import math
 import re
 from collections.abc import Callable
@@ -110,6 +111,11 @@ class Method:
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         raise NotImplementedError
 
+    def config_digest(self) -> str:
+        """What the spec does not pin down (a profile file's contents): a resumed comparison reruns a
+        method whose digest changed. Empty when the spec says everything."""
+        return ""
+
 
 @dataclass(frozen=True)
 class NoCache(Method):
@@ -150,6 +156,15 @@ class VideocacheMethod(Method):
         if self.exposure_bias == "noeb":
             return False
         return ExposureBiasConfig(enabled=True, sign=-1 if self.exposure_bias == "eb-inv" else 1)
+
+    def config_digest(self) -> str:
+        import hashlib
+
+        import videocache
+
+        preset = videocache.load_profile(self.profile).preset(self.preset)
+        text = json.dumps([preset.to_dict(), self.exposure_bias], sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         import videocache  # lazily: the engine is optional for every other method

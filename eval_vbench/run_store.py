@@ -130,8 +130,12 @@ class RunStore:
     def log_path(self, process: str) -> Path:
         return self.out / "logs" / f"{method_slug(process)}.log"
 
-    def has_record(self, spec: str, item: Item) -> bool:
-        return self.record_path(spec, item).is_file()
+    def has_record(self, spec: str, item: Item, digest: str = "") -> bool:
+        """A record exists for this method and item, made with the same method configuration `digest`."""
+        path = self.record_path(spec, item)
+        if not path.is_file():
+            return False
+        return not digest or read_json(path).get("config_digest") == digest
 
     def read_record(self, spec: str, item: Item) -> dict[str, Any] | None:
         path = self.record_path(spec, item)

@@ -178,6 +178,7 @@ class GroupRunner:
         stats = run.stats
         return {
             "method": method.spec,
+            "config_digest": method.config_digest(),
             "family": family_of(method),
             "prompt": item.prompt,
             "prompt_index": item.index,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from tqdm.auto import tqdm
 
 from videocache.engine import drop_empty_registry
 from videocache.fgbg import (
@@ -225,6 +226,7 @@ def profile_pipeline(
     border: int = 1,
     token_threshold: float = 0.5,
     tau: float | None = None,
+    progress: bool = True,
     **call_kwargs: Any,
 ) -> FgBgProfile:
     """Generate every (prompt, seed) with `pipe` (a WanPipeline; `call_kwargs` go to its call, e.g.
@@ -246,16 +248,17 @@ def profile_pipeline(
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_ContextProbe(run), PROBE_HOOK)
     registry.invalidate_child_registries_cache()
+    pipe.set_progress_bar_config(disable=True)  # one bar over the runs instead of one per run
     try:
         with run.capture, torch.no_grad():
-            for prompt in prompts:
-                for seed in seeds:
-                    pipe(
-                        prompt=prompt,
-                        generator=torch.Generator().manual_seed(int(seed)),
-                        output_type="latent",
-                        **call_kwargs,
-                    )
+            runs = [(prompt, seed) for prompt in prompts for seed in seeds]
+            for prompt, seed in tqdm(runs, desc="fg/bg profile", disable=not progress, dynamic_ncols=True):
+                pipe(
+                    prompt=prompt,
+                    generator=torch.Generator().manual_seed(int(seed)),
+                    output_type="latent",
+                    **call_kwargs,
+                )
     finally:
         registry.remove_hook(PROBE_HOOK, recurse=False)
         drop_empty_registry(transformer)

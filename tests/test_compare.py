@@ -7,12 +7,14 @@ import json
 import math
 
 import pytest
+import yaml
 
 from videocache.cli import main
 from videocache.eval_vbench.compare import group_methods, read_prompts
 from videocache.eval_vbench.methods import parse_methods
 from videocache.eval_vbench.report import render_markdown
-from videocache.eval_vbench.run_store import RunSettings, RunStore, read_json
+from videocache.eval_vbench.run_store import Item, RunSettings, RunStore, read_json, write_json
+from videocache.profile import PROFILES_DIR
 
 PROMPTS = "# two held-out style prompts\na red circle moving left on a black background\n\na blue square moving up on a white background\n"
 SMALL = ["--steps", "6", "--frames", "5", "--height", "32", "--width", "32", "--no-progress"]
@@ -53,6 +55,20 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         store.check_settings(
             RunSettings(model="m", steps=6, frames=17, height=64, width=64, guidance_scale=5.0)
         )
+
+
+def test_a_recalibrated_profile_is_rerun_on_resume(tmp_path):
+    """A record of `videocache:FILE:PRESET` made before FILE changed must not be reused."""
+    profile = tmp_path / "p.yaml"
+    data = yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
+    profile.write_text(yaml.safe_dump(data))
+    [method] = parse_methods([f"videocache:{profile}:fast"])[1:]
+    store, item = RunStore(tmp_path / "cmp"), Item(prompt="a red circle moving left on a black background", seed=0)
+    write_json(store.record_path(method.spec, item), {"config_digest": method.config_digest()})
+    assert store.has_record(method.spec, item, method.config_digest())
+    data["presets"]["fast"]["final_steps"] = 2
+    profile.write_text(yaml.safe_dump(data))
+    assert not store.has_record(method.spec, item, method.config_digest())
 
 
 def test_bad_settings_are_one_line():
