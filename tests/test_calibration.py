@@ -97,6 +97,7 @@ def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, cap
         assert entry["stages"][0]["stage"] == "static"
     assert "videocache profile" in yaml.safe_load(out.read_text())["metadata"]["made_by"]
     assert "predicted fraction" in capsys.readouterr().out
+    assert out.with_suffix(".fgbg.png").is_file() == (profile.fgbg is not None)  # the blocks x steps heatmap
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out} (presets {', '.join(profile.presets)}) and {out.with_suffix('.json')} in {report['seconds']:.0f} s")
+    written = [str(out), str(out.with_suffix(".json"))]
+    if profile.fgbg is not None and profile.fgbg.per_step:
+        from videocache.fgbg import save_heatmap
+
+        heatmap = save_heatmap(profile.fgbg, out.with_suffix(".fgbg.png"), f"{profile.name}: R_attn per block and step")
+        written.append(str(heatmap))
+    print(f"wrote {', '.join(written)} (presets {', '.join(profile.presets)}) in {report['seconds']:.0f} s")
     return 0
 
 

@@ -42,6 +42,11 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
     T = search.num_steps
     band = search.band
     t_idx = np.arange(T)
+    p_, l_, t_ = np.meshgrid(t_idx, t_idx, t_idx, indexing="ij")
+    r = np.where(l_ > p_, (t_ - l_) / np.maximum(l_ - p_, 1), 0.0)  # forecast weights (1 + r, -r)
+    a, m = 1 + r, -r
+    far_l = (t_idx[None, :] - t_idx[:, None]) > band  # beyond the recorded band: nothing useful kept
+    far_p = (t_ - p_) > band
     reuse = np.zeros((T, T))
     fc = np.zeros((T, T, T))
     for b, c in itertools.product(blocks, comps):
@@ -52,14 +57,9 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
         # reuse of l at t: ||F_t - F_l||^2
         e_r = d[:, None, :] - 2 * g.transpose(0, 2, 1) + d[:, :, None]  # (P, l, t)
         e_r = np.sqrt(np.maximum(e_r, 0.0)) / scale[:, None, :]
-        far = (t_idx[None, :] - t_idx[:, None]) > band
-        e_r = np.where(far[None], full[:, None, :], e_r)
+        e_r = np.where(far_l[None], full[:, None, :], e_r)
         reuse += e_r.mean(axis=0) * search.component_weights[c]
         # forecast from (p, l) at t: ||F_t - (1 + r) F_l + r F_p||^2, r = (t - l) / (l - p)
-        p_, l_, t_ = np.meshgrid(t_idx, t_idx, t_idx, indexing="ij")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(l_ > p_, (t_ - l_) / np.maximum(l_ - p_, 1), 0.0)
-        a, m = 1 + r, -r
         g_lt = g.transpose(0, 2, 1)  # g_lt[:, x, y] = <F_y, F_x>
         e_f = (
             d[:, None, None, :]
@@ -70,17 +70,14 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
             + m * m * d[:, :, None, None]
         )
         e_f = np.sqrt(np.maximum(e_f, 0.0)) / scale[:, None, None, :]
-        far_f = (t_ - p_) > band
-        e_f = np.where(far_f[None], full[:, None, None, :], e_f)
+        e_f = np.where(far_p[None], full[:, None, None, :], e_f)
         fc += e_f.mean(axis=0) * search.component_weights[c]
     weight = search.step_weights[None, :]
     reuse = reuse * weight
     fc = fc * weight[None]
-    valid_l_t = t_idx[None, :] > t_idx[:, None]  # l < t
     cost = np.full((T + 1, T, T), np.inf)
     forecast = np.zeros((T + 1, T, T), dtype=bool)
-    cost[0] = np.where(valid_l_t, reuse, np.inf)
-    p_, l_, t_ = np.meshgrid(t_idx, t_idx, t_idx, indexing="ij")
+    cost[0] = np.where(t_idx[None, :] > t_idx[:, None], reuse, np.inf)  # only the first compute: reuse
     valid = (p_ < l_) & (l_ < t_)
     better = fc < reuse[None]
     cost[1:] = np.where(valid, np.where(better, fc, reuse[None]), np.inf)
