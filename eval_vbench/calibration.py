@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from .fidelity import psnr, ssim
 
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
+BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
 
 @dataclass(frozen=True)
@@ -225,14 +227,18 @@ def calibrate(
         log(f"budget {budget}:")
         stages: list[dict] = []
         best: tuple[dict, Candidate] | None = None  # (report row, candidate)
-        opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=())
+        opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=(), block_runs=None)
         use_eb = False
         for stage in STAGES:
             trial_opts, trial_eb = opts, use_eb
-            if stage == "+fgbg":  # background blocks recomputed one step less often
+            if stage == "+fgbg":  # background blocks: one step coarser, or reused whole as block runs
                 if fgbg is None or not fgbg.background_blocks:
                     continue
-                trial_opts = dataclasses.replace(opts, group_blocks=tuple(fgbg.background_blocks))
+                bg = list(fgbg.background_blocks)
+                variants = [dataclasses.replace(opts, group_blocks=tuple(bg))] + [
+                    dataclasses.replace(opts, block_runs={"blocks": bg, "t_max": t_max, "t_min": 2})
+                    for t_max in BLOCK_RUN_T_MAX
+                ]
             elif stage == "+eb":
                 trial_eb = True
             elif stage == "+correction":
@@ -241,6 +247,14 @@ def calibrate(
                 trial_opts = dataclasses.replace(opts, forecast=True)
             if stage == "+eb":  # the same table, now with exposure-bias scaling
                 candidates = [best[1]]
+            elif stage == "+fgbg":  # the best-predicted candidate of each variant
+                candidates, origins = [], []
+                for variant in variants:
+                    with contextlib.suppress(ValueError):  # a variant that cannot meet the budget
+                        candidates += search.best_within(budget, variant, keep=1)
+                        origins.append(variant)
+                if not candidates:
+                    continue
             elif stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
                 candidates = [search.evaluate(schedule_preset(search, budget, g)) for g in SCHEDULE_GRANULARITIES]
             else:
@@ -249,16 +263,18 @@ def calibrate(
                 except ValueError as exc:
                     log(f"  {stage:12s} {exc}")
                     continue
+            if stage != "+fgbg":
+                origins = [trial_opts] * len(candidates)  # the search options each candidate came from
             if trial_eb:
                 candidates = [dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()})
                               for c in candidates]
             trial = None
-            for candidate in candidates:
+            for candidate, origin in zip(candidates, origins, strict=True):
                 measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", prompts,
                                    rec.references, settings)
                 if trial is None or measured["psnr"] > trial[0]["psnr"]:
-                    trial = (measured, candidate)
-            measured, candidate = trial
+                    trial = (measured, candidate, origin)
+            measured, candidate, trial_opts = trial
             row = {"stage": stage, "predicted_fraction": round(candidate.predicted_fraction, 4),
                    "predicted_error": round(candidate.predicted_error, 5), **measured}
             kept = best is None or measured["psnr"] > best[0]["psnr"]

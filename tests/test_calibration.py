@@ -46,9 +46,18 @@ def test_reuse_error_from_gram_matches_the_tensors(recording):
     assert (proxy[:, 1:] > 0).all()
 
 
-def test_predicted_fraction_is_what_the_engine_measures(pipe, recording):
+@pytest.mark.parametrize(
+    "opts",
+    [
+        SearchOptions(warmup_steps=(1, 2), final_steps=(0, 1), intervals=(1, 2, 3), forecast=True),
+        # ProfilingDiT block runs: whole blocks skipped as one delta, counted in the predicted fraction
+        SearchOptions(warmup_steps=(1,), final_steps=(0,), intervals=(1, 2),
+                      block_runs={"blocks": [5, 6, 7], "t_max": 3, "t_min": 2}),
+    ],
+    ids=["forecast", "block-runs"],
+)
+def test_predicted_fraction_is_what_the_engine_measures(pipe, recording, opts):
     search = TableSearch(recording.grams, recording.flops, recording.sigmas)
-    opts = SearchOptions(warmup_steps=(1, 2), final_steps=(0, 1), intervals=(1, 2, 3), forecast=True)
     [best] = search.best_within(0.6, opts, keep=1, slack=0.3)
     assert best.predicted_fraction <= 0.6
     profile = vc.Profile.from_dict(

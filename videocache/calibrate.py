@@ -84,6 +84,9 @@ class SearchOptions:
     forecast: bool = False
     correction: bool = False
     group_blocks: tuple[int, ...] = ()
+    # ProfilingDiT's block runs on these blocks (each run of consecutive blocks reused as one delta,
+    # recomputed every t_max steps early down to every t_min late): {"blocks": [...], "t_max": 4, "t_min": 2}
+    block_runs: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.intervals or min(self.intervals) < 1 or min(self.warmup_steps) < 1:
@@ -106,7 +109,7 @@ class SearchOptions:
                     rules.append({"stage": stage, "components": comps, "blocks": list(self.group_blocks),
                                   "interval": interval + 1, **mode})
             out.append({"warmup_steps": warm, "final_steps": final, "stage_threshold": self.stage_threshold,
-                        "rules": rules})
+                        "rules": rules, **({"block_runs": self.block_runs} if self.block_runs else {})})
         return out
 
 
@@ -166,6 +169,8 @@ class TableSearch:
         """The preset's table for the calibration run and its exact FLOP-weighted computed fraction."""
         table = build_table(preset_from_dict("candidate", preset, self.num_steps), self.sigmas, self.num_blocks)
         skipped = np.asarray(table.actions) != Action.COMPUTE
+        for r, (first, last) in enumerate(table.block_runs):  # a run reuse skips its blocks whole
+            skipped[np.asarray(table.run_actions)[:, r] == Action.REUSE, first : last + 1] = True
         fraction = 1.0 - float((skipped * self.flops[None]).sum()) / (float(self.flops.sum()) * self.num_steps)
         return table, fraction
 
