@@ -266,24 +266,31 @@ def plot_pareto(report: dict[str, Any], path: Path) -> None:
     points = [(e["computed_fraction"], e["psnr"] if math.isfinite(e["psnr"]) else top) for e in entries]
     seen_families: set[str] = set()
     labels: dict[tuple[float, float], list[str]] = {}  # coincident points share one annotation
-    for e, (x, y) in zip(entries, points, strict=True):
+    front = pareto_front(points)
+    for i, (e, (x, y)) in enumerate(zip(entries, points, strict=True)):
         marker, colour = MARKERS.get(e["family"], ("o", "gray"))
-        legend = e["family"] if e["family"] not in seen_families else None
-        seen_families.add(e["family"])
+        # videocache presets from profile files (ablations, experiments): hollow and unlabelled unless on
+        # the front, so that the named methods stay readable
+        variant = e["family"] == "videocache" and any(c in e["label"] for c in ("/", ".yaml", ".yml"))
+        family = e["family"] + (" (profile-file variants)" if variant else "")
+        legend = family if family not in seen_families else None
+        seen_families.add(family)
         ax.scatter(
             [x],
             [y],
             marker=marker,
             color=colour,
-            s=90 if marker == "*" else 50,
+            facecolors="none" if variant else colour,
+            s=(45 if variant else 90) if marker == "*" else 50,
             label=legend,
             zorder=3,
             alpha=0.85,
         )
+        if variant and i not in front:
+            continue
         text = e["label"] + (" (inf)" if not math.isfinite(e["psnr"]) else "")
         labels.setdefault((round(x, 3), round(y, 2)), []).append(text)
     _place_labels(ax, fig, labels, points)
-    front = pareto_front(points)
     if len(front) > 1:
         fx, fy = zip(*(points[i] for i in front), strict=True)
         ax.step(
