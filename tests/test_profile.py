@@ -73,17 +73,17 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     assert str(path) in msg and "not valid YAML" in msg and "line" in msg
 
 
+RULE = {"stage": "early", "components": ["mlp"], "blocks": "all", "interval": 2}  # a valid rule to break
+
+
 @pytest.mark.parametrize(
     "mutate, expect",
     [
         (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
-        (
-            lambda d: d["presets"]["fast"]["rules"][0].update(interval=0),
-            "presets.fast: rules[0]: interval must be",
-        ),
-        (lambda d: d["presets"]["slow"]["rules"][0].update(stage="middle"), "stage must be one of"),
-        (lambda d: d["presets"]["slow"]["rules"][0].update(blocks="3-99"), "block 99 does not exist"),
-        (lambda d: d["presets"]["slow"]["rules"][0].update(components=["mlp", "norm"]), "components must be"),
+        (lambda d: d["presets"]["fast"].update(rules=[{**RULE, "interval": 0}]), "presets.fast: rules[0]: interval must be"),
+        (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "stage": "middle"}]), "stage must be one of"),
+        (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "blocks": "3-99"}]), "block 99 does not exist"),
+        (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "components": ["mlp", "norm"]}]), "components must be"),
         (lambda d: d.update(default_preset="turbo"), "default_preset 'turbo' is not one of"),
         (lambda d: d["model"].pop("num_blocks"), "missing required key 'num_blocks'"),
         (lambda d: d["exposure_bias"].update(sign=2), "broken.yaml: exposure_bias.sign must be"),
