@@ -9,12 +9,13 @@ corrected reuse: a * F_last; order-1 forecast: (1 + r) F_last - r F_prev), so it
 The search space is FEB-Cache's stage-aware one, written as profile rules: a warm-up, then in the early
 stage (sigma >= stage_threshold) attention and MLP each recomputed every a_early / m_early steps, in the
 late stage every a_late / m_late steps (FEB keeps attention fresh early and the MLP late: the search
-finds how much), optionally with the background blocks (fg/bg profile) one step coarser or reused
-whole as block runs, and a final fully computed step. Every candidate's computed fraction is exact
-(FLOPs per cell) and its error is predicted from the Gram matrices: the sum over skipped cells of their relative error (to the block's
-output scale), weighted by the step's measured sensitivity (how much the rest of sampling amplifies an
-error made there), median over the calibration prompts (a majority vote). The best-predicted candidates
-within the budget are then measured by generation, and the measurement decides.
+finds how much), optionally with the background blocks (fg/bg profile) one step coarser or reused whole
+as block runs, and a final fully computed step. Every candidate's computed fraction is exact (FLOPs per
+cell) and its error is predicted from the Gram matrices: the sum over skipped cells of their relative
+error (to the block's output scale), weighted by the step's measured sensitivity (how much the rest of
+sampling amplifies an error made there), median over the calibration prompts (a majority vote). The
+best-predicted candidates within the budget are then measured by generation, and the measurement
+decides.
 """
 
 from __future__ import annotations
