@@ -163,6 +163,30 @@ def _profile(base: dict, presets: dict[str, dict]) -> Profile:
     return Profile.from_dict({**base, "presets": presets, "default_preset": next(iter(presets))}, "<calibration>")
 
 
+def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: float,
+                  best: tuple[dict, Candidate] | None, fgbg: FgBgProfile | None,
+                  measure_top: int) -> list[tuple[Candidate, SearchOptions]]:
+    """The candidates one ablation stage generates, each with the search options it came from (what the
+    later stages build on if it is kept). ValueError: no candidate of the stage meets the budget."""
+    if stage == "+eb":  # the same table, now with exposure-bias scaling
+        return [(best[1], opts)]
+    if stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
+        return [(search.evaluate(schedule_preset(search, budget, g)), opts) for g in SCHEDULE_GRANULARITIES]
+    if stage == "+fgbg":  # background blocks one step coarser, or reused whole as block runs: the best of each
+        bg = list(fgbg.background_blocks)
+        variants = [dataclasses.replace(opts, group_blocks=tuple(bg))] + [
+            dataclasses.replace(opts, block_runs={"blocks": bg, "t_max": t_max, "t_min": 2}) for t_max in BLOCK_RUN_T_MAX
+        ]
+        trials = []
+        for variant in variants:
+            with contextlib.suppress(ValueError):  # a variant that cannot meet the budget
+                trials += [(c, variant) for c in search.best_within(budget, variant, keep=1)]
+        return trials
+    variant = {"static": opts, "+correction": dataclasses.replace(opts, correction=True),
+               "+forecast": dataclasses.replace(opts, forecast=True)}[stage]
+    return [(c, variant) for c in search.best_within(budget, variant, keep=measure_top)]
+
+
 def calibrate(
     pipe,
     name: str,
@@ -230,46 +254,21 @@ def calibrate(
         opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=(), block_runs=None)
         use_eb = False
         for stage in STAGES:
-            trial_opts, trial_eb = opts, use_eb
-            if stage == "+fgbg":  # background blocks: one step coarser, or reused whole as block runs
-                if fgbg is None or not fgbg.background_blocks:
-                    continue
-                bg = list(fgbg.background_blocks)
-                variants = [dataclasses.replace(opts, group_blocks=tuple(bg))] + [
-                    dataclasses.replace(opts, block_runs={"blocks": bg, "t_max": t_max, "t_min": 2})
-                    for t_max in BLOCK_RUN_T_MAX
-                ]
-            elif stage == "+eb":
-                trial_eb = True
-            elif stage == "+correction":
-                trial_opts = dataclasses.replace(opts, correction=True)
-            elif stage == "+forecast":
-                trial_opts = dataclasses.replace(opts, forecast=True)
-            if stage == "+eb":  # the same table, now with exposure-bias scaling
-                candidates = [best[1]]
-            elif stage == "+fgbg":  # the best-predicted candidate of each variant
-                candidates, origins = [], []
-                for variant in variants:
-                    with contextlib.suppress(ValueError):  # a variant that cannot meet the budget
-                        candidates += search.best_within(budget, variant, keep=1)
-                        origins.append(variant)
-                if not candidates:
-                    continue
-            elif stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
-                candidates = [search.evaluate(schedule_preset(search, budget, g)) for g in SCHEDULE_GRANULARITIES]
-            else:
-                try:
-                    candidates = search.best_within(budget, trial_opts, keep=measure_top)
-                except ValueError as exc:
-                    log(f"  {stage:12s} {exc}")
-                    continue
-            if stage != "+fgbg":
-                origins = [trial_opts] * len(candidates)  # the search options each candidate came from
+            if stage == "+fgbg" and (fgbg is None or not fgbg.background_blocks):
+                continue
+            try:
+                trials = _stage_trials(stage, opts, search, budget, best, fgbg, measure_top)
+            except ValueError as exc:
+                log(f"  {stage:12s} {exc}")
+                continue
+            if not trials:
+                continue
+            trial_eb = use_eb or stage == "+eb"
             if trial_eb:
-                candidates = [dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()})
-                              for c in candidates]
+                trials = [(dataclasses.replace(c, preset={**c.preset, "exposure_bias": eb_on.to_dict()}), o)
+                          for c, o in trials]
             trial = None
-            for candidate, origin in zip(candidates, origins, strict=True):
+            for candidate, origin in trials:
                 measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", prompts,
                                    rec.references, settings)
                 if trial is None or measured["psnr"] > trial[0]["psnr"]:

@@ -44,7 +44,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from .adapters import ModelAdapter
 from .exposure_bias import ExposureBiasConfig, correct_velocity
-from .table import COMPONENTS, Action, CacheTable, build_table
+from .table import _COMPUTE, _REUSE, COMPONENTS, Action, CacheTable, build_table
 
 TRANSFORMER_HOOK = "videocache_transformer"
 COMPONENT_HOOK = "videocache_component"
@@ -54,7 +54,6 @@ _DEFAULT_CONTEXT = CacheContext("default")
 _NC = len(COMPONENTS)
 _TRACE_LETTERS = "CRFD"
 _SKIPPED = 3  # trace code of a component whose block a block-run reuse skipped
-_COMPUTE, _REUSE = int(Action.COMPUTE), int(Action.REUSE)
 _COUNT_KEYS = ("compute", "reuse", "forecast")
 
 

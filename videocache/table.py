@@ -71,7 +71,8 @@ def decreasing_interval_steps(num_steps: int, warmup_steps: int, t_max: int, t_m
         compute[s] = True
 
 
-_COMPUTE, _REUSE, _FORECAST = 0, 1, 2  # Action values as plain ints, for loops where enum lookups cost
+# Action values as plain ints, for hot loops where enum lookups cost
+_COMPUTE, _REUSE, _FORECAST = int(Action.COMPUTE), int(Action.REUSE), int(Action.FORECAST)
 
 
 @dataclass(eq=False)
