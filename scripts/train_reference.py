@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanPipeline
 from tqdm.auto import tqdm
+from transformers import UMT5EncoderModel
 
 from videocache.pipelines.reference import build
 from videocache.pipelines.reference.data import render_clip, split_captions
@@ -58,6 +61,11 @@ def save_checkpoint(path: Path, **state) -> None:
     tmp.replace(path)  # atomic: an interrupted save never corrupts the last good checkpoint
 
 
+def _render_video(job) -> np.ndarray:
+    caption, seed = job
+    return render_clip(caption, seed).video
+
+
 def render_bank(args, work: Path) -> None:
     """Render every training clip once (uint8); the VAE and the latent stage both sample from it."""
     out = work / "clips.pt"
@@ -65,7 +73,9 @@ def render_bank(args, work: Path) -> None:
         return
     train_caps, _ = split_captions()
     jobs = [(cap, args.seed * 1000 + i) for cap in train_caps for i in range(args.clips_per_caption)]
-    videos = np.stack([render_clip(cap, seed).video for cap, seed in tqdm(jobs, desc="render", dynamic_ncols=True)])
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:  # rendering is deterministic per (caption, seed)
+        rendered = pool.map(_render_video, jobs, chunksize=16)
+        videos = np.stack(list(tqdm(rendered, total=len(jobs), desc="render", dynamic_ncols=True)))
     save_checkpoint(out, videos=torch.from_numpy(videos), captions=[cap.text for cap, _ in jobs])
 
 
@@ -239,6 +249,19 @@ def encode_latents(args, device, work: Path) -> None:
     partial.unlink(missing_ok=True)
 
 
+def text_pipeline(args) -> WanPipeline:
+    """Tokenizer and frozen text encoder, without a transformer.
+
+    Built from the seed, or with the text encoder loaded from --text-encoder (a saved pipeline folder),
+    so that a run under other library versions (a GPU machine, say) trains on the same embeddings.
+    """
+    pipe = build.build_pipeline(args.seed, with_transformer=False)
+    if args.text_encoder:
+        encoder = UMT5EncoderModel.from_pretrained(Path(args.text_encoder) / "text_encoder").eval().requires_grad_(False)
+        pipe.register_modules(text_encoder=encoder)
+    return pipe
+
+
 def transformer_lr(args, step: int) -> float:
     """Warm-up then cosine decay per phase; the second phase is a warm restart at a lower peak."""
     begin = 0
@@ -258,7 +281,7 @@ def train_transformer(args, device, work: Path) -> None:
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
     latents = ((data["latents"] - mean) / std).to(device)
-    pipe = build.build_pipeline(args.seed, with_transformer=False)
+    pipe = text_pipeline(args)
     captions = sorted(set(data["captions"]))
     with torch.no_grad():
         embeds, _ = pipe.encode_prompt(
@@ -282,6 +305,9 @@ def train_transformer(args, device, work: Path) -> None:
         ema = ckpt["ema"]
         step = ckpt["step"]
     gen = torch.Generator().manual_seed(args.seed + step)
+    noise_gen = torch.Generator(device).manual_seed(args.seed + 1 + step)  # noise is drawn where it is used
+    params = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+    ema_params = [ema[k] for k, v in model.state_dict().items() if v.dtype.is_floating_point]
     total = args.steps + args.steps2
     bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
     model.train()
@@ -294,7 +320,7 @@ def train_transformer(args, device, work: Path) -> None:
         cond[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = empty_id
         u = torch.rand(args.batch, generator=gen)
         sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # same shift as the sampler's schedule
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -310,11 +336,11 @@ def train_transformer(args, device, work: Path) -> None:
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay) if v.dtype.is_floating_point else ema[k].copy_(v)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         bar.update(1)
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if step % 25 == 0 or step == total:  # reading the loss waits for the device: not every step
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
         if step % args.ckpt_every == 0 or step == total:
             save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
     bar.close()
@@ -322,7 +348,7 @@ def train_transformer(args, device, work: Path) -> None:
 
 
 def assemble(args, work: Path, command: str) -> None:
-    pipe = build.build_pipeline(args.seed, with_transformer=False)
+    pipe = text_pipeline(args)
     vae = build.build_vae()
     vae.load_state_dict(torch.load(work / "vae_decoder_final.pt", map_location="cpu")["model"])
     stats = torch.load(work / "latents.pt", weights_only=False)
@@ -391,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--text-encoder", default=None,
+                   help="load the frozen text encoder from this saved pipeline folder instead of building it from the seed")
     p.add_argument("--stages", default="clips,vae,latents,transformer,decoder,assemble")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
