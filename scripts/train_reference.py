@@ -327,8 +327,10 @@ def train_transformer(args, device, work: Path) -> None:
         lr = transformer_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        pred = model(xt, sigma * 1000, embeds[cond.to(device)], return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
+        # bf16 autocast on a GPU (fp32 master weights); a CPU run stays in fp32.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(xt, sigma * 1000, embeds[cond.to(device)], return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -422,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="clips,vae,latents,transformer,decoder,assemble")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     command = "python " + shlex.join(sys.argv)

@@ -11,13 +11,6 @@ from videocache.pipelines.reference.evaluate import prompt_adherence, vae_psnr
 
 pytestmark = pytest.mark.slow
 
-# The shipped weights are a first training run below the gates (benchmarks/reference_quality.md:
-# colour 35 %, direction 15 %, VAE 22.4 dB). strict=True: once retrained weights pass, these turn into
-# failures until the markers are removed, so a pass can never go unnoticed.
-BELOW_GATES = pytest.mark.xfail(strict=True, reason="shipped reference weights are below the quality gates; see benchmarks/reference_quality.md")
-
-
-@BELOW_GATES
 def test_held_out_prompts_show_prompted_colour_and_motion(reference_pipe):
     _, held_out = split_captions()
     report = prompt_adherence(reference_pipe, held_out, steps=25, guidance_scale=5.0)
@@ -25,7 +18,6 @@ def test_held_out_prompts_show_prompted_colour_and_motion(reference_pipe):
     assert report.direction_rate >= 0.7, report
 
 
-@BELOW_GATES
 def test_vae_reconstructs_held_out_clips(reference_pipe):
     _, held_out = split_captions()
     psnrs = vae_psnr(reference_pipe.vae, held_out)
