@@ -113,6 +113,22 @@ class WanAdapter:
         out = component("mlp", lambda: ((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h),))
         return (h.float() + out.float() * c_gate).type_as(h)
 
+    def residual_gates(self, block: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, int | None], ...]:
+        """Per component: the block's own part of the gate on its output, and the index of the part all
+        blocks share (the step's time projection); (None, None) for the ungated cross-attention. The gate
+        is their sum: lean_block_forward's `scale_shift_table + temb`."""
+        table = block.scale_shift_table.detach()
+        return ((table[:, 2:3], 2), (None, None), (table[:, 5:6], 5))
+
+    def shared_gates(self, args: tuple, kwargs: dict, indices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A block call's hidden states and the shared gate parts at `indices`, shaped to broadcast over
+        the tokens."""
+        bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
+        temb = bound["temb"].float()
+        if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (batch, tokens, 6, dim)
+            return bound["hidden_states"], [temb[:, :, i] for i in indices]
+        return bound["hidden_states"], [temb[:, i : i + 1] for i in indices]
+
     def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
         """Per-step sigmas of the scheduler's current schedule (the trailing terminal sigma dropped)."""
         scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)

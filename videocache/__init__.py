@@ -81,6 +81,7 @@ def apply_to_transformer(
     trace: bool = True,
     num_inference_steps: int | None = None,
     observer: Any = None,
+    fuse_skipped_steps: bool = True,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -128,6 +129,7 @@ def apply_to_transformer(
         exposure_bias=eb,
         trace=trace,
         observer=observer,
+        fuse_skipped_steps=fuse_skipped_steps,
     )
     engine = CacheEngine(
         transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name
@@ -149,10 +151,12 @@ def apply(
     trace: bool = True,
     num_inference_steps: int | None = None,
     observer: Any = None,
+    fuse_skipped_steps: bool = True,
 ) -> CacheEngine:
     """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
     at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
-    `observer(context, step, block, component, output)` sees every computed component (calibration)."""
+    `observer(context, step, block, component, output)` sees every computed component (calibration).
+    `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig)."""
     if getattr(pipe, _ATTR, None) is not None:
         raise RuntimeError(
             "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
@@ -172,6 +176,7 @@ def apply(
         trace=trace,
         num_inference_steps=num_inference_steps,
         observer=observer,
+        fuse_skipped_steps=fuse_skipped_steps,
     )
     setattr(pipe, _ATTR, engine)
     return engine

@@ -55,6 +55,7 @@ _NC = len(COMPONENTS)
 _TRACE_LETTERS = "CRFD"
 _SKIPPED = 3  # trace code of a component whose block a block-run reuse skipped
 _COUNT_KEYS = ("compute", "reuse", "forecast")
+_NEW = object()  # no step sum started yet
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class EngineConfig:
     offload_to_cpu: bool = False
     exposure_bias: ExposureBiasConfig = field(default_factory=ExposureBiasConfig)
     trace: bool = True
+    # a step whose cells are all skipped alike skips the whole block stack at once (adapters with
+    # `residual_gates`); same values as skipping block by block, up to float summation order
+    fuse_skipped_steps: bool = True
     # called as observer(context, step, block, component, output) after every computed component (calibration)
     observer: Callable[[str, int, int, str, Any], None] | None = None
 
@@ -80,6 +84,8 @@ class EngineConfig:
             raise ValueError(
                 f"cache_dtype must be a floating torch.dtype (e.g. torch.bfloat16); got {self.cache_dtype!r}"
             )
+        if not isinstance(self.fuse_skipped_steps, bool):
+            raise ValueError(f"fuse_skipped_steps must be True or False; got {self.fuse_skipped_steps!r}")
         if not isinstance(self.offload_to_cpu, bool):
             raise ValueError(f"offload_to_cpu must be True or False; got {self.offload_to_cpu!r}")
         if not isinstance(self.exposure_bias, ExposureBiasConfig):
@@ -137,6 +143,29 @@ class _Entry:
         ]
 
 
+class _StepSum:
+    """One compute step's component outputs summed over the blocks, for steps that skip every cell alike.
+
+    With every component skipped, a block adds sum_c o_c * gate_c to the residual stream, and each gate is
+    the block's own part plus a part shared by all blocks that changes with the step
+    (`adapter.residual_gates`). So the whole stack adds `base + sum_i shared_i(step) * gated[i]`, with
+    base = sum_(b,c) o * own and gated[i] = sum of the outputs gated by shared part i, kept once per compute
+    step (in float32) instead of touching every block.
+    """
+
+    __slots__ = ("base", "gated", "flops", "cells", "nbytes")
+
+    def __init__(self) -> None:
+        self.base: torch.Tensor | None = None
+        self.gated: dict[int, torch.Tensor] = {}
+        self.flops = [0.0] * _NC  # per component, summed over blocks: what one skip of the stack saves
+        self.cells = 0
+        self.nbytes = 0
+
+    def terms(self) -> list[torch.Tensor]:
+        return [self.base, *self.gated.values()]
+
+
 def _newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) -> torch.Tensor:
     """Value at `x` of the polynomial through (xs[i], fs[i]) (Newton divided differences, float32).
 
@@ -185,6 +214,8 @@ class _ContextState(BaseState):
         self.run_doing: dict[int, Action] = {}
         self.block_flops: dict[int, list[float | None]] = {}
         self.memo: dict[str, tuple[tuple, Any]] = {}  # constant modules' last (key, output)
+        self.sums: dict[int, _StepSum | None] = {}  # per compute step read by uniform skips; None: refused
+        self.stack_skipped = False  # block 0 skipped the whole stack in this call
 
     def reset(self, *args, **kwargs) -> None:
         for kept in self.entries.values():
@@ -194,6 +225,10 @@ class _ContextState(BaseState):
         for e in self.run_deltas.values():
             self.engine._release(e)
         self.run_deltas.clear()
+        for sums in self.sums.values():
+            if sums is not None:
+                self.engine._release_sum(sums)
+        self.sums.clear()
         self.run_inputs.clear()
         self.run_doing.clear()
         self.block_flops.clear()
@@ -365,6 +400,7 @@ class CacheEngine:
                 f"the cache table has {source.num_blocks} blocks; this {type(transformer).__name__} has {len(self._blocks)}"
             )
         self._tables = _TableSource(source, len(self._blocks))
+        self._fuse = self.config.fuse_skipped_steps and hasattr(adapter, "residual_gates")
         self.table: CacheTable | None = source if isinstance(source, CacheTable) else None
         self._active: _ContextState | None = None
         self._bytes = 0
@@ -618,8 +654,93 @@ class CacheEngine:
         entry = self._keep(state, hook.block * _NC + hook.comp, state.step, hook.block, hook.comp, out)
         if entry is not None:
             entry.flops = flops
+        if self._fuse and state.step in state.table.sum_last_use:
+            self._add_to_sum(state, hook.block, hook.comp, out, flops)
         self._account(state, hook.block, hook.comp, _COMPUTE, flops)
         return out
+
+    def _add_to_sum(self, state: _ContextState, block: int, comp: int, out: Any, flops: float) -> None:
+        step = state.step
+        sums = state.sums.get(step, _NEW)
+        if sums is None:  # refused by the byte budget or not a tensor: those skips go block by block
+            return
+        if sums is _NEW:
+            sums = state.sums[step] = _StepSum()
+        if not isinstance(out, torch.Tensor):
+            self._drop_sum(state, step)
+            return
+        own, shared = self.adapter.residual_gates(self._blocks[block])[comp]
+        o = out.detach().float()
+        term = o if own is None else o * own
+        grown = []
+        if sums.base is None:
+            sums.base = term if term is not o else o.clone()
+            grown.append(sums.base)
+        else:
+            sums.base += term
+        if shared is not None:
+            kept = sums.gated.get(shared)
+            if kept is None:
+                kept = sums.gated[shared] = o.clone()
+                grown.append(kept)
+            else:
+                kept += o
+        nbytes = sum(t.numel() * t.element_size() for t in grown)
+        if self.config.max_cache_bytes is not None and self._bytes + nbytes > self.config.max_cache_bytes:
+            self._refused += 1
+            self._drop_sum(state, step)
+            return
+        sums.nbytes += nbytes
+        self._bytes += nbytes
+        self._peak = max(self._peak, self._bytes)
+        sums.flops[comp] += flops
+        sums.cells += 1
+
+    def _drop_sum(self, state: _ContextState, step: int) -> None:
+        sums = state.sums.get(step)
+        if sums is not None:
+            self._release_sum(sums)
+        state.sums[step] = None
+
+    def _release_sum(self, sums: _StepSum) -> None:
+        self._bytes -= sums.nbytes
+        sums.nbytes, sums.base, sums.gated = 0, None, {}
+
+    def _skip_stack(self, state: _ContextState, args: tuple, kwargs: dict) -> Any | None:
+        """Block 0 of a uniform skip step: the output of the whole block stack from the step sums, or None
+        (nothing complete kept: the blocks then skip one by one from their own kept outputs)."""
+        step = state.step
+        action, deps, scale = state.table.uniform_skips[step]
+        found = [state.sums.get(d) for d in deps]
+        cells = len(self._blocks) * _NC
+        if any(f is None or f.cells != cells for f in found):
+            return None
+        last = found[-1]
+        if action == _REUSE:
+            terms = last.terms() if scale == 1.0 else [t * scale for t in last.terms()]
+        elif len(found) == 2:
+            weight = 1.0 + (step - deps[1]) / (deps[1] - deps[0])
+            terms = [torch.lerp(a, b, weight) for a, b in zip(found[0].terms(), last.terms(), strict=True)]
+        else:
+            kept = [f.terms() for f in found]
+            terms = [_newton_extrapolate(deps, [k[i] for k in kept], step) for i in range(len(kept[0]))]
+        hidden, gates = self.adapter.shared_gates(args, kwargs, list(last.gated))
+        out = hidden.float() + terms[0]
+        for gate, gated in zip(gates, terms[1:], strict=True):
+            out = out.addcmul_(gate, gated)
+        # the accounting of every cell of the step, and what this step was the last reader of
+        self._counts[_COUNT_KEYS[action]] += cells
+        for c in range(_NC):
+            self._skipped[c] += last.flops[c]
+        if self.config.trace:
+            self._trace.extend((state.call_index, b, c, action) for b in range(len(self._blocks)) for c in range(_NC))
+        for kept in state.entries.values():
+            while kept and kept[0].last_use <= step:
+                self._release(kept.pop(0))
+        for d in deps:
+            if state.table.sum_last_use[d] <= step:
+                self._release_sum(state.sums.pop(d))
+        return out.type_as(hidden)
 
     def _account(self, state: _ContextState, block: int, comp: int, done: int, flops: float) -> None:
         """Count what this cell executed, and free kept outputs of the cell that nothing reads any more."""
@@ -644,6 +765,14 @@ class CacheEngine:
         table = None if state is None else state.table
         if table is None:  # outside a tracked call
             return hook.fn_ref.original_forward(*args, **kwargs)
+        if self._fuse and state.step in table.uniform_skips:
+            if hook.block == 0:
+                out = self._skip_stack(state, args, kwargs)
+                state.stack_skipped = out is not None
+                if out is not None:
+                    return out
+            elif state.stack_skipped:
+                return args[0] if args else kwargs["hidden_states"]
         run = table.run_of(hook.block)
         if run is None:
             return self._block_forward(hook, state, args, kwargs)
@@ -732,7 +861,9 @@ class CacheEngine:
         self, state: _ContextState, key: int, step: int, block: int, comp: int, out: Any
     ) -> _Entry | None:
         # last_use is not None exactly when table.next_use_after(step, ...) is: keep only what is read later
-        last = state.table.cells[step][block][comp][2]
+        # (uniform skip steps read the step sums instead, when the engine fuses them)
+        table = state.table
+        last = table.cell_last_use[step][block][comp] if self._fuse else table.cells[step][block][comp][2]
         if last is None:
             return None
         parts, container = _flatten(out)

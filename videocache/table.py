@@ -103,6 +103,14 @@ class CacheTable:
     # cells[step][block][comp] = (action, dependencies, last_use or None, reuse factor): the same facts as
     # the arrays, as plain Python values, because the engine reads one per component call
     cells: list[list[list[tuple[int, tuple[int, ...], int | None, float]]]] = field(init=False, repr=False)
+    # uniform_skips[step] = (action, dependencies, reuse factor) where every cell of that step shares them
+    # (no block runs): the engine may then skip the whole block stack at once from per-step sums;
+    # sum_last_use[step] = the last uniform skip step that reads that compute step
+    uniform_skips: dict[int, tuple[int, tuple[int, ...], float]] = field(init=False, repr=False)
+    sum_last_use: dict[int, int] = field(init=False, repr=False)
+    # cell_last_use[step][block][comp]: last_use counting only the steps that are not uniform skips (what
+    # a cell's own kept output must live for when the engine skips uniform steps from step sums)
+    cell_last_use: list[list[list[int | None]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.actions)
@@ -170,6 +178,31 @@ class CacheTable:
             for s in range(steps)
         ]
         self._init_block_runs()
+        self._init_uniform_skips()
+
+    def _init_uniform_skips(self) -> None:
+        self.uniform_skips, self.sum_last_use = {}, {}
+        self.cell_last_use = [[[c[2] for c in cells] for cells in row] for row in self.cells]
+        if self.block_runs:
+            return
+        for s, row in enumerate(self.cells):
+            first = row[0][0]
+            if first[0] == _COMPUTE or any(
+                (a, d, f) != (first[0], first[1], first[3]) for cells in row for a, d, _, f in cells
+            ):
+                continue
+            self.uniform_skips[s] = (first[0], first[1], first[3])
+            for d in first[1]:
+                self.sum_last_use[d] = s  # s only grows
+        last: list[list[list[int | None]]] = [[[None] * len(cells) for cells in row] for row in self.cells]
+        for s, row in enumerate(self.cells):
+            if s in self.uniform_skips:
+                continue
+            for b, cells in enumerate(row):
+                for c, (_, deps, _, _) in enumerate(cells):
+                    for d in deps:
+                        last[d][b][c] = s
+        self.cell_last_use = last
 
     def _init_block_runs(self) -> None:
         runs = tuple(self.block_runs)
