@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 VALID_FORMS = (
     "none",
-    "videocache:PROFILE[:PRESET][:eb|eb-inv|noeb]",
+    "videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise]",
     "diffusers:fbcache:THRESHOLD",
     "diffusers:taylorseer:INTERVAL",
     "diffusers:magcache:THRESHOLD",
@@ -142,11 +142,13 @@ class VideocacheMethod(Method):
     profile: str
     preset: str | None = None
     exposure_bias: str | None = None  # None: the profile's setting; "eb": b(t) on; "eb-inv": 1/b(t); "noeb": off
+    blockwise: bool = False  # skip uniform steps block by block (the engine's fused skip off), for ablations
     family: ClassVar[str] = "videocache"
 
     @property
     def spec(self) -> str:
-        return ":".join(p for p in ("videocache", self.profile, self.preset, self.exposure_bias) if p)
+        flags = (self.exposure_bias, "blockwise" if self.blockwise else None)
+        return ":".join(p for p in ("videocache", self.profile, self.preset, *flags) if p)
 
     def exposure_bias_override(self) -> Any:
         from videocache import ExposureBiasConfig
@@ -163,7 +165,7 @@ class VideocacheMethod(Method):
         import videocache
 
         preset = videocache.load_profile(self.profile).preset(self.preset)
-        text = json.dumps([preset.to_dict(), self.exposure_bias], sort_keys=True, default=str)
+        text = json.dumps([preset.to_dict(), self.exposure_bias, self.blockwise], sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
@@ -175,6 +177,7 @@ class VideocacheMethod(Method):
             preset=self.preset,
             num_inference_steps=setup.num_inference_steps,
             exposure_bias=self.exposure_bias_override(),
+            fuse_skipped_steps=not self.blockwise,
         )
         return AppliedMethod(
             remove=lambda: videocache.remove(pipe),
@@ -398,10 +401,15 @@ def parse_method(spec: str) -> Method:
     if text.lower() == "none":
         return NoCache()
     if head == "videocache":
+        blockwise = len(parts) > 2 and parts[-1] == "blockwise"
+        if blockwise:
+            parts.pop()
         eb = parts.pop() if len(parts) > 2 and parts[-1] in ("eb", "eb-inv", "noeb") else None
         if len(parts) not in (2, 3) or not all(parts[1:]):
-            raise _spec_error(text, "expected videocache:PROFILE[:PRESET][:eb|eb-inv|noeb]")
-        return VideocacheMethod(profile=parts[1], preset=parts[2] if len(parts) == 3 else None, exposure_bias=eb)
+            raise _spec_error(text, "expected videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise]")
+        return VideocacheMethod(
+            profile=parts[1], preset=parts[2] if len(parts) == 3 else None, exposure_bias=eb, blockwise=blockwise
+        )
     if head == "diffusers" and len(parts) >= 2:
         kind = parts[1].lower()
         forms = {"fbcache": "THRESHOLD", "taylorseer": "INTERVAL", "magcache": "THRESHOLD", "pab": "RANGE"}

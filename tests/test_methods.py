@@ -92,7 +92,7 @@ def test_bad_specs_give_one_line_listing_valid_forms(spec, fragment):
     text = str(info.value)
     assert fragment in text
     assert "\n" not in text
-    assert "valid forms: none, videocache:PROFILE[:PRESET][:eb|eb-inv|noeb], diffusers:fbcache:THRESHOLD" in text
+    assert "valid forms: none, videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise], diffusers:fbcache:THRESHOLD" in text
 
 
 def test_parse_methods_puts_none_first_once_and_drops_duplicates():
@@ -273,3 +273,15 @@ def test_videocache_spec_exposure_bias_switch(spec, preset, switch):
         assert override is False
     else:
         assert override.enabled and override.sign == (-1 if switch == "eb-inv" else 1)
+
+
+@pytest.mark.parametrize(
+    "spec, switch, blockwise",
+    [("videocache:reference-wan:fast:blockwise", None, True), ("videocache:reference-wan:fast:noeb:blockwise", "noeb", True),
+     ("videocache:reference-wan:blockwise", None, True), ("videocache:reference-wan:fast", None, False)],
+)
+def test_videocache_spec_blockwise_switch(spec, switch, blockwise):
+    method = m.parse_method(spec)
+    assert (method.exposure_bias, method.blockwise, method.spec) == (switch, blockwise, spec)
+    same = m.parse_method(spec.replace(":blockwise", ""))
+    assert (method.config_digest() == same.config_digest()) == (not blockwise)  # a resumed compare reruns it

@@ -50,6 +50,10 @@ class ModelAdapter(Protocol):
     # Optional: `constant_modules(transformer) -> {name: (module, "tensor" | "shape")}`, modules outside
     # the blocks whose output depends only on their first input's identity (e.g. the text projection of
     # the prompt embeddings) or its shape (e.g. RoPE tables); the engine reuses their last output.
+    # Optional, together: `residual_gates(block)` -> per component (the block's own part of the gate on
+    # its output, index of the part shared by all blocks) or (None, None) if ungated, and
+    # `shared_gates(args, kwargs, indices) -> (hidden_states, [shared part per index])` from a block call.
+    # With them, a step whose cells are all skipped alike skips the whole block stack at once.
 
 
 _REGISTRY: dict[str, ModelAdapter] = {}

@@ -14,6 +14,12 @@ forwards and the output becomes bit-identical to a model that never had the engi
   return their input unchanged, so none of the run's components execute (their FLOPs, as measured on the
   run's last compute, count as skipped). Blocks in runs must take the hidden states first (or as
   `hidden_states=`) and return the new hidden states tensor.
+* on a step whose cells are all skipped alike (same action and source steps: the aligned schedules),
+  when the adapter splits each gate into a per-block part and a part all blocks share
+  (`residual_gates`), block 0 adds the whole stack's contribution at once and the other blocks return
+  their input: the per-block gated adds are summed over blocks on the compute steps those skips read
+  (`_StepSum`), so a skipped step costs a few tensor operations instead of a gated add per block and
+  component. Values match the block-by-block path up to float summation order.
 * one hook on the transformer that works out the step of each call (from the pipeline's
   `cache_context`, else from the scheduler's timesteps), picks the table for the run, and applies the
   optional exposure-bias correction to the output.
