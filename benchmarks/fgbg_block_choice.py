@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +45,13 @@ def block_sets(fgbg: dict, num_blocks: int) -> dict[str, list[int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fgbg", default=str(Path(__file__).with_name("fgbg_reference") / "fgbg.yaml"))
+    here = os.path.relpath(Path(__file__).resolve().with_name("fgbg_reference"))  # no machine paths in results
+    p.add_argument("--fgbg", default=os.path.join(here, "fgbg.yaml"))
     p.add_argument("--prompts", type=int, default=4, help="held-out captions, taken after the profiled ones")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--t-max", type=int, default=4)
     p.add_argument("--t-min", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).with_name("fgbg_reference") / "block_choice.json"))
+    p.add_argument("--out", default=os.path.join(here, "block_choice.json"))
     args = p.parse_args()
     pipe = load_pipeline("reference-wan", device="cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -95,7 +99,7 @@ def main() -> None:
         print(name, results[name])
     record = {
         "benchmark": "fgbg block choice, reference-wan 17x64x64, 25 steps, CFG 5.0",
-        "command": "python benchmarks/fgbg_block_choice.py",
+        "command": "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
         "schedule": vars(args),
         "prompts": prompts,
         "results": results,
