@@ -22,6 +22,12 @@ WAN_TEXT_CONTEXT_LENGTH = 512
 _BLOCK_ARGS = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
 
 
+def _bind_block_args(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    """(hidden_states, encoder_hidden_states, temb, rotary_emb) of a WanTransformerBlock call."""
+    bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
+    return tuple(bound[name] for name in _BLOCK_ARGS)
+
+
 def _linear_macs(linear: torch.nn.Linear | None) -> int:
     return 0 if linear is None else linear.in_features * linear.out_features
 
@@ -93,8 +99,7 @@ class WanAdapter:
         modulation) is prepared only if `component(name, make_args)` calls `make_args`, i.e. only when the
         engine computes that component. Reused components then cost a gated add and nothing else; the
         arithmetic on the residual stream is the block's own, in the same order and dtypes."""
-        bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
-        hidden, context, temb, rotary_emb = (bound[name] for name in _BLOCK_ARGS)
+        hidden, context, temb, rotary_emb = _bind_block_args(args, kwargs)
         if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (batch, tokens, 6, dim)
             mods = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
             mods = [m.squeeze(2) for m in mods]
@@ -123,11 +128,11 @@ class WanAdapter:
     def shared_gates(self, args: tuple, kwargs: dict, indices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A block call's hidden states and the shared gate parts at `indices`, shaped to broadcast over
         the tokens."""
-        bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
-        temb = bound["temb"].float()
+        hidden, _, temb, _ = _bind_block_args(args, kwargs)
+        temb = temb.float()
         if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (batch, tokens, 6, dim)
-            return bound["hidden_states"], [temb[:, :, i] for i in indices]
-        return bound["hidden_states"], [temb[:, i : i + 1] for i in indices]
+            return hidden, [temb[:, :, i] for i in indices]
+        return hidden, [temb[:, i : i + 1] for i in indices]
 
     def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
         """Per-step sigmas of the scheduler's current schedule (the trailing terminal sigma dropped)."""

@@ -189,6 +189,19 @@ def _newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) -
     return result.to(fs[0].dtype)
 
 
+def _served(
+    action: int, steps: Sequence[int], kept: Sequence[list[torch.Tensor]], step: int, scale: float
+) -> list[torch.Tensor]:
+    """What a skipped cell (or a whole uniform skip step) returns at `step` from the values kept at `steps`
+    (one list of tensors per kept step): the last ones times the reuse factor, or their forecast."""
+    if action == _REUSE:
+        return kept[-1] if scale == 1.0 else [t * scale for t in kept[-1]]
+    if len(steps) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps
+        weight = 1.0 + (step - steps[1]) / (steps[1] - steps[0])
+        return [torch.lerp(a, b, weight) for a, b in zip(kept[0], kept[1], strict=True)]
+    return [_newton_extrapolate(steps, [k[i] for k in kept], step) for i in range(len(kept[0]))]
+
+
 def drop_empty_registry(module: torch.nn.Module) -> None:
     """Delete a hook registry left without hooks, so the module is exactly as before any hook was added."""
     reg = getattr(module, "_diffusers_hook", None)
@@ -635,18 +648,7 @@ class CacheEngine:
             self._fallback(step, block, comp)
             return None
         last = found[-1]
-        if action == _REUSE:
-            parts = last.restored()
-            if scale != 1.0:
-                parts = [p * scale for p in parts]
-        elif len(found) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps
-            prev = found[0]
-            weight = 1.0 + (step - last.step) / (last.step - prev.step)
-            parts = [torch.lerp(a, b, weight) for a, b in zip(prev.restored(), last.restored(), strict=True)]
-        else:
-            xs = [e.step for e in found]
-            kept_parts = [e.restored() for e in found]
-            parts = [_newton_extrapolate(xs, [p[i] for p in kept_parts], step) for i in range(len(kept_parts[0]))]
+        parts = _served(action, [e.step for e in found], [e.restored() for e in found], step, scale)
         self._account(state, block, comp, action, last.flops)
         return _rebuild(parts, last.container)
 
@@ -722,14 +724,7 @@ class CacheEngine:
         if any(f is None or f.cells != cells for f in found):
             return None
         last = found[-1]
-        if action == _REUSE:
-            terms = last.terms() if scale == 1.0 else [t * scale for t in last.terms()]
-        elif len(found) == 2:
-            weight = 1.0 + (step - deps[1]) / (deps[1] - deps[0])
-            terms = [torch.lerp(a, b, weight) for a, b in zip(found[0].terms(), last.terms(), strict=True)]
-        else:
-            kept = [f.terms() for f in found]
-            terms = [_newton_extrapolate(deps, [k[i] for k in kept], step) for i in range(len(kept[0]))]
+        terms = _served(action, deps, [f.terms() for f in found], step, scale)
         hidden, gates = self.adapter.shared_gates(args, kwargs, list(last.gated))
         out = hidden.float() + terms[0]
         for gate, gated in zip(gates, terms[1:], strict=True):
@@ -741,8 +736,7 @@ class CacheEngine:
         if self.config.trace:
             self._trace.extend((state.call_index, b, c, action) for b in range(len(self._blocks)) for c in range(_NC))
         for kept in state.entries.values():
-            while kept and kept[0].last_use <= step:
-                self._release(kept.pop(0))
+            self._release_expired(kept, step)
         for d in deps:
             if state.table.sum_last_use[d] <= step:
                 self._release_sum(state.sums.pop(d))
@@ -759,9 +753,8 @@ class CacheEngine:
             state.block_flops.setdefault(block, [None] * _NC)[comp] = flops
         self._counts[_COUNT_KEYS[done]] += 1
         kept = state.entries.get(block * _NC + comp)
-        # kept entries are in step order and so are their last uses: the expired ones are at the front
-        while kept and kept[0].last_use <= step:
-            self._release(kept.pop(0))
+        if kept:
+            self._release_expired(kept, step)
         if self.config.trace:
             self._trace.append((state.call_index, block, comp, done))
 
@@ -903,6 +896,12 @@ class CacheEngine:
         self._bytes += entry.nbytes
         self._peak = max(self._peak, self._bytes)
         return entry
+
+    def _release_expired(self, kept: list[_Entry], step: int) -> None:
+        """Free the kept outputs of one cell that no step after `step` reads. They are in step order and so
+        are their last uses: the expired ones are at the front."""
+        while kept and kept[0].last_use <= step:
+            self._release(kept.pop(0))
 
     def _release(self, entry: _Entry) -> None:
         self._bytes -= entry.nbytes
