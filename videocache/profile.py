@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from .fgbg import FgBgProfile
 from .table import COMPONENTS, consecutive_runs
 
 SCHEMA_VERSION = 1
-PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+PROFILES_ENV = "VIDEOCACHE_PROFILES"  # os.pathsep-separated folders searched first for a profile name
+PROFILE_SUFFIXES = (".yaml", ".yml")
 STAGES = ("early", "late", "all")
 MODES = ("reuse", "forecast")
 
@@ -639,42 +642,96 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
     )
 
 
+def _shipped_profiles_dir() -> Path:
+    """The profiles shipped with the package: package data `videocache.profiles` (the repo's top-level
+    `profiles/`, mapped in pyproject.toml), found through importlib.resources so that wheel and editable
+    installs both work."""
+    try:
+        return Path(str(files("videocache.profiles")))
+    except ModuleNotFoundError:  # an editable install made before profiles became package data
+        return Path(__file__).resolve().parents[1] / "profiles"
+
+
+PROFILES_DIR = _shipped_profiles_dir()  # the shipped profiles; names are looked up with `profile_dirs()`
+
+
+def user_profiles_dir() -> Path:
+    """`$XDG_CONFIG_HOME/videocache/profiles`, by default `~/.config/videocache/profiles`."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config).expanduser() / "videocache" / "profiles"
+
+
+def _env_profile_dirs() -> list[Path]:
+    return [Path(d).expanduser() for d in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if d.strip()]
+
+
+def profile_dirs() -> list[Path]:
+    """Where a profile name is looked up, first match wins: the folders in $VIDEOCACHE_PROFILES
+    (os.pathsep-separated), the user folder (`user_profiles_dir()`), then the shipped profiles."""
+    dirs = [*_env_profile_dirs(), user_profiles_dir(), PROFILES_DIR]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def find_profile(name: str) -> Path | None:
+    """The file of the profile called `name` (`<name>.yaml` or `.yml` in `profile_dirs()`), or None."""
+    for d in profile_dirs():
+        for suffix in PROFILE_SUFFIXES:
+            path = d / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
 def available_profiles() -> list[str]:
-    """Names of the profiles shipped in the repository's `profiles/` directory."""
-    if not PROFILES_DIR.is_dir():
-        return []
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    """Names of the profiles found in `profile_dirs()` (user folders and the shipped profiles)."""
+    names: set[str] = set()
+    for d in profile_dirs():
+        with contextlib.suppress(OSError):  # a missing or unreadable folder lists nothing
+            names.update(p.stem for p in d.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
+    return sorted(names)
 
 
 def _suggest(arch: Any, blocks: Any) -> str:
     matches = []
     for name in available_profiles():
+        path = find_profile(name)
         try:
-            data = yaml.safe_load((PROFILES_DIR / f"{name}.yaml").read_text())
-            model = data.get("model", {})
+            model = yaml.safe_load(path.read_text()).get("model", {}) if path is not None else {}
+            if model.get("architecture") == arch and model.get("num_blocks") == blocks:
+                matches.append(name)
         except Exception:  # a broken neighbour must not hide the real error
             continue
-        if model.get("architecture") == arch and model.get("num_blocks") == blocks:
-            matches.append(name)
     if matches:
-        return "shipped: " + ", ".join(matches)
-    return "none is shipped; calibrate one with the videocache CLI or write one in profiles/"
+        return "available: " + ", ".join(matches)
+    return (
+        "none is installed; calibrate one with the videocache CLI or write one in "
+        f"{user_profiles_dir()} or a folder named in ${PROFILES_ENV}"
+    )
 
 
 def load_profile(name_or_path: str | Path | Profile) -> Profile:
-    """A Profile from a bare name (looked up in the repo's profiles/), a path, or a Profile (returned)."""
+    """A Profile from a bare name (looked up in `profile_dirs()`: $VIDEOCACHE_PROFILES, the user folder,
+    then the shipped profiles), a path (a .yaml/.yml suffix, a separator, or an existing file), or a
+    Profile (returned as is)."""
     if isinstance(name_or_path, Profile):
         return name_or_path
     text = str(name_or_path)
     path = Path(text)
-    is_path = path.suffix in (".yaml", ".yml") or "/" in text or "\\" in text or path.is_file()
+    is_path = path.suffix in PROFILE_SUFFIXES or "/" in text or "\\" in text or path.is_file()
     if not is_path:
-        path = PROFILES_DIR / f"{text}.yaml"
-        if not path.is_file():
+        found = find_profile(text)
+        if found is None:
             avail = ", ".join(available_profiles()) or "none"
+            env = "" if _env_profile_dirs() else f"${PROFILES_ENV} (unset), "
+            where = env + ", ".join(str(d) for d in profile_dirs())
             raise ProfileError(
-                f"no profile named {text!r} in {PROFILES_DIR} (available: {avail}); or pass a path"
+                f"no profile named {text!r} (available: {avail}; looked in {where}); or pass a path"
             )
+        path = found
     if not path.is_file():
         raise ProfileError(f"profile file {path} does not exist")
     try:
