@@ -56,6 +56,7 @@ class CalibrationSettings:
     width: int
     guidance_scale: float
     seed: int = 0
+    attention_backend: str | None = None  # recorded only: the pipeline is loaded with it (None: diffusers' default)
 
     def call(self) -> dict[str, Any]:
         return {

@@ -247,6 +247,13 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--attention-backend",
+        default=None,
+        metavar="NAME",
+        help="diffusers attention kernel for every method's transformer: native, flash, sage, xformers, flex, "
+        "... (default: diffusers' default, native); checked before any worker starts",
+    )
     p.add_argument("--save-videos", action="store_true", help="write every video as mp4 under OUT/videos/")
     p.add_argument(
         "--low-memory",
@@ -258,10 +265,16 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """Validate the command line (one-line ValueError / FileNotFoundError) before anything is spawned."""
-    from videocache.pipelines.loader import generation_defaults, resolve_model
+    from videocache.pipelines.loader import (
+        check_attention_backend,
+        generation_defaults,
+        resolve_device,
+        resolve_model,
+    )
 
     methods = parse_methods(list(args.methods))
     prompts = read_prompts(args.prompts)
+    backend = check_attention_backend(args.attention_backend, resolve_device(args.device), args.dtype)
     source = resolve_model(args.model)
     defaults = generation_defaults(source)
     settings = RunSettings(
@@ -276,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         dtype=args.dtype,
         repeats=args.repeats,
         fps=defaults.fps,
+        attention_backend=backend,
     )
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
     return CompareConfig(

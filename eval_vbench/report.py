@@ -179,7 +179,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Model `{s['model']}`, {s['steps']} steps, {s['frames']} frames {s['height']}x{s['width']}, "
         f"guidance {s['guidance_scale']}, {len(report['prompts'])} prompts x {len(report['seeds'])} seeds, "
-        f"{s['repeats']} repeat(s), device {s['device'] or 'default'}, dtype {s['dtype'] or 'default'}.",
+        f"{s['repeats']} repeat(s), device {s['device'] or 'default'}, dtype {s['dtype'] or 'default'}, "
+        f"attention backend {s.get('attention_backend') or 'diffusers default'}.",
         "",
         "Computed fraction: FLOP-weighted share of block components (self-attention, cross-attention, "
         "feed-forward) actually executed, measured by counting executed modules against the uncached run. "

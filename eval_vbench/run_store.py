@@ -37,6 +37,7 @@ class RunSettings:
     dtype: str | None = None
     repeats: int = 1
     fps: int = 16
+    attention_backend: str | None = None  # diffusers attention backend of every worker (None: diffusers' default)
 
     def __post_init__(self) -> None:
         for name in ("steps", "frames", "height", "width", "repeats", "fps"):

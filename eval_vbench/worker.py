@@ -172,6 +172,12 @@ class GroupRunner:
                 }
             )
 
+    def _attention_backend(self) -> str:
+        """The attention backend the pipeline's transformer actually ran with."""
+        from videocache.pipelines.attention_backend import attention_backend_of
+
+        return attention_backend_of(self.pipe)
+
     def record(self, method: Method, item: Item, run: Run, baseline: Run) -> dict[str, Any]:
         t, base_t = min(run.transformer_s), min(baseline.transformer_s)
         w, base_w = min(run.wall_s), min(baseline.wall_s)
@@ -208,6 +214,7 @@ class GroupRunner:
             "info": run.info,
             "engine_stats": {k: v for k, v in stats.items() if k != "computed_fraction"},
             "process": self.process,
+            "attention_backend": self._attention_backend(),
             "settings": asdict(self.settings),
         }
 
@@ -239,7 +246,9 @@ def worker_main(
 
         run_settings = RunSettings(**settings)
         dtype = getattr(torch, run_settings.dtype) if run_settings.dtype else None
-        pipe = load_pipeline(run_settings.model, device=run_settings.device, dtype=dtype)
+        pipe = load_pipeline(
+            run_settings.model, device=run_settings.device, dtype=dtype, attention_backend=run_settings.attention_backend
+        )
         pipe.set_progress_bar_config(disable=True)
         runner = GroupRunner(
             pipe, run_settings, store, Item(**first_item), process=process, save_videos=save_videos

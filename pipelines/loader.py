@@ -11,6 +11,14 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from .attention_backend import (  # noqa: F401 - re-exported: the loader is where pipelines are set up
+    AttentionBackendError,
+    attention_backend_of,
+    backend_names,
+    check_attention_backend,
+    set_attention_backend,
+)
+
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "reference-wan"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -68,14 +76,32 @@ def generation_defaults(source: str) -> GenerationDefaults:
     return WAN_DEFAULTS
 
 
-def load_pipeline(model: str = "reference-wan", device: str | None = None, dtype: torch.dtype | None = None) -> DiffusionPipeline:
-    """Load a pipeline by name, folder or hub id, on `device` (default: CUDA when present, else CPU)."""
+def resolve_device(device: str | None = None) -> str:
+    """The device a pipeline is loaded on: `device`, else CUDA when present, else CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(
+    model: str = "reference-wan",
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    attention_backend: str | None = None,
+) -> DiffusionPipeline:
+    """Load a pipeline by name, folder or hub id, on `device` (default: CUDA when present, else CPU).
+
+    `attention_backend`: diffusers' attention kernel for the transformer (native, flash, sage, xformers,
+    flex, ...; None keeps diffusers' default), checked before loading and tried once after it
+    (AttentionBackendError, one line, when it cannot run on this device and dtype)."""
     source = resolve_model(model)
+    if attention_backend is not None:
+        check_attention_backend(attention_backend, resolve_device(device), dtype)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load {model!r}: {first}") from exc
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device)
+    pipe = pipe.to(resolve_device(device))
+    if attention_backend is not None:
+        set_attention_backend(pipe, attention_backend)
+    return pipe

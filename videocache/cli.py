@@ -21,6 +21,16 @@ def _fail(message: str) -> int:
     return 2
 
 
+ATTENTION_BACKEND_HELP = (
+    "diffusers attention kernel for the transformer: native (torch SDPA), flash (flash-attn), sage "
+    "(sageattention), xformers, flex, ... (default: diffusers' default, native); checked before the model loads"
+)
+
+
+def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
+
+
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
     p.add_argument("--prompt", required=True)
@@ -36,6 +46,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    add_attention_backend_argument(p)
     p.add_argument("--out", default="out.mp4", help="video file to write (.mp4 or .gif)")
     p.add_argument("--summary", default=None, help="JSON summary to write")
     p.add_argument("--no-progress", action="store_true")
@@ -46,7 +57,14 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from videocache.pipelines.generation import generate
-    from videocache.pipelines.loader import generation_defaults, load_pipeline, resolve_model
+    from videocache.pipelines.loader import (
+        attention_backend_of,
+        check_attention_backend,
+        generation_defaults,
+        load_pipeline,
+        resolve_device,
+        resolve_model,
+    )
     from videocache.video_io import write_video
 
     source = resolve_model(args.model)
@@ -60,8 +78,10 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         videocache.load_profile(args.profile).preset(args.preset).check_steps(steps)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
-    extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None}
+    backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(args.device), dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
+    extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
+                             "attention_backend": attention_backend_of(pipe)}
     engine = None
     if args.profile != "none":
         import videocache
@@ -135,15 +155,27 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32; flash and sage need bfloat16 or float16)")
+    add_attention_backend_argument(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     import shlex
 
+    import torch
+
     from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
-    from videocache.pipelines.loader import generation_defaults, load_pipeline, resolve_model
+    from videocache.pipelines.loader import (
+        attention_backend_of,
+        check_attention_backend,
+        generation_defaults,
+        load_pipeline,
+        resolve_device,
+        resolve_model,
+    )
 
     for budget in args.budget:
         if not 0.0 < budget <= 1.0:
@@ -153,6 +185,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".yaml", ".yml"):
         raise ValueError(f"--out must be a .yaml file; got {args.out}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
     if args.prompts:
         prompts = read_prompts(args.prompts)
@@ -166,13 +200,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         steps=args.steps or d.num_inference_steps, frames=args.frames or d.num_frames, height=args.height or d.height,
         width=args.width or d.width, guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
+        attention_backend=backend,
     )
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
     profile, report = calibrate(
         pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,
         fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
     )
+    report["attention_backend"] = attention_backend_of(pipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
