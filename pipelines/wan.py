@@ -9,7 +9,7 @@ Registered on import for `WanTransformer3DModel` (Wan2.1 T2V 1.3B / 14B and the 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -92,13 +92,24 @@ class WanAdapter:
         the latent shape only."""
         return {"text_embedder": (transformer.condition_embedder.text_embedder, "tensor"), "rope": (transformer.rope, "shape")}
 
-    def lean_block_forward(
-        self, block: torch.nn.Module, args: tuple, kwargs: dict, component: Callable[[str, Callable[[], tuple]], Any]
-    ) -> torch.Tensor:
-        """WanTransformerBlock.forward (diffusers 0.35-0.42), except that a component's input (norm and
-        modulation) is prepared only if `component(name, make_args)` calls `make_args`, i.e. only when the
-        engine computes that component. Reused components then cost a gated add and nothing else; the
-        arithmetic on the residual stream is the block's own, in the same order and dtypes."""
+    def block_flops(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[float, float, float]:
+        """FLOPs of the block's self-attention, cross-attention and MLP for these block inputs."""
+        hidden, context, _, _ = _bind_block_args(args, kwargs)
+        return (
+            self.component_flops("self_attn", block.attn1, (hidden,), {}),
+            self.component_flops("cross_attn", block.attn2, (hidden, context), {}),
+            self.component_flops("mlp", block.ffn, (hidden,), {}),
+        )
+
+    def block_compute(
+        self, block: torch.nn.Module, args: tuple, kwargs: dict, served: Sequence[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """WanTransformerBlock.forward (diffusers 0.35-0.42) with the outputs of some components given:
+        `served[c]` (in COMPONENTS order) replaces component c's output, and its input (norm and
+        modulation) is not even prepared; the others are computed and returned (None where served). The
+        step's gates apply to every output, served or not, and the arithmetic on the residual stream is
+        the block's own, in the same order and dtypes. A pure function of tensors (the engine compiles
+        it), whose only Python inputs are which components are served."""
         hidden, context, temb, rotary_emb = _bind_block_args(args, kwargs)
         if temb.ndim == 4:  # per-token modulation (Wan2.2 TI2V): (batch, tokens, 6, dim)
             mods = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
@@ -106,24 +117,25 @@ class WanAdapter:
         else:
             mods = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
         shift, scale, gate, c_shift, c_scale, c_gate = mods
-
+        sa, ca, mlp = served
         h = hidden
-        out = component(
-            "self_attn",
-            lambda: ((block.norm1(h.float()) * (1 + scale) + shift).type_as(h), None, None, rotary_emb),
-        )
-        h = (h.float() + out * gate).type_as(h)
-        out = component("cross_attn", lambda: (block.norm2(h.float()).type_as(h), context, None, None))
-        h = h + out
-        out = component("mlp", lambda: ((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h),))
-        return (h.float() + out.float() * c_gate).type_as(h)
+        computed_sa = computed_ca = computed_mlp = None
+        if sa is None:
+            sa = computed_sa = block.attn1((block.norm1(h.float()) * (1 + scale) + shift).type_as(h), None, None, rotary_emb)
+        h = (h.float() + sa * gate).type_as(h)
+        if ca is None:
+            ca = computed_ca = block.attn2(block.norm2(h.float()).type_as(h), context, None, None)
+        h = h + ca
+        if mlp is None:
+            mlp = computed_mlp = block.ffn((block.norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h))
+        h = (h.float() + mlp.float() * c_gate).type_as(h)
+        return h, (computed_sa, computed_ca, computed_mlp)
 
-    def residual_gates(self, block: torch.nn.Module) -> tuple[tuple[torch.Tensor | None, int | None], ...]:
-        """Per component: the block's own part of the gate on its output, and the index of the part all
-        blocks share (the step's time projection); (None, None) for the ungated cross-attention. The gate
-        is their sum: lean_block_forward's `scale_shift_table + temb`."""
-        table = block.scale_shift_table.detach()
-        return ((table[:, 2:3], 2), (None, None), (table[:, 5:6], 5))
+    def residual_gates(self, block: torch.nn.Module) -> tuple[int | None, ...]:
+        """Per component, the index of the gate part that all blocks share (the step's time projection
+        `temb`, chunk 2 for self-attention and 5 for the MLP; each gate is `scale_shift_table_b + temb`),
+        or None for the ungated cross-attention."""
+        return (2, None, 5)
 
     def shared_gates(self, args: tuple, kwargs: dict, indices: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A block call's hidden states and the shared gate parts at `indices`, shaped to broadcast over

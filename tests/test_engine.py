@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -11,7 +12,7 @@ from diffusers import WanTransformer3DModel
 
 import videocache as vc
 from videocache import COMPONENTS, Action, CacheTable
-from videocache.engine import COMPONENT_HOOK, TRANSFORMER_HOOK
+from videocache.engine import BLOCK_HOOK, COMPONENT_HOOK, TRANSFORMER_HOOK
 
 PROMPT = "a red circle moving left on a black background"
 STEPS = 8
@@ -65,7 +66,7 @@ def hooks_left(module: torch.nn.Module) -> list[str]:
     found = []
     for name, sub in module.named_modules():
         reg = getattr(sub, "_diffusers_hook", None)
-        if reg is not None and (TRANSFORMER_HOOK in reg.hooks or COMPONENT_HOOK in reg.hooks):
+        if reg is not None and any(h in reg.hooks for h in (TRANSFORMER_HOOK, BLOCK_HOOK, COMPONENT_HOOK)):
             found.append(name)
     return found
 
@@ -84,7 +85,7 @@ def record_component_outputs(engine, block: int, comp: int) -> list[tuple[str, t
     reused or forecast (reused components are not module calls any more, so module hooks miss them)."""
     seen: list[tuple[str, torch.Tensor]] = []
     manager = engine._hook.state_manager
-    serve, compute = engine._serve, engine._compute
+    serve = engine._serve
 
     def recording_serve(state, b, c):
         out = serve(state, b, c)
@@ -92,13 +93,12 @@ def record_component_outputs(engine, block: int, comp: int) -> list[tuple[str, t
             seen.append((manager.context.name, out.detach().clone()))
         return out
 
-    def recording_compute(state, hook, module, args, kwargs):
-        out = compute(state, hook, module, args, kwargs)
-        if (hook.block, hook.comp) == (block, comp):
-            seen.append((manager.context.name, out.detach().clone()))
-        return out
+    def observer(context, step, b, component, out):
+        if (b, COMPONENTS[comp]) == (block, component):
+            seen.append((context, out.detach().clone()))
 
-    engine._serve, engine._compute = recording_serve, recording_compute
+    engine._serve = recording_serve
+    engine.config = dataclasses.replace(engine.config, observer=observer)
     return seen
 
 
@@ -265,8 +265,31 @@ def test_cache_dtype_and_cpu_offload(clean):
     assert low.dtype == full.dtype
     assert (low - full).abs().max() < 0.05
     vc.remove(clean)
+    engine = vc.apply(clean, table=table(cells), cache_dtype=torch.float8_e4m3fn)
+    fp8 = run(clean)
+    # one byte per value plus one float32 scale per token row
+    assert engine.stats()["cache_peak_bytes"] == peak32 // 4 + (peak32 // TENSOR_BYTES) * TOKENS * 4
+    assert engine.stats()["cache_peak_host_bytes"] == 0  # a CPU model has nothing to offload to
+    assert fp8.dtype == full.dtype and 0 < (fp8 - full).abs().max() < 0.1
+    vc.remove(clean)
     with pytest.raises(ValueError, match="cache_dtype"):
         vc.apply(clean, table=table(cells), cache_dtype=torch.int8)
+
+
+def test_fp8_storage_round_trip():
+    """float8 with a per-row scale: relative error of a kept row within e4m3's half step (1/16)."""
+    from videocache.store import FP8, CacheStore
+
+    store = CacheStore(dtype=FP8)
+    x = torch.randn(2, 64, 32, dtype=torch.bfloat16) * torch.logspace(-3, 3, 64).view(1, 64, 1).bfloat16()
+    kept = store.keep(0, [x], None, last_use=1)
+    back = store.load(kept)[0]
+    assert back.dtype == torch.bfloat16 and back.shape == x.shape
+    rel = ((back.float() - x.float()).abs() / x.float().abs().amax(-1, keepdim=True)).max()
+    assert rel <= 1 / 16
+    assert store.device_bytes == x.numel() + 2 * 64 * 4
+    store.release(kept)
+    assert store.device_bytes == 0
 
 
 def test_direct_calls_without_cache_context(clean):
@@ -382,13 +405,14 @@ def test_full_size_wan_configs_on_meta(config, blocks, dim, ffn, profile):
     )
     assert adapter.component_flops("mlp", block.ffn, (x,), {}) == 2 * 2 * n * dim * ffn
     vc.apply_to_transformer(model, None, profile)  # fingerprint matches its shipped profile
-    assert len(hooks_left(model)) == 1 + 3 * blocks
+    assert len(hooks_left(model)) == 1 + blocks  # the transformer and its blocks
     vc.remove(model)
     assert hooks_left(model) == []
 
 
-def test_wan_lean_block_forward_matches_the_block(clean):
-    """The adapter's lean forward, with every component computed, is the block's own forward bit for bit."""
+def test_wan_block_compute_matches_the_block(clean):
+    """The adapter's block compute, with nothing served, is the block's own forward bit for bit; a served
+    component's module does not run and its value is used as given."""
     from videocache.adapters import get_adapter
 
     block = clean.transformer.blocks[2]
@@ -404,19 +428,21 @@ def test_wan_lean_block_forward_matches_the_block(clean):
         handle.remove()
     args = captured["args"]
     adapter = get_adapter(clean.transformer)
-    modules = adapter.component_modules(block)
-    called = []
-
-    def component(name, make_args):
-        called.append(name)
-        return modules[name](*make_args())
-
     with torch.no_grad():
-        lean = adapter.lean_block_forward(block, args, {}, component)
-        assert torch.equal(lean, block(*args))
+        out, computed = adapter.block_compute(block, args, {}, (None, None, None))
+        assert torch.equal(out, block(*args))
+        assert all(isinstance(o, torch.Tensor) for o in computed)
         as_kwargs = dict(zip(("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"), args, strict=True))
-        assert torch.equal(adapter.lean_block_forward(block, (), as_kwargs, component), lean)
-    assert called == ["self_attn", "cross_attn", "mlp"] * 2
+        again, _ = adapter.block_compute(block, (), as_kwargs, (None, None, None))
+        assert torch.equal(again, out)
+        calls, h = count_calls(block.ffn)
+        try:
+            served, partial = adapter.block_compute(block, args, {}, (None, None, computed[MLP]))
+        finally:
+            h.remove()
+        assert calls[0] == 0 and partial[MLP] is None and torch.equal(served, out)
+        flops = adapter.block_flops(block, args, {})
+        assert len(flops) == 3 and flops[SA] > 0
 
 
 def test_constant_modules_run_once_per_context(clean, baseline):

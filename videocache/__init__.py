@@ -22,8 +22,8 @@ import torch
 from .adapters import ModelAdapter, get_adapter, register_adapter
 from .engine import CacheEngine, EngineConfig
 from .exposure_bias import ExposureBiasConfig, b_schedule, correct_velocity
-from .profile import PresetSpec, Profile, ProfileError, available_profiles, load_profile
-from .table import COMPONENTS, Action, CacheTable, build_table
+from .profile import PresetSpec, Profile, ProfileError, available_profiles, build_table, load_profile
+from .table import COMPONENTS, Action, CacheTable
 
 __all__ = [
     "COMPONENTS",
@@ -75,6 +75,7 @@ def apply_to_transformer(
     preset: str | None = None,
     *,
     max_cache_bytes: int | None = None,
+    max_host_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
     offload_to_cpu: bool = False,
     exposure_bias: bool | ExposureBiasConfig | None = None,
@@ -82,6 +83,7 @@ def apply_to_transformer(
     num_inference_steps: int | None = None,
     observer: Any = None,
     fuse_skipped_steps: bool = True,
+    compile_options: dict[str, Any] | None = None,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -90,7 +92,14 @@ def apply_to_transformer(
     `exposure_bias` overrides the preset's enabled flag (a bool) or its whole configuration (an
     ExposureBiasConfig); None keeps the preset's. `num_inference_steps`, when
     known, is checked against the profile or table now instead of at the first step.
+    Storage (`max_cache_bytes`, `max_host_cache_bytes`, `cache_dtype`, `offload_to_cpu`) and
+    `compile_options` are described in `EngineConfig`.
+
+    torch.compile: apply before or after `transformer.compile_repeated_blocks()` or
+    `transformer.compile()`, or pass a `torch.compile(transformer)` wrapper; the engine then compiles the
+    block compute itself and keeps its decisions out of the graphs (see `videocache.engine`).
     """
+    transformer = getattr(transformer, "_orig_mod", transformer)  # a torch.compile(...) wrapper
     if getattr(transformer, _ATTR, None) is not None:
         raise RuntimeError("videocache is already applied to this transformer; call videocache.remove first")
     adapter = get_adapter(transformer)
@@ -124,12 +133,14 @@ def apply_to_transformer(
 
     config = EngineConfig(
         max_cache_bytes=max_cache_bytes,
+        max_host_cache_bytes=max_host_cache_bytes,
         cache_dtype=cache_dtype,
         offload_to_cpu=offload_to_cpu,
         exposure_bias=eb,
         trace=trace,
         observer=observer,
         fuse_skipped_steps=fuse_skipped_steps,
+        compile_options=compile_options,
     )
     engine = CacheEngine(
         transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name
@@ -145,6 +156,7 @@ def apply(
     *,
     table: CacheTable | None = None,
     max_cache_bytes: int | None = None,
+    max_host_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
     offload_to_cpu: bool = False,
     exposure_bias: bool | ExposureBiasConfig | None = None,
@@ -152,6 +164,7 @@ def apply(
     num_inference_steps: int | None = None,
     observer: Any = None,
     fuse_skipped_steps: bool = True,
+    compile_options: dict[str, Any] | None = None,
 ) -> CacheEngine:
     """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
     at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
@@ -170,6 +183,7 @@ def apply(
         table if table is not None else profile,
         None if table is not None else preset,
         max_cache_bytes=max_cache_bytes,
+        max_host_cache_bytes=max_host_cache_bytes,
         cache_dtype=cache_dtype,
         offload_to_cpu=offload_to_cpu,
         exposure_bias=exposure_bias,
@@ -177,6 +191,7 @@ def apply(
         num_inference_steps=num_inference_steps,
         observer=observer,
         fuse_skipped_steps=fuse_skipped_steps,
+        compile_options=compile_options,
     )
     setattr(pipe, _ATTR, engine)
     return engine

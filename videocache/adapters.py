@@ -43,15 +43,18 @@ class ModelAdapter(Protocol):
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         """(x_t, timestep) of a top-level transformer call."""
 
-    # Optional: `lean_block_forward(block, args, kwargs, component) -> hidden_states`, the block's forward
-    # where each component's output is `component(name, make_args)` and `make_args()` builds the
-    # component's inputs. The engine then prepares inputs (norms, modulation) only for computed
-    # components. Without it, reused components still pay for their block's input preparation.
+    # Optional, together: `block_compute(block, args, kwargs, served) -> (hidden_states, computed)` and
+    # `block_flops(block, args, kwargs) -> FLOPs per component`. block_compute is the block's forward
+    # where `served[c]` (None or a tensor, in COMPONENTS order) replaces component c's output, computing
+    # only the others (their inputs, norms and modulation included) and returning them in `computed`
+    # (None where served); the step's gates apply to every output. It must be a pure function of its
+    # tensors, so the engine can compile it and every block shares the compiled graphs. With it the engine
+    # hooks blocks instead of component modules, and supports torch.compile.
     # Optional: `constant_modules(transformer) -> {name: (module, "tensor" | "shape")}`, modules outside
     # the blocks whose output depends only on their first input's identity (e.g. the text projection of
     # the prompt embeddings) or its shape (e.g. RoPE tables); the engine reuses their last output.
-    # Optional, together: `residual_gates(block)` -> per component (the block's own part of the gate on
-    # its output, index of the part shared by all blocks) or (None, None) if ungated, and
+    # Optional, with block_compute: `residual_gates(block)` -> per component, the index of the gate part
+    # shared by all blocks (each gate = the block's own part + that shared part) or None if ungated, and
     # `shared_gates(args, kwargs, indices) -> (hidden_states, [shared part per index])` from a block call.
     # With them, a step whose cells are all skipped alike skips the whole block stack at once.
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .profile import preset_from_dict
-from .table import COMPONENTS, Action, CacheTable, build_table
+from .profile import build_table, preset_from_dict
+from .table import COMPONENTS, Action, CacheTable
 
 ATTENTION = ("self_attn", "cross_attn")
 

@@ -1,7 +1,7 @@
 """Cache profiles: a validated YAML file of compact presets for one model architecture.
 
 A profile says which model it is for (checked against the adapter's fingerprint at apply time), which
-step counts it covers, and per preset the rules that `videocache.table.build_table` expands into a
+step counts it covers, and per preset the rules that `build_table` expands into a
 cache table for a concrete run. Every mistake in a profile is reported as a one-line `ProfileError`
 naming the file and the field to fix.
 """
@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from .exposure_bias import ExposureBiasConfig
 from .fgbg import FgBgProfile
-from .table import COMPONENTS, consecutive_runs
+from .table import COMPONENTS, Action, CacheTable, TableError, consecutive_runs, decreasing_interval_steps
 
 SCHEMA_VERSION = 1
 PROFILES_ENV = "VIDEOCACHE_PROFILES"  # os.pathsep-separated folders searched first for a profile name
@@ -744,3 +745,72 @@ def load_profile(name_or_path: str | Path | Profile) -> Profile:
     except OSError as e:
         raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
     return Profile.from_dict(data, source=str(path))
+
+
+def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) -> CacheTable:
+    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks.
+
+    Order of precedence, low to high: rules (in order), explicit reuse lists, block runs (their blocks are
+    cached whole, so component rules do not apply to them), warm-up/final steps.
+    """
+    sig = [float(s) for s in sigmas]
+    num_steps = len(sig)
+    plan = preset.plan_for(num_steps)  # checks the step count is covered and scales counts/intervals
+    arr = np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8)
+
+    stage_steps = {
+        "all": list(range(num_steps)),
+        "early": [s for s in range(num_steps) if sig[s] >= preset.stage_threshold],
+        "late": [s for s in range(num_steps) if sig[s] < preset.stage_threshold],
+    }
+    for rule, interval in zip(preset.rules, plan.intervals, strict=True):
+        steps = stage_steps[rule.stage]
+        if not steps:
+            continue
+        blocks = rule.block_indices(num_blocks)
+        comps = [COMPONENTS.index(c) for c in rule.components]
+        skip = Action.FORECAST if rule.mode == "forecast" else Action.REUSE
+        first = steps[0]
+        for s in steps:
+            value = Action.COMPUTE if (s - first) % interval == 0 else skip
+            for c in comps:
+                arr[s, blocks, c] = value
+
+    for explicit, action in ((preset.explicit, Action.REUSE), (preset.explicit_forecast, Action.FORECAST)):
+        for comp, per_blocks in explicit.items():
+            c = COMPONENTS.index(comp)
+            for block_spec, ref_steps in per_blocks.items():
+                blocks = preset.resolve_blocks(block_spec, num_blocks)
+                wanted = set(ref_steps)
+                for s in range(num_steps):
+                    if plan.reference_step(s) in wanted:
+                        arr[s, blocks, c] = action
+    # calibrated correction factors hold for the step count they were measured at only
+    scale = None
+    if preset.correction and num_steps == plan.reference_steps:
+        scale = np.ones(arr.shape, dtype=np.float32)
+        for comp, per_blocks in preset.correction.items():
+            c = COMPONENTS.index(comp)
+            for block_spec, factors in per_blocks.items():
+                blocks = preset.resolve_blocks(block_spec, num_blocks)
+                for s, factor in factors.items():
+                    scale[s, blocks, c] = factor
+
+    runs: list[tuple[int, int]] = []
+    run_actions = np.zeros((num_steps, 0), dtype=np.int8)
+    if preset.block_runs is not None and plan.block_runs is not None:
+        runs = preset.block_runs.runs(num_blocks)
+        compute = decreasing_interval_steps(num_steps, *plan.block_runs)
+        run_actions = np.repeat(np.where(compute, Action.COMPUTE, Action.REUSE)[:, None], len(runs), axis=1)
+        for a, b in runs:
+            arr[:, a : b + 1] = Action.COMPUTE
+
+    arr[: plan.warmup_steps] = Action.COMPUTE
+    run_actions[: plan.warmup_steps] = Action.COMPUTE
+    if plan.final_steps:
+        arr[num_steps - plan.final_steps :] = Action.COMPUTE
+        run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
+    try:
+        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale)
+    except TableError as e:
+        raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None

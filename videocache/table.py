@@ -2,7 +2,7 @@
 
 A table is the only thing the engine consults to decide what to execute, so everything that depends on
 it (which tensors to keep, when to free them, the predicted compute share) is derived here, once, from
-the table alone. `build_table` expands a compact preset (see `videocache.profile`) for a concrete run.
+the table alone. `videocache.profile.build_table` expands a compact preset for a concrete run.
 
 Optional second layer, block runs (ProfilingDiT): maximal runs of consecutive blocks that are cached as a
 whole. On a run's compute step the engine keeps delta = h_out - h_in across the run; on its reuse step the
@@ -17,12 +17,8 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .profile import PresetSpec
 
 COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
 _LETTERS = "CRF"
@@ -397,74 +393,3 @@ class CacheTable:
 
 def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
-
-
-def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) -> CacheTable:
-    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks.
-
-    Order of precedence, low to high: rules (in order), explicit reuse lists, block runs (their blocks are
-    cached whole, so component rules do not apply to them), warm-up/final steps.
-    """
-    from .profile import ProfileError  # profile imports this module; import lazily to avoid a cycle
-
-    sig = [float(s) for s in sigmas]
-    num_steps = len(sig)
-    plan = preset.plan_for(num_steps)  # checks the step count is covered and scales counts/intervals
-    arr = np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8)
-
-    stage_steps = {
-        "all": list(range(num_steps)),
-        "early": [s for s in range(num_steps) if sig[s] >= preset.stage_threshold],
-        "late": [s for s in range(num_steps) if sig[s] < preset.stage_threshold],
-    }
-    for rule, interval in zip(preset.rules, plan.intervals, strict=True):
-        steps = stage_steps[rule.stage]
-        if not steps:
-            continue
-        blocks = rule.block_indices(num_blocks)
-        comps = [COMPONENTS.index(c) for c in rule.components]
-        skip = Action.FORECAST if rule.mode == "forecast" else Action.REUSE
-        first = steps[0]
-        for s in steps:
-            value = Action.COMPUTE if (s - first) % interval == 0 else skip
-            for c in comps:
-                arr[s, blocks, c] = value
-
-    for explicit, action in ((preset.explicit, Action.REUSE), (preset.explicit_forecast, Action.FORECAST)):
-        for comp, per_blocks in explicit.items():
-            c = COMPONENTS.index(comp)
-            for block_spec, ref_steps in per_blocks.items():
-                blocks = preset.resolve_blocks(block_spec, num_blocks)
-                wanted = set(ref_steps)
-                for s in range(num_steps):
-                    if plan.reference_step(s) in wanted:
-                        arr[s, blocks, c] = action
-    # calibrated correction factors hold for the step count they were measured at only
-    scale = None
-    if preset.correction and num_steps == plan.reference_steps:
-        scale = np.ones(arr.shape, dtype=np.float32)
-        for comp, per_blocks in preset.correction.items():
-            c = COMPONENTS.index(comp)
-            for block_spec, factors in per_blocks.items():
-                blocks = preset.resolve_blocks(block_spec, num_blocks)
-                for s, factor in factors.items():
-                    scale[s, blocks, c] = factor
-
-    runs: list[tuple[int, int]] = []
-    run_actions = np.zeros((num_steps, 0), dtype=np.int8)
-    if preset.block_runs is not None and plan.block_runs is not None:
-        runs = preset.block_runs.runs(num_blocks)
-        compute = decreasing_interval_steps(num_steps, *plan.block_runs)
-        run_actions = np.repeat(np.where(compute, Action.COMPUTE, Action.REUSE)[:, None], len(runs), axis=1)
-        for a, b in runs:
-            arr[:, a : b + 1] = Action.COMPUTE
-
-    arr[: plan.warmup_steps] = Action.COMPUTE
-    run_actions[: plan.warmup_steps] = Action.COMPUTE
-    if plan.final_steps:
-        arr[num_steps - plan.final_steps :] = Action.COMPUTE
-        run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
-    try:
-        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale)
-    except TableError as e:
-        raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None

@@ -1,0 +1,39 @@
+"""What a skipped cell returns from the values kept at earlier compute steps: reuse, or a forecast."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .table import _REUSE
+
+
+def newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) -> torch.Tensor:
+    """Value at `x` of the polynomial through (xs[i], fs[i]) (Newton divided differences, float32).
+
+    With two points this is the linear extrapolation f1 + (f1 - f0) (x - x1) / (x1 - x0); with k+1 points it
+    is the order-k finite-difference Taylor forecast, valid for uneven step spacing too.
+    """
+    coeffs = [f.float() for f in fs]
+    n = len(xs)
+    for j in range(1, n):
+        for i in range(n - 1, j - 1, -1):
+            coeffs[i] = (coeffs[i] - coeffs[i - 1]) / float(xs[i] - xs[i - j])
+    result = coeffs[n - 1]
+    for i in range(n - 2, -1, -1):
+        result = coeffs[i] + result * float(x - xs[i])
+    return result.to(fs[0].dtype)
+
+
+def served(
+    action: int, steps: Sequence[int], kept: Sequence[list[torch.Tensor]], step: int, scale: float
+) -> list[torch.Tensor]:
+    """What a skipped cell (or a whole uniform skip step) returns at `step` from the values kept at `steps`
+    (one list of tensors per kept step): the last ones times the reuse factor, or their forecast."""
+    if action == _REUSE:
+        return kept[-1] if scale == 1.0 else [t * scale for t in kept[-1]]
+    if len(steps) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps
+        weight = 1.0 + (step - steps[1]) / (steps[1] - steps[0])
+        return [torch.lerp(a, b, weight) for a, b in zip(kept[0], kept[1], strict=True)]
+    return [newton_extrapolate(steps, [k[i] for k in kept], step) for i in range(len(kept[0]))]

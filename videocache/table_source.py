@@ -1,0 +1,46 @@
+"""The table for a run: one fixed CacheTable, or a profile preset expanded for the run's step count and
+sigmas (memoised, so a generation expands its preset once)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .profile import build_table
+from .table import CacheTable
+
+
+class TableSource:
+    def __init__(self, source: CacheTable | Any, num_blocks: int) -> None:
+        self.fixed = source if isinstance(source, CacheTable) else None
+        self.preset = None if self.fixed is not None else source
+        self.num_blocks = num_blocks
+        self._built: dict[tuple, CacheTable] = {}
+
+    @property
+    def has_block_runs(self) -> bool:
+        """Whether any table from this source can have block runs."""
+        if self.fixed is not None:
+            return bool(self.fixed.block_runs)
+        return getattr(self.preset, "block_runs", None) is not None
+
+    def __call__(self, num_steps: int, sigmas: Sequence[float] | None) -> CacheTable:
+        if self.fixed is not None:
+            if num_steps != self.fixed.num_steps:
+                raise ValueError(
+                    f"the cache table was made for {self.fixed.num_steps} steps; this run has {num_steps}: "
+                    f"run {self.fixed.num_steps} steps or apply a table for {num_steps}"
+                )
+            return self.fixed
+        if sigmas is None or len(sigmas) != num_steps:
+            raise ValueError(
+                "videocache needs the scheduler's sigmas to expand a profile preset: apply it to a pipeline "
+                "with a scheduler, or pass the scheduler to apply_to_transformer"
+            )
+        key = (num_steps, tuple(round(float(s), 6) for s in sigmas))
+        table = self._built.get(key)
+        if table is None:
+            if len(self._built) >= 8:
+                self._built.clear()
+            table = self._built[key] = build_table(self.preset, sigmas, self.num_blocks)
+        return table
