@@ -468,3 +468,39 @@ def test_constant_modules_run_once_per_context(clean, baseline):
         assert runs == {"text": 2 + 2 * STEPS, "rope": 2 + 2 * STEPS}
     finally:
         del text.forward, rope.forward
+
+
+class _ComponentOnlyAdapter:
+    """The Wan adapter without block_compute: the engine then hooks component modules instead of blocks."""
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+
+    def __getattr__(self, name):
+        if name in ("block_compute", "block_flops", "residual_gates", "shared_gates"):
+            raise AttributeError(name)
+        return getattr(self._adapter, name)
+
+
+def test_component_hooks_serve_like_block_compute(clean):
+    """Adapters without block_compute get one hook per component module; same table, same values."""
+    from videocache.adapters import get_adapter
+    from videocache.engine import CacheEngine
+
+    cells = table({(SA, None): "CCRCRCCC", (MLP, 1): "CCCFCFCC"})
+    engine = vc.apply(clean, table=cells)
+    by_block = run(clean)
+    block_stats = engine.stats()
+    vc.remove(clean)
+    transformer = clean.transformer
+    engine = CacheEngine(transformer, _ComponentOnlyAdapter(get_adapter(transformer)), cells, clean.scheduler)
+    try:
+        assert len(hooks_left(transformer)) == 1 + 3 * BLOCKS
+        by_component = run(clean)
+        stats = engine.stats()
+    finally:
+        engine.remove()
+    assert hooks_left(transformer) == []
+    assert torch.allclose(by_component, by_block, rtol=1e-5, atol=1e-6)
+    assert stats["calls"] == block_stats["calls"]
+    assert stats["computed_fraction"] == pytest.approx(block_stats["computed_fraction"])

@@ -31,6 +31,9 @@ def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
 
 
+CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn"}
+
+
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
     p.add_argument("--prompt", required=True)
@@ -43,7 +46,13 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--profile", default="none", help="cache profile name or YAML path; 'none' runs uncached")
     p.add_argument("--preset", default=None, help="profile preset (the profile's default when omitted)")
-    p.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget")
+    p.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget on the model's device")
+    p.add_argument("--cache-dtype", default=None, choices=sorted(CACHE_DTYPES),
+                   help="store kept outputs in this precision (float8: e4m3 with a per-token scale)")
+    p.add_argument("--offload-cache", action="store_true",
+                   help="keep cached outputs in pinned host memory (with --max-cache-bytes: what does not fit)")
+    p.add_argument("--compile", default="none", choices=["none", "blocks", "model"],
+                   help="torch.compile the repeated blocks or the whole transformer (the cache compiles with it)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     add_attention_backend_argument(p)
@@ -86,10 +95,19 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile != "none":
         import videocache
 
+        cache_dtype = getattr(args, "cache_dtype", None)
         engine = videocache.apply(
-            pipe, args.profile, preset=args.preset, max_cache_bytes=args.max_cache_bytes, num_inference_steps=steps
+            pipe, args.profile, preset=args.preset, max_cache_bytes=args.max_cache_bytes, num_inference_steps=steps,
+            cache_dtype=getattr(torch, CACHE_DTYPES[cache_dtype]) if cache_dtype else None,
+            offload_to_cpu=getattr(args, "offload_cache", False),
         )
         extra.update(profile=args.profile, preset=engine.preset_name)
+    compile_mode = getattr(args, "compile", "none")
+    if compile_mode == "blocks":
+        pipe.transformer.compile_repeated_blocks()
+    elif compile_mode == "model":
+        pipe.transformer.compile()
+    extra["compile"] = compile_mode
     result = generate(
         pipe,
         args.prompt,
@@ -106,9 +124,10 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     summary = result.summary
     if engine is not None:
         stats = engine.stats()
-        summary.update(computed_fraction=stats["computed_fraction"], cache_peak_bytes=stats["cache_peak_bytes"])
+        summary.update(computed_fraction=stats["computed_fraction"], cache_peak_bytes=stats["cache_peak_bytes"],
+                       cache_peak_host_bytes=stats["cache_peak_host_bytes"])
     else:
-        summary.update(computed_fraction=1.0, cache_peak_bytes=0)
+        summary.update(computed_fraction=1.0, cache_peak_bytes=0, cache_peak_host_bytes=0)
     write_video(args.out, result.frames, fps=defaults.fps)
     summary["video"] = str(args.out)
     if args.summary:

@@ -47,7 +47,7 @@ class StepSum:
         """Close the step with the stack's output and the step's shared gate parts (in `gated` order)."""
         base = h_out.detach().float() - self.h_in.float()
         for gate, total in zip(gates, self.gated.values(), strict=True):
-            base.sub_(gate * total)
+            base.addcmul_(gate, total, value=-1)
         self.base, self.h_in, self.complete = base, None, True
         return base.numel() * 4
 
