@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch._dynamo.utils import counters
 
 import videocache as vc
 from videocache import CacheTable
+from videocache.pipelines.reference.build import tiny_wan_transformer
 
 from .conftest import requires_reference
 
@@ -76,15 +77,6 @@ def test_no_recompilation_after_warm_up(reference, order, preset, fused):
         assert all(b._compiled_call_impl is not None for b in pipe.transformer.blocks)
 
 
-def tiny_wan(blocks: int = 30) -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=blocks, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()
-
-
 def split_table(blocks: int = 30, steps: int = 8) -> CacheTable:
     """Cells that differ per block and component: self-attention reused on even blocks, MLP forecast on
     odd ones, so blocks see three patterns of served components."""
@@ -110,7 +102,7 @@ def denoise(transformer, steps: int = 8) -> torch.Tensor:
 
 def test_thirty_blocks_share_their_graphs():
     fresh_dynamo()
-    model = tiny_wan()
+    model = tiny_wan_transformer(30)
     vc.apply_to_transformer(model, None, split_table())
     eager = denoise(model)
     model.compile_repeated_blocks()
@@ -134,7 +126,7 @@ def test_decisions_stay_out_of_the_graph():
         seen.append(gm)
         return gm.forward
 
-    model = tiny_wan(4)
+    model = tiny_wan_transformer(4)
     engine = vc.apply_to_transformer(model, None, split_table(4), compile_options={"backend": recording_backend})
     model.compile_repeated_blocks()
     denoise(model)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import UniPCMultistepScheduler
 
 import videocache as vc
+from videocache.pipelines.reference.build import tiny_wan_transformer
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 MODELS = {"wan2.1-t2v-1.3b": (30, 3.0), "wan2.1-t2v-14b": (40, 5.0)}  # blocks, flow_shift (480p / 720p)
@@ -21,14 +22,6 @@ STEPS = (25, 50, 100)
 # the most each preset may compute: the issue's targets at 50 steps, a little slack at 25 and 100
 LIMITS = {"slow": {25: 0.65, 50: 0.61, 100: 0.65}, "balanced": {25: 0.55, 50: 0.5, 100: 0.55},
           "fast": {25: 0.4, 50: 0.35, 100: 0.4}}
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=32, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=16)
-
-
-def tiny_wan(blocks: int) -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(num_layers=blocks, **TINY).eval()
 
 
 def wan_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
@@ -48,7 +41,7 @@ def computed_fractions(model: str, presets, steps=STEPS) -> dict[str, dict[int, 
     """{preset: {steps: computed fraction}} measured by the engine on a tiny random model of `model`'s size
     (run it with one torch thread: see `one_thread`)."""
     blocks, shift = MODELS[model]
-    transformer, scheduler = tiny_wan(blocks), wan_scheduler(shift)
+    transformer, scheduler = tiny_wan_transformer(blocks), wan_scheduler(shift)
     g = torch.Generator().manual_seed(0)
     x0, text = torch.randn(1, 4, 1, 4, 4, generator=g), torch.randn(1, 4, 16, generator=g)
     out: dict[str, dict[int, float]] = {}

@@ -84,6 +84,18 @@ def build_transformer() -> WanTransformer3DModel:
     )
 
 
+def tiny_wan_transformer(num_blocks: int, seed: int = 0) -> WanTransformer3DModel:
+    """A random-init WanTransformer3DModel of tiny width (2 heads x 8, FFN 32, 4 latent and 16 text channels)
+    with any number of blocks: a Wan2.1 1.3B (30 blocks) or 14B (40 blocks) stand-in whose profiles apply,
+    for tests and benchmarks of what the engine does (not of what the model computes)."""
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=num_blocks, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+
+
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
 
