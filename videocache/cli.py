@@ -31,7 +31,7 @@ def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
 
 
-CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn"}
+CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn", "int8": "int8"}
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, help="profile preset (the profile's default when omitted)")
     p.add_argument("--max-cache-bytes", type=int, default=None, help="cache memory budget on the model's device")
     p.add_argument("--cache-dtype", default=None, choices=sorted(CACHE_DTYPES),
-                   help="store kept outputs in this precision (float8: e4m3 with a per-token scale)")
+                   help="store kept outputs in this precision (float8: e4m3 with a per-token scale; int8: a scale per 64 channels)")
     p.add_argument("--offload-cache", action="store_true",
                    help="keep cached outputs in pinned host memory (with --max-cache-bytes: what does not fit)")
     p.add_argument("--compile", default="none", choices=["none", "blocks", "model"],

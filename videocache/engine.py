@@ -87,7 +87,8 @@ class EngineConfig:
 
     `max_cache_bytes` bounds the kept bytes on the model's device and `max_host_cache_bytes` those
     offloaded to the host, over all contexts. `cache_dtype` stores kept outputs in another precision
-    (`torch.bfloat16`, or `torch.float8_e4m3fn` with a per-token scale); `offload_to_cpu` keeps them in
+    (`torch.bfloat16`, `torch.float8_e4m3fn` with a per-token scale, `torch.int8` with a scale per 64
+    channels; see `videocache.store`); `offload_to_cpu` keeps them in
     pinned host memory (only what does not fit `max_cache_bytes`, when that is set) and prefetches them on
     a side stream. Both are restored to the module's dtype and device on use. `compile_options` are
     passed to `torch.compile` when the engine compiles the block compute (see the module docstring)."""
@@ -111,11 +112,11 @@ class EngineConfig:
             if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or None; got {m!r}")
         if self.cache_dtype is not None and not (
-            isinstance(self.cache_dtype, torch.dtype) and self.cache_dtype.is_floating_point
+            isinstance(self.cache_dtype, torch.dtype) and (self.cache_dtype.is_floating_point or self.cache_dtype == torch.int8)
         ):
             raise ValueError(
-                "cache_dtype must be a floating torch.dtype (e.g. torch.bfloat16, torch.float8_e4m3fn); "
-                f"got {self.cache_dtype!r}"
+                "cache_dtype must be a floating torch.dtype (e.g. torch.bfloat16, torch.float8_e4m3fn) or "
+                f"torch.int8 (with per-group scales); got {self.cache_dtype!r}"
             )
         for name in ("fuse_skipped_steps", "offload_to_cpu", "trace"):
             if not isinstance(getattr(self, name), bool):
@@ -538,6 +539,9 @@ class CacheEngine:
     ) -> None:
         step = state.step
         if block == 0:
+            if state.building is not None:  # left by an interrupted call
+                self._drop_sum(state)
+                state.sums.pop(step, None)
             state.building = None if state.sums.get(step, _NEW) is None else StepSum(_NC, _hidden(args, kwargs))
         sums = state.building
         if sums is None:  # refused by the byte budget: those skips go block by block

@@ -1,7 +1,9 @@
 """Where kept component outputs live: their storage format, their device, and the byte budget.
 
-A kept output can be stored as produced, in a lower precision (`bfloat16`, or `float8_e4m3fn` with one
-float32 scale per token row, so a 1536-wide bf16 row of 3 KB becomes 1.5 KB + 4 B), and/or offloaded to
+A kept output can be stored as produced, in a lower precision (`bfloat16`; `float8_e4m3fn` with one
+float32 scale per token row, so a 1536-wide bf16 row of 3 KB becomes 1.5 KB + 4 B; or `int8`, symmetric
+with one float32 scale per 64 channels of a row, 1.5 KB + 96 B, whose rounding error is relative to the
+group's largest value rather than e4m3's 3 mantissa bits per value), and/or offloaded to
 pinned host memory (with a device budget, only what does not fit on the device: it spills). Offloaded outputs are copied to the host on a side CUDA stream after the compute
 stream produced them, and copied back (`prefetch`) on the same side stream ahead of the block that
 reads them, so the transfers overlap with the blocks that compute in between. On a CPU-only model there
@@ -21,6 +23,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_GROUP = 64  # channels sharing one int8 scale
 
 
 def flatten(out: Any) -> tuple[list[torch.Tensor], type | None]:
@@ -36,6 +39,11 @@ def flatten(out: Any) -> tuple[list[torch.Tensor], type | None]:
 
 def rebuild(parts: Sequence[torch.Tensor], container: type | None) -> Any:
     return parts[0] if container is None else container(parts)
+
+
+def _group(width: int) -> int:
+    """Channels per int8 scale: INT8_GROUP where it divides the width, else the whole row."""
+    return INT8_GROUP if width % INT8_GROUP == 0 else width
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -110,17 +118,22 @@ class CacheStore:
     def _encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.dtype is None or self.dtype == t.dtype or not t.is_floating_point():
             return t, None
-        if self.dtype != FP8:
-            return t.to(self.dtype), None
-        # one scale per token row (last dimension), kept on the device: no host round trip
-        amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
-        scale = amax / _FP8_MAX
-        return (t.float() / scale).to(FP8), scale
+        if self.dtype == FP8:  # one scale per token row, kept on the device: no host round trip
+            amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12)
+            scale = amax / _FP8_MAX
+            return (t.float() / scale).to(FP8), scale
+        if self.dtype == torch.int8:  # symmetric, one scale per group of channels of a token row
+            groups = t.float().unflatten(-1, (-1, _group(t.shape[-1])))
+            scale = groups.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+            return (groups / scale).round_().to(torch.int8), scale
+        return t.to(self.dtype), None
 
     @staticmethod
     def _decode(data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         if scale is None:
             return data if data.dtype == dtype else data.to(dtype)
+        if data.dtype == torch.int8:
+            return (data.float() * scale).flatten(-2).to(dtype)
         return (data.float() * scale).to(dtype)
 
     def _offloading(self, device: torch.device) -> bool:
