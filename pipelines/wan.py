@@ -160,6 +160,33 @@ class WanAdapter:
         total = float(getattr(scheduler.config, "num_train_timesteps", 1000))
         return [float(t) / total for t in timesteps][:n]
 
+    def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        """Sequence and CFG parallelism (`videocache.distributed.plan.ParallelPlan` fields, as a plain dict
+        since adapters do not import the parallel machinery): diffusers' own context-parallel plan for Wan
+        (`WanTransformer3DModel._cp_plan`: RoPE tables and the first block's tokens split, the tokens
+        gathered after `proj_out`, Wan2.2's per-token timestep split), the self-attention heads that Ulysses
+        spreads over ranks, the token count of a call, and an empty prediction of a call's shape (the rank
+        that does not compute a CFG branch receives that branch into it)."""
+        config = transformer.config
+        p_t, p_h, p_w = config.patch_size
+        out_channels = config.out_channels or config.in_channels
+
+        def sequence_length(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
+            _, _, f, h, w = self.denoiser_inputs(args, kwargs)[0].shape
+            return (f // p_t) * (h // p_h) * (w // p_w)
+
+        def empty_output(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+            hidden = self.denoiser_inputs(args, kwargs)[0]
+            b, _, f, h, w = hidden.shape
+            return torch.empty((b, out_channels, f, h, w), dtype=hidden.dtype, device=hidden.device)
+
+        return {
+            "sequence": dict(type(transformer)._cp_plan),
+            "attention_heads": int(config.num_attention_heads),
+            "sequence_length": sequence_length,
+            "empty_output": empty_output,
+        }
+
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if "timestep" in kwargs:

@@ -1,0 +1,120 @@
+"""Parallel settings and the checks that run before any model is loaded (no torch.distributed needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ParallelConfigError(ValueError):
+    """An impossible parallel configuration; the message is one line that says what to fix."""
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """Degrees of parallelism for one transformer: `ulysses` ranks share the tokens of one branch (Ulysses
+    sequence parallelism), `cfg` (1 or 2) ranks groups compute the two classifier-free-guidance branches.
+    The world is cfg x ulysses processes; rank = cfg_index * ulysses + ulysses_index."""
+
+    ulysses: int = 1
+    cfg: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses * self.cfg
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def flags(self) -> str:
+        parts = [f"--ulysses {self.ulysses}"] if self.ulysses > 1 or self.cfg == 1 else []
+        if self.cfg == 2:
+            parts.append("--cfg-parallel")
+        return " ".join(parts)
+
+
+def uneven_heads_supported(heads: int, degree: int) -> bool:
+    """Whether diffusers' "Ulysses anything" attention can spread `heads` over `degree` ranks: it pads
+    the heads to a multiple of the degree, and only as long as the padding is less than the heads each
+    rank then holds."""
+    if heads % degree == 0:
+        return True
+    pad = degree - heads % degree
+    return pad < (heads + pad) // degree
+
+
+def check_settings(
+    settings: ParallelSettings,
+    world_size: int,
+    *,
+    tokens: int | None = None,
+    heads: int | None = None,
+    guidance_scale: float | None = None,
+) -> None:
+    """Raise ParallelConfigError (one line) for a configuration that cannot run; None values are not checked."""
+    u, c = settings.ulysses, settings.cfg
+    if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+        raise ParallelConfigError(f"--ulysses must be an integer >= 1; got {u!r}")
+    if c not in (1, 2):
+        raise ParallelConfigError(f"the CFG-parallel degree must be 1 or 2 (two guidance branches); got {c!r}")
+    if settings.world_size != world_size:
+        need = settings.world_size
+        what = f"{settings.flags()} needs {need} process{'es' if need > 1 else ''}"
+        if c == 2 and u > 1:
+            what = f"{settings.flags()} needs 2 x {u} = {need} processes"
+        raise ParallelConfigError(
+            f"{what}, but {world_size} {'was' if world_size == 1 else 'were'} launched: run `accelerate launch "
+            f"--multi_gpu --num_processes {need} --num_machines 1 scripts/generate.py ...` (or torchrun "
+            f"--nproc_per_node {need}), or change the degrees so that their product is the process count"
+        )
+    if c == 2 and guidance_scale is not None and guidance_scale <= 1.0:
+        raise ParallelConfigError(
+            f"--cfg-parallel splits the two classifier-free-guidance branches, but --guidance-scale {guidance_scale:g} "
+            "turns guidance off (it needs > 1)"
+        )
+    if u > 1 and tokens is not None and tokens < u:
+        raise ParallelConfigError(
+            f"--ulysses {u} is more ranks than the {tokens} video tokens of this size: use a degree <= {tokens} "
+            "or a larger video"
+        )
+    if u > 1 and heads is not None and not uneven_heads_supported(heads, u):
+        ok = [d for d in range(2, heads + 1) if uneven_heads_supported(heads, d)]
+        raise ParallelConfigError(
+            f"the model's {heads} attention heads cannot be spread over --ulysses {u} (padding {u - heads % u} "
+            f"heads is not less than the {(heads + u - heads % u) // u} each rank would hold): use one of "
+            f"{', '.join(map(str, ok[:12]))}"
+        )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wan_geometry(source: str, frames: int, height: int, width: int) -> tuple[int | None, int | None]:
+    """(attention heads, video tokens) of a diffusers Wan pipeline folder for this video size, read from
+    its config files only (no model is loaded); None where the folder or a field is not there (a hub id
+    not downloaded yet: the same checks then run when the transformer is first called)."""
+    if not os.path.isdir(source):
+        return None, None
+    tcfg = _read_json(Path(source) / "transformer" / "config.json") or {}
+    vcfg = _read_json(Path(source) / "vae" / "config.json") or {}
+    heads = tcfg.get("num_attention_heads")
+    patch = tcfg.get("patch_size")
+    t_factor = vcfg.get("scale_factor_temporal")
+    s_factor = vcfg.get("scale_factor_spatial")
+    if t_factor is None and isinstance(vcfg.get("temperal_downsample"), list):
+        t_factor = 2 ** sum(bool(x) for x in vcfg["temperal_downsample"])
+        s_factor = 2 ** len(vcfg["temperal_downsample"])
+    tokens = None
+    if patch and t_factor and s_factor:
+        if frames % t_factor != 1:  # the pipeline rounds the frame count the same way
+            frames = frames // t_factor * t_factor + 1
+        latent_f = (frames - 1) // t_factor + 1
+        tokens = (latent_f // patch[0]) * (height // s_factor // patch[1]) * (width // s_factor // patch[2])
+    return (int(heads) if heads else None), tokens

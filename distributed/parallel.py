@@ -1,0 +1,146 @@
+"""`parallelize(pipe, ulysses=N, cfg=2)`: sequence and CFG parallelism on a pipeline's transformer.
+
+The process world is laid out as a `cfg x ring x ulysses` device mesh (ring is 1 for now): the ranks
+of one CFG branch share its tokens (Ulysses), the two branches run on the two halves of the world. Every
+rank loads the whole model and runs the pipeline with the same seed; the transformer's hooks make each
+rank compute its branch on its token shard, and every rank ends each step with the full predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .cfg import CFG_HOOK, CfgParallelHook
+from .checks import ParallelConfigError, ParallelSettings, check_settings
+from .plan import ParallelPlan, get_parallel_plan
+from .sequence import attach_sequence_plan, attention_processors, check_attention_backend
+
+_ATTR = "_videocache_parallel"
+_MESHES: dict[tuple[str, int, int], Any] = {}
+
+
+def _mesh(device_type: str, cfg: int, ulysses: int) -> Any:
+    """The (cfg, ring, ulysses) device mesh, made once per layout (making one is a collective)."""
+    key = (device_type, cfg, ulysses)
+    if key not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[key] = init_device_mesh(device_type, (cfg, 1, ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))
+    return _MESHES[key]
+
+
+def _diffusers_config(mesh: Any, ulysses: int, device: torch.device) -> Any:
+    """diffusers' ParallelConfig for the ring x ulysses part of the mesh, set up the way
+    `ModelMixin._resolve_parallel_config` does, minus its device lookup (see `sequence`)."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ParallelConfig as DiffusersParallelConfig
+
+    config = DiffusersParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=ulysses))
+    config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
+    return config
+
+
+@dataclass
+class Parallelism:
+    """What `parallelize` attached; `remove()` takes it all off again."""
+
+    transformer: torch.nn.Module
+    settings: ParallelSettings
+    plan: ParallelPlan
+    rank: int
+    cfg_rank: int  # this rank's CFG branch (0: cond, 1: uncond); 0 without CFG parallelism
+    ulysses_rank: int  # this rank's token shard
+    parallel_config: Any = None  # diffusers' ParallelConfig (None without sequence parallelism)
+    cfg_hook: CfgParallelHook | None = None
+    handles: list[Any] = field(default_factory=list)
+    processors: list[Any] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "world_size": self.settings.world_size,
+            "ulysses": self.settings.ulysses,
+            "cfg": self.settings.cfg,
+            "rank": self.rank,
+            "cfg_rank": self.cfg_rank,
+            "ulysses_rank": self.ulysses_rank,
+        }
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for processor in self.processors:
+            processor._parallel_config = None
+        self.processors.clear()
+        if self.parallel_config is not None and getattr(self.transformer, "_parallel_config", None) is self.parallel_config:
+            self.transformer._parallel_config = None
+        if self.cfg_hook is not None:
+            from videocache.hooks import drop_empty_registry
+
+            registry = self.transformer._diffusers_hook
+            registry.remove_hook(CFG_HOOK, recurse=False)
+            drop_empty_registry(self.transformer)
+            self.cfg_hook = None
+        if getattr(self.transformer, _ATTR, None) is self:
+            delattr(self.transformer, _ATTR)
+
+
+def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, cfg: int = 1) -> Parallelism:
+    """Spread a pipeline's transformer (or a transformer) over the processes of the initialised default
+    process group: `ulysses` ranks per branch share the tokens, `cfg=2` puts the two guidance branches on
+    the two halves of the world; `ulysses * cfg` must be the world size. Every rank must call it, with
+    the same model on its own device. Apply a videocache cache before it when using `cfg=2` (either order
+    works for Ulysses alone). Raises ParallelConfigError (one line) for an impossible configuration."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    transformer = getattr(transformer, "_orig_mod", transformer)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ParallelConfigError(
+            "torch.distributed is not initialised: launch with `accelerate launch --multi_gpu --num_processes N "
+            "--num_machines 1 ...` and call videocache.distributed.process_state() first"
+        )
+    if getattr(transformer, _ATTR, None) is not None:
+        raise RuntimeError("this transformer is already parallelised; call .remove() on its Parallelism first")
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise RuntimeError("diffusers parallelism is already enabled on this transformer")
+    settings = ParallelSettings(ulysses=ulysses, cfg=cfg)
+    plan = get_parallel_plan(transformer)
+    check_settings(settings, dist.get_world_size(), heads=plan.attention_heads)
+    rank = dist.get_rank()
+    device = next(transformer.parameters()).device
+    processors = attention_processors(transformer) if ulysses > 1 else []
+    if ulysses > 1:
+        check_attention_backend(processors)
+    mesh = _mesh(device.type, cfg, ulysses)
+    par = Parallelism(
+        transformer, settings, plan, rank,
+        cfg_rank=mesh.get_local_rank("cfg"), ulysses_rank=mesh.get_local_rank("ulysses"),
+    )
+    try:
+        if ulysses > 1:
+            par.parallel_config = _diffusers_config(mesh, ulysses, device)
+            for processor in processors:
+                processor._parallel_config = par.parallel_config
+            par.processors = processors
+            transformer._parallel_config = par.parallel_config
+            par.handles = attach_sequence_plan(transformer, plan, par.parallel_config)
+        if cfg == 2:
+            from diffusers.hooks import HookRegistry
+
+            par.cfg_hook = CfgParallelHook(plan, mesh.get_group("cfg"), par.cfg_rank)
+            registry = HookRegistry.check_if_exists_or_initialize(transformer)
+            registry.register_hook(par.cfg_hook, CFG_HOOK)
+            registry.invalidate_child_registries_cache()
+    except Exception:
+        par.remove()
+        raise
+    setattr(transformer, _ATTR, par)
+    return par
+
+
+def get_parallelism(pipe_or_transformer: Any) -> Parallelism | None:
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    return getattr(transformer, _ATTR, None)

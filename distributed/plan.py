@@ -1,0 +1,83 @@
+"""Parallel plans: what a model adapter declares so that the generic machinery can parallelise its
+transformer (torchtitan's idea: the model says what is split where and what is gathered; the machinery
+that does it knows no model).
+
+A plan has two parts:
+
+* `sequence`: diffusers' context-parallel plan format (`ContextParallelModelPlan`): module path ->
+  either `{input name or output index: ContextParallelInput}` (split that input before the module runs,
+  or that output after it, along `split_dim`) or `ContextParallelOutput` (gather the module's output
+  along `gather_dim`). Between the split and the gather every rank holds a shard of the tokens; the
+  attention processors exchange heads for tokens (Ulysses) inside diffusers' attention dispatch. Wan's
+  plan is the model's own `_cp_plan`.
+* the CFG part: the names of the two guidance branches (the pipeline's `cache_context` names) and how
+  to make an empty output of the right shape, so that a rank that does not compute a branch can return
+  a tensor the other rank's result is later written into.
+
+An adapter provides `parallel_plan(transformer)`, returning a ParallelPlan or a dict of its fields
+(adapters live in `videocache.pipelines`, which does not import this package); `get_parallel_plan` finds
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _default_output_tensor(output: Any) -> torch.Tensor:
+    """The denoiser's prediction in a diffusers transformer output: `(sample,)` or `.sample`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list):
+        return output[0]
+    return output.sample
+
+
+def _default_wrap_output(sample: torch.Tensor, kwargs: dict) -> Any:
+    """A diffusers transformer's return value for `sample`, honouring `return_dict`."""
+    if kwargs.get("return_dict", True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How one transformer family is parallelised; see the module docstring.
+
+    `sequence_length(transformer, args, kwargs)` is the number of tokens a top-level call shards (from
+    input shapes only); `attention_heads` the heads Ulysses spreads over ranks. `empty_output(transformer,
+    args, kwargs)` is an uninitialised tensor shaped like the prediction of a top-level call, made without
+    running it. `output_tensor` / `wrap_output` read the prediction out of a return value and build one
+    around it."""
+
+    sequence: dict[str, Any]
+    attention_heads: int
+    sequence_length: Callable[[torch.nn.Module, tuple, dict], int]
+    empty_output: Callable[[torch.nn.Module, tuple, dict], torch.Tensor]
+    cfg_branches: tuple[str, str] = ("cond", "uncond")
+    output_tensor: Callable[[Any], torch.Tensor] = field(default=_default_output_tensor)
+    wrap_output: Callable[[torch.Tensor, dict], Any] = field(default=_default_wrap_output)
+
+
+def get_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
+    """The plan declared by the transformer's adapter (ValueError, one line, when it has none)."""
+    from videocache.adapters import get_adapter
+
+    try:
+        adapter = get_adapter(transformer)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"no videocache adapter for {type(transformer).__name__}, so no parallel plan") from exc
+    make = getattr(adapter, "parallel_plan", None)
+    if make is None:
+        raise ValueError(
+            f"the {type(transformer).__name__} adapter declares no parallel plan; sequence and CFG parallelism "
+            "are not available for it yet"
+        )
+    plan = make(transformer)
+    return plan if isinstance(plan, ParallelPlan) else ParallelPlan(**plan)

@@ -1,0 +1,130 @@
+"""Ulysses sequence parallelism from a plan's `sequence` part, on diffusers' context-parallel machinery.
+
+What is diffusers' (0.42.1): the plan format and Wan's plan (`_cp_plan`), `ContextParallelConfig` and its
+mesh set-up, the sharders (`EquipartitionSharder` for even splits, `PartitionAnythingSharder` for
+uneven ones), the split / gather logic (`ContextParallelSplitHook`, `ContextParallelGatherHook`), and the
+attention itself (`dispatch_attention_fn` with a parallel config: all-to-all over heads, and its
+"anything" variant for uneven token and head counts).
+
+What is ours, and why:
+
+* `enable_parallelism` is not called: it computes `rank % torch.accelerator.device_count()`, a
+  ZeroDivisionError on a machine without an accelerator. We build the mesh (`cfg x ring x ulysses`, so
+  that CFG parallelism shares it) and call `ParallelConfig.setup` ourselves, and give every attention
+  processor the config, which is all `enable_parallelism` does for context parallelism.
+* diffusers attaches its split/gather hooks through its hook registry, where the hook registered last
+  runs first: a cache applied afterwards (videocache's block hooks, diffusers' own caches) would see the
+  full sequence, which is why diffusers wants the cache enabled first. We run the same hook objects from
+  torch's module hooks instead, which run before and after any registry hook, so the cache sees token
+  shards whichever was applied first.
+* even or uneven: per call, the token count decides whether the even path (one all-to-all, no size
+  exchange) or diffusers' "anything" path (sizes exchanged, uneven splits, padded heads) runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from diffusers.hooks.context_parallel import (
+    ContextParallelGatherHook,
+    ContextParallelSplitHook,
+    _get_submodule_by_name,
+)
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+from .checks import ParallelConfigError
+from .plan import ParallelPlan
+
+
+class _SplitHook(ContextParallelSplitHook):
+    """diffusers' split hook, silent where an input does not have the dimensions the plan expects: Wan's
+    plan splits Wan2.2's per-token timestep (2-D) and leaves Wan2.1's (1-D) alone, which diffusers logs as
+    a warning on every run."""
+
+    def _prepare_cp_input(self, x: torch.Tensor, cp_input: ContextParallelInput) -> torch.Tensor:
+        if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
+            return x
+        return super()._prepare_cp_input(x, cp_input)
+
+
+def _split_inputs(hook: _SplitHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return hook.pre_forward(module, *args, **kwargs)
+
+
+def _after(hook: Any, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    return hook.post_forward(module, output)
+
+
+def _splits_output(entry: Any) -> bool:
+    return isinstance(entry, ContextParallelInput) and entry.split_output
+
+
+def attach_sequence_plan(
+    transformer: torch.nn.Module, plan: ParallelPlan, parallel_config: Any
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Attach the plan's splits and gathers as torch module hooks; returns their handles.
+
+    A root pre-hook, first of all, picks the even or the uneven path for the call from its token count."""
+    cp = parallel_config.context_parallel_config
+    degree = cp.ulysses_degree * cp.ring_degree
+    heads_uneven = plan.attention_heads % degree != 0
+    handles = []
+
+    def choose_path(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = plan.sequence_length(module, args, kwargs)
+        if tokens < degree:
+            raise ParallelConfigError(
+                f"{tokens} video tokens cannot be split over {degree} sequence-parallel ranks: use a degree <= {tokens}"
+            )
+        cp.ulysses_anything = heads_uneven or tokens % degree != 0
+
+    handles.append(transformer.register_forward_pre_hook(choose_path, with_kwargs=True, prepend=True))
+    for module_id, entry in plan.sequence.items():
+        found = _get_submodule_by_name(transformer, module_id)
+        for module in found if isinstance(found, list) else [found]:
+            if isinstance(entry, dict):
+                hook = _SplitHook(entry, cp)
+                hook.initialize_hook(module)
+                values = list(entry.values())
+                if not all(_splits_output(v) for v in values):
+                    handles.append(
+                        module.register_forward_pre_hook(functools.partial(_split_inputs, hook), with_kwargs=True)
+                    )
+                if any(_splits_output(v) for v in values):
+                    handles.append(module.register_forward_hook(functools.partial(_after, hook)))
+            else:
+                outputs = [entry] if isinstance(entry, ContextParallelOutput) else list(entry)
+                hook = ContextParallelGatherHook(outputs, cp)
+                handles.append(module.register_forward_hook(functools.partial(_after, hook)))
+    return handles
+
+
+def attention_processors(transformer: torch.nn.Module) -> list[Any]:
+    """The attention processors that take a parallel config (what `enable_parallelism` configures)."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention, MochiAttention
+
+    classes = (Attention, MochiAttention, AttentionModuleMixin)
+    out = []
+    for module in transformer.modules():
+        if isinstance(module, classes):
+            processor = getattr(module, "processor", None)
+            if processor is not None and hasattr(processor, "_parallel_config"):
+                out.append(processor)
+    return out
+
+
+def check_attention_backend(processors: list[Any]) -> None:
+    """The processors' attention backend must implement context parallelism (as `enable_parallelism` checks)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    for processor in processors[:1]:
+        backend = getattr(processor, "_attention_backend", None)
+        backend = _AttentionBackendRegistry.get_active_backend()[0] if backend is None else AttentionBackendName(backend)
+        if not _AttentionBackendRegistry._is_context_parallel_available(backend):
+            ok = ", ".join(sorted(_AttentionBackendRegistry._supports_context_parallel))
+            raise ParallelConfigError(
+                f"attention backend {backend.value!r} has no sequence-parallel implementation in diffusers; use one of {ok}"
+            )
