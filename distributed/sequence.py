@@ -18,7 +18,9 @@ What is ours, and why:
   torch's module hooks instead, which run before and after any registry hook, so the cache sees token
   shards whichever was applied first.
 * even or uneven: per call, the token count decides whether the even path (one all-to-all, no size
-  exchange) or diffusers' "anything" path (sizes exchanged, uneven splits, padded heads) runs.
+  exchange) or diffusers' "anything" path (sizes exchanged, uneven splits, padded heads) runs; the final
+  gather of uneven shards is ours (`gather_uneven`), since diffusers' gives gloo tensors of different
+  shapes to all_gather.
 """
 
 from __future__ import annotations
@@ -47,6 +49,41 @@ class _SplitHook(ContextParallelSplitHook):
         if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
             return x
         return super()._prepare_cp_input(x, cp_input)
+
+
+def gather_uneven(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """All ranks' shards of different sizes along `dim`, concatenated in rank order. diffusers' own
+    (`_all_gather_anything`) hands all_gather tensors of different shapes, which gloo refuses: pad every
+    shard to the largest, gather, and cut the padding off."""
+    import torch.distributed as dist
+    from diffusers.models._modeling_parallel import gather_size_by_comm
+
+    x = x.contiguous()
+    sizes = gather_size_by_comm(x.shape[dim], group)
+    largest = max(sizes)
+    if x.shape[dim] < largest:
+        pad = list(x.shape)
+        pad[dim] = largest - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes, strict=True)], dim=dim)
+
+
+class _GatherHook(ContextParallelGatherHook):
+    """diffusers' gather hook, with `gather_uneven` for shards of different sizes."""
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        cp = self.parallel_config
+        if not (cp.ulysses_anything or cp.ring_anything):
+            return super().post_forward(module, output)
+        single = isinstance(output, torch.Tensor)
+        outputs = [output] if single else list(output)
+        group = cp._flattened_mesh.get_group()
+        for i, cpm in enumerate(self.metadata):
+            if cpm is not None:
+                outputs[i] = gather_uneven(outputs[i], cpm.gather_dim, group)
+        return outputs[0] if single else tuple(outputs)
 
 
 def _split_inputs(hook: _SplitHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -96,7 +133,7 @@ def attach_sequence_plan(
                     handles.append(module.register_forward_hook(functools.partial(_after, hook)))
             else:
                 outputs = [entry] if isinstance(entry, ContextParallelOutput) else list(entry)
-                hook = ContextParallelGatherHook(outputs, cp)
+                hook = _GatherHook(outputs, cp)
                 handles.append(module.register_forward_hook(functools.partial(_after, hook)))
     return handles
 

@@ -56,6 +56,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     add_attention_backend_argument(p)
+    p.add_argument("--ulysses", type=int, default=1, metavar="N",
+                   help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="the two classifier-free-guidance branches on two process groups (2 x ulysses processes)")
     p.add_argument("--out", default="out.mp4", help="video file to write (.mp4 or .gif)")
     p.add_argument("--summary", default=None, help="JSON summary to write")
     p.add_argument("--no-progress", action="store_true")
@@ -86,9 +90,17 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         import videocache
 
         videocache.load_profile(args.profile).preset(args.preset).check_steps(steps)
+    from videocache.distributed.generation import prepare_parallel
+
+    parallel = prepare_parallel(  # None unless --ulysses / --cfg-parallel; checked before loading
+        args, source, frames=args.frames or defaults.num_frames, height=args.height or defaults.height,
+        width=args.width or defaults.width,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
+    )
+    device = parallel.device if parallel is not None and args.device is None else args.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(args.device), dtype)
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
+    backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(device), dtype)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, attention_backend=backend)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
                              "attention_backend": attention_backend_of(pipe)}
     engine = None
@@ -102,6 +114,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
             offload_to_cpu=getattr(args, "offload_cache", False),
         )
         extra.update(profile=args.profile, preset=engine.preset_name)
+    if parallel is not None:  # after the cache: CFG parallelism must be the outermost hook
+        parallel.apply(pipe)
     compile_mode = getattr(args, "compile", "none")
     if compile_mode == "blocks":
         pipe.transformer.compile_repeated_blocks()
@@ -118,7 +132,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         height=args.height or defaults.height,
         width=args.width or defaults.width,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
-        progress=not args.no_progress,
+        progress=not args.no_progress and (parallel is None or parallel.is_main),
         extra=extra,
     )
     summary = result.summary
@@ -128,8 +142,12 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                        cache_peak_host_bytes=stats["cache_peak_host_bytes"])
     else:
         summary.update(computed_fraction=1.0, cache_peak_bytes=0, cache_peak_host_bytes=0)
-    write_video(args.out, result.frames, fps=defaults.fps)
+    if parallel is not None:
+        summary.update(parallel.summary(engine))  # every rank's cache figures (a collective)
     summary["video"] = str(args.out)
+    if parallel is not None and not parallel.is_main:  # rank 0 writes
+        return summary
+    write_video(args.out, result.frames, fps=defaults.fps)
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,320 @@
+"""Sequence (Ulysses) and CFG parallelism on 2 gloo processes on the CPU, against one process.
+
+The 2-process runs are spawned by the tests themselves (torch.multiprocessing, and one `accelerate
+launch` of scripts/generate.py), each with a time limit, so that a hang fails instead of blocking.
+The single-process references run in the test process.
+
+Measured on the 2-core CPU machine: every parallel output below is bit-identical to one process (maximum
+difference 0.0). CFG parallelism is exact by construction (each branch runs the same full-sequence
+arithmetic); Ulysses computes each token's projections on a shard of the rows, which the tests accept
+within 1e-5 of the output's scale in case another BLAS blocks rows differently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle moving left on a black background"
+SIZE = {"num_frames": 17, "height": 64, "width": 64, "guidance_scale": 5.0}
+STEPS = 4  # uncached runs
+CACHED_STEPS = 10  # the reference-wan profile covers 10-100 steps
+SPAWN_TIMEOUT_S = 240
+ULYSSES_TOL = 1e-5  # relative to the largest output value
+
+
+# -- shared by the test process (one process) and the spawned ranks ---------------------------------
+def _load():
+    from videocache.pipelines.loader import load_pipeline
+
+    pipe = load_pipeline("reference-wan", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, steps: int) -> torch.Tensor:
+    out = pipe(PROMPT, negative_prompt="", num_inference_steps=steps, output_type="latent",
+               generator=torch.Generator().manual_seed(0), **SIZE)
+    return out.frames
+
+
+def _cached(pipe, make_parallel=None, parallel_first: bool = False):
+    """Latents and the engine's figures of the `fast` preset, the cache applied before or after the
+    parallelism; returns (latents, stats) or the one-line error of the first call."""
+    import videocache
+
+    par = make_parallel() if (make_parallel and parallel_first) else None
+    engine = videocache.apply(pipe, "reference-wan", "fast", num_inference_steps=CACHED_STEPS)
+    if make_parallel and not parallel_first:
+        par = make_parallel()
+    try:
+        latents = _generate(pipe, CACHED_STEPS)
+        stats = engine.stats()
+        return latents, {k: stats[k] for k in ("computed_fraction", "cache_peak_bytes")}
+    except RuntimeError as exc:
+        return None, {"error": str(exc)}
+    finally:
+        videocache.remove(pipe)
+        if par is not None:
+            par.remove()
+
+
+def _odd_inputs(in_channels: int, text_dim: int, latent: tuple[int, int, int]):
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(1, in_channels, *latent, generator=g),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 7, text_dim, generator=g),
+        "return_dict": False,
+    }
+
+
+def _tiny_three_heads():
+    """A random 3-head Wan (heads not divisible by the Ulysses degree), identical in every process."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    ).eval()
+
+
+# latent (frames, height, width) -> tokens = f * h/2 * w/2: 3 * 9 * 9 = 243 and 3 * 3 * 5 = 45, both odd
+ODD_LATENT = (3, 18, 18)
+TINY_LATENT = (3, 6, 10)
+
+
+@torch.no_grad()
+def _transformer_outputs(pipe, make_parallel=None) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, model, inputs in (
+        ("odd_tokens", pipe.transformer, _odd_inputs(16, 64, ODD_LATENT)),
+        ("three_heads", _tiny_three_heads(), _odd_inputs(4, 32, TINY_LATENT)),
+    ):
+        par = make_parallel(model) if make_parallel else None
+        try:
+            out[name] = model(**inputs)[0]
+        finally:
+            if par is not None:
+                par.remove()
+    return out
+
+
+# -- the spawned ranks ------------------------------------------------------------------------------
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from videocache.distributed import parallelize, process_state
+
+    state = process_state()
+    assert state.num_processes == world and state.process_index == rank
+    pipe = _load()
+    res: dict = {}
+    for mode, kw in (("ulysses", {"ulysses": 2}), ("cfg", {"cfg": 2})):
+        par = parallelize(pipe, **kw)
+        res[mode] = _generate(pipe, STEPS)
+        par.remove()
+        res[f"{mode}_fast"] = _cached(pipe, lambda kw=kw: parallelize(pipe, **kw))
+        res[f"{mode}_fast_parallel_first"] = _cached(pipe, lambda kw=kw: parallelize(pipe, **kw), parallel_first=True)
+    res["transformer"] = _transformer_outputs(pipe, lambda model: parallelize(model, ulysses=2))
+    torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    state.wait_for_everyone()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, nprocs: int, *args, timeout: float = SPAWN_TIMEOUT_S) -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {nprocs} spawned ranks did not finish within {timeout:.0f} s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def single():
+    """One process: the same runs without any parallelism."""
+    torch.set_num_threads(1)
+    pipe = _load()
+    return {
+        "uncached": _generate(pipe, STEPS),
+        "fast": _cached(pipe),
+        "transformer": _transformer_outputs(pipe),
+    }
+
+
+@pytest.fixture(scope="module")
+def ranks(single, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    _spawn(_rank_main, 2, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, exact: bool) -> None:
+    assert got.shape == want.shape
+    if exact:
+        assert torch.equal(got, want), f"max difference {(got - want).abs().max().item():.3g}"
+    else:
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= ULYSSES_TOL * scale
+
+
+# -- uncached: parallel == one process ---------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_uncached_parallel_equals_one_process(single, ranks, mode):
+    for res in ranks:  # every rank ends with the full latents
+        _assert_close(res[mode], single["uncached"], exact=mode == "cfg")
+
+
+@pytest.mark.parametrize("case", ["odd_tokens", "three_heads"])
+def test_ulysses_awkward_sizes_equal_one_process(single, ranks, case):
+    """243 tokens over 2 ranks (uneven shards), and a 3-head model with 45 tokens (heads padded to 4)."""
+    for res in ranks:
+        _assert_close(res["transformer"][case], single["transformer"][case], exact=False)
+
+
+# -- the cache on a parallel transformer ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ulysses", "cfg"])
+def test_fast_preset_parallel_equals_one_process(single, ranks, mode):
+    want, want_stats = single["fast"]
+    for res in ranks:
+        got, stats = res[f"{mode}_fast"]
+        _assert_close(got, want, exact=mode == "cfg")
+        # decisions come from the table: the same computed fraction on every rank, and the same as one process
+        assert stats["computed_fraction"] == pytest.approx(want_stats["computed_fraction"], abs=1e-12)
+        # each rank keeps only its shard (Ulysses) or its branch (CFG): half the single-process bytes
+        assert 0 < stats["cache_peak_bytes"] <= 0.55 * want_stats["cache_peak_bytes"]
+
+
+def test_cache_after_ulysses_also_works(single, ranks):
+    want, want_stats = single["fast"]
+    for res in ranks:
+        got, stats = res["ulysses_fast_parallel_first"]
+        _assert_close(got, want, exact=False)
+        assert stats["computed_fraction"] == pytest.approx(want_stats["computed_fraction"], abs=1e-12)
+
+
+def test_cache_after_cfg_parallelism_is_a_clear_error(ranks):
+    for res in ranks:
+        got, info = res["cfg_fast_parallel_first"]
+        assert got is None
+        assert "apply the cache (videocache.apply) before videocache.distributed.parallelize" in info["error"]
+        assert "\n" not in info["error"]
+
+
+# -- configurations that cannot run: one line, before any model is loaded ----------------------------
+def test_check_settings_one_line_errors():
+    from videocache.distributed import ParallelConfigError, ParallelSettings, check_settings
+
+    cases = [
+        (ParallelSettings(ulysses=4), 2, {}, "needs 4 processes, but 2 were launched"),
+        (ParallelSettings(ulysses=2, cfg=2), 2, {}, "needs 2 x 2 = 4 processes"),
+        (ParallelSettings(ulysses=2), 1, {}, "but 1 was launched"),
+        (ParallelSettings(ulysses=0), 1, {}, "--ulysses must be an integer >= 1"),
+        (ParallelSettings(ulysses=8), 8, {"tokens": 5}, "more ranks than the 5 video tokens"),
+        (ParallelSettings(ulysses=8), 8, {"heads": 12}, "12 attention heads cannot be spread over --ulysses 8"),
+        (ParallelSettings(cfg=2), 2, {"guidance_scale": 1.0}, "turns guidance off"),
+    ]
+    for settings, world, kw, message in cases:
+        with pytest.raises(ParallelConfigError) as info:
+            check_settings(settings, world, **kw)
+        assert message in str(info.value) and "\n" not in str(info.value)
+    check_settings(ParallelSettings(ulysses=2), 2, tokens=243, heads=3)  # uneven tokens and heads: padded
+    check_settings(ParallelSettings(ulysses=4), 4, heads=12)  # Wan2.1-1.3B's 12 heads over 4
+
+
+def test_reference_wan_geometry_from_config_files():
+    from videocache.distributed.checks import wan_geometry
+    from videocache.pipelines.loader import REFERENCE_DIR
+
+    assert wan_geometry(str(REFERENCE_DIR), 17, 64, 64) == (4, 320)
+    assert wan_geometry("Wan-AI/not-downloaded", 81, 480, 832) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ulysses", "2"], "--ulysses 2 needs 2 processes, but 1 was launched"),
+        (["--cfg-parallel"], "--cfg-parallel needs 2 processes"),
+        (["--ulysses", "400", "--frames", "17"], "needs 400 processes"),
+    ],
+)
+def test_generate_parallel_flags_fail_before_loading(monkeypatch, capsys, flags, message):
+    import videocache.pipelines.loader as loader
+    from videocache.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loader, "load_pipeline", no_loading)
+    assert main(["generate", "--prompt", PROMPT, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("videocache: error:") and "\n" not in err and message in err
+
+
+def test_accelerate_configs_ship_for_1_2_4_8_processes():
+    import yaml
+
+    for n in (1, 2, 4, 8):
+        cfg = yaml.safe_load((ROOT / "distributed" / f"accelerate_{n}proc.yaml").read_text())
+        assert cfg["num_processes"] == n and cfg["num_machines"] == 1
+        assert cfg["distributed_type"] == ("NO" if n == 1 else "MULTI_GPU")  # MULTI_GPU also starts CPU processes
+
+
+# -- end to end: accelerate launch of scripts/generate.py ---------------------------------------------
+@pytest.mark.slow
+def test_accelerate_launch_generate_writes_the_single_process_video(tmp_path):
+    import imageio.v3 as iio
+
+    from videocache.cli import main
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    common = ["--profile", "reference-wan", "--preset", "fast", "--steps", str(CACHED_STEPS), "--prompt", PROMPT,
+              "--no-progress"]
+    assert main(["generate", *common, "--out", str(tmp_path / "one.mp4"), "--summary", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port",
+         str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "generate.py"),
+         "--ulysses", "2", *common, "--out", str(tmp_path / "two.mp4"), "--summary", str(tmp_path / "two.json")],
+        capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"video"') == 1  # rank 0 prints, once
+    one, two = iio.imread(tmp_path / "one.mp4"), iio.imread(tmp_path / "two.mp4")
+    assert one.shape == two.shape
+    # the latents are bit-identical (above), so the videos are too; allow one grey level for codec paths
+    assert np.abs(one.astype(int) - two.astype(int)).max() <= 1
+    s1, s2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    per_rank = s2["parallel"]["per_rank"]
+    assert s2["parallel"]["ranks_agree"] and len(per_rank) == 2
+    assert all(r["computed_fraction"] == s1["computed_fraction"] for r in per_rank)
+    assert all(r["cache_peak_bytes"] == s1["cache_peak_bytes"] // 2 for r in per_rank)
