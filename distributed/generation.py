@@ -1,4 +1,4 @@
-"""What `videocache generate` and scripts/generate.py do for `--ulysses N` / `--cfg-parallel`.
+"""What `videocache generate` and scripts/generate.py do for `--ulysses N` / `--ring M` / `--cfg-parallel`.
 
 `prepare_parallel` runs before any model is loaded: it reads the process state, checks the degrees
 against the number of processes, the video's token count and the model's heads (from the pipeline
@@ -20,7 +20,11 @@ from .checks import ParallelConfigError, ParallelSettings, check_settings, wan_g
 
 def settings_from_args(args: argparse.Namespace) -> ParallelSettings:
     ulysses = getattr(args, "ulysses", None)
-    return ParallelSettings(ulysses=1 if ulysses is None else ulysses, cfg=2 if getattr(args, "cfg_parallel", False) else 1)
+    ring = getattr(args, "ring", None)
+    return ParallelSettings(
+        ulysses=1 if ulysses is None else ulysses, ring=1 if ring is None else ring,
+        cfg=2 if getattr(args, "cfg_parallel", False) else 1,
+    )
 
 
 def quiet_this_rank() -> None:
@@ -64,7 +68,8 @@ class ParallelRun:
         from .parallel import parallelize
 
         warnings.filterwarnings("ignore", message=".*all_gather_tensor.*deprecated", category=FutureWarning)
-        self.parallelism = parallelize(pipe, ulysses=self.settings.ulysses, cfg=self.settings.cfg)
+        s = self.settings
+        self.parallelism = parallelize(pipe, ulysses=s.ulysses, ring=s.ring, cfg=s.cfg)
         return self.parallelism
 
     def summary(self, engine: Any) -> dict[str, Any]:
@@ -102,10 +107,10 @@ def prepare_parallel(
     heads, tokens = wan_geometry(source, frames, height, width)
     try:
         check_settings(settings, state.num_processes, tokens=tokens, heads=heads, guidance_scale=guidance_scale)
-        if settings.ulysses > 1 and getattr(args, "max_cache_bytes", None) is not None and tokens is not None \
-                and tokens % settings.ulysses:
+        n = settings.sequence_degree
+        if n > 1 and getattr(args, "max_cache_bytes", None) is not None and tokens is not None and tokens % n:
             raise ParallelConfigError(
-                f"--max-cache-bytes with --ulysses {settings.ulysses} and {tokens} tokens (not a multiple of the degree): "
+                f"--max-cache-bytes with {settings.flags()} and {tokens} tokens (not a multiple of {n}): "
                 "ranks hold shards of different sizes and could fall back to computing at different cells; drop the "
                 "budget or pick a degree that divides the token count"
             )

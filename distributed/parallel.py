@@ -1,9 +1,9 @@
 """`parallelize(pipe, ulysses=N, cfg=2)`: sequence and CFG parallelism on a pipeline's transformer.
 
-The process world is laid out as a `cfg x ring x ulysses` device mesh (ring is 1 for now): the ranks
-of one CFG branch share its tokens (Ulysses), the two branches run on the two halves of the world. Every
-rank loads the whole model and runs the pipeline with the same seed; the transformer's hooks make each
-rank compute its branch on its token shard, and every rank ends each step with the full predictions.
+The process world is laid out as a `cfg x ring x ulysses` device mesh: the ring x ulysses ranks of one
+CFG branch share its tokens, the two branches run on the two halves of the world. Every rank loads the
+whole model and runs the pipeline with the same seed; the transformer's hooks make each rank compute its
+branch on its token shard, and every rank ends each step with the full predictions.
 """
 
 from __future__ import annotations
@@ -23,23 +23,27 @@ _ATTR = "_videocache_parallel"
 _MESHES: dict[tuple[str, int, int], Any] = {}
 
 
-def _mesh(device_type: str, cfg: int, ulysses: int) -> Any:
+def _mesh(device_type: str, settings: ParallelSettings) -> Any:
     """The (cfg, ring, ulysses) device mesh, made once per layout (making one is a collective)."""
-    key = (device_type, cfg, ulysses)
+    key = (device_type, settings.cfg, settings.ring, settings.ulysses)
     if key not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[key] = init_device_mesh(device_type, (cfg, 1, ulysses), mesh_dim_names=("cfg", "ring", "ulysses"))
+        _MESHES[key] = init_device_mesh(
+            device_type, (settings.cfg, settings.ring, settings.ulysses), mesh_dim_names=("cfg", "ring", "ulysses")
+        )
     return _MESHES[key]
 
 
-def _diffusers_config(mesh: Any, ulysses: int, device: torch.device) -> Any:
+def _diffusers_config(mesh: Any, settings: ParallelSettings, device: torch.device) -> Any:
     """diffusers' ParallelConfig for the ring x ulysses part of the mesh, set up the way
     `ModelMixin._resolve_parallel_config` does, minus its device lookup (see `sequence`)."""
     from diffusers.models._modeling_parallel import ContextParallelConfig
     from diffusers.models._modeling_parallel import ParallelConfig as DiffusersParallelConfig
 
-    config = DiffusersParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=ulysses))
+    config = DiffusersParallelConfig(
+        context_parallel_config=ContextParallelConfig(ulysses_degree=settings.ulysses, ring_degree=settings.ring)
+    )
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
     return config
 
@@ -53,7 +57,8 @@ class Parallelism:
     plan: ParallelPlan
     rank: int
     cfg_rank: int  # this rank's CFG branch (0: cond, 1: uncond); 0 without CFG parallelism
-    ulysses_rank: int  # this rank's token shard
+    ulysses_rank: int  # this rank's place in its Ulysses group
+    ring_rank: int = 0  # this rank's place in its ring
     parallel_config: Any = None  # diffusers' ParallelConfig (None without sequence parallelism)
     cfg_hook: CfgParallelHook | None = None
     handles: list[Any] = field(default_factory=list)
@@ -63,10 +68,12 @@ class Parallelism:
         return {
             "world_size": self.settings.world_size,
             "ulysses": self.settings.ulysses,
+            "ring": self.settings.ring,
             "cfg": self.settings.cfg,
             "rank": self.rank,
             "cfg_rank": self.cfg_rank,
             "ulysses_rank": self.ulysses_rank,
+            "ring_rank": self.ring_rank,
         }
 
     def remove(self) -> None:
@@ -89,12 +96,13 @@ class Parallelism:
             delattr(self.transformer, _ATTR)
 
 
-def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, cfg: int = 1) -> Parallelism:
+def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cfg: int = 1) -> Parallelism:
     """Spread a pipeline's transformer (or a transformer) over the processes of the initialised default
-    process group: `ulysses` ranks per branch share the tokens, `cfg=2` puts the two guidance branches on
-    the two halves of the world; `ulysses * cfg` must be the world size. Every rank must call it, with
-    the same model on its own device. Apply a videocache cache before it when using `cfg=2` (either order
-    works for Ulysses alone). Raises ParallelConfigError (one line) for an impossible configuration."""
+    process group: `ring x ulysses` ranks per branch share the tokens (Ulysses all-to-all, ring attention,
+    or both), `cfg=2` puts the two guidance branches on the two halves of the world; `cfg * ring *
+    ulysses` must be the world size. Every rank must call it, with the same model on its own device. Apply
+    a videocache cache before it when using `cfg=2` (either order works for sequence parallelism alone).
+    Raises ParallelConfigError (one line) for an impossible configuration."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     transformer = getattr(transformer, "_orig_mod", transformer)
     if not (dist.is_available() and dist.is_initialized()):
@@ -106,22 +114,27 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, cfg: int = 1) -> 
         raise RuntimeError("this transformer is already parallelised; call .remove() on its Parallelism first")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError("diffusers parallelism is already enabled on this transformer")
-    settings = ParallelSettings(ulysses=ulysses, cfg=cfg)
+    settings = ParallelSettings(ulysses=ulysses, cfg=cfg, ring=ring)
     plan = get_parallel_plan(transformer)
     check_settings(settings, dist.get_world_size(), heads=plan.attention_heads)
     rank = dist.get_rank()
     device = next(transformer.parameters()).device
-    processors = attention_processors(transformer) if ulysses > 1 else []
-    if ulysses > 1:
-        check_attention_backend(processors)
-    mesh = _mesh(device.type, cfg, ulysses)
+    sequence = settings.sequence_degree > 1
+    processors = attention_processors(transformer) if sequence else []
+    if sequence:
+        check_attention_backend(processors, ring=ring > 1, device=device)
+    if ring > 1:
+        from .ring import install_cpu_lse
+
+        install_cpu_lse()
+    mesh = _mesh(device.type, settings)
     par = Parallelism(
-        transformer, settings, plan, rank,
-        cfg_rank=mesh.get_local_rank("cfg"), ulysses_rank=mesh.get_local_rank("ulysses"),
+        transformer, settings, plan, rank, cfg_rank=mesh.get_local_rank("cfg"),
+        ulysses_rank=mesh.get_local_rank("ulysses"), ring_rank=mesh.get_local_rank("ring"),
     )
     try:
-        if ulysses > 1:
-            par.parallel_config = _diffusers_config(mesh, ulysses, device)
+        if sequence:
+            par.parallel_config = _diffusers_config(mesh, settings, device)
             for processor in processors:
                 processor._parallel_config = par.parallel_config
             par.processors = processors

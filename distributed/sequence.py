@@ -106,7 +106,7 @@ def attach_sequence_plan(
     A root pre-hook, first of all, picks the even or the uneven path for the call from its token count."""
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree * cp.ring_degree
-    heads_uneven = plan.attention_heads % degree != 0
+    heads_uneven = plan.attention_heads % cp.ulysses_degree != 0
     handles = []
 
     def choose_path(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -115,7 +115,17 @@ def attach_sequence_plan(
             raise ParallelConfigError(
                 f"{tokens} video tokens cannot be split over {degree} sequence-parallel ranks: use a degree <= {tokens}"
             )
-        cp.ulysses_anything = heads_uneven or tokens % degree != 0
+        uneven = tokens % degree != 0
+        if cp.ring_degree > 1 and cp.ulysses_degree > 1:
+            if uneven or heads_uneven:  # diffusers' USP has no uneven variant
+                raise ParallelConfigError(
+                    f"Ulysses x ring needs the {tokens} tokens divisible by {degree} and the heads by "
+                    f"{cp.ulysses_degree}: use Ulysses or ring alone for this size"
+                )
+        elif cp.ring_degree > 1:
+            cp.ring_anything = uneven
+        else:
+            cp.ulysses_anything = heads_uneven or uneven
 
     handles.append(transformer.register_forward_pre_hook(choose_path, with_kwargs=True, prepend=True))
     for module_id, entry in plan.sequence.items():
@@ -153,8 +163,9 @@ def attention_processors(transformer: torch.nn.Module) -> list[Any]:
     return out
 
 
-def check_attention_backend(processors: list[Any]) -> None:
-    """The processors' attention backend must implement context parallelism (as `enable_parallelism` checks)."""
+def check_attention_backend(processors: list[Any], *, ring: bool = False, device: torch.device | None = None) -> None:
+    """The processors' attention backend must implement context parallelism (as `enable_parallelism` checks),
+    and for ring attention return the log-sum-exp (the native one does on the CPU only, see `ring`)."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     for processor in processors[:1]:
@@ -164,4 +175,9 @@ def check_attention_backend(processors: list[Any]) -> None:
             ok = ", ".join(sorted(_AttentionBackendRegistry._supports_context_parallel))
             raise ParallelConfigError(
                 f"attention backend {backend.value!r} has no sequence-parallel implementation in diffusers; use one of {ok}"
+            )
+        if ring and backend == AttentionBackendName.NATIVE and device is not None and device.type != "cpu":
+            raise ParallelConfigError(
+                "ring attention needs the attention's log-sum-exp, which the native backend gives only on the CPU: "
+                "use --attention-backend flash or _native_cudnn"
             )

@@ -1,11 +1,11 @@
 """Generate videos, optionally cached, under `accelerate launch` (or plain `python`).
 
 One prompt (--prompt) or a prompt list (--prompts FILE, one per line). With several processes and no
-parallel flag the list is split across ranks (data parallel). With --ulysses N and/or --cfg-parallel all
-ranks generate every video together (N x 2 processes with both): the ranks of a guidance branch share its
-tokens, the two branches run on the two halves of the world; every rank uses the same seed, and only
-rank 0 prints and writes. A parallel configuration that cannot run is a one-line error before any model
-is loaded.
+parallel flag the list is split across ranks (data parallel). With --ulysses N, --ring M and/or
+--cfg-parallel all ranks generate every video together (N x M x 2 processes with all three): the ranks of
+a guidance branch share its tokens, the two branches run on the two halves of the world; every rank uses
+the same seed, and only rank 0 prints and writes. A parallel configuration that cannot run is a one-line
+error before any model is loaded.
 
     accelerate launch scripts/generate.py --prompt "a red circle moving left on a black background" \
         --profile reference-wan --preset fast --out out.mp4 --summary out.json
@@ -13,6 +13,8 @@ is loaded.
         --prompts prompts.txt --out-dir videos/ --profile reference-wan
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 scripts/generate.py \
         --ulysses 2 --profile reference-wan --preset fast --prompt "..." --out out.mp4
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 scripts/generate.py \
+        --ring 2 --prompt "..." --out out.mp4
     accelerate launch --config_file distributed/accelerate_4proc.yaml scripts/generate.py \
         --ulysses 2 --cfg-parallel --prompt "..." --out out.mp4
 """

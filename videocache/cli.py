@@ -58,8 +58,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     add_attention_backend_argument(p)
     p.add_argument("--ulysses", type=int, default=1, metavar="N",
                    help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch)")
+    p.add_argument("--ring", type=int, default=1, metavar="M",
+                   help="ring attention: M processes share each video's tokens (with --ulysses N: N x M processes)")
     p.add_argument("--cfg-parallel", action="store_true",
-                   help="the two classifier-free-guidance branches on two process groups (2 x ulysses processes)")
+                   help="the two classifier-free-guidance branches on two process groups (twice the processes)")
     p.add_argument("--out", default="out.mp4", help="video file to write (.mp4 or .gif)")
     p.add_argument("--summary", default=None, help="JSON summary to write")
     p.add_argument("--no-progress", action="store_true")
@@ -92,7 +94,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         videocache.load_profile(args.profile).preset(args.preset).check_steps(steps)
     from videocache.distributed.generation import prepare_parallel
 
-    parallel = prepare_parallel(  # None unless --ulysses / --cfg-parallel; checked before loading
+    parallel = prepare_parallel(  # None unless --ulysses / --ring / --cfg-parallel; checked before loading
         args, source, frames=args.frames or defaults.num_frames, height=args.height or defaults.height,
         width=args.width or defaults.width,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
