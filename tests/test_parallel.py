@@ -212,25 +212,19 @@ def test_awkward_sizes_equal_one_process(single, ranks, case, mode):
 
 
 # -- the cache on a parallel transformer ------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["ulysses", "ring", "cfg"])
-def test_fast_preset_parallel_equals_one_process(single, ranks, mode):
+@pytest.mark.parametrize(
+    "mode, order",
+    [("ulysses", ""), ("ring", ""), ("cfg", ""), ("ulysses", "_parallel_first"), ("ring", "_parallel_first")],
+)
+def test_fast_preset_parallel_equals_one_process(single, ranks, mode, order):
+    """The cache applied before the parallelism, or after it (sequence parallelism only)."""
     want, want_stats = single["fast"]
     for res in ranks:
-        got, stats = res[f"{mode}_fast"]
+        got, stats = res[f"{mode}_fast{order}"]
         _assert_close(got, want, mode)
         # decisions come from the table: the same computed fraction on every rank, and the same as one process
         assert stats["computed_fraction"] == pytest.approx(want_stats["computed_fraction"], abs=1e-12)
-        # each rank keeps only its shard (Ulysses) or its branch (CFG): half the single-process bytes
-        assert 0 < stats["cache_peak_bytes"] <= 0.55 * want_stats["cache_peak_bytes"]
-
-
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_cache_after_sequence_parallelism_also_works(single, ranks, mode):
-    want, want_stats = single["fast"]
-    for res in ranks:
-        got, stats = res[f"{mode}_fast_parallel_first"]
-        _assert_close(got, want, mode)
-        assert stats["computed_fraction"] == pytest.approx(want_stats["computed_fraction"], abs=1e-12)
+        # each rank keeps only its shard (Ulysses, ring) or its branch (CFG): half the single-process bytes
         assert 0 < stats["cache_peak_bytes"] <= 0.55 * want_stats["cache_peak_bytes"]
 
 
