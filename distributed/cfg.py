@@ -48,6 +48,7 @@ class CfgParallelHook(ModelHook):
         self.branch = branch
         self.state_manager = StateManager(_NoState)
         self.pending: torch.Tensor | None = None  # this step's first-branch prediction (computed or to fill)
+        self.pending_step: int | None = None
         self.exchanges = 0
 
     def _check_outermost(self, module: torch.nn.Module) -> None:
@@ -68,12 +69,17 @@ class CfgParallelHook(ModelHook):
                 f"CFG parallelism: the transformer was called in cache context {name!r}; it needs the pipeline's "
                 f"{first!r} / {second!r} calls (a pipeline that runs both branches in separate transformer calls)"
             )
+        step = getattr(context, "step_index", None)
         if name == first:
+            if self.pending is not None and step is not None and self.pending_step is not None \
+                    and step <= self.pending_step:
+                self.pending = None  # a new generation after one that stopped between the two calls
             if self.pending is not None:
                 raise RuntimeError(
                     f"CFG parallelism: two {first!r} calls without a {second!r} call between them; guidance must be "
                     "on (guidance_scale > 1)"
                 )
+            self.pending_step = step
             if self.branch == 0:
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 self.pending = self.plan.output_tensor(out)
