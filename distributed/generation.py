@@ -107,13 +107,6 @@ def prepare_parallel(
     heads, tokens = wan_geometry(source, frames, height, width)
     try:
         check_settings(settings, state.num_processes, tokens=tokens, heads=heads, guidance_scale=guidance_scale)
-        n = settings.sequence_degree
-        if n > 1 and getattr(args, "max_cache_bytes", None) is not None and tokens is not None and tokens % n:
-            raise ParallelConfigError(
-                f"--max-cache-bytes with {settings.flags()} and {tokens} tokens (not a multiple of {n}): "
-                "ranks hold shards of different sizes and could fall back to computing at different cells; drop the "
-                "budget or pick a degree that divides the token count"
-            )
     except ParallelConfigError:
         if not state.is_main_process:
             raise SystemExit(2) from None

@@ -20,7 +20,37 @@ from .plan import ParallelPlan, get_parallel_plan
 from .sequence import attach_sequence_plan, attention_processors, check_attention_backend
 
 _ATTR = "_videocache_parallel"
+AGREE_ATTR = "_videocache_agree"  # read by the cache engine for its data-dependent decisions
 _MESHES: dict[tuple[str, int, int], Any] = {}
+_DECISION_GROUPS: dict[tuple[int, int], Any] = {}
+
+
+class Agreement:
+    """One decision taken together by the ranks that share a branch's tokens: True only where every rank
+    says True (an all_reduce MIN of one int over a gloo group, so a CPU value: no device synchronisation).
+    The cache engine asks it whenever its byte budget decides something, because token shards of uneven
+    size make the ranks' byte counts differ; a cell computed on one rank and reused on another would
+    leave the first waiting in the attention collective."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.calls = 0
+
+    def __call__(self, flag: bool) -> bool:
+        self.calls += 1
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value[0])
+
+
+def _decision_group(settings: ParallelSettings, rank: int) -> Any:
+    """The gloo group of this rank's ring x ulysses ranks (made for every branch on every rank, once)."""
+    size = settings.ring * settings.ulysses
+    key = (settings.cfg, size)
+    if key not in _DECISION_GROUPS:
+        groups = [dist.new_group(list(range(c * size, (c + 1) * size)), backend="gloo") for c in range(settings.cfg)]
+        _DECISION_GROUPS[key] = groups
+    return _DECISION_GROUPS[key][rank // size]
 
 
 def _mesh(device_type: str, settings: ParallelSettings) -> Any:
@@ -77,6 +107,8 @@ class Parallelism:
         }
 
     def remove(self) -> None:
+        if getattr(self.transformer, AGREE_ATTR, None) is not None:
+            delattr(self.transformer, AGREE_ATTR)
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
@@ -140,6 +172,7 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
             par.processors = processors
             transformer._parallel_config = par.parallel_config
             par.handles = attach_sequence_plan(transformer, plan, par.parallel_config)
+            setattr(transformer, AGREE_ATTR, Agreement(_decision_group(settings, rank)))
         if cfg == 2:
             from diffusers.hooks import HookRegistry
 

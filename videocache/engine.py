@@ -35,9 +35,12 @@ Nothing on the per-call path synchronises with the device: steps, sigmas and dec
 from the table and the scheduler, FLOPs are memoised per input shape, and kept outputs are tensors.
 
 Sequence parallelism: every rank holds its own shard of the tokens, so the tensors kept here are
-per-rank shards and must never be gathered. Decisions depend only on (table, step), which all ranks
-share, so they agree without communication; `CacheEngine._decide` is the single place where a
-data-dependent decision would have to be agreed on by a collective before it is used.
+per-rank shards and must never be gathered. Table decisions depend only on (table, step), which all
+ranks share, so they agree without communication. The one data-dependent decision, whether the byte
+budget has room (shards of uneven size hold different byte counts), is agreed by the ranks that share
+the tokens through the transformer's `_videocache_agree` (set by `videocache.distributed`; a CPU
+all_reduce, only when a budget is set). `CacheEngine._decide` is where any future data-dependent cell
+decision must be agreed the same way.
 """
 
 from __future__ import annotations
@@ -326,6 +329,8 @@ class CacheEngine:
     def _run_transformer(self, hook: TransformerHook, args: tuple, kwargs: dict, compiling: bool) -> Any:
         if compiling or (self._blocks and self._blocks[0].__dict__.get("_compiled_call_impl") is not None):
             self._take_over_compilation()
+        # set by videocache.distributed under sequence parallelism (either order of apply and parallelize)
+        self.store.agree = getattr(self.transformer, "_videocache_agree", None)
         manager = hook.state_manager
         ctx = manager.context
         state: ContextState = manager.get_state()

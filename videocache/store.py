@@ -90,17 +90,29 @@ class CacheStore:
         self.device_bytes = self.host_bytes = 0
         self.peak_device = self.peak_host = 0
         self.refused = 0
+        # under sequence parallelism: a callable that turns this rank's yes/no into the one all ranks
+        # agree on (the budget sees this rank's token shard, whose size can differ between ranks)
+        self.agree: Any = None
         self._stream: Any = None
         self._pinned: dict[tuple, list[torch.Tensor]] = {}  # free pinned host buffers by (shape, dtype)
 
     # -- accounting ---------------------------------------------------------------------------------
     def reserve(self, device_bytes: int, host_bytes: int = 0) -> bool:
         """Count bytes about to be held; False (and nothing counted) when the budget refuses them."""
-        if (self.max_bytes is not None and self.device_bytes + device_bytes > self.max_bytes) or (
-            self.max_host_bytes is not None and self.host_bytes + host_bytes > self.max_host_bytes
-        ):
+        if self.max_bytes is None and self.max_host_bytes is None:
+            return self._count(device_bytes, host_bytes)
+        fits = not (
+            (self.max_bytes is not None and self.device_bytes + device_bytes > self.max_bytes)
+            or (self.max_host_bytes is not None and self.host_bytes + host_bytes > self.max_host_bytes)
+        )
+        if self.agree is not None:
+            fits = self.agree(fits)
+        if not fits:
             self.refused += 1
             return False
+        return self._count(device_bytes, host_bytes)
+
+    def _count(self, device_bytes: int, host_bytes: int) -> bool:
         self.device_bytes += device_bytes
         self.host_bytes += host_bytes
         self.peak_device = max(self.peak_device, self.device_bytes)
