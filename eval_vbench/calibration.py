@@ -81,7 +81,9 @@ def _generate(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
 
 
 def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, progress: bool = True) -> Recording:
-    """Uncached runs with a Gram recorder on every component (a compute-everything table is exact)."""
+    """Uncached runs with a Gram recorder on every component (a compute-everything table is exact).
+    Component outputs of more than `videocache.calibrate.SKETCH_ABOVE` values (Wan2.1 at 480p x 81
+    frames: 50 M) are recorded as fixed CountSketches, which bounds the recorder's device memory."""
     num_blocks = len(videocache.adapters.get_adapter(pipe.transformer).blocks(pipe.transformer))
     grams, refs = [], []
     flops = None
@@ -96,6 +98,7 @@ def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, 
         finally:
             videocache.remove(pipe)
         grams.append(recorder.gram)
+        recorder.clear()  # its kept outputs (sketches beyond SKETCH_ABOVE values) before the next run
     sigmas = videocache.adapters.get_adapter(pipe.transformer).scheduler_sigmas(pipe, s.steps)
     return Recording(np.stack(grams), flops, sigmas, refs)
 
@@ -170,6 +173,8 @@ def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: 
     """The candidates one ablation stage generates, each with the search options it came from (what the
     later stages build on if it is kept). ValueError: no candidate of the stage meets the budget."""
     if stage == "+eb":  # the same table, now with exposure-bias scaling
+        if best is None:
+            raise ValueError("no earlier stage met the budget: no table to add exposure-bias scaling to")
         return [(best[1], opts)]
     if stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
         return [(search.evaluate(schedule_preset(search, budget, g)), opts) for g in SCHEDULE_GRANULARITIES]

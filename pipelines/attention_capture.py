@@ -3,7 +3,10 @@
 * `WanSelfAttentionCapture`: a forward pre-hook on every block's `attn1` instance that, while armed,
   recomputes the block's query and key exactly as `WanAttnProcessor` does (projection, RMS norm across
   heads, rotary embedding) on a subset of heads and records the attention every video token receives,
-  chunk by chunk over queries. The attention output itself is untouched.
+  chunk by chunk over queries. The attention output itself is untouched. A chunk's float32 logits
+  (batch x heads x chunk x tokens) are held about three times over at once (logits, scaled, softmax), so
+  the chunk shrinks to keep them within `max_chunk_bytes` (1 GiB): at Wan2.1-1.3B's 480p x 81 frames
+  (32,760 tokens, 12 heads) 682 queries instead of 1,024, about 3 GiB at the peak instead of 4.8 GB.
 * `score_call`: the foreground mask of one call, cut from the output (by default from the clean latent
   it implies, x0 = x_t - sigma v) at latent resolution and pooled to the token grid, and R_attn per block.
 * `profile_pipeline`: runs a WanPipeline on prompts and scores the chosen steps of the conditional pass,
@@ -35,6 +38,7 @@ from videocache.fgbg import (
 )
 
 PROBE_HOOK = "videocache_fgbg_probe"
+MAX_CHUNK_BYTES = 2**30  # float32 logits of one query chunk (see WanSelfAttentionCapture)
 SIGNALS = ("velocity", "x0")
 
 
@@ -67,7 +71,8 @@ class WanSelfAttentionCapture:
     as (B, N) float32 in `received`. Use as a context manager; hooks sit on the attn1 instances only."""
 
     def __init__(
-        self, transformer: torch.nn.Module, heads: Sequence[int] | None = None, chunk: int = 1024
+        self, transformer: torch.nn.Module, heads: Sequence[int] | None = None, chunk: int = 1024,
+        max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
     ) -> None:
         num_heads = transformer.blocks[0].attn1.heads
         if heads is not None:
@@ -76,9 +81,13 @@ class WanSelfAttentionCapture:
                 raise ValueError(f"heads must be indices in 0-{num_heads - 1}; got {heads}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be an integer >= 1; got {chunk!r}")
+        if max_chunk_bytes is not None and (isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, int)
+                                            or max_chunk_bytes < 1):
+            raise ValueError(f"max_chunk_bytes must be an integer >= 1 or None; got {max_chunk_bytes!r}")
         self.transformer = transformer
         self.heads = heads
         self.chunk = chunk
+        self.max_chunk_bytes = max_chunk_bytes
         self.armed = False
         self.received: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -104,10 +113,18 @@ class WanSelfAttentionCapture:
                 q, k = wan_query_key(module, hidden, rotary)
                 if self.heads is not None:
                     q, k = q[:, :, self.heads], k[:, :, self.heads]
-                a = attention_received(q.transpose(1, 2), k.transpose(1, 2), chunk=self.chunk)
+                a = attention_received(q.transpose(1, 2), k.transpose(1, 2), chunk=self.chunk_for(q.shape))
             self.received[block] = a.mean(dim=1)
 
         return pre
+
+    def chunk_for(self, shape: Sequence[int]) -> int:
+        """Queries per chunk for q of `shape` (B, N, heads, head_dim): `chunk`, or fewer where one chunk's
+        float32 logits (B x heads x chunk x N) would exceed `max_chunk_bytes`."""
+        batch, tokens, heads = int(shape[0]), int(shape[1]), int(shape[2])
+        if self.max_chunk_bytes is None:
+            return self.chunk
+        return max(1, min(self.chunk, self.max_chunk_bytes // (4 * batch * heads * tokens)))
 
     def take(self) -> dict[int, torch.Tensor]:
         out, self.received = self.received, {}
@@ -222,6 +239,7 @@ def profile_pipeline(
     seeds: Sequence[int] = (0,),
     heads: Sequence[int] | None = None,
     chunk: int = 1024,
+    max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
     signal: str = "x0",
     border: int = 1,
     token_threshold: float = 0.5,
@@ -237,7 +255,7 @@ def profile_pipeline(
         raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
     transformer = pipe.transformer
     run = _ProfileRun(
-        capture=WanSelfAttentionCapture(transformer, heads, chunk),
+        capture=WanSelfAttentionCapture(transformer, heads, chunk, max_chunk_bytes),
         scores=ScoreAccumulator(len(transformer.blocks), tuple(steps)),
         steps=tuple(steps),
         patch_size=tuple(transformer.config.patch_size),

@@ -90,6 +90,16 @@ def test_unreachable_budget_is_a_clear_error(recording):
         search.best_within(0.01, SearchOptions(intervals=(1, 2)))
 
 
+def test_exposure_bias_stage_without_an_earlier_table_is_skipped(recording):
+    """+eb adds scaling to the best table so far; when no earlier stage met the budget it is skipped with
+    a logged reason (a ValueError, as for a rule stage that cannot meet it), not a TypeError."""
+    from videocache.eval_vbench.calibration import _stage_trials
+
+    search = TableSearch(recording.grams, recording.flops, recording.sigmas)
+    with pytest.raises(ValueError, match="no earlier stage met the budget"):
+        _stage_trials("+eb", SearchOptions(), search, 0.3, None, None, 3)
+
+
 def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")

@@ -78,6 +78,30 @@ def test_capture_matches_full_softmax_on_a_head_subset(transformer):
         WanSelfAttentionCapture(transformer, heads=[4])
 
 
+def test_capture_chunk_is_bounded_in_bytes(transformer):
+    """A chunk's float32 logits stay within max_chunk_bytes: unchanged at small sizes, fewer queries at
+    Wan2.1-1.3B's 480p x 81 frames (12 heads x 32,760 tokens), and the same attention either way."""
+    cap = WanSelfAttentionCapture(transformer)
+    assert cap.chunk_for((1, 32, 4, 32)) == 1024  # the reference model: as before
+    wan = cap.chunk_for((1, 32760, 12, 128))
+    assert wan == 682 and 4 * 12 * 32760 * wan <= 2**30 < 4 * 12 * 32760 * (wan + 1)
+    assert WanSelfAttentionCapture(transformer, max_chunk_bytes=None).chunk_for((1, 32760, 12, 128)) == 1024
+    assert WanSelfAttentionCapture(transformer, max_chunk_bytes=1).chunk_for((1, 32760, 12, 128)) == 1
+    x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    text = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(3))
+    got = []
+    for max_bytes in (None, 4 * 4 * 32 * 5):  # 5 queries of 4 heads x 32 tokens per chunk
+        with torch.no_grad(), WanSelfAttentionCapture(transformer, max_chunk_bytes=max_bytes) as cap:
+            assert cap.chunk_for((1, 32, 4, 32)) == (1024 if max_bytes is None else 5)
+            cap.armed = True
+            transformer(x, torch.tensor([500.0]), text)
+            got.append(cap.take())
+    for b in got[0]:
+        assert torch.allclose(got[0][b], got[1][b], atol=1e-6)
+    with pytest.raises(ValueError, match="max_chunk_bytes must be"):
+        WanSelfAttentionCapture(transformer, max_chunk_bytes=0)
+
+
 # -- masks ----------------------------------------------------------------------------------------
 def synthetic_video(frames: int = 4, size: int = 14, channels: int = 16, seed: int = 0):
     """Background noise, a rounded 4x4 blob moving right with a fixed feature offset, per-frame global

@@ -4,7 +4,9 @@ An uncached calibration run records, for every (context, block, component), the 
 component's outputs over the steps: G[s, s'] = <F_s, F_s'>. Any value the engine hands back at step t
 instead of computing F_t is a linear combination of earlier computed outputs (reuse: F_last; EOC-style
 corrected reuse: a * F_last; order-1 forecast: (1 + r) F_last - r F_prev), so its exact squared error
-||F_t - sum a_i F_i||^2 follows from G alone, without keeping any tensor.
+||F_t - sum a_i F_i||^2 follows from G alone, without keeping any tensor. Outputs of more than
+SKETCH_ABOVE values (Wan2.1-1.3B at 480p x 81 frames: 50 M) are recorded through a fixed linear sketch
+instead, which estimates every such error within about sqrt(2 / SKETCH_SIZE) (`GramRecorder`).
 
 The search space is FEB-Cache's stage-aware one, written as profile rules: a warm-up, then in the early
 stage (sigma >= stage_threshold) attention and MLP each recomputed every a_early / m_early steps, in the
@@ -30,35 +32,108 @@ from .profile import build_table, preset_from_dict
 from .table import COMPONENTS, Action, CacheTable
 
 ATTENTION = ("self_attn", "cross_attn")
+SKETCH_ABOVE = 2**20  # outputs with more values than this are recorded as a CountSketch (see GramRecorder)
+SKETCH_SIZE = 2**16  # buckets of that sketch: relative error of a squared norm about sqrt(2 / SKETCH_SIZE)
+_SKETCH_CHUNK = 2**22  # values converted to float64 at a time while sketching (32 MB)
+
 
 @dataclass
 class GramRecorder:
-    """Engine observer for one calibration run: accumulates per-cell Gram matrices, summed over contexts."""
+    """Engine observer for one calibration run: accumulates per-cell Gram matrices, summed over contexts.
+
+    Every quantity the table search derives from a Gram matrix is the squared norm of a linear combination
+    of one cell's outputs, so a fixed linear sketch S of the outputs serves as well: <S x, S y> estimates
+    <x, y> without bias and ||S z||^2 estimates ||z||^2 with relative standard deviation at most
+    sqrt(2 / sketch_size) (0.55 % for 2**16 buckets), for every combination z at once. Outputs with up to
+    `sketch_above` values are recorded exactly (their float64 dot products); larger ones as a CountSketch:
+    each coordinate is hashed to one of 2 * sketch_size buckets, the sketch is the first half minus the
+    second (a random sign per coordinate). The bucket index (int32, one per coordinate) is drawn once per
+    output size and device from a generator seeded with `seed`, so every output of a cell, step and
+    prompt shares one S. Kept per cell: the last `band` + 1 outputs, float64, of at most
+    `sketch_size` values each. Gram entries are accumulated on the outputs' device and read back once
+    (`gram`), so recording never waits for the device."""
 
     num_steps: int
     num_blocks: int
     band: int = 9  # pairs of steps further apart than this are not recorded (memory)
-    gram: np.ndarray = field(init=False)  # (blocks, components, steps, steps) float64
-    _seen: dict = field(init=False, default_factory=dict)  # (context, block, comp) -> {step: tensor}
+    sketch_above: int | None = SKETCH_ABOVE  # None: always exact
+    sketch_size: int = SKETCH_SIZE
+    seed: int = 0
+    _seen: dict = field(init=False, default_factory=dict)  # (context, block, comp) -> {step: float64 vector}
+    _acc: dict = field(init=False, default_factory=dict)  # device -> (blocks, components, steps, steps) float64
+    _buckets: dict = field(init=False, default_factory=dict)  # (size, device) -> int32 bucket per coordinate
 
     def __post_init__(self) -> None:
-        self.gram = np.zeros((self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps))
+        if self.sketch_above is not None and (self.sketch_size < 1 or self.sketch_above < 1):
+            raise ValueError(f"sketch_size and sketch_above must be >= 1; got {self.sketch_size}, {self.sketch_above}")
+
+    @property
+    def gram(self) -> np.ndarray:
+        """(blocks, components, steps, steps) float64 Gram matrices, summed over contexts (one transfer)."""
+        out = np.zeros((self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps))
+        for acc in self._acc.values():
+            out += acc.cpu().numpy()
+        return out
+
+    def sketched(self, numel: int) -> bool:
+        """Whether an output of `numel` values is recorded as a sketch."""
+        return self.sketch_above is not None and numel > self.sketch_above
+
+    def clear(self) -> None:
+        """Free the kept outputs and bucket indices (the Gram matrices stay)."""
+        self._seen.clear()
+        self._buckets.clear()
+
+    def _sketch(self, flat):
+        import torch
+
+        k = self.sketch_size
+        key = (flat.numel(), flat.device)
+        buckets = self._buckets.get(key)
+        if buckets is None:
+            generator = torch.Generator(device=flat.device).manual_seed(self.seed)
+            buckets = torch.randint(0, 2 * k, (flat.numel(),), generator=generator, device=flat.device,
+                                    dtype=torch.int32)
+            self._buckets[key] = buckets
+        acc = torch.zeros(2 * k, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), _SKETCH_CHUNK):  # bounded float64 copies
+            stop = start + _SKETCH_CHUNK
+            acc.index_add_(0, buckets[start:stop], flat[start:stop].to(torch.float64))
+        return acc[:k] - acc[k:]
 
     def __call__(self, context: str, step: int, block: int, component: str, output) -> None:
         import torch
 
         c = COMPONENTS.index(component)
         out = output[0] if isinstance(output, tuple | list) else output
-        flat = out.detach().reshape(-1).to(torch.float64)
+        flat = out.detach().reshape(-1)
+        sketched = self.sketched(flat.numel())
+        vec = self._sketch(flat) if sketched else flat.to(torch.float64)
         kept = self._seen.setdefault((context, block, c), {})
         for s in [s for s in kept if s < step - self.band or s >= step]:  # too old, or a new run began
             del kept[s]
-        kept[step] = flat
-        for s, other in kept.items():
-            value = float(torch.dot(flat, other))
-            self.gram[block, c, step, s] += value
-            if s != step:
-                self.gram[block, c, s, step] += value
+        kept[step] = vec
+        steps, others = list(kept), list(kept.values())
+        if sketched:  # one matrix-vector product
+            dots = torch.stack(others) @ vec
+        else:  # the same dot products as one at a time (bit for bit), gathered without a host sync
+            dots = torch.stack([torch.dot(vec, other) for other in others])
+        acc = self._acc.get(vec.device)
+        if acc is None:
+            acc = self._acc[vec.device] = torch.zeros(
+                (self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps), dtype=torch.float64,
+                device=vec.device)
+        first = steps[0]
+        if steps == list(range(first, step + 1)):  # consecutive steps (every step recorded): two slices
+            row = acc[block, c, step, first : step + 1]
+            row += dots
+            col = acc[block, c, first:step, step]
+            col += dots[:-1]
+        else:
+            for i, s in enumerate(steps):
+                acc[block, c, step, s] += dots[i]
+                if s != step:
+                    acc[block, c, s, step] += dots[i]
 
 
 def _combination_error(gram: np.ndarray, t: int, steps: Sequence[int], coeffs: Sequence[float]) -> np.ndarray:
