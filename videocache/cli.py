@@ -31,6 +31,16 @@ def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
 
 
+def weights_dtype(name: str | None, model: str, device: str) -> Any:
+    """The dtype to load weights in: the one asked for; else bfloat16 for a real model on a GPU (Wan2.1 in
+    float32 does not leave room for the cache and calibration at 480p on one 80 GB GPU); else the model's."""
+    import torch
+
+    if name:
+        return getattr(torch, name)
+    return torch.bfloat16 if model != "reference-wan" and not device.startswith("cpu") else None
+
+
 CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn", "int8": "int8"}
 
 
@@ -54,7 +64,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="none", choices=["none", "blocks", "model"],
                    help="torch.compile the repeated blocks or the whole transformer (the cache compiles with it)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else float32)")
     add_attention_backend_argument(p)
     p.add_argument("--ulysses", type=int, default=1, metavar="N",
                    help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch)")
@@ -100,7 +111,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
     )
     device = parallel.device if parallel is not None and args.device is None else args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = weights_dtype(args.dtype, args.model, resolve_device(device))
     backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(device), dtype)
     pipe = load_pipeline(args.model, device=device, dtype=dtype, attention_backend=backend)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
@@ -195,15 +206,14 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default float32; flash and sage need bfloat16 or float16)")
+                   help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else "
+                        "float32; flash and sage need bfloat16 or float16)")
     add_attention_backend_argument(p)
     p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     import shlex
-
-    import torch
 
     from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
@@ -224,7 +234,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".yaml", ".yml"):
         raise ValueError(f"--out must be a .yaml file; got {args.out}")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
     if args.prompts:
