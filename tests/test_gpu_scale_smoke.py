@@ -93,7 +93,7 @@ def test_smoke_every_row_and_merge(tmp_path):
     rows = {r["name"]: r for r in eager["rows"]}
     assert len(rows["magcache"]["info"]["mag_ratios"]) == eager["setup"]["steps"]
     assert rows["magcache"]["calibration_s"] > 0
-    assert rows["vc-fast-blockwise-fp8-offload"]["info"]["options"]["cache_dtype"] == "float8_e4m3fn"
+    assert rows["vc-fast-blockwise-int8-offload"]["info"]["options"]["cache_dtype"] == "int8"
     merged = run_smoke(out, "--rows", "compiled", "--merge", timeout=400)  # adds to the same files
     check_rows(merged, set(module.GROUPS["all"]))
     assert {r["name"]: r for r in merged["rows"]}["uncached"] == rows["uncached"]
