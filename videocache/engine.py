@@ -562,7 +562,7 @@ class CacheEngine:
         if block == len(self._blocks) - 1:
             _, gates = self.adapter.shared_gates(args, kwargs, list(sums.gated))
             nbytes += sums.finish(out, gates)
-        if not self.store.reserve(nbytes):
+        if nbytes and not self.store.reserve(nbytes):
             return self._drop_sum(state)
         sums.nbytes += nbytes
         if sums.complete:
