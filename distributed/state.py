@@ -11,5 +11,7 @@ import torch
 from accelerate import PartialState
 
 
-def process_state() -> PartialState:
-    return PartialState(cpu=not torch.cuda.is_available())
+def process_state(**kwargs) -> PartialState:
+    """The process state (made once per process); `kwargs` go to torch.distributed.init_process_group
+    the first time (e.g. `timeout=timedelta(seconds=600)`)."""
+    return PartialState(cpu=not torch.cuda.is_available(), **kwargs)

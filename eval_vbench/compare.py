@@ -6,6 +6,14 @@ patches classes process-wide, gets a worker of its own. For every item (prompt, 
 in turn, each interleaving its uncached run with its methods, so that slow phases of a shared machine
 hit a method and the baseline it is divided by alike. Every finished (method, item) is written at once
 and skipped on rerun.
+
+Under sequence or CFG parallelism (`--ulysses N`, `--ring M`, `--cfg-parallel`, launched with
+`accelerate launch --multi_gpu --num_processes P --num_machines 1 -m videocache.cli compare ...`) every
+launched process runs this loop in lockstep: rank 0 alone reads and writes the run store, decides what
+is still to run and broadcasts it; each rank spawns its own worker per group, and the workers of a group
+form a process group of their own (on a port rank 0 picks), so that every rank runs the same method on
+the same item at the same time. Fidelity is measured against the single-process uncached video; see
+worker.py.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ class CompareConfig:
     save_videos: bool = False
     low_memory: bool = False  # one worker process alive at a time (groups run one after another)
     progress: bool = True
+    parallel_timeout_s: float = 600.0  # a parallel worker's collective that waits longer fails
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -71,7 +80,7 @@ class WorkerFailed(RuntimeError):
 class WorkerProcess:
     """A spawned worker (see worker.py) driven over a pipe, one item at a time."""
 
-    def __init__(self, group: WorkerGroup, config: CompareConfig):
+    def __init__(self, group: WorkerGroup, config: CompareConfig, env: dict[str, str] | None = None, rank: int = 0):
         from .worker import worker_main
 
         self.group = group
@@ -87,13 +96,14 @@ class WorkerProcess:
                 group.name,
                 asdict(first),
                 config.save_videos,
+                env,
             ),
             daemon=True,
             name=f"videocache-compare-{method_slug(group.name)}",
         )
         self.process.start()
         child.close()
-        self.log = RunStore(config.out).log_path(group.name)
+        self.log = RunStore(config.out).log_path(group.name, rank)
         self._expect("ready")
 
     def _recv(self) -> dict[str, Any]:
@@ -147,29 +157,113 @@ class CompareResult:
     skipped: int = 0
 
 
+class ParentRanks:
+    """The launched processes of a parallel comparison (accelerate's process group): rank 0 decides, all
+    follow. One instance per process."""
+
+    def __init__(self) -> None:
+        from videocache.distributed.state import process_state
+
+        state = process_state()
+        self.rank = state.process_index
+        self.world_size = state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def worker_env(self, config: CompareConfig) -> dict[str, str]:
+        """The environment of this rank's worker for one group: a fresh port (picked by rank 0) for the
+        workers' own process group, and the collective timeout."""
+        import os
+        import socket
+
+        port = None
+        if self.is_main:
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                port = sock.getsockname()[1]
+        port = self.broadcast(port)
+        from .worker import PARALLEL_TIMEOUT_ENV
+
+        return {
+            "MASTER_PORT": str(port),
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": os.environ.get("LOCAL_RANK", str(self.rank)),
+            # under torchrun / accelerate launch the launcher's agent hosts the store of MASTER_PORT; the workers'
+            # store is new, hosted by rank 0's worker
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
+            PARALLEL_TIMEOUT_ENV: str(config.parallel_timeout_s),
+        }
+
+
+def _rank_failures(failures: list[str | None]) -> str | None:
+    """One message for the ranks' failures: each distinct message once, with the ranks that gave it."""
+    by_message: dict[str, list[int]] = {}
+    for rank, failure in enumerate(failures):
+        if failure:
+            by_message.setdefault(failure, []).append(rank)
+    if not by_message:
+        return None
+    return " | ".join(
+        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {message}" for message, r in by_message.items()
+    )
+
+
 def run_compare(config: CompareConfig) -> CompareResult:
-    """Run what is missing in config.out, then (re)write the report from every record."""
+    """Run what is missing in config.out, then (re)write the report from every record. In a parallel
+    comparison every launched process calls it; rank 0 reads and writes the store."""
     from tqdm.auto import tqdm
 
     from .report import build_report, write_report
 
+    ranks = ParentRanks() if config.settings.parallel else None
+    main = ranks is None or ranks.is_main
     store = RunStore(config.out)
-    store.check_settings(config.settings)
+    problem = None
+    if main:
+        try:
+            store.check_settings(config.settings)
+        except ValueError as exc:
+            problem = str(exc)
+    if ranks is not None:  # every rank stops on rank 0's refusal (one line, printed by rank 0)
+        problem = ranks.broadcast(problem)
+    if problem is not None:
+        raise ValueError(problem)
     items = config.items
     methods = list(config.methods)
     groups = group_methods(methods)
     total = len(methods) * len(items)
     digests = {m.spec: m.config_digest() for m in methods}
-    done = sum(store.has_record(m.spec, item, digests[m.spec]) for m in methods for item in items)
+    done = sum(store.has_record(m.spec, item, digests[m.spec]) for m in methods for item in items) if main else 0
     errors: dict[str, str] = {}
     bar = tqdm(
-        total=total, initial=done, desc="compare", unit="run", disable=not config.progress, dynamic_ncols=True
+        total=total, initial=done, desc="compare", unit="run", disable=not (config.progress and main),
+        dynamic_ncols=True,
     )
     workers: dict[str, WorkerProcess] = {}
     ran = 0
 
     def on_message(msg: dict[str, Any]) -> None:
         nonlocal ran
+        if not main:  # rank 0 keeps the account
+            return
         if msg["type"] == "done":
             ran += 1
             bar.update(1)
@@ -178,34 +272,47 @@ def run_compare(config: CompareConfig) -> CompareResult:
             errors[msg["method"]] = msg["message"]
             bar.write(f"videocache compare: {msg['method']} failed: {msg['message']}")
 
+    def stop_worker(group: WorkerGroup) -> None:
+        stale = workers.pop(group.name, None)
+        if stale is not None:
+            stale.stop()
+
     def run_group_item(group: WorkerGroup, item: Item) -> None:
-        pending = [
-            m for m in group.methods if m.spec not in errors and not store.has_record(m.spec, item, digests[m.spec])
-        ]
+        pending = None
+        if main:
+            pending = [
+                m.spec for m in group.methods
+                if m.spec not in errors and not store.has_record(m.spec, item, digests[m.spec])
+            ]
+        if ranks is not None:
+            pending = ranks.broadcast(pending)
         if not pending:
             return
         bar.set_description_str(f"compare p{item.index} seed {item.seed}", refresh=False)
+        failure = None
         try:
             worker = workers.get(group.name)
             if worker is None:
-                worker = workers[group.name] = WorkerProcess(group, config)
-            worker.run_item(item, pending, on_message)
+                env = ranks.worker_env(config) if ranks is not None else None
+                worker = workers[group.name] = WorkerProcess(group, config, env, ranks.rank if ranks else 0)
+            worker.run_item(item, [m for m in group.methods if m.spec in pending], on_message)
         except WorkerFailed as exc:
+            failure = str(exc)
+        if ranks is not None:  # a worker that failed on one rank has failed on all
+            failure = _rank_failures(ranks.gather(failure))
+        if failure is not None:
             for m in group.methods:
-                errors.setdefault(m.spec, str(exc))
-            bar.write(f"videocache compare: worker for {group.name} failed: {exc}")
-            stale = workers.pop(group.name, None)
-            if stale is not None:
-                stale.stop()
+                errors.setdefault(m.spec, failure)
+            if main:
+                bar.write(f"videocache compare: worker for {group.name} failed: {failure}")
+            stop_worker(group)
 
     try:
         if config.low_memory:
             for group in groups:
                 for item in items:
                     run_group_item(group, item)
-                stale = workers.pop(group.name, None)
-                if stale is not None:
-                    stale.stop()
+                stop_worker(group)
         else:
             for item in items:
                 for group in groups:
@@ -214,8 +321,14 @@ def run_compare(config: CompareConfig) -> CompareResult:
         for worker in workers.values():
             worker.stop()
         bar.close()
+    if not main:  # rank 0 writes the report; every rank returns its errors, for the same exit status
+        errors = ranks.broadcast(None)
+        paths = {k: store.out / name for k, name in (("json", "report.json"), ("md", "report.md"), ("png", "pareto.png"))}
+        return CompareResult({"methods": []}, paths, errors, ran=0, skipped=0)
     report = build_report(store, config.settings, methods, items, errors)
     paths = write_report(store, report)
+    if ranks is not None:
+        ranks.broadcast(errors)
     return CompareResult(report, paths, errors, ran=ran, skipped=done)
 
 
@@ -261,10 +374,26 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         help="keep one worker process alive at a time (groups run one after another)",
     )
     p.add_argument("--no-progress", action="store_true")
+    par = p.add_argument_group(
+        "parallelism",
+        "run every method (and the uncached reference) with sequence / CFG parallelism, under `accelerate launch "
+        "--multi_gpu --num_processes P --num_machines 1 -m videocache.cli compare ...` (P = the product of the "
+        "degrees); fidelity is measured against the single-process uncached video",
+    )
+    par.add_argument("--ulysses", type=int, default=1, metavar="N", help="Ulysses sequence parallelism over N ranks")
+    par.add_argument("--ring", type=int, default=1, metavar="M", help="ring attention over M ranks")
+    par.add_argument("--cfg-parallel", action="store_true", help="the two guidance branches on two rank groups")
+    par.add_argument(
+        "--parallel-timeout", type=float, default=600.0, metavar="S",
+        help="seconds a parallel worker waits in one collective before failing (default 600)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """Validate the command line (one-line ValueError / FileNotFoundError) before anything is spawned."""
+    import os
+
+    from videocache.distributed.generation import settings_from_args
     from videocache.pipelines.loader import (
         check_attention_backend,
         generation_defaults,
@@ -272,6 +401,12 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         resolve_model,
     )
 
+    degrees = settings_from_args(args)
+    if not degrees.enabled and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"videocache compare was launched as {os.environ['WORLD_SIZE']} processes without --ulysses / --ring / "
+            "--cfg-parallel: give the degrees (their product is the process count) or launch one process"
+        )
     methods = parse_methods(list(args.methods))
     prompts = read_prompts(args.prompts)
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), args.dtype)
@@ -290,7 +425,24 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         repeats=args.repeats,
         fps=defaults.fps,
         attention_backend=backend,
+        ulysses=degrees.ulysses,
+        ring=degrees.ring,
+        cfg=degrees.cfg,
     )
+    if degrees.enabled:  # degrees against the launched processes, tokens and heads: before any worker starts
+        from videocache.distributed.generation import prepare_parallel
+
+        if args.parallel_timeout <= 0:
+            raise ValueError(f"--parallel-timeout must be positive, got {args.parallel_timeout}")
+        from videocache.distributed.checks import ParallelConfigError
+
+        try:
+            prepare_parallel(
+                args, source, frames=settings.frames, height=settings.height, width=settings.width,
+                guidance_scale=settings.guidance_scale,
+            )
+        except ParallelConfigError as exc:
+            raise ParallelConfigError(str(exc).replace("scripts/generate.py", "-m videocache.cli compare")) from None
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
     return CompareConfig(
         settings=settings,
@@ -301,6 +453,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         save_videos=args.save_videos,
         low_memory=args.low_memory,
         progress=not args.no_progress,
+        parallel_timeout_s=getattr(args, "parallel_timeout", 600.0),
     )
 
 

@@ -4,6 +4,13 @@ A spec is a short string (`diffusers:fbcache:0.08`) parsed into a small validate
 method can `apply` itself to a loaded pipeline and returns an `AppliedMethod` that removes it again
 and reports what it kept in memory. cache-dit patches pipeline classes for the whole process, so its
 methods declare `isolated = True` and the comparison runs each of them in a process of its own.
+
+Under sequence or CFG parallelism (`videocache compare --ulysses N ...` under accelerate launch) the
+comparison's worker applies a method and then `videocache.distributed.parallelize` (the cache first, as
+diffusers' caches and CFG parallelism need), except for a method whose `parallel_impl` is "own": cache-dit
+cannot run under videocache's parallelism and is run with its own context parallelism at the same degrees
+(`parallelize_pipeline`). diffusers' First-Block-Cache decides from the local token shard: its decision is
+replaced by the agreed global one (`videocache.distributed.peers`).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class MethodSetup:
     calibrate: Callable[[], None] = lambda: None
     store: dict[str, Any] = field(default_factory=dict)
     save_store: Callable[[], None] = lambda: None
+    parallel: Any = None  # videocache.distributed.ParallelSettings of a parallel comparison (None: one process)
 
 
 @dataclass
@@ -98,6 +106,9 @@ class Method:
 
     family: ClassVar[str] = ""
     isolated: ClassVar[bool] = False  # True: must run in a process of its own
+    # who spreads the transformer over the ranks in a parallel comparison: "videocache" (the worker calls
+    # parallelize after apply, per run) or "own" (the method's parallelize_pipeline, once per worker)
+    parallel_impl: ClassVar[str] = "videocache"
 
     @property
     def spec(self) -> str:  # canonical form, used as the method's name in reports
@@ -115,6 +126,11 @@ class Method:
         """What the spec does not pin down (a profile file's contents): a resumed comparison reruns a
         method whose digest changed. Empty when the spec says everything."""
         return ""
+
+    def parallelize_pipeline(self, pipe: Any, setup: MethodSetup) -> dict[str, Any]:
+        """For parallel_impl "own": spread the pipeline over the ranks with the method's own parallelism,
+        once per worker process, leaving it uncached (the uncached runs of that worker then run on it)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -213,7 +229,25 @@ class FBCacheMethod(Method):
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         from diffusers import FirstBlockCacheConfig
 
-        return _diffusers_applied(pipe, FirstBlockCacheConfig(threshold=self.threshold))
+        from videocache.distributed.peers import agree_first_block_cache
+
+        applied = _diffusers_applied(pipe, FirstBlockCacheConfig(threshold=self.threshold))
+        # one process: diffusers' decision unchanged; sequence-parallel: the global statistic, agreed
+        agreement = agree_first_block_cache(pipe.transformer)
+        remove = applied.remove
+
+        def remove_all() -> None:
+            agreement.remove()
+            remove()
+
+        applied.remove = remove_all
+        applied.stats = agreement.stats
+        applied.reset_stats = agreement.reset
+        if setup.parallel is not None and setup.parallel.sequence_degree > 1:
+            applied.info["decision"] = (
+                "agreed across ranks (all-reduced global statistic; diffusers 0.42.1 decides on the local shard)"
+            )
+        return applied
 
 
 @dataclass(frozen=True)
@@ -339,6 +373,7 @@ class CacheDitDBCacheMethod(Method):
     taylorseer_order: int | None = None
     family: ClassVar[str] = "cachedit:dbcache"
     isolated: ClassVar[bool] = True
+    parallel_impl: ClassVar[str] = "own"  # its CachedBlocks cannot run under videocache's split hooks
 
     @property
     def spec(self) -> str:
@@ -354,7 +389,7 @@ class CacheDitDBCacheMethod(Method):
     def warmup_steps(self, num_inference_steps: int) -> int:
         return max(1, int(WARMUP_FRACTION * num_inference_steps + 0.5))
 
-    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+    def _config(self, pipe: Any, setup: MethodSetup) -> Any:
         num_blocks = len(pipe.transformer.blocks)
         if self.fn + self.bn >= num_blocks:  # checked before cache-dit patches anything
             raise ValueError(
@@ -362,26 +397,62 @@ class CacheDitDBCacheMethod(Method):
             )
         import cache_dit
 
-        from .cache_memory import cachedit_roots, tensor_bytes
-
-        config = cache_dit.DBCacheConfig(
+        return cache_dit.DBCacheConfig(
             Fn_compute_blocks=self.fn,
             Bn_compute_blocks=self.bn,
             residual_diff_threshold=self.threshold,
             max_warmup_steps=self.warmup_steps(setup.num_inference_steps),
             num_inference_steps=setup.num_inference_steps,
         )
+
+    def parallelize_pipeline(self, pipe: Any, setup: MethodSetup) -> dict[str, Any]:
+        """cache-dit's own context parallelism at the comparison's Ulysses and ring degrees.
+
+        cache-dit 1.5.3 enables its parallelism only together with a cache and cannot take it off again
+        (`disable_cache` removes the cache, its split/gather hooks stay; a second `enable_cache` with a
+        `parallelism_config` fails on the existing hooks): so it is enabled once per worker process with
+        this method's cache, whose cache is removed at once; every later run adds the cache alone. It
+        has no CFG parallelism."""
+        s = setup.parallel
+        if s.cfg > 1:
+            raise ValueError(
+                f"{self.spec}: cache-dit 1.5.3 has no CFG parallelism and cannot run under videocache's (its block "
+                "wrapper breaks videocache's split hooks): compare cache-dit with --ulysses / --ring only"
+            )
+        if s.ring > 1 and pipe.transformer.device.type == "cpu":
+            raise ValueError(
+                f"{self.spec}: cache-dit's ring attention takes its log-sum-exp from aten's CUDA flash-attention op "
+                "(aten::_scaled_dot_product_flash_attention), which the CPU lacks: compare cache-dit with --ulysses on the CPU"
+            )
+        if getattr(pipe, "_videocache_cachedit_parallel", None) is not None:
+            return pipe._videocache_cachedit_parallel
+        import cache_dit
+
+        parallelism = cache_dit.ParallelismConfig(
+            ulysses_size=s.ulysses if s.ulysses > 1 else None, ring_size=s.ring if s.ring > 1 else None
+        )
+        cache_dit.enable_cache(pipe, cache_config=self._config(pipe, setup), parallelism_config=parallelism)
+        cache_dit.disable_cache(pipe)
+        pipe._videocache_cachedit_parallel = {"impl": "cache-dit", "ulysses": s.ulysses, "ring": s.ring}
+        return pipe._videocache_cachedit_parallel
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        config = self._config(pipe, setup)
+        import cache_dit
+
+        from .cache_memory import cachedit_roots, tensor_bytes
+
         calibrator = None
         if self.taylorseer_order is not None:
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
         cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        info = {"max_warmup_steps": config.max_warmup_steps, "cache_dit": getattr(cache_dit, "__version__", "?")}
+        if getattr(pipe, "_videocache_cachedit_parallel", None) is not None:
+            info["parallel"] = "cache-dit's own context parallelism (its DBCache all-reduces its residual statistic)"
         return AppliedMethod(
             remove=lambda: cache_dit.disable_cache(pipe),
             cache_bytes=lambda: tensor_bytes(cachedit_roots(pipe)),
-            info={
-                "max_warmup_steps": config.max_warmup_steps,
-                "cache_dit": getattr(cache_dit, "__version__", "?"),
-            },
+            info=info,
         )
 
 

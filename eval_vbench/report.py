@@ -3,6 +3,11 @@
 Aggregates are FLOP- and time-weighted sums over all (prompt, seed) items, not means of ratios:
 computed fraction = executed block FLOPs / uncached block FLOPs, speedup = uncached seconds / method
 seconds (each method against the uncached runs of its own process, interleaved with it).
+
+A parallel comparison (`--ulysses` / `--ring` / `--cfg-parallel`) reports PSNR / SSIM against the
+single-process uncached video, the speedup against the uncached run under the same parallelism and
+against one process, whether the ranks sharing a branch executed the same work (their decisions
+agreed), and who parallelised the transformer (videocache, or cache-dit's own context parallelism).
 """
 
 from __future__ import annotations
@@ -85,6 +90,25 @@ def summarize(
         ),
         info=records[0].get("info", {}),
     )
+    if all("parallel" in r for r in records):
+        ref_t = sum(r["reference_transformer_s"] for r in records)
+        ref_w = sum(r["reference_wall_s"] for r in records)
+        local = [
+            sum(int(p.get("stats", {}).get("local_disagreements", 0)) for p in r["parallel"]["per_rank"]) for r in records
+        ]
+        entry.update(
+            speedup_vs_one_process=ref_t / t if t > 0 else None,
+            wall_speedup_vs_one_process=ref_w / w if w > 0 else None,
+            psnr_vs_parallel_uncached=_mean([float(r["psnr_vs_parallel_uncached"]) for r in records]),
+            psnr_baseline_vs_reference=min(float(r["psnr_baseline_vs_reference"]) for r in records),
+            ranks_agree=all(r["parallel"]["ranks_agree"] for r in records),
+            parallel_impl=records[0]["parallel"]["impl"],
+            per_rank_computed_fraction=[
+                _mean([p["computed_fraction"] for p in per])
+                for per in zip(*(r["parallel"]["per_rank"] for r in records), strict=True)
+            ],
+            local_disagreements=sum(local),
+        )
     entry["rows"] = [
         {
             k: r.get(k)
@@ -123,7 +147,16 @@ def build_report(
     for method in methods:
         records = [r for r in (store.read_record(method.spec, item) for item in items) if r is not None]
         entries.append(summarize(method, records, len(items), reference, errors.get(method.spec)))
-    return {
+    extra: dict[str, Any] = {}
+    if settings.parallel:
+        extra["parallel"] = {
+            "ulysses": settings.ulysses,
+            "ring": settings.ring,
+            "cfg": settings.cfg,
+            "world_size": settings.ulysses * settings.ring * settings.cfg,
+            "fidelity": "PSNR / SSIM against the single-process uncached video of the same prompt and seed",
+        }
+    return extra | {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": settings.comparable() | {"fps": settings.fps},
         "prompts": sorted({item.prompt for item in items}, key=[i.prompt for i in items].index),
@@ -169,11 +202,18 @@ def notes_for(entry: dict[str, Any]) -> list[str]:
         notes.append(f"engine reports {engine:.3f}")
     if entry.get("baseline_matches_reference") is False:
         notes.append("its uncached run differs from the reference video")
+    if entry.get("ranks_agree") is False:
+        notes.append("ranks executed different work")
+    if entry.get("local_disagreements"):
+        notes.append(f"local shards alone would have decided otherwise {entry['local_disagreements']}x (agreed)")
+    if entry.get("parallel_impl") not in (None, "videocache"):
+        notes.append(f"parallelised by {entry['parallel_impl']}")
     return notes
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
+    par = report.get("parallel")
     lines = [
         "# Cache comparison",
         "",
@@ -182,19 +222,44 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{s['repeats']} repeat(s), device {s['device'] or 'default'}, dtype {s['dtype'] or 'default'}, "
         f"attention backend {s.get('attention_backend') or 'diffusers default'}.",
         "",
-        "Computed fraction: FLOP-weighted share of block components (self-attention, cross-attention, "
-        "feed-forward) actually executed, measured by counting executed modules against the uncached run. "
-        "PSNR / SSIM: against the uncached video of the same prompt and seed (inf = identical). "
-        f"Speedups: {report['timing']}.",
-        "",
-        "| method | computed fraction | transformer speedup | wall speedup | PSNR (dB) | SSIM | cache peak | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
+    if par is None:
+        lines += [
+            "Computed fraction: FLOP-weighted share of block components (self-attention, cross-attention, "
+            "feed-forward) actually executed, measured by counting executed modules against the uncached run. "
+            "PSNR / SSIM: against the uncached video of the same prompt and seed (inf = identical). "
+            f"Speedups: {report['timing']}.",
+            "",
+            "| method | computed fraction | transformer speedup | wall speedup | PSNR (dB) | SSIM | cache peak | notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+    else:
+        lines += [
+            f"Parallel: {par['world_size']} processes (Ulysses {par['ulysses']}, ring {par['ring']}, CFG {par['cfg']}); "
+            "every method and the uncached run under the same parallelism, all ranks running the same method at "
+            "the same time; rank 0's timings. Computed fraction: executed block FLOPs summed over the ranks against "
+            "the uncached run's. PSNR / SSIM: against the single-process uncached video (inf = identical); "
+            "'vs parallel uncached': against the uncached run under the same parallelism. Speedups: against the "
+            f"parallel uncached run ({report['timing']}) and against the single-process uncached run. 'ranks agree': "
+            "the ranks sharing a branch's tokens executed the same block calls (their cache decisions agreed).",
+            "",
+            "| method | computed fraction | transformer speedup | vs 1 process | PSNR (dB) | SSIM | PSNR vs parallel uncached (dB) | cache peak (rank 0) | ranks agree | notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|:---:|---|",
+        ]
     for e in sorted(report["methods"], key=_sort_key):
+        if par is None:
+            lines.append(
+                f"| `{e['method']}` | {_fmt(e.get('computed_fraction'))} | {_fmt(e.get('transformer_speedup'), '.2f')}x "
+                f"| {_fmt(e.get('wall_speedup'), '.2f')}x | {format_db(e.get('psnr'))} | {_fmt(e.get('ssim'), '.4f')} "
+                f"| {_bytes(e.get('cache_peak_bytes'))} | {'; '.join(notes_for(e))} |"
+            )
+            continue
+        agree = e.get("ranks_agree")
         lines.append(
             f"| `{e['method']}` | {_fmt(e.get('computed_fraction'))} | {_fmt(e.get('transformer_speedup'), '.2f')}x "
-            f"| {_fmt(e.get('wall_speedup'), '.2f')}x | {format_db(e.get('psnr'))} | {_fmt(e.get('ssim'), '.4f')} "
-            f"| {_bytes(e.get('cache_peak_bytes'))} | {'; '.join(notes_for(e))} |"
+            f"| {_fmt(e.get('speedup_vs_one_process'), '.2f')}x | {format_db(e.get('psnr'))} | {_fmt(e.get('ssim'), '.4f')} "
+            f"| {format_db(e.get('psnr_vs_parallel_uncached'))} | {_bytes(e.get('cache_peak_bytes'))} "
+            f"| {'-' if agree is None else ('yes' if agree else 'NO')} | {'; '.join(notes_for(e))} |"
         )
     lines += ["", "Prompts:", ""] + [f"- {p}" for p in report["prompts"]] + [""]
     return "\n".join(lines)

@@ -4,7 +4,10 @@
     DIR/calibration.json          small calibration results shared by methods (MagCache ratios)
     DIR/runs/<method>/<item>.json one record per (method, prompt, seed), written when that run finishes
     DIR/videos/<method>/<item>.mp4 only with --save-videos
-    DIR/logs/<process>.log        everything the worker processes printed
+    DIR/reference/<item>.npz       parallel comparisons only: the single-process uncached video (uint8
+                                  frames) and its timings, that every method's fidelity is measured against
+    DIR/logs/<process>.log        everything the worker processes printed (rank r > 0 of a parallel
+                                  comparison: <process>.rank<r>.log; records and reports are rank 0's)
     DIR/report.json, report.md, pareto.png
 
 A rerun skips every (method, prompt, seed) whose record exists, so an interrupted comparison resumes.
@@ -38,19 +41,38 @@ class RunSettings:
     repeats: int = 1
     fps: int = 16
     attention_backend: str | None = None  # diffusers attention backend of every worker (None: diffusers' default)
+    # sequence / CFG parallelism of every run (videocache compare --ulysses N --ring M --cfg-parallel under
+    # accelerate launch); all 1: one process per run
+    ulysses: int = 1
+    ring: int = 1
+    cfg: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "frames", "height", "width", "repeats", "fps"):
+        for name in ("steps", "frames", "height", "width", "repeats", "fps", "ulysses", "ring", "cfg"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"guidance scale must be a finite number >= 0, got {self.guidance_scale!r}")
 
+    @property
+    def parallel(self) -> bool:
+        return self.ulysses * self.ring * self.cfg > 1
+
+    def parallel_settings(self) -> Any:
+        """videocache.distributed.ParallelSettings of these degrees."""
+        from videocache.distributed.checks import ParallelSettings
+
+        return ParallelSettings(ulysses=self.ulysses, ring=self.ring, cfg=self.cfg)
+
     def comparable(self) -> dict[str, Any]:
-        """The fields a resumed comparison must share (fps only matters for saved videos)."""
+        """The fields a resumed comparison must share (fps only matters for saved videos). The parallel
+        degrees are left out when all are 1, so that comparisons made before they existed still resume."""
         data = asdict(self)
         data.pop("fps")
+        if not self.parallel:
+            for name in ("ulysses", "ring", "cfg"):
+                data.pop(name)
         return data
 
 
@@ -128,8 +150,36 @@ class RunStore:
     def video_path(self, spec: str, item: Item) -> Path:
         return self.out / "videos" / method_slug(spec) / f"{item.key}.mp4"
 
-    def log_path(self, process: str) -> Path:
-        return self.out / "logs" / f"{method_slug(process)}.log"
+    def log_path(self, process: str, rank: int = 0) -> Path:
+        suffix = f".rank{rank}" if rank else ""
+        return self.out / "logs" / f"{method_slug(process)}{suffix}.log"
+
+    def reference_path(self, item: Item) -> Path:
+        return self.out / "reference" / f"{item.key}.npz"
+
+    def has_reference(self, item: Item) -> bool:
+        return self.reference_path(item).is_file()
+
+    def write_reference(self, item: Item, frames: Any, transformer_s: list[float], wall_s: list[float]) -> Path:
+        """The single-process uncached video of a parallel comparison (atomically, like the records)."""
+        import numpy as np
+
+        path = self.reference_path(item)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, frames=frames, transformer_s=np.asarray(transformer_s), wall_s=np.asarray(wall_s))
+        os.replace(tmp, path)
+        return path
+
+    def read_reference(self, item: Item) -> dict[str, Any]:
+        import numpy as np
+
+        with np.load(self.reference_path(item)) as data:
+            return {
+                "frames": data["frames"],
+                "transformer_s": [float(x) for x in data["transformer_s"]],
+                "wall_s": [float(x) for x in data["wall_s"]],
+            }
 
     def has_record(self, spec: str, item: Item, digest: str = "") -> bool:
         """A record exists for this method and item, made with the same method configuration `digest`."""

@@ -178,9 +178,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import os
+
     from videocache.eval_vbench.compare import config_from_args, format_summary, run_compare
 
-    result = run_compare(config_from_args(args))
+    try:
+        config = config_from_args(args)
+        result = run_compare(config)
+    except USER_ERRORS:
+        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+            raise SystemExit(2) from None
+        raise
+    if config.settings.parallel and int(os.environ.get("RANK", "0")) != 0:
+        return 2 if result.errors else 0
     print(format_summary(result))
     if result.errors:
         failed = ", ".join(sorted(result.errors))
