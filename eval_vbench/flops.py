@@ -7,7 +7,8 @@ projection `to_out[0]`, which runs exactly once per executed attention whether o
 feed-forward: its first Linear). Those only run when the component's own computation runs.
 
 FLOPs per executed component, for a batch of B sequences of N video tokens, hidden d, text length M:
-  self-attention   B * 2 * (4 N d^2 + 2 N^2 d)
+  self-attention   B * 2 * (4 N d^2 + 2 N^2 d)   (sequence-parallel over S ranks: each rank's N/S queries
+                                                  attend to all N keys, 2 * (4 n d^2 + 2 n (n S) d) per rank)
   cross-attention  B * 2 * (2 N d^2 + 2 M d^2 + 2 N M d)
   feed-forward     B * 2 * (2 N d f)         (f = the feed-forward's hidden width)
 """
@@ -22,8 +23,9 @@ import torch
 COMPONENTS = ("attn1", "attn2", "ffn")
 
 
-def self_attention_flops(n: int, d: int) -> int:
-    return 2 * (4 * n * d * d + 2 * n * n * d)
+def self_attention_flops(n: int, d: int, keys: int | None = None) -> int:
+    """n query tokens (this rank's), `keys` key tokens (all of them; default n: one process)."""
+    return 2 * (4 * n * d * d + 2 * n * (n if keys is None else keys) * d)
 
 
 def cross_attention_flops(n: int, m: int, d: int) -> int:
@@ -95,11 +97,14 @@ class ComponentCounter:
     """Counts executed block components of `transformer` while installed; use as a context manager.
 
     Installs plain torch hooks on the probe Linears (and a pre-hook on each cross-attention to learn
-    the text length), so it sees exactly what ran, whichever cache library is active.
+    the text length), so it sees exactly what ran, whichever cache library is active. Under sequence
+    parallelism over `sequence_degree` ranks a rank sees its token shard; its self-attention attends to
+    all the keys, so that the ranks' counts add up to the single-process FLOPs (exactly for even shards).
     """
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, sequence_degree: int = 1):
         self.transformer = transformer
+        self.sequence_degree = sequence_degree
         self.counts = ComponentCounts()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._text_len: dict[int, int] = {}
@@ -149,7 +154,7 @@ class ComponentCounter:
 
     def _self_attn(self, module, args) -> None:
         b, n, d = self._shape(args[0])
-        self._add("attn1", b * self_attention_flops(n, d))
+        self._add("attn1", b * self_attention_flops(n, d, n * self.sequence_degree))
 
     def _remember_text(self, index: int):
         def hook(module, args, kwargs) -> None:

@@ -91,6 +91,9 @@ def summarize(
         info=records[0].get("info", {}),
     )
     if all("parallel" in r for r in records):
+        computed = sum(r["computed_flops"] for r in records)
+        base = sum(r["uncached_flops"] for r in records)
+        entry["computed_fraction"] = computed / base if base else None  # single-process FLOP weights (worker.py)
         ref_t = sum(r["reference_transformer_s"] for r in records)
         ref_w = sum(r["reference_wall_s"] for r in records)
         local = [

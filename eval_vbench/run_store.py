@@ -160,14 +160,25 @@ class RunStore:
     def has_reference(self, item: Item) -> bool:
         return self.reference_path(item).is_file()
 
-    def write_reference(self, item: Item, frames: Any, transformer_s: list[float], wall_s: list[float]) -> Path:
-        """The single-process uncached video of a parallel comparison (atomically, like the records)."""
+    def write_reference(
+        self,
+        item: Item,
+        frames: Any,
+        transformer_s: list[float],
+        wall_s: list[float],
+        flops_per_call: dict[str, float] | None = None,
+    ) -> Path:
+        """The single-process uncached video of a parallel comparison (atomically, like the records), its
+        timings and its FLOPs per executed component call (the weights of a parallel computed fraction)."""
         import numpy as np
 
         path = self.reference_path(item)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, frames=frames, transformer_s=np.asarray(transformer_s), wall_s=np.asarray(wall_s))
+        np.savez(
+            tmp, frames=frames, transformer_s=np.asarray(transformer_s), wall_s=np.asarray(wall_s),
+            flops_per_call=np.asarray(json.dumps(flops_per_call or {})),
+        )
         os.replace(tmp, path)
         return path
 
@@ -179,6 +190,7 @@ class RunStore:
                 "frames": data["frames"],
                 "transformer_s": [float(x) for x in data["transformer_s"]],
                 "wall_s": [float(x) for x in data["wall_s"]],
+                "flops_per_call": json.loads(str(data["flops_per_call"])) if "flops_per_call" in data else {},
             }
 
     def has_record(self, spec: str, item: Item, digest: str = "") -> bool:

@@ -139,11 +139,11 @@ class GroupRunner:
             parallel=parallel.settings if parallel is not None else None,
         )
 
-    def _generate(self, item: Item) -> tuple[Any, ComponentCounts]:
+    def _generate(self, item: Item, sequence_degree: int = 1) -> tuple[Any, ComponentCounts]:
         from videocache.pipelines.generation import generate
 
         s = self.settings
-        with ComponentCounter(self.pipe.transformer) as counter:
+        with ComponentCounter(self.pipe.transformer, sequence_degree) as counter:
             result = generate(
                 self.pipe,
                 item.prompt,
@@ -305,7 +305,7 @@ class GroupRunner:
             if applied is not None and applied.cache_bytes is not None:
                 probe = CachePeakProbe(self.pipe.transformer, applied.cache_bytes)
             self.parallel.barrier()  # start together: no rank's time includes waiting for another
-            result, counts = self._generate(item)
+            result, counts = self._generate(item, self.parallel.settings.sequence_degree)
             stats = dict(applied.stats() or {}) if applied is not None else {}
             peak = probe.close() if probe is not None else None
             probe = None
@@ -409,8 +409,12 @@ class GroupRunner:
         if not self.writes:
             return
         if reference is not None:
-            self.store.write_reference(item, reference.frames, reference.transformer_s, reference.wall_s)
-            ref = {"frames": reference.frames, "transformer_s": reference.transformer_s, "wall_s": reference.wall_s}
+            per_call = {
+                k: reference.counts.flops[k] / reference.counts.calls[k] for k in reference.counts.calls if reference.counts.calls[k]
+            }
+            self.store.write_reference(item, reference.frames, reference.transformer_s, reference.wall_s, per_call)
+            ref = {"frames": reference.frames, "transformer_s": reference.transformer_s, "wall_s": reference.wall_s,
+                   "flops_per_call": per_call}
         else:
             ref = self.store.read_reference(item)
         for method in methods:
@@ -439,7 +443,10 @@ class GroupRunner:
         baseline_outcomes: list[dict[str, Any]],
     ) -> dict[str, Any]:
         """A record of a parallel run: fidelity against the single-process uncached video, speed against
-        the parallel uncached run (and against one process), executed work summed over the ranks."""
+        the parallel uncached run (and against one process). Computed fraction: the component calls the
+        ranks executed, weighted by their single-process FLOPs, against the uncached run's (so it is the
+        single-process figure when the decisions are; FLOPs summed over the ranks would also count the work
+        every rank repeats, such as the text's keys and values, in `computed_fraction_rank_flops`)."""
         import json
 
         record = self.record(method, item, run, baseline)
@@ -447,8 +454,16 @@ class GroupRunner:
         def flops(o: dict[str, Any]) -> int:
             return int(sum(o["counts"]["flops"].values()))
 
+        def weighted(group: list[dict[str, Any]], weights: dict[str, float]) -> float:
+            return sum(o["counts"]["calls"].get(k, 0) * w for o in group for k, w in weights.items())
+
         executed = sum(flops(o) for o in outcomes)
         uncached = sum(flops(o) for o in baseline_outcomes)
+        weights = reference.get("flops_per_call") or {}
+        computed_flops, uncached_flops = float(executed), float(uncached)
+        if weights and weighted(baseline_outcomes, weights):
+            computed_flops, uncached_flops = weighted(outcomes, weights), weighted(baseline_outcomes, weights)
+        fraction = computed_flops / uncached_flops if uncached_flops else None
         per_rank = [
             {
                 "computed_fraction": flops(o) / flops(b) if flops(b) else None,
@@ -465,7 +480,10 @@ class GroupRunner:
         t, w = min(run.transformer_s), min(run.wall_s)
         ref_t, ref_w = min(reference["transformer_s"]), min(reference["wall_s"])
         record.update(
-            computed_fraction=executed / uncached if uncached else None,
+            computed_fraction=fraction,
+            computed_flops=computed_flops,  # the report's aggregate: sum over items of these, divided
+            uncached_flops=uncached_flops,
+            computed_fraction_rank_flops=executed / uncached if uncached else None,
             engine_computed_fraction=sum(engine) / len(engine) if engine else None,
             psnr=psnr(reference["frames"], run.frames),
             ssim=ssim(reference["frames"], run.frames),

@@ -1,7 +1,8 @@
 """`videocache compare --ulysses 2` under `accelerate launch` with 2 gloo processes on the CPU.
 
 A tiny comparison (2 prompts, 10 steps) of none, a videocache preset, diffusers' First-Block-Cache and
-(when installed) cache-dit's DBCache, once in one process and once with Ulysses over 2 ranks, each launch
+Pyramid Attention Broadcast (it skips self-attention alone: the FLOP count must weigh a shard's attention
+against all the keys) and (when installed) cache-dit's DBCache, once in one process and once with Ulysses over 2 ranks, each launch
 under a time limit so that a hang fails instead of blocking. Checked: the report has fidelity figures
 for every method, measured against the single-process uncached video; the ranks agreed; only rank 0
 wrote (one record per method and item, reference videos, the report); a rerun resumes with nothing to
@@ -31,7 +32,7 @@ from .test_parallel import SPAWN_TIMEOUT_S, _free_port
 PROMPTS = "a red circle moving left on a black background\na blue square moving up on a white background\n"
 SMALL = ["--steps", "10", "--frames", "9", "--height", "32", "--width", "32", "--no-progress"]
 HAS_CACHEDIT = importlib.util.find_spec("cache_dit") is not None
-METHODS = ["videocache:reference-wan:fast", "diffusers:fbcache:0.2"] + (["cachedit:dbcache:1:0:0.2"] if HAS_CACHEDIT else [])
+METHODS = ["videocache:reference-wan:fast", "diffusers:fbcache:0.2", "diffusers:pab:2"] + (["cachedit:dbcache:1:0:0.2"] if HAS_CACHEDIT else [])
 
 
 def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
