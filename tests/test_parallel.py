@@ -119,13 +119,18 @@ def _transformer_outputs(pipe, make_parallel=None) -> dict[str, torch.Tensor]:
 
 
 # -- the spawned ranks ------------------------------------------------------------------------------
-def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+def _init_rank(rank: int, world: int, port: int) -> None:
+    """What every spawned rank sets first: the rendezvous, one thread, no library warnings."""
+    import warnings
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    import warnings
-
     warnings.filterwarnings("ignore")
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    _init_rank(rank, world, port)
     from videocache.distributed import parallelize, process_state
 
     state = process_state()

@@ -8,14 +8,13 @@ store and fall back at the same cell; without it (the agreement removed) their d
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from .test_parallel import ODD_LATENT, _free_port, _load, _odd_inputs, _spawn
+from .test_parallel import ODD_LATENT, _free_port, _init_rank, _load, _odd_inputs, _spawn
 
 STEPS = 4
 BLOCKS = 8
@@ -53,12 +52,7 @@ def _run(transformer, agree: bool) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    _init_rank(rank, world, port)
     from videocache.distributed import parallelize, process_state
 
     state = process_state()

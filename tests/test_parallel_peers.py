@@ -12,12 +12,11 @@ other way, and the same latents as one process (within the Ulysses tolerance of 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from .test_parallel import TOLERANCE, _generate, _load, _spawn
+from .test_parallel import TOLERANCE, _generate, _init_rank, _load, _spawn
 
 STEPS = 10
 
@@ -56,12 +55,7 @@ def straddling_threshold(local0: list[float], local1: list[float]) -> float | No
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    _init_rank(rank, world, port)
     import torch.distributed as dist
 
     from videocache.distributed import process_state
