@@ -327,7 +327,9 @@ class CacheEngine:
 
     @torch.compiler.disable
     def _run_transformer(self, hook: TransformerHook, args: tuple, kwargs: dict, compiling: bool) -> Any:
-        if compiling or (self._blocks and self._blocks[0].__dict__.get("_compiled_call_impl") is not None):
+        # once per compilation: the blocks' own compiled calls appear (compile_repeated_blocks, before or
+        # after apply) or dynamo traces the transformer (whole-model compile) before the engine compiled
+        if (compiling and self._compute_fn is None) or self._blocks[0].__dict__.get("_compiled_call_impl") is not None:
             self._take_over_compilation()
         # set by videocache.distributed under sequence parallelism (either order of apply and parallelize)
         self.store.agree = getattr(self.transformer, "_videocache_agree", None)
@@ -544,8 +546,8 @@ class CacheEngine:
     ) -> None:
         step = state.step
         if block == 0:
-            if state.building is not None:  # left by an interrupted call
-                self._drop_sum(state)
+            if state.building is not None:  # left by an interrupted call: this step starts afresh
+                state.building.release(self.store)
                 state.sums.pop(step, None)
             state.building = None if state.sums.get(step, _NEW) is None else StepSum(_NC, _hidden(args, kwargs))
         sums = state.building
@@ -569,10 +571,8 @@ class CacheEngine:
             state.sums[step], state.building = sums, None
 
     def _drop_sum(self, state: ContextState) -> None:
-        sums = state.building
-        if sums is not None:
-            self.store.unreserve(sums.nbytes)
-            sums.release()
+        if state.building is not None:
+            state.building.release(self.store)
         state.building = None
         state.sums[state.step] = None
 
@@ -591,9 +591,7 @@ class CacheEngine:
             self._release_expired(kept, step)
         for d in deps:
             if state.table.sum_last_use[d] <= step:
-                sums = state.sums.pop(d)
-                self.store.unreserve(sums.nbytes)
-                sums.release()
+                state.sums.pop(d).release(self.store)
         return out
 
     # -- block runs ----------------------------------------------------------------------------

@@ -69,8 +69,7 @@ class ContextState(BaseState):
             engine.store.release(e)
         for sums in (*self.sums.values(), self.building):
             if sums is not None:
-                engine.store.unreserve(sums.nbytes)
-                sums.release()
+                sums.release(engine.store)
         self.entries.clear()
         self.run_deltas.clear()
         self.sums.clear()

@@ -15,10 +15,14 @@ part and step instead of one per block and component, and no per-block work on s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .forecast import served
+
+if TYPE_CHECKING:
+    from .store import CacheStore
 
 
 class StepSum:
@@ -54,7 +58,9 @@ class StepSum:
     def terms(self) -> list[torch.Tensor]:
         return [self.base, *self.gated.values()]
 
-    def release(self) -> None:
+    def release(self, store: CacheStore) -> None:
+        """Drop the tensors and give their bytes back to the store's budget."""
+        store.unreserve(self.nbytes)
         self.base, self.gated, self.h_in, self.nbytes = None, {}, None, 0
 
 
