@@ -29,7 +29,7 @@ from pathlib import Path
 from videocache.cli import USER_ERRORS, add_generation_arguments, run_generation
 from videocache.distributed.checks import ParallelSettings
 from videocache.distributed.generation import settings_from_args
-from videocache.distributed.state import process_state
+from videocache.distributed.state import end_processes, process_state
 from videocache.pipelines.generation import read_prompts
 
 
@@ -55,33 +55,40 @@ def main(argv: list[str] | None = None) -> int:
     state = process_state()
     parallel = settings_from_args(args) != ParallelSettings()  # all ranks generate each video together
     try:
-        if (args.prompt is None) == (args.prompts is None):
-            raise ValueError("give exactly one of --prompt or --prompts")
-        if args.prompt is not None:
-            if not state.is_main_process and not parallel:  # one prompt: rank 0 generates, the others idle
-                return 0
-            summary = run_generation(args)
-            print(json.dumps({k: summary[k] for k in ("video", "wall_s", "transformer_s", "computed_fraction")}))
-            return 0
-        prompts = read_prompts(args.prompts)
-        out_dir = Path(args.out_dir)
-        if parallel:
-            for index, prompt in enumerate(prompts):
-                run_generation(_job(args, prompt, out_dir, index, state))
-            if state.is_main_process:
-                print(f"wrote {len(prompts)} videos to {out_dir} with {state.num_processes} processes ({settings_from_args(args).flags()})")
-            return 0
-        with state.split_between_processes(list(enumerate(prompts))) as mine:
-            for index, prompt in mine:
-                run_generation(_job(args, prompt, out_dir, index, state))
-        state.wait_for_everyone()
-        if state.is_main_process:
-            print(f"wrote {len(prompts)} videos to {out_dir} with {state.num_processes} process(es)")
-        return 0
+        code = _run(args, state, parallel)
     except USER_ERRORS as exc:
         if state.is_main_process or not parallel:  # parallel ranks share their inputs, hence their errors
             print(f"generate.py: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    end_processes(state)
+    return code
+
+
+def _run(args: argparse.Namespace, state, parallel: bool) -> int:
+    """One prompt, or a prompt list split over the ranks (or shared by them under parallelism)."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give exactly one of --prompt or --prompts")
+    if args.prompt is not None:
+        if not state.is_main_process and not parallel:  # one prompt: rank 0 generates, the others idle
+            return 0
+        summary = run_generation(args)
+        print(json.dumps({k: summary[k] for k in ("video", "wall_s", "transformer_s", "computed_fraction")}))
+        return 0
+    prompts = read_prompts(args.prompts)
+    out_dir = Path(args.out_dir)
+    if parallel:
+        for index, prompt in enumerate(prompts):
+            run_generation(_job(args, prompt, out_dir, index, state))
+        if state.is_main_process:
+            print(f"wrote {len(prompts)} videos to {out_dir} with {state.num_processes} processes ({settings_from_args(args).flags()})")
+        return 0
+    with state.split_between_processes(list(enumerate(prompts))) as mine:
+        for index, prompt in mine:
+            run_generation(_job(args, prompt, out_dir, index, state))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"wrote {len(prompts)} videos to {out_dir} with {state.num_processes} process(es)")
+    return 0
 
 
 if __name__ == "__main__":
