@@ -141,7 +141,7 @@ def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: s
     """The least-error aligned schedule with `computes` compute steps as C/R/F letters (R reuse, F forecast):
     every step in `must` computed, at most `max_skips` skipped steps in a row, and a skip only right after two
     consecutive computes (see the module docstring). A cell that breaks a rule costs BIG."""
-    cost, forecast = _cell_costs(search, [0], list(range(len(COMPONENTS))))
+    cost, forecast = _cell_costs(search, [(0, c) for c in range(len(COMPONENTS))])
     steps = np.arange(search.num_steps)
     prev = np.arange(-1, search.num_steps)[:, None, None]  # cost[p + 1, l, t]: p, l the last two computes
     last, skipped = steps[None, :, None], steps[None, None, :]

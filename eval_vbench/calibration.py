@@ -76,6 +76,12 @@ class Recording:
     references: list[np.ndarray]  # uncached videos, uint8
 
 
+def model_layout(pipe) -> videocache.BlockLayout:
+    """The block layout (groups and their components) of the pipeline's transformer."""
+    adapter = videocache.adapters.get_adapter(pipe.transformer)
+    return videocache.BlockLayout.from_fingerprint(adapter.fingerprint(pipe.transformer))
+
+
 def _generate(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
     return generate(pipe, prompt, seed=s.seed, progress=False, **s.call()).frames
 
@@ -84,13 +90,13 @@ def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, 
     """Uncached runs with a Gram recorder on every component (a compute-everything table is exact).
     Component outputs of more than `videocache.calibrate.SKETCH_ABOVE` values (Wan2.1 at 480p x 81
     frames: 50 M) are recorded as fixed CountSketches, which bounds the recorder's device memory."""
-    num_blocks = len(videocache.adapters.get_adapter(pipe.transformer).blocks(pipe.transformer))
+    layout = model_layout(pipe)
     grams, refs = [], []
     flops = None
     for prompt in tqdm(prompts, desc="record", disable=not progress, dynamic_ncols=True):
-        recorder = GramRecorder(s.steps, num_blocks, band)
+        recorder = GramRecorder(s.steps, layout.num_blocks, band, layout=layout)
         engine = videocache.apply(
-            pipe, table=CacheTable.full_compute(s.steps, num_blocks), observer=recorder, trace=False
+            pipe, table=CacheTable.full_compute(s.steps, layout.num_blocks, layout), observer=recorder, trace=False
         )
         try:
             refs.append(_generate(pipe, prompt, s))
@@ -112,7 +118,7 @@ def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch
     """Relative error of the final latent when the `cells` (steps, blocks, components) bool mask reuse the
     previous step's output and everything else is computed."""
     actions = np.where(cells, int(videocache.Action.REUSE), int(videocache.Action.COMPUTE)).astype(np.int8)
-    videocache.apply(pipe, table=CacheTable(actions), trace=False)
+    videocache.apply(pipe, table=CacheTable(actions, layout=model_layout(pipe)), trace=False)
     try:
         latent = _latent(pipe, prompt, s)
     finally:
@@ -125,18 +131,23 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
     """How much the rest of sampling amplifies a one-step feature error, measured by perturbation.
 
     Per step t: the final latent's relative error when every component reuses its step t-1 output at t,
-    divided by the proxy error of that reuse (`proxy`: (steps, components)). Per component: the same with
-    only that component reused, averaged over `component_steps`. Both normalised to mean 1."""
-    num_blocks = len(videocache.adapters.get_adapter(pipe.transformer).blocks(pipe.transformer))
-    shape = (s.steps, num_blocks, len(videocache.COMPONENTS))
+    divided by the proxy error of that reuse (`proxy`: (steps, component names)). Per component name:
+    the same with only that component reused, averaged over `component_steps`. Both normalised to mean 1."""
+    layout = model_layout(pipe)
+    shape = (s.steps, layout.num_blocks, layout.width)
     pipe.set_progress_bar_config(disable=True)
-    jobs = [(t, None) for t in range(1, s.steps)] + [(t, c) for c in range(shape[2]) for t in component_steps]
-    step_w, comp_w = np.zeros(s.steps), np.zeros(shape[2])
+    names = layout.names
+    jobs = [(t, None) for t in range(1, s.steps)] + [(t, c) for c in range(len(names)) for t in component_steps]
+    step_w, comp_w = np.zeros(s.steps), np.zeros(len(names))
     with torch.no_grad():
         reference = _latent(pipe, prompt, s)
         for t, c in tqdm(jobs, desc="sensitivity", disable=not progress, dynamic_ncols=True):
             cells = np.zeros(shape, dtype=bool)
-            cells[t, :, slice(None) if c is None else c] = True
+            if c is None:
+                cells[t] = layout.present
+            else:
+                for blocks, i in layout.cells_of(names[c]):
+                    cells[t, blocks, i] = True
             error = _perturbed_error(pipe, prompt, s, reference, cells)
             if c is None:
                 step_w[t] = error / max(float(proxy[t].sum()), 1e-12)
@@ -228,21 +239,23 @@ def calibrate(
     if fgbg is not None:
         log(f"block classes: {' '.join(fgbg.classes)} (R_attn {', '.join(f'{v:.2f}' for v in fgbg.r_attn)})")
     rec = record(pipe, prompts, settings, progress=progress)
-    proxy = step_proxy_errors(rec.grams[:sensitivity_prompts])
+    layout = model_layout(pipe)
+    proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
     component_steps = sorted({round(f * (settings.steps - 1)) for f in (0.15, 0.4, 0.65, 0.9)})
     sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress)
                      for i in range(sensitivity_prompts)]
     weights = np.mean([w for w, _ in sensitivities], axis=0)
     comp_weights = np.mean([w for _, w in sensitivities], axis=0)
     log("step sensitivity: " + " ".join(f"{w:.2f}" for w in weights))
-    log("component sensitivity: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(videocache.COMPONENTS, comp_weights, strict=True)))
-    search = TableSearch(rec.grams, rec.flops, rec.sigmas, step_weights=weights, component_weights=comp_weights)
-    opts0 = base_options or SearchOptions()
+    log("component sensitivity: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(layout.names, comp_weights, strict=True)))
+    search = TableSearch(rec.grams, rec.flops, rec.sigmas, step_weights=weights, component_weights=comp_weights,
+                         layout=layout)
+    opts0 = dataclasses.replace(base_options or SearchOptions(), components=layout.names)
     eb_on = dataclasses.replace(eb or ExposureBiasConfig(), enabled=True)
     base = {
         "schema_version": 1,
         "name": name,
-        "model": {k: fingerprint[k] for k in ("architecture", "num_blocks", "components")},
+        "model": {k: fingerprint[k] for k in ("architecture", "num_blocks", "components", "groups") if k in fingerprint},
         "calibrated": True,
         "steps": settings.steps,
         "step_rule": {"mode": "scale", "min_steps": max(1, round(0.4 * settings.steps)), "max_steps": settings.steps * 4},
@@ -250,7 +263,7 @@ def calibrate(
         **({"fgbg": fgbg.to_dict()} if fgbg is not None else {}),
     }
     report: dict[str, Any] = {"fgbg": None if fgbg is None else fgbg.to_dict(), "step_sensitivity": [round(float(w), 4) for w in weights],
-                              "component_sensitivity": dict(zip(videocache.COMPONENTS, np.round(comp_weights, 4).tolist(), strict=True)),
+                              "component_sensitivity": dict(zip(layout.names, np.round(comp_weights, 4).tolist(), strict=True)),
                               "budgets": []}
     chosen_presets: dict[str, dict] = {}
     for budget, preset_name in zip(budgets, names, strict=True):

@@ -83,7 +83,7 @@ RULE = {"stage": "early", "components": ["mlp"], "blocks": "all", "interval": 2}
         (lambda d: d["presets"]["fast"].update(rules=[{**RULE, "interval": 0}]), "presets.fast: rules[0]: interval must be"),
         (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "stage": "middle"}]), "stage must be one of"),
         (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "blocks": "3-99"}]), "block 99 does not exist"),
-        (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "components": ["mlp", "norm"]}]), "components must be"),
+        (lambda d: d["presets"]["slow"].update(rules=[{**RULE, "components": ["mlp", "norm"]}]), "unknown component 'norm'"),
         (lambda d: d.update(default_preset="turbo"), "default_preset 'turbo' is not one of"),
         (lambda d: d["model"].pop("num_blocks"), "missing required key 'num_blocks'"),
         (lambda d: d["exposure_bias"].update(sign=2), "broken.yaml: exposure_bias.sign must be"),

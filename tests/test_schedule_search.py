@@ -47,7 +47,7 @@ def _brute_force(cost: np.ndarray) -> np.ndarray:
 
 
 def test_shortest_paths_are_optimal(search):
-    cost, forecast = _cell_costs(search, [0, 1], [0, 2])
+    cost, forecast = _cell_costs(search, [(b, c) for b in (0, 1) for c in (0, 2)])
     schedule = _shortest_paths(cost, forecast)
     np.testing.assert_allclose(schedule.errors[1:], _brute_force(cost)[1:], rtol=1e-9)
     for k in range(1, STEPS + 1):

@@ -23,10 +23,12 @@ from .adapters import ModelAdapter, get_adapter, register_adapter
 from .engine import CacheEngine, EngineConfig
 from .exposure_bias import ExposureBiasConfig, b_schedule, correct_velocity
 from .profile import PresetSpec, Profile, ProfileError, available_profiles, build_table, load_profile
-from .table import COMPONENTS, Action, CacheTable
+from .table import COMPONENTS, Action, BlockGroup, BlockLayout, CacheTable
 
 __all__ = [
     "COMPONENTS",
+    "BlockGroup",
+    "BlockLayout",
     "Action",
     "CacheEngine",
     "CacheTable",
@@ -53,7 +55,7 @@ _ATTR = "_videocache_engine"
 
 
 def _preflight(
-    preset: PresetSpec, steps: int, adapter: ModelAdapter, scheduler: Any, num_blocks: int
+    preset: PresetSpec, steps: int, adapter: ModelAdapter, scheduler: Any, layout: BlockLayout
 ) -> None:
     """Expand the preset once for `steps` steps, so a bad table fails at apply time, not mid-generation."""
     preset.check_steps(steps)
@@ -65,7 +67,7 @@ def _preflight(
         sigmas = adapter.scheduler_sigmas(trial, steps)
     except Exception:  # schedulers that need extra arguments (e.g. dynamic shifting): checked at run time
         return
-    build_table(preset, sigmas, num_blocks)
+    build_table(preset, sigmas, layout.num_blocks, layout)
 
 
 def apply_to_transformer(
@@ -129,7 +131,7 @@ def apply_to_transformer(
         elif exposure_bias is not None:
             eb = dataclasses.replace(eb, enabled=bool(exposure_bias))
         steps = num_inference_steps if num_inference_steps is not None else profile_obj.steps
-        _preflight(source, steps, adapter, get_scheduler(), fingerprint["num_blocks"])
+        _preflight(source, steps, adapter, get_scheduler(), BlockLayout.from_fingerprint(fingerprint))
 
     config = EngineConfig(
         max_cache_bytes=max_cache_bytes,

@@ -20,7 +20,9 @@ BUILTIN_ADAPTER_MODULES: tuple[str, ...] = ("videocache.pipelines", "videocache.
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """The per-architecture knowledge the engine uses. Component names come from `videocache.COMPONENTS`."""
+    """The per-architecture knowledge the engine uses. Blocks come in groups (`videocache.BlockGroup`) with
+    component names of their own; a fingerprint without `groups` means one group of `videocache.COMPONENTS`
+    (Wan's self_attn, cross_attn, mlp)."""
 
     architecture: str
 
@@ -32,7 +34,9 @@ class ModelAdapter(Protocol):
         returned, i.e. before the block applies its gate and residual add."""
 
     def fingerprint(self, transformer: torch.nn.Module) -> dict[str, Any]:
-        """{"architecture": str, "num_blocks": int, "components": [str, ...]}, compared to a profile's `model`."""
+        """{"architecture": str, "num_blocks": int, "components": [str, ...]} for one kind of block, or with
+        "groups": [{"name", "num_blocks", "components"}, ...] in block order instead of "components";
+        compared to a profile's `model`, and the layout of the engine's tables."""
 
     def component_flops(self, component: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
         """FLOPs of one call of a component module, from its input shapes only (no data access)."""
@@ -45,7 +49,7 @@ class ModelAdapter(Protocol):
 
     # Optional, together: `block_compute(block, args, kwargs, served) -> (hidden_states, computed)` and
     # `block_flops(block, args, kwargs) -> FLOPs per component`. block_compute is the block's forward
-    # where `served[c]` (None or a tensor, in COMPONENTS order) replaces component c's output, computing
+    # where `served[c]` (None or a tensor, in the block group's component order) replaces component c's output, computing
     # only the others (their inputs, norms and modulation included) and returning them in `computed`
     # (None where served); the step's gates apply to every output. It must be a pure function of its
     # tensors, so the engine can compile it and every block shares the compiled graphs. With it the engine

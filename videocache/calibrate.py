@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .profile import build_table, preset_from_dict
-from .table import COMPONENTS, Action, CacheTable
+from .table import Action, BlockLayout, CacheTable
 
-ATTENTION = ("self_attn", "cross_attn")
 SKETCH_ABOVE = 2**20  # outputs with more values than this are recorded as a CountSketch (see GramRecorder)
 SKETCH_SIZE = 2**16  # buckets of that sketch: relative error of a squared norm about sqrt(2 / SKETCH_SIZE)
 _SKETCH_CHUNK = 2**22  # values converted to float64 at a time while sketching (32 MB)
@@ -59,6 +58,7 @@ class GramRecorder:
     sketch_above: int | None = SKETCH_ABOVE  # None: always exact
     sketch_size: int = SKETCH_SIZE
     seed: int = 0
+    layout: BlockLayout | None = None  # default: one group of Wan's components
     _seen: dict = field(init=False, default_factory=dict)  # (context, block, comp) -> {step: float64 vector}
     _acc: dict = field(init=False, default_factory=dict)  # device -> (blocks, components, steps, steps) float64
     _buckets: dict = field(init=False, default_factory=dict)  # (size, device) -> int32 bucket per coordinate
@@ -66,11 +66,13 @@ class GramRecorder:
     def __post_init__(self) -> None:
         if self.sketch_above is not None and (self.sketch_size < 1 or self.sketch_above < 1):
             raise ValueError(f"sketch_size and sketch_above must be >= 1; got {self.sketch_size}, {self.sketch_above}")
+        if self.layout is None:
+            self.layout = BlockLayout.uniform(self.num_blocks)
 
     @property
     def gram(self) -> np.ndarray:
         """(blocks, components, steps, steps) float64 Gram matrices, summed over contexts (one transfer)."""
-        out = np.zeros((self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps))
+        out = np.zeros((self.num_blocks, self.layout.width, self.num_steps, self.num_steps))
         for acc in self._acc.values():
             out += acc.cpu().numpy()
         return out
@@ -104,7 +106,7 @@ class GramRecorder:
     def __call__(self, context: str, step: int, block: int, component: str, output) -> None:
         import torch
 
-        c = COMPONENTS.index(component)
+        c = self.layout.index(block, component)
         out = output[0] if isinstance(output, tuple | list) else output
         flat = out.detach().reshape(-1)
         sketched = self.sketched(flat.numel())
@@ -121,7 +123,7 @@ class GramRecorder:
         acc = self._acc.get(vec.device)
         if acc is None:
             acc = self._acc[vec.device] = torch.zeros(
-                (self.num_blocks, len(COMPONENTS), self.num_steps, self.num_steps), dtype=torch.float64,
+                (self.num_blocks, self.layout.width, self.num_steps, self.num_steps), dtype=torch.float64,
                 device=vec.device)
         first = steps[0]
         if steps == list(range(first, step + 1)):  # consecutive steps (every step recorded): two slices
@@ -147,11 +149,20 @@ def _combination_error(gram: np.ndarray, t: int, steps: Sequence[int], coeffs: S
     return np.maximum(err, 0.0)
 
 
+def attention_and_mlp(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """FEB-Cache's two kinds of component: attention (names containing "attn": Wan's self_attn and
+    cross_attn, HunyuanVideo's attn) and the feed-forward rest (mlp, ff, ff_context)."""
+    attention = [n for n in names if "attn" in n]
+    return attention, [n for n in names if n not in attention]
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """The candidate family: warm-up and final steps, recompute intervals tried per stage and component
-    group, whether skipped cells forecast (order 1) or reuse, EOC-style correction of reused outputs, and a
-    block group (e.g. the background blocks) recomputed one step less often than the rest."""
+    kind, whether skipped cells forecast (order 1) or reuse, EOC-style correction of reused outputs, and a
+    block group (e.g. the background blocks) recomputed one step less often than the rest. `components`:
+    the model's component names (`BlockLayout.names`), split into attention and MLP by
+    `attention_and_mlp`."""
 
     warmup_steps: Sequence[int] = (2, 3, 4, 5)
     final_steps: Sequence[int] = (0, 1)
@@ -163,6 +174,7 @@ class SearchOptions:
     # ProfilingDiT's block runs on these blocks (each run of consecutive blocks reused as one delta,
     # recomputed every t_max steps early down to every t_min late): {"blocks": [...], "t_max": 4, "t_min": 2}
     block_runs: dict | None = None
+    components: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
 
     def __post_init__(self) -> None:
         if not self.intervals or min(self.intervals) < 1 or min(self.warmup_steps) < 1:
@@ -172,13 +184,16 @@ class SearchOptions:
     def presets(self) -> list[dict]:
         """Every candidate preset of the family, in profile-rule form."""
         mode = {"mode": "forecast"} if self.forecast else {}
+        attention, mlp = attention_and_mlp(self.components)
         out = []
         for warm, final, ae, al, me, ml in itertools.product(
             self.warmup_steps, self.final_steps, *[self.intervals] * 4
         ):
             rules = []
-            for stage, comps, interval in (("early", list(ATTENTION), ae), ("late", list(ATTENTION), al),
-                                           ("early", ["mlp"], me), ("late", ["mlp"], ml)):
+            for stage, comps, interval in (("early", attention, ae), ("late", attention, al),
+                                           ("early", mlp, me), ("late", mlp, ml)):
+                if not comps:
+                    continue
                 if interval > 1:
                     rules.append({"stage": stage, "components": comps, "blocks": "all", "interval": interval, **mode})
                 if self.group_blocks:
@@ -200,8 +215,10 @@ class Candidate:
 class TableSearch:
     """Scores candidate tables on the Gram statistics of P calibration prompts.
 
-    `grams`: (prompts, blocks, components, steps, steps); `flops`: (blocks, components) FLOPs of one call;
-    `sigmas`: the run's per-step sigmas (1 = noise); `step_weights`: measured step sensitivity."""
+    `grams`: (prompts, blocks, components, steps, steps); `flops`: (blocks, components) FLOPs of one call
+    (components: cells in the block's group, `layout`, default one group of Wan's components); `sigmas`:
+    the run's per-step sigmas (1 = noise); `step_weights`: measured step sensitivity; `component_weights`:
+    measured sensitivity per component name (`layout.names` order)."""
 
     def __init__(
         self,
@@ -211,6 +228,7 @@ class TableSearch:
         band: int = 9,
         step_weights: Sequence[float] | None = None,
         component_weights: Sequence[float] | None = None,
+        layout: BlockLayout | None = None,
     ) -> None:
         self.band = band
         self.grams = np.asarray(grams, dtype=np.float64)
@@ -218,9 +236,14 @@ class TableSearch:
         self.sigmas = [float(s) for s in sigmas]
         _, self.num_blocks, _, self.num_steps, _ = self.grams.shape
         self.step_weights = np.ones(self.num_steps) if step_weights is None else np.asarray(step_weights, dtype=np.float64)
+        self.layout = layout or BlockLayout.uniform(self.num_blocks)
         self.component_weights = (
-            np.ones(len(COMPONENTS)) if component_weights is None else np.asarray(component_weights, dtype=np.float64)
+            np.ones(len(self.layout.names)) if component_weights is None else np.asarray(component_weights, dtype=np.float64)
         )
+        # (blocks, components): the weight of each cell, by its component's name
+        self.cell_weight = np.zeros(self.layout.present.shape)
+        for b, comps in enumerate(self.layout.components_of):
+            self.cell_weight[b, : len(comps)] = [self.component_weights[self.layout.names.index(n)] for n in comps]
         diag = np.einsum("pbcss->pbcs", self.grams)
         # per (prompt, step, block): the block's output scale, the sum of its components' norms
         self.scale = np.maximum(np.sqrt(np.maximum(diag, 0.0)).sum(axis=2).transpose(0, 2, 1), 1e-12)
@@ -243,7 +266,7 @@ class TableSearch:
 
     def _expand(self, preset: dict) -> tuple[CacheTable, float]:
         """The preset's table for the calibration run and its exact FLOP-weighted computed fraction."""
-        table = build_table(preset_from_dict("candidate", preset, self.num_steps), self.sigmas, self.num_blocks)
+        table = build_table(preset_from_dict("candidate", preset, self.num_steps), self.sigmas, self.num_blocks, self.layout)
         skipped = np.asarray(table.actions) != Action.COMPUTE
         for r, (first, last) in enumerate(table.block_runs):  # a run reuse skips its blocks whole
             skipped[np.asarray(table.run_actions)[:, r] == Action.REUSE, first : last + 1] = True
@@ -271,8 +294,8 @@ class TableSearch:
                 a = round(float(self.alpha[b, c, t, last]), 5) if correction else 1.0
                 err = self.cell_error(b, c, t, (last,), (a,))
                 if a != 1.0:
-                    factors.setdefault(COMPONENTS[c], {}).setdefault(b, {})[t] = a
-            total += err * self.step_weights[t] * self.component_weights[c]
+                    factors.setdefault(self.layout.name(b, c), {}).setdefault(b, {})[t] = a
+            total += err * self.step_weights[t] * self.cell_weight[b, c]
         if factors:
             preset = {**preset, "correction": factors}
         return Candidate(preset, actions, fraction, float(np.median(total)))
@@ -297,14 +320,15 @@ class TableSearch:
         return scored[:keep]
 
 
-def step_proxy_errors(grams: np.ndarray) -> np.ndarray:
-    """(prompts, steps, components) sum over blocks of the relative error of reusing the component at
+def step_proxy_errors(grams: np.ndarray, layout: BlockLayout | None = None) -> np.ndarray:
+    """(prompts, steps, component names) sum over blocks of the relative error of reusing the component at
     step t from step t - 1 (0 at step 0): the proxy that measured sensitivities are divided by."""
-    search = TableSearch(grams, np.ones(grams.shape[1:3]), [1.0] * grams.shape[-1])
-    P, B, C, S, _ = search.grams.shape
-    out = np.zeros((P, S, C))
+    search = TableSearch(grams, np.ones(grams.shape[1:3]), [1.0] * grams.shape[-1], layout=layout)
+    P, B, _, S, _ = search.grams.shape
+    names = search.layout.names
+    out = np.zeros((P, S, len(names)))
     for t in range(1, S):
-        for b in range(B):
-            for c in range(C):
-                out[:, t, c] += search.cell_error(b, c, t, (t - 1,), (1.0,))
+        for b, comps in enumerate(search.layout.components_of):
+            for c, name in enumerate(comps):
+                out[:, t, names.index(name)] += search.cell_error(b, c, t, (t - 1,), (1.0,))
     return out

@@ -72,7 +72,7 @@ from .hooks import (
 from .stack_skip import StepSum, stack_output
 from .stats import EngineStats
 from .store import CacheStore, Kept, flatten, rebuild
-from .table import _COMPUTE, _REUSE, COMPONENTS, CacheTable
+from .table import _COMPUTE, _REUSE, BlockLayout, CacheTable
 from .table_source import TableSource
 
 __all__ = [
@@ -80,7 +80,6 @@ __all__ = [
     "drop_empty_registry",
 ]
 
-_NC = len(COMPONENTS)
 _NEW = object()  # no step sum started yet
 
 
@@ -156,20 +155,29 @@ class CacheEngine:
         self.preset = preset
         self._scheduler = scheduler if callable(scheduler) else (lambda: scheduler)
         self._blocks = list(adapter.blocks(transformer))
+        self.layout = layout = BlockLayout.from_fingerprint(adapter.fingerprint(transformer))
+        if layout.num_blocks != len(self._blocks):
+            raise ValueError(f"adapter fingerprint has {layout.num_blocks} blocks; blocks() gave {len(self._blocks)}")
+        self._width = layout.width  # kept outputs are keyed block * width + component
         self._components: list[dict[str, torch.nn.Module]] = []
         for i, block in enumerate(self._blocks):
             comps = adapter.component_modules(block)
-            bad = [c for c in comps if c not in COMPONENTS]
+            bad = [c for c in comps if c not in layout.components_of[i]]
             if bad:
                 raise ValueError(
-                    f"adapter gave unknown component {bad[0]!r} for block {i}; valid: {COMPONENTS}"
+                    f"adapter gave unknown component {bad[0]!r} for block {i}; valid: {layout.components_of[i]}"
                 )
             self._components.append(comps)
         if isinstance(source, CacheTable) and source.num_blocks != len(self._blocks):
             raise ValueError(
                 f"the cache table has {source.num_blocks} blocks; this {type(transformer).__name__} has {len(self._blocks)}"
             )
-        self._tables = TableSource(source, len(self._blocks))
+        if isinstance(source, CacheTable) and source.layout != layout:
+            raise ValueError(
+                f"the cache table is laid out for {source.layout.to_list()}; this {type(transformer).__name__} "
+                f"has {layout.to_list()}"
+            )
+        self._tables = TableSource(source, layout)
         self._block_mode = callable(getattr(adapter, "block_compute", None))
         self._fuse = self.config.fuse_skipped_steps and self._block_mode and hasattr(adapter, "residual_gates")
         # per block and component: index of the gate part all blocks share (None: not gated by one)
@@ -178,7 +186,7 @@ class CacheEngine:
         self._active: ContextState | None = None
         cfg = self.config
         self.store = CacheStore(cfg.max_cache_bytes, cfg.cache_dtype, cfg.offload_to_cpu, cfg.max_host_cache_bytes)
-        self._stats = EngineStats(cfg.trace)
+        self._stats = EngineStats(layout, cfg.trace)
         self._compute_fn: Callable | None = None  # adapter.block_compute, compiled once compilation is asked for
         self._set_aside: dict[int, Any] = {}  # blocks' own compiled calls, given back on remove
         self._warned_fallback = False
@@ -208,7 +216,7 @@ class CacheEngine:
                 for b, comps in enumerate(self._components):
                     hooks = {}
                     for name, module in comps.items():
-                        hook = ComponentHook(self, b, COMPONENTS.index(name))
+                        hook = ComponentHook(self, b, self.layout.index(b, name))
                         self._registry(module).register_hook(hook, COMPONENT_HOOK)
                         hooks[hook.comp] = (hook, module)
                     self._component_hooks.append(hooks)
@@ -402,7 +410,7 @@ class CacheEngine:
         if action == _COMPUTE:
             return None
         _, deps, _, scale = state.table.cells[step][block][comp]
-        kept = state.entries.get(block * _NC + comp, ())
+        kept = state.entries.get(block * self._width + comp, ())
         found = [e for e in kept if e.step in deps]
         if len(found) != len(deps) or not deps:
             self._fallback(step, block, comp)
@@ -415,14 +423,14 @@ class CacheEngine:
     def _computed(self, state: ContextState, block: int, comp: int, out: Any, flops: float) -> None:
         """After a component ran: show it to the observer, keep it if the table reads it later, count it."""
         if self.config.observer is not None:
-            self.config.observer(self._hook.state_manager.context.name, state.step, block, COMPONENTS[comp], out)
+            self.config.observer(self._hook.state_manager.context.name, state.step, block, self.layout.name(block, comp), out)
         last = self._last_use(state.table, state.step, block, comp)
         if last is not None:
             parts, container = flatten(out)
             entry = self.store.keep(state.step, parts, container, last)
             if entry is not None:
                 entry.flops = flops
-                state.entries.setdefault(block * _NC + comp, []).append(entry)
+                state.entries.setdefault(block * self._width + comp, []).append(entry)
         self._account(state, block, comp, _COMPUTE, flops)
 
     def _last_use(self, table: CacheTable, step: int, block: int, comp: int) -> int | None:
@@ -434,8 +442,8 @@ class CacheEngine:
         """Count what this cell executed, and free kept outputs of the cell that nothing reads any more."""
         self._stats.cell(state.call_index, block, comp, done, flops)
         if state.table.block_runs and state.table.run_of(block) is not None:
-            state.block_flops.setdefault(block, [None] * _NC)[comp] = flops
-        kept = state.entries.get(block * _NC + comp)
+            state.block_flops.setdefault(block, [None] * self._width)[comp] = flops
+        kept = state.entries.get(block * self._width + comp)
         if kept:
             self._release_expired(kept, state.step)
 
@@ -451,7 +459,7 @@ class CacheEngine:
             return
         for comp, (action, deps, _, _) in enumerate(state.table.cells[state.step][block]):
             if action != _COMPUTE:
-                for e in state.entries.get(block * _NC + comp, ()):
+                for e in state.entries.get(block * self._width + comp, ()):
                     if e.step in deps:
                         self.store.prefetch(e)
 
@@ -460,7 +468,7 @@ class CacheEngine:
         self._stats.fallbacks += 1
         if not self._warned_fallback:
             self._warned_fallback = True
-            what = "its block run" if comp is None else COMPONENTS[comp]
+            what = "its block run" if comp is None else self.layout.name(block, comp)
             warnings.warn(
                 f"videocache: nothing kept to reuse at step {step}, block {block} {what} "
                 f"(max_cache_bytes={self.config.max_cache_bytes}); computing it instead. Further fallbacks "
@@ -479,7 +487,7 @@ class CacheEngine:
             shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args[:2])
             if shapes != hook.flops_key:
                 hook.flops_key = shapes
-                hook.flops = float(self.adapter.component_flops(COMPONENTS[hook.comp], module, args, kwargs))
+                hook.flops = float(self.adapter.component_flops(self.layout.name(hook.block, hook.comp), module, args, kwargs))
             out = hook.fn_ref.original_forward(*args, **kwargs)
             self._computed(state, hook.block, hook.comp, out, hook.flops)
         return out
@@ -524,11 +532,11 @@ class CacheEngine:
         summing = self._fuse and step in table.sum_last_use
         if (
             self._compute_fn is None and not summing and self.config.observer is None
-            and all(o is None for o in outs) and all(self._last_use(table, step, block, c) is None for c in range(_NC))
+            and all(o is None for o in outs) and all(self._last_use(table, step, block, c) is None for c in range(len(cells)))
         ):
             # nothing served and nothing kept: the block's own forward, bit for bit
             out = hook.fn_ref.original_forward(*args, **kwargs)
-            for c in range(_NC):
+            for c in range(len(cells)):
                 self._account(state, block, c, _COMPUTE, flops[c])
             return out
         compute = self._compute_fn or self.adapter.block_compute
@@ -549,7 +557,7 @@ class CacheEngine:
             if state.building is not None:  # left by an interrupted call: this step starts afresh
                 state.building.release(self.store)
                 state.sums.pop(step, None)
-            state.building = None if state.sums.get(step, _NEW) is None else StepSum(_NC, _hidden(args, kwargs))
+            state.building = None if state.sums.get(step, _NEW) is None else StepSum(len(self.layout.names), _hidden(args, kwargs))
         sums = state.building
         if sums is None:  # refused by the byte budget: those skips go block by block
             return
@@ -560,7 +568,7 @@ class CacheEngine:
                 if not isinstance(o, torch.Tensor):
                     return self._drop_sum(state)
                 nbytes += sums.add(shared, o)
-            sums.flops[c] += flops[c]
+            sums.flops[self._stats.name_index[block][c]] += flops[c]
         if block == len(self._blocks) - 1:
             _, gates = self.adapter.shared_gates(args, kwargs, list(sums.gated))
             nbytes += sums.finish(out, gates)
@@ -586,7 +594,7 @@ class CacheEngine:
             return None
         hidden, gates = self.adapter.shared_gates(args, kwargs, list(found[-1].gated))
         out = stack_output(hidden, gates, action, deps, found, step, scale)
-        self._stats.stack(state.call_index, len(self._blocks), action, found[-1].flops)
+        self._stats.stack(state.call_index, action, found[-1].flops)
         for kept in state.entries.values():
             self._release_expired(kept, step)
         for d in deps:
@@ -617,7 +625,7 @@ class CacheEngine:
             else:
                 self._stats.runs["reuse"] += 1
         if state.run_doing.get(run) == _REUSE:
-            self._stats.skipped_block(state.call_index, block, state.block_flops.get(block, [None] * _NC))
+            self._stats.skipped_block(state.call_index, block, state.block_flops.get(block, [None] * self._width))
             if block != first:
                 return hidden
             delta = state.run_deltas[run]
@@ -672,9 +680,10 @@ class CacheEngine:
     def component_flops(self) -> np.ndarray:
         """(blocks, components) FLOPs of each component's last computed call (0 where none ran yet)."""
         if self._block_mode:
-            return np.array([list(h.flops) if h.flops else [0.0] * _NC for h in self._block_hooks])
+            return np.array([[*h.flops, *[0.0] * (self._width - len(h.flops))] if h.flops else [0.0] * self._width
+                             for h in self._block_hooks])
         return np.array([[self._component_hooks[b][c][0].flops if c in self._component_hooks[b] else 0.0
-                          for c in range(_NC)] for b in range(len(self._blocks))])
+                          for c in range(self._width)] for b in range(len(self._blocks))])
 
     def trace(self) -> list[dict[str, Any]]:
         """One record per component call: {context, step, sigma, block, component, action} where action is the

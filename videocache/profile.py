@@ -22,7 +22,16 @@ import yaml
 
 from .exposure_bias import ExposureBiasConfig
 from .fgbg import FgBgProfile
-from .table import COMPONENTS, Action, CacheTable, TableError, consecutive_runs, decreasing_interval_steps
+from .table import (
+    COMPONENTS,
+    Action,
+    BlockGroup,
+    BlockLayout,
+    CacheTable,
+    TableError,
+    consecutive_runs,
+    decreasing_interval_steps,
+)
 
 SCHEMA_VERSION = 1
 PROFILES_ENV = "VIDEOCACHE_PROFILES"  # os.pathsep-separated folders searched first for a profile name
@@ -127,18 +136,28 @@ class StepRule:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture fingerprint the profile was made for."""
+    """Architecture fingerprint the profile was made for: one kind of block with `components` (Wan), or
+    `groups` of blocks with components of their own (HunyuanVideo's dual- and single-stream blocks)."""
 
     architecture: str
     num_blocks: int
     components: tuple[str, ...] = COMPONENTS
+    groups: tuple[BlockGroup, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or not self.architecture:
             raise ValueError(f"model.architecture must be a class name; got {self.architecture!r}")
         if not _is_int(self.num_blocks) or self.num_blocks < 1:
             raise ValueError(f"model.num_blocks must be an integer >= 1; got {self.num_blocks!r}")
-        comps = tuple(self.components)
+        if self.groups is not None:
+            groups = tuple(g if isinstance(g, BlockGroup) else _group_from_dict(g) for g in self.groups)
+            total = sum(g.num_blocks for g in groups)
+            if total != self.num_blocks:
+                raise ValueError(f"model.groups hold {total} blocks; model.num_blocks is {self.num_blocks}")
+            object.__setattr__(self, "groups", groups)
+            object.__setattr__(self, "components", BlockLayout(groups).names)
+            return
+        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
         bad = [c for c in comps if c not in COMPONENTS]
         if bad or not comps:
             raise ValueError(
@@ -146,12 +165,38 @@ class ModelSpec:
             )
         object.__setattr__(self, "components", comps)
 
+    @property
+    def layout(self) -> BlockLayout:
+        """The table layout of this model: its groups, or one group of Wan's three components."""
+        return BlockLayout.from_fingerprint(self.fingerprint())
+
     def fingerprint(self) -> dict:
-        return {
-            "architecture": self.architecture,
-            "num_blocks": self.num_blocks,
-            "components": list(self.components),
-        }
+        out = {"architecture": self.architecture, "num_blocks": self.num_blocks}
+        if self.groups is not None:
+            return out | {"groups": [g.to_dict() for g in self.groups]}
+        return out | {"components": list(self.components)}
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: Mapping[str, Any]) -> ModelSpec:
+        groups = fingerprint.get("groups")
+        return cls(
+            fingerprint["architecture"], fingerprint["num_blocks"],
+            tuple(fingerprint.get("components", COMPONENTS)), None if groups is None else tuple(groups),
+        )
+
+
+def _group_from_dict(raw: Any) -> BlockGroup:
+    g = _check_keys(raw, ("name", "num_blocks", "components"), ())
+    return BlockGroup(g["name"], g["num_blocks"], g["components"])
+
+
+def _check_component_names(names: Sequence[str], layout: BlockLayout, blocks: Sequence[int] | None = None) -> None:
+    """Raise unless every name is a component of the model (of some block in `blocks`, when given)."""
+    for name in names:
+        if name not in layout.names:
+            raise ValueError(f"unknown component {name!r} (this model has {', '.join(layout.names)})")
+        if blocks is not None and not layout.cells_of(name, blocks):
+            raise ValueError(f"none of the selected blocks has a {name!r} component")
 
 
 @dataclass(frozen=True)
@@ -170,11 +215,8 @@ class RuleSpec:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {self.stage!r}")
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
-        bad = [c for c in comps if c not in COMPONENTS]
-        if bad or not comps:
-            raise ValueError(
-                f"components must be a non-empty list of {', '.join(COMPONENTS)}; got {list(comps)}"
-            )
+        if not comps or not all(isinstance(c, str) and c for c in comps):
+            raise ValueError(f"components must be a non-empty list of component names; got {list(comps)}")
         object.__setattr__(self, "components", comps)
         if isinstance(self.blocks, list):
             object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -266,8 +308,8 @@ def _per_block_entries(key: str, raw: Any, what: str) -> Iterator[tuple[str, Any
     """(component, block selection, value) of a {component: {block selection: value}} mapping, with the
     component names, the mappings and the block selections validated; `what` names the value for errors."""
     for comp, per_blocks in dict(raw or {}).items():
-        if comp not in COMPONENTS:
-            raise ValueError(f"{key}: unknown component {comp!r} (valid: {', '.join(COMPONENTS)})")
+        if not isinstance(comp, str) or not comp:
+            raise ValueError(f"{key}: component names must be strings; got {comp!r}")
         if not isinstance(per_blocks, Mapping):
             raise ValueError(f"{key}.{comp} must map block selections to {what}")
         for block_spec, value in per_blocks.items():
@@ -474,16 +516,16 @@ class Profile:
                     profile_name=self.name,
                     exposure_bias=p.exposure_bias if p.exposure_bias is not None else self.exposure_bias,
                 )
+                layout = self.model.layout
                 for i, r in enumerate(p.rules):
                     with _where(f"rules[{i}]"):
-                        r.block_indices(self.model.num_blocks)
-                        off = [c for c in r.components if c not in self.model.components]
-                        if off:
-                            raise ValueError(f"component {off[0]!r} is not in model.components")
-                for comp, per_blocks in p.explicit.items():
-                    for spec in per_blocks:
-                        with _where(f"explicit.{comp}.{spec}"):
-                            resolve_blocks(spec, self.model.num_blocks)
+                        _check_component_names(r.components, layout, r.block_indices(self.model.num_blocks))
+                for field_name, mapping in (("explicit", p.explicit), ("explicit_forecast", p.explicit_forecast),
+                                            ("correction", p.correction)):
+                    for comp, per_blocks in mapping.items():
+                        for spec in per_blocks:
+                            with _where(f"{field_name}.{comp}.{spec}"):
+                                _check_component_names([comp], layout, resolve_blocks(spec, self.model.num_blocks))
                 if p.block_runs is not None:
                     with _where("block_runs.blocks"):
                         p.block_runs.runs(self.model.num_blocks)
@@ -509,6 +551,15 @@ class Profile:
                 f"profile {self.name} is for {want.architecture} with {want.num_blocks} blocks; this model is "
                 f"{arch} with {blocks} blocks: use a profile made for it ({_suggest(arch, blocks)})"
             )
+        if want.groups is not None or fingerprint.get("groups") is not None:
+            have = ModelSpec.from_fingerprint(fingerprint).layout.to_list()
+            if have != want.layout.to_list():
+                show = "; ".join(f"{g['name']} x{g['num_blocks']}: {'/'.join(g['components'])}" for g in have)
+                raise ProfileError(
+                    f"profile {self.name} was made for other block groups than this {arch} has ({show}): "
+                    "recalibrate it with videocache profile"
+                )
+            return
         missing = [c for c in want.components if c not in comps]
         if missing:
             raise ProfileError(
@@ -560,8 +611,15 @@ class Profile:
                 ("calibrated", "step_rule", "default_preset", "exposure_bias", "fgbg", "metadata"),
             )
         with _where("model"):
-            m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components",))
-            model = ModelSpec(m["architecture"], m["num_blocks"], tuple(m.get("components", COMPONENTS)))
+            m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components", "groups"))
+            if "groups" in m and "components" in m:
+                raise ValueError("give either components (one kind of block) or groups, not both")
+            groups = m.get("groups")
+            if groups is not None and (not isinstance(groups, list) or not groups):
+                raise ValueError("groups must be a non-empty list of {name, num_blocks, components}")
+            with _where("groups"):
+                model = ModelSpec(m["architecture"], m["num_blocks"], tuple(m.get("components", COMPONENTS)),
+                                  None if groups is None else tuple(_group_from_dict(g) for g in groups))
         with _where("step_rule"):
             sr = _check_keys(top.get("step_rule") or {}, (), ("mode", "min_steps", "max_steps"))
             step_rule = StepRule(**sr)
@@ -747,8 +805,12 @@ def load_profile(name_or_path: str | Path | Profile) -> Profile:
     return Profile.from_dict(data, source=str(path))
 
 
-def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) -> CacheTable:
-    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks.
+def build_table(
+    preset: PresetSpec, sigmas: Sequence[float], num_blocks: int, layout: BlockLayout | None = None
+) -> CacheTable:
+    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks laid
+    out as `layout` (default: one group of Wan's components). A component name applies to the blocks
+    that have it, so a rule for `attn` covers every block group with an `attn` component.
 
     Order of precedence, low to high: rules (in order), explicit reuse lists, block runs (their blocks are
     cached whole, so component rules do not apply to them), warm-up/final steps.
@@ -756,7 +818,19 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
     sig = [float(s) for s in sigmas]
     num_steps = len(sig)
     plan = preset.plan_for(num_steps)  # checks the step count is covered and scales counts/intervals
-    arr = np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8)
+    layout = layout or BlockLayout.uniform(num_blocks)
+    if layout.num_blocks != num_blocks:
+        raise ProfileError(f"block layout of {layout.num_blocks} blocks for a model of {num_blocks}")
+
+    def cells(name: str, blocks: Sequence[int]) -> list[tuple[list[int], int]]:
+        if name not in layout.names:
+            raise ProfileError(
+                f"{preset.source}: preset {preset.name!r} names component {name!r}; this model has "
+                f"{', '.join(layout.names)}"
+            )
+        return layout.cells_of(name, blocks)
+
+    arr = np.zeros((num_steps, num_blocks, layout.width), dtype=np.int8)
 
     stage_steps = {
         "all": list(range(num_steps)),
@@ -768,33 +842,32 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
         if not steps:
             continue
         blocks = rule.block_indices(num_blocks)
-        comps = [COMPONENTS.index(c) for c in rule.components]
+        targets = [cell for c in rule.components for cell in cells(c, blocks)]
         skip = Action.FORECAST if rule.mode == "forecast" else Action.REUSE
         first = steps[0]
         for s in steps:
             value = Action.COMPUTE if (s - first) % interval == 0 else skip
-            for c in comps:
-                arr[s, blocks, c] = value
+            for members, c in targets:
+                arr[s, members, c] = value
 
     for explicit, action in ((preset.explicit, Action.REUSE), (preset.explicit_forecast, Action.FORECAST)):
         for comp, per_blocks in explicit.items():
-            c = COMPONENTS.index(comp)
             for block_spec, ref_steps in per_blocks.items():
-                blocks = preset.resolve_blocks(block_spec, num_blocks)
+                targets = cells(comp, preset.resolve_blocks(block_spec, num_blocks))
                 wanted = set(ref_steps)
                 for s in range(num_steps):
                     if plan.reference_step(s) in wanted:
-                        arr[s, blocks, c] = action
+                        for members, c in targets:
+                            arr[s, members, c] = action
     # calibrated correction factors hold for the step count they were measured at only
     scale = None
     if preset.correction and num_steps == plan.reference_steps:
         scale = np.ones(arr.shape, dtype=np.float32)
         for comp, per_blocks in preset.correction.items():
-            c = COMPONENTS.index(comp)
             for block_spec, factors in per_blocks.items():
-                blocks = preset.resolve_blocks(block_spec, num_blocks)
-                for s, factor in factors.items():
-                    scale[s, blocks, c] = factor
+                for members, c in cells(comp, preset.resolve_blocks(block_spec, num_blocks)):
+                    for s, factor in factors.items():
+                        scale[s, members, c] = factor
 
     runs: list[tuple[int, int]] = []
     run_actions = np.zeros((num_steps, 0), dtype=np.int8)
@@ -811,6 +884,6 @@ def build_table(preset: PresetSpec, sigmas: Sequence[float], num_blocks: int) ->
         arr[num_steps - plan.final_steps :] = Action.COMPUTE
         run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
     try:
-        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale)
+        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale, layout)
     except TableError as e:
         raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None

@@ -15,13 +15,11 @@ per (block, component) for T steps. A Lagrange multiplier on FLOPs then shares t
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from .calibrate import TableSearch
-from .table import COMPONENTS
 
 
 @dataclass
@@ -33,9 +31,9 @@ class Schedule:
     forecasts: list[list[int]]  # per k: the skipped steps that forecast (the others reuse)
 
 
-def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def _cell_costs(search: TableSearch, cells: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Weighted predicted error of every skipped step t given its last two computes (p, l), summed over
-    `blocks` and averaged over prompts, taking for each cell the better of reuse and forecast.
+    the (block, component) `cells` and averaged over prompts, taking for each the better of reuse and forecast.
 
     Returns (cost, forecast) of shape (T + 1, T, T): index p + 1 (0: no compute before l), l, t; cost is
     inf unless p < l < t, and forecast says where forecasting beats reuse."""
@@ -49,7 +47,7 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
     far_p = (t_ - p_) > band
     reuse = np.zeros((T, T))
     fc = np.zeros((T, T, T))
-    for b, c in itertools.product(blocks, comps):
+    for b, c in cells:
         g = search.grams[:, b, c]  # (P, T, T), zero beyond the band
         d = np.einsum("ptt->pt", g)
         scale = search.scale[:, :, b]  # (P, T)
@@ -58,7 +56,7 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
         e_r = d[:, None, :] - 2 * g.transpose(0, 2, 1) + d[:, :, None]  # (P, l, t)
         e_r = np.sqrt(np.maximum(e_r, 0.0)) / scale[:, None, :]
         e_r = np.where(far_l[None], full[:, None, :], e_r)
-        reuse += e_r.mean(axis=0) * search.component_weights[c]
+        reuse += e_r.mean(axis=0) * search.cell_weight[b, c]
         # forecast from (p, l) at t: ||F_t - (1 + r) F_l + r F_p||^2, r = (t - l) / (l - p)
         g_lt = g.transpose(0, 2, 1)  # g_lt[:, x, y] = <F_y, F_x>
         e_f = (
@@ -71,7 +69,7 @@ def _cell_costs(search: TableSearch, blocks: list[int], comps: list[int]) -> tup
         )
         e_f = np.sqrt(np.maximum(e_f, 0.0)) / scale[:, None, None, :]
         e_f = np.where(far_p[None], full[:, None, None, :], e_f)
-        fc += e_f.mean(axis=0) * search.component_weights[c]
+        fc += e_f.mean(axis=0) * search.cell_weight[b, c]
     weight = search.step_weights[None, :]
     reuse = reuse * weight
     fc = fc * weight[None]
@@ -142,25 +140,26 @@ def schedule_preset(search: TableSearch, budget: float, granularity: str = "alig
         raise ValueError(f"the compute budget must be in (0, 1]; got {budget}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
-    T, B, C = search.num_steps, search.num_blocks, len(COMPONENTS)
+    T, layout = search.num_steps, search.layout
+    by_name = {n: [(b, c) for blocks, c in layout.cells_of(n) for b in blocks] for n in layout.names}
     if granularity == "aligned":
-        groups = [(list(range(B)), list(range(C)))]
+        groups = [[cell for cells in by_name.values() for cell in cells]]
     elif granularity == "component":
-        groups = [(list(range(B)), [c]) for c in range(C)]
+        groups = list(by_name.values())
     else:
-        groups = [([b], [c]) for c in range(C) for b in range(B)]
-    items = []  # (blocks, components, schedule, FLOP share of one compute step)
+        groups = [[cell] for cells in by_name.values() for cell in cells]
+    items = []  # (cells, schedule, FLOP share of one compute step)
     total = float(search.flops.sum()) * T
-    for blocks, comps in groups:
-        schedule = _shortest_paths(*_cell_costs(search, blocks, comps))
-        items.append((blocks, comps, schedule, float(search.flops[np.ix_(blocks, comps)].sum()) / total))
+    for cells in groups:
+        schedule = _shortest_paths(*_cell_costs(search, cells))
+        items.append((cells, schedule, float(sum(search.flops[b, c] for b, c in cells)) / total))
     ks = np.arange(T + 1)
 
     def choose(lam: float) -> list[int]:
-        return [int(np.argmin(s.errors + lam * share * ks)) for _, _, s, share in items]
+        return [int(np.argmin(s.errors + lam * share * ks)) for _, s, share in items]
 
     def used(chosen: list[int]) -> float:
-        return sum(k * it[3] for k, it in zip(chosen, items, strict=True))
+        return sum(k * it[2] for k, it in zip(chosen, items, strict=True))
 
     if used(choose(1e18)) > budget + 1e-9:
         raise ValueError(f"no schedule fits the budget {budget}: even one compute per component exceeds it")
@@ -175,7 +174,7 @@ def schedule_preset(search: TableSearch, budget: float, granularity: str = "alig
         room = budget - used(chosen)
         gains = [
             ((s.errors[k] - s.errors[k + 1]) / share, i)
-            for i, (k, (_, _, s, share)) in enumerate(zip(chosen, items, strict=True))
+            for i, (k, (_, s, share)) in enumerate(zip(chosen, items, strict=True))
             if k < T and share <= room + 1e-12 and np.isfinite(s.errors[k + 1])
         ]
         if not gains or max(gains)[0] <= 0:
@@ -183,14 +182,14 @@ def schedule_preset(search: TableSearch, budget: float, granularity: str = "alig
         chosen[max(gains)[1]] += 1
     explicit: dict[str, dict] = {}
     explicit_forecast: dict[str, dict] = {}
-    for k, (blocks, comps, s, _) in zip(chosen, items, strict=True):
-        key = blocks[0] if granularity == "block" else "all"
+    for k, (cells, s, _) in zip(chosen, items, strict=True):
+        key = cells[0][0] if granularity == "block" else "all"  # "all": every block that has the component
         forecast = sorted(s.forecasts[k])
         reuse = [t for t in range(T) if t not in s.computes[k] and t not in forecast]
-        for c in comps:
+        for name in dict.fromkeys(layout.name(b, c) for b, c in cells):
             if reuse:
-                explicit.setdefault(COMPONENTS[c], {})[key] = reuse
+                explicit.setdefault(name, {})[key] = reuse
             if forecast:
-                explicit_forecast.setdefault(COMPONENTS[c], {})[key] = forecast
+                explicit_forecast.setdefault(name, {})[key] = forecast
     return {"warmup_steps": 0, "final_steps": 0, "rules": [], "explicit": explicit,
             "explicit_forecast": explicit_forecast}

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from .table import COMPONENTS
+from .table import BlockLayout
 
 TRACE_LETTERS = "CRFD"
 SKIPPED = 3  # trace code of a component whose block a block-run reuse skipped
 COUNT_KEYS = ("compute", "reuse", "forecast")
-_NC = len(COMPONENTS)
 
 
 class EngineStats:
-    def __init__(self, trace: bool = True) -> None:
+    """FLOPs are counted per component name (`layout.names`); a cell (block, c) adds to the name of
+    component c of its block's group."""
+
+    def __init__(self, layout: BlockLayout, trace: bool = True) -> None:
         self.tracing = trace
+        self.layout = layout
+        self.name_index = [[layout.names.index(c) for c in comps] for comps in layout.components_of]
         self.reset()
 
     def reset(self) -> None:
-        self.executed = [0.0] * _NC
-        self.skipped = [0.0] * _NC
+        self.executed = [0.0] * len(self.layout.names)
+        self.skipped = [0.0] * len(self.layout.names)
         self.counts = {"transformer": 0, "compute": 0, "reuse": 0, "forecast": 0}
         self.runs = {"compute": 0, "reuse": 0, "skipped_blocks": 0}
         self.fallbacks = 0
@@ -46,25 +50,25 @@ class EngineStats:
 
     def cell(self, call: int, block: int, comp: int, action: int, flops: float) -> None:
         if action == 0:
-            self.executed[comp] += flops
+            self.executed[self.name_index[block][comp]] += flops
         else:
-            self.skipped[comp] += flops
+            self.skipped[self.name_index[block][comp]] += flops
         self.counts[COUNT_KEYS[action]] += 1
         if self.tracing:
             self.trace.append((call, block, comp, action))
 
-    def stack(self, call: int, num_blocks: int, action: int, flops: list[float]) -> None:
-        """Every cell of a uniform skip step at once."""
-        self.counts[COUNT_KEYS[action]] += num_blocks * _NC
-        for c in range(_NC):
-            self.skipped[c] += flops[c]
+    def stack(self, call: int, action: int, flops: list[float]) -> None:
+        """Every cell of a uniform skip step at once; `flops` per component name, summed over blocks."""
+        self.counts[COUNT_KEYS[action]] += int(self.layout.present.sum())
+        for c, f in enumerate(flops):
+            self.skipped[c] += f
         if self.tracing:
-            self.trace.extend((call, b, c, action) for b in range(num_blocks) for c in range(_NC))
+            self.trace.extend((call, b, c, action) for b, idx in enumerate(self.name_index) for c in range(len(idx)))
 
     def skipped_block(self, call: int, block: int, flops: list[float | None]) -> None:
-        for comp in range(_NC):
+        for comp in range(len(self.name_index[block])):
             if flops[comp] is not None:
-                self.skipped[comp] += flops[comp]
+                self.skipped[self.name_index[block][comp]] += flops[comp]
             if self.tracing:
                 self.trace.append((call, block, comp, SKIPPED))
         self.runs["skipped_blocks"] += 1
@@ -73,7 +77,7 @@ class EngineStats:
         ex, sk = sum(self.executed), sum(self.skipped)
         by_comp = {
             c: (self.executed[i] / (self.executed[i] + self.skipped[i]) if self.executed[i] + self.skipped[i] else None)
-            for i, c in enumerate(COMPONENTS)
+            for i, c in enumerate(self.layout.names)
         }
         return {
             "computed_fraction": ex / (ex + sk) if ex + sk else None,
@@ -91,6 +95,6 @@ class EngineStats:
             cid, step, sigma = self.call_log[call]
             out.append({
                 "context": self.context_names[cid], "step": step, "sigma": sigma, "block": block,
-                "component": COMPONENTS[comp], "action": TRACE_LETTERS[code],
+                "component": self.layout.name(block, comp), "action": TRACE_LETTERS[code],
             })
         return out

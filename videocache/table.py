@@ -20,8 +20,119 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")
+COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")  # Wan's blocks, the default layout
 _LETTERS = "CRF"
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Consecutive blocks of one type, with the names of their cacheable components (in the order the
+    adapter's `block_compute` serves and returns them)."""
+
+    name: str
+    num_blocks: int
+    components: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a block group needs a name; got {self.name!r}")
+        if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
+            raise ValueError(f"block group {self.name}: num_blocks must be an integer >= 1; got {self.num_blocks!r}")
+        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        if not comps or not all(isinstance(c, str) and c for c in comps) or len(set(comps)) != len(comps):
+            raise ValueError(f"block group {self.name}: components must be distinct names; got {list(comps)}")
+        object.__setattr__(self, "components", comps)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "num_blocks": self.num_blocks, "components": list(self.components)}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The blocks of a model as groups in execution order (Wan: one group of self_attn/cross_attn/mlp
+    blocks; HunyuanVideo: dual-stream then single-stream blocks, each with components of their own).
+
+    A table cell is (step, block, c) with c the component's index *within its block's group*, so the
+    table is `width` = the largest group's component count wide; the cells past a block's own
+    components are absent (`present` is False there) and never executed or counted."""
+
+    groups: tuple[BlockGroup, ...]
+    components_of: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+    group_of: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    present: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups = tuple(self.groups)
+        if not groups or not all(isinstance(g, BlockGroup) for g in groups):
+            raise ValueError("a block layout needs at least one BlockGroup")
+        if len({g.name for g in groups}) != len(groups):
+            raise ValueError(f"block group names must be distinct; got {[g.name for g in groups]}")
+        object.__setattr__(self, "groups", groups)
+        per_block = tuple(g.components for g in groups for _ in range(g.num_blocks))
+        object.__setattr__(self, "components_of", per_block)
+        object.__setattr__(self, "group_of", tuple(i for i, g in enumerate(groups) for _ in range(g.num_blocks)))
+        names: list[str] = []
+        for g in groups:
+            names += [c for c in g.components if c not in names]
+        object.__setattr__(self, "names", tuple(names))
+        present = np.zeros((len(per_block), max(len(c) for c in per_block)), dtype=bool)
+        for b, comps in enumerate(per_block):
+            present[b, : len(comps)] = True
+        present.flags.writeable = False
+        object.__setattr__(self, "present", present)
+
+    @classmethod
+    def uniform(cls, num_blocks: int, components: Sequence[str] = COMPONENTS, name: str = "blocks") -> BlockLayout:
+        return cls((BlockGroup(name, num_blocks, tuple(components)),))
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: Mapping) -> BlockLayout:
+        """The layout an adapter fingerprint describes: its `groups`, else one group of Wan's components."""
+        groups = fingerprint.get("groups")
+        if groups is None:
+            return cls.uniform(int(fingerprint["num_blocks"]))
+        return cls(tuple(g if isinstance(g, BlockGroup) else BlockGroup(g["name"], g["num_blocks"], tuple(g["components"]))
+                         for g in groups))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.components_of)
+
+    @property
+    def width(self) -> int:
+        return self.present.shape[1]
+
+    def group_blocks(self, index: int) -> range:
+        """Global block indices of group `index`."""
+        start = sum(g.num_blocks for g in self.groups[:index])
+        return range(start, start + self.groups[index].num_blocks)
+
+    def index(self, block: int, name: str) -> int | None:
+        """The cell index of component `name` in `block`, or None when that block has no such component."""
+        comps = self.components_of[block]
+        return comps.index(name) if name in comps else None
+
+    def cells_of(self, name: str, blocks: Iterable[int] | None = None) -> list[tuple[list[int], int]]:
+        """(blocks, cell index) pairs, one per group, for component `name` in `blocks` (default all)."""
+        wanted = set(range(self.num_blocks) if blocks is None else blocks)
+        out = []
+        for gi, g in enumerate(self.groups):
+            if name in g.components:
+                members = [b for b in self.group_blocks(gi) if b in wanted]
+                if members:
+                    out.append((members, g.components.index(name)))
+        return out
+
+    def name(self, block: int, comp: int) -> str:
+        return self.components_of[block][comp]
+
+    def is_uniform(self) -> bool:
+        """One group of Wan's components: the layout of every profile written before block groups."""
+        return len(self.groups) == 1 and self.groups[0].components == COMPONENTS
+
+    def to_list(self) -> list[dict]:
+        return [g.to_dict() for g in self.groups]
 
 
 class Action(enum.IntEnum):
@@ -73,7 +184,9 @@ _COMPUTE, _REUSE, _FORECAST = int(Action.COMPUTE), int(Action.REUSE), int(Action
 
 @dataclass(eq=False)
 class CacheTable:
-    """Actions of shape (num_steps, num_blocks, len(COMPONENTS)), values in `Action`.
+    """Actions of shape (num_steps, num_blocks, layout.width), values in `Action`; cell (s, b, c) is
+    component c of block b's group (`layout`, by default one group of `COMPONENTS`), and absent cells
+    (past a block's own components) must be COMPUTE.
 
     `forecast_order` k: a FORECAST cell extrapolates from the last k+1 computed outputs of its
     (block, component), or from as many as exist when fewer were computed before it.
@@ -91,13 +204,15 @@ class CacheTable:
     block_runs: tuple[tuple[int, int], ...] = ()
     run_actions: np.ndarray | None = None
     reuse_scale: np.ndarray | None = None
+    layout: BlockLayout | None = None
     partial_blocks: np.ndarray = field(init=False, repr=False)
     _computes: list[list[list[int]]] = field(init=False, repr=False)
     _run_of: dict[int, int] = field(init=False, repr=False)
     _run_deps: np.ndarray = field(init=False, repr=False)
     _run_last_use: np.ndarray = field(init=False, repr=False)
     # cells[step][block][comp] = (action, dependencies, last_use or None, reuse factor): the same facts as
-    # the arrays, as plain Python values, because the engine reads one per component call
+    # the arrays, as plain Python values, because the engine reads one per component call; one entry per
+    # component of the block's group (absent cells left out)
     cells: list[list[list[tuple[int, tuple[int, ...], int | None, float]]]] = field(init=False, repr=False)
     # uniform_skips[step] = (action, dependencies, reuse factor) where every cell of that step shares them
     # (no block runs): the engine may then skip the whole block stack at once from per-step sums;
@@ -110,9 +225,15 @@ class CacheTable:
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.actions)
-        if arr.ndim != 3 or arr.shape[2] != len(COMPONENTS) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise TableError(f"cache table actions must have shape (num_steps, num_blocks, components); got {arr.shape}")
+        if self.layout is None:
+            self.layout = BlockLayout.uniform(arr.shape[1])
+        layout = self.layout
+        if arr.shape[1:] != (layout.num_blocks, layout.width):
             raise TableError(
-                f"cache table actions must have shape (num_steps, num_blocks, {len(COMPONENTS)}); got {arr.shape}"
+                f"cache table actions must have shape (num_steps, {layout.num_blocks}, {layout.width}) for its block "
+                f"layout; got {arr.shape}"
             )
         if arr.dtype.kind not in "iub":
             raise TableError(
@@ -120,6 +241,8 @@ class CacheTable:
             )
         if arr.size and (arr.min() < 0 or arr.max() > int(Action.FORECAST)):
             raise TableError("cache table actions must be 0 (compute), 1 (reuse) or 2 (forecast)")
+        if np.any(arr[:, ~layout.present] != Action.COMPUTE):
+            raise TableError("cache table: a cell past its block's components is not compute (absent cells must be 0)")
         if not isinstance(self.forecast_order, int) or self.forecast_order < 1:
             raise TableError(f"forecast_order must be an integer >= 1; got {self.forecast_order!r}")
         arr = arr.astype(np.int8, copy=True)
@@ -141,8 +264,9 @@ class CacheTable:
         last = [[[-1] * comps for _ in range(blocks)] for _ in range(steps)]
         deps_of: list[list[list[tuple[int, ...]]]] = [[[()] * comps for _ in range(blocks)] for _ in range(steps)]
         self._computes = [[[] for _ in range(comps)] for _ in range(blocks)]
+        own = [len(c) for c in layout.components_of]
         for b in range(blocks):
-            for c in range(comps):
+            for c in range(own[b]):
                 computes = self._computes[b][c]
                 for s in range(steps):
                     kind = acts[s][b][c]
@@ -152,7 +276,7 @@ class CacheTable:
                     if not computes:
                         verb = "reuses" if kind == _REUSE else "forecasts"
                         raise TableError(
-                            f"cache table: block {b} {COMPONENTS[c]} {verb} at step {s} with no earlier compute; "
+                            f"cache table: block {b} {layout.name(b, c)} {verb} at step {s} with no earlier compute; "
                             "compute it at an earlier step (e.g. add warm-up steps)"
                         )
                     deps = deps_of[s][b][c] = tuple(computes[-n_read[kind]:])
@@ -167,7 +291,7 @@ class CacheTable:
                         None if last[s][b][c] < 0 else last[s][b][c],
                         1.0 if scale is None else scale[s][b][c],
                     )
-                    for c in range(comps)
+                    for c in range(own[b])
                 ]
                 for b in range(blocks)
             ]
@@ -290,7 +414,9 @@ class CacheTable:
 
         At a COMPUTE cell this says whether its output must be stored at all.
         """
-        c = COMPONENTS.index(comp) if isinstance(comp, str) else comp
+        c = self.layout.index(block, comp) if isinstance(comp, str) else comp
+        if c is None:
+            return None
         computes = self._computes[block][c]
         for r in range(step + 1, self.num_steps):
             if self.actions[r, block, c] == Action.COMPUTE:
@@ -333,38 +459,49 @@ class CacheTable:
     def is_full_compute(self) -> bool:
         return not bool(np.any(self.actions != Action.COMPUTE) or np.any(self.run_actions != Action.COMPUTE))
 
-    def predicted_computed_fraction(self, weights: Mapping[str, float]) -> float:
-        """FLOP-weighted share of block-component work the table executes (weights: FLOPs per call of
-        each component). A prediction only: the engine measures what really ran."""
-        missing = [c for c in COMPONENTS if c not in weights]
+    def cell_weights(self, weights: Mapping[str, float]) -> np.ndarray:
+        """(num_blocks, width) per-cell weights from per-component-name ones (absent cells 0)."""
+        layout = self.layout
+        missing = [c for c in layout.names if c not in weights]
         if missing:
-            raise TableError(
-                f"predicted_computed_fraction needs a weight for every component; missing {missing}"
-            )
-        w = np.array([float(weights[c]) for c in COMPONENTS])
+            raise TableError(f"a weight is needed for every component; missing {missing}")
+        w = np.zeros(layout.present.shape)
+        for b, comps in enumerate(layout.components_of):
+            w[b, : len(comps)] = [float(weights[c]) for c in comps]
         if np.any(w < 0) or w.sum() <= 0:
             raise TableError("component weights must be >= 0 and not all zero")
-        computed = ((self.actions == Action.COMPUTE) & ~self.skipped_cells()[:, :, None]).sum(axis=(0, 1))
-        return float((computed * w).sum() / (self.num_steps * self.num_blocks * w.sum()))
+        return w
+
+    def predicted_computed_fraction(self, weights: Mapping[str, float]) -> float:
+        """FLOP-weighted share of block-component work the table executes (weights: FLOPs per call of
+        each component, by name). A prediction only: the engine measures what really ran."""
+        w = self.cell_weights(weights)
+        computed = ((self.actions == Action.COMPUTE) & ~self.skipped_cells()[:, :, None]).sum(axis=0)
+        return float((computed * w).sum() / (self.num_steps * w.sum()))
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Number of cells per component and action letter; cells a block-run reuse skips count as R."""
+        """Number of cells per component name and action letter; cells a block-run reuse skips count as R."""
         skipped = self.skipped_cells()
-        return {
-            comp: {
-                a.letter: int(((self.actions[:, :, c] == a) & ~skipped).sum())
-                + (int(skipped.sum()) if a == Action.REUSE else 0)
-                for a in Action
-            }
-            for c, comp in enumerate(COMPONENTS)
-        }
+        out = {}
+        for name in self.layout.names:
+            counts = dict.fromkeys(_LETTERS, 0)
+            for blocks, c in self.layout.cells_of(name):
+                acts, skip = self.actions[:, blocks, c], skipped[:, blocks]
+                for a in Action:
+                    counts[a.letter] += int(((acts == a) & ~skip).sum())
+                counts["R"] += int(skip.sum())
+            out[name] = counts
+        return out
 
     def to_text(self) -> str:
-        """Rows = steps; per block one letter per component (order of COMPONENTS), C/R/F."""
+        """Rows = steps; per block one letter per component (in its group's order), C/R/F."""
+        layout = self.layout
         width = len(str(self.num_steps - 1))
-        head = f"{'':>{width}}  " + " ".join(f"{b:<{len(COMPONENTS)}}" for b in range(self.num_blocks))
+        own = [len(c) for c in layout.components_of]
+        head = f"{'':>{width}}  " + " ".join(f"{b:<{own[b]}}" for b in range(self.num_blocks))
+        groups = "; ".join(f"{g.name}: {'/'.join(g.components)}" for g in layout.groups)
         lines = [
-            f"# C=compute R=reuse F=forecast(order {self.forecast_order}); per block: {'/'.join(COMPONENTS)}",
+            f"# C=compute R=reuse F=forecast(order {self.forecast_order}); per block: {groups}",
         ]
         if self.block_runs:
             runs = ", ".join(f"{a}-{b}" for a, b in self.block_runs)
@@ -373,7 +510,7 @@ class CacheTable:
         skipped = self.skipped_cells()
         for s in range(self.num_steps):
             cells = " ".join(
-                "D" * len(COMPONENTS) if skipped[s, b] else "".join(_LETTERS[v] for v in self.actions[s, b])
+                "D" * own[b] if skipped[s, b] else "".join(_LETTERS[v] for v in self.actions[s, b, : own[b]])
                 for b in range(self.num_blocks)
             )
             lines.append(f"{s:>{width}}  {cells}")
@@ -384,11 +521,12 @@ class CacheTable:
         arr = self.actions.copy()
         for s, b, c in cells:
             arr[s, b, c] = action
-        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale)
+        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale, self.layout)
 
     @classmethod
-    def full_compute(cls, num_steps: int, num_blocks: int) -> CacheTable:
-        return cls(np.zeros((num_steps, num_blocks, len(COMPONENTS)), dtype=np.int8))
+    def full_compute(cls, num_steps: int, num_blocks: int, layout: BlockLayout | None = None) -> CacheTable:
+        layout = layout or BlockLayout.uniform(num_blocks)
+        return cls(np.zeros((num_steps, layout.num_blocks, layout.width), dtype=np.int8), layout=layout)
 
 
 def _round_half_up(x: float) -> int:

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .profile import build_table
-from .table import CacheTable
+from .table import BlockLayout, CacheTable
 
 
 class TableSource:
-    def __init__(self, source: CacheTable | Any, num_blocks: int) -> None:
+    def __init__(self, source: CacheTable | Any, layout: BlockLayout) -> None:
         self.fixed = source if isinstance(source, CacheTable) else None
         self.preset = None if self.fixed is not None else source
-        self.num_blocks = num_blocks
+        self.layout = layout
         self._built: dict[tuple, CacheTable] = {}
 
     @property
@@ -42,5 +42,5 @@ class TableSource:
         if table is None:
             if len(self._built) >= 8:
                 self._built.clear()
-            table = self._built[key] = build_table(self.preset, sigmas, self.num_blocks)
+            table = self._built[key] = build_table(self.preset, sigmas, self.layout.num_blocks, self.layout)
         return table
