@@ -198,6 +198,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from videocache.eval_vbench.eval import config_from_args, format_summary, run_eval
+    from videocache.eval_vbench.vbench_env import VBenchUnavailable
+
+    try:
+        result = run_eval(config_from_args(args))
+    except VBenchUnavailable as exc:
+        raise ValueError(str(exc)) from None
+    except USER_ERRORS:
+        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+            raise SystemExit(2) from None
+        raise
+    if result is None:  # another process of a data-parallel run: process 0 scores and reports
+        return 0
+    print(format_summary(result))
+    if result.errors:
+        return _fail(f"{len(result.errors)} method(s) failed ({', '.join(sorted(result.errors))}); see {args.out}/generation/logs/")
+    return 0
+
+
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
     p.add_argument("--prompts", default=None,
@@ -292,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="compare cache methods side by side (speed, computed fraction, PSNR/SSIM)")
     add_compare_arguments(cmp_)
     cmp_.set_defaults(func=cmd_compare)
+    from videocache.eval_vbench.eval import add_eval_arguments
+
+    ev = sub.add_parser("eval", help="VBench scores of every preset (real vbench, own environment), fidelity and speed, resumable")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=cmd_eval)
     prof = sub.add_parser("profile", help="calibrate a cache profile (fg/bg blocks, budgeted table search) from a few prompts")
     add_profile_arguments(prof)
     prof.set_defaults(func=cmd_profile)
