@@ -20,6 +20,7 @@ from .attention_backend import (  # noqa: F401 - re-exported: the loader is wher
 )
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "reference-wan"
+REFERENCE_HUNYUAN_DIR = REFERENCE_DIR.parent / "reference-hunyuan"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -40,7 +41,29 @@ class GenerationDefaults:
 
 
 WAN_DEFAULTS = GenerationDefaults(81, 480, 832, 50, 5.0, 16)
-KNOWN_MODELS = {"reference-wan": REFERENCE_DIR}
+KNOWN_MODELS = {"reference-wan": REFERENCE_DIR, "reference-hunyuan": REFERENCE_HUNYUAN_DIR}
+
+
+def _our_pipeline_classes() -> dict[str, type]:
+    """Pipeline classes of ours that a folder's model_index.json may name (diffusers does not know them)."""
+    from .reference.pipeline_hunyuan import ReferenceHunyuanVideoPipeline
+
+    return {"ReferenceHunyuanVideoPipeline": ReferenceHunyuanVideoPipeline}
+
+
+def pipeline_class(source: str) -> type[DiffusionPipeline]:
+    """The class that loads `source`: ours when its model_index.json names one, else DiffusionPipeline
+    (which resolves diffusers' own classes)."""
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid model_index.json ({exc})") from exc
+        ours = _our_pipeline_classes()
+        if name in ours:
+            return ours[name]
+    return DiffusionPipeline
 
 
 def resolve_model(model: str) -> str:
@@ -96,9 +119,12 @@ def load_pipeline(
     if attention_backend is not None:
         check_attention_backend(attention_backend, resolve_device(device), dtype)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    cls = pipeline_class(source)
+    # Our classes say what is missing in a ValueError/FileNotFoundError; diffusers' own ValueErrors pass through.
+    errors = (OSError,) if cls is DiffusionPipeline else (OSError, ValueError)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except OSError as exc:
+        pipe = cls.from_pretrained(source, **kwargs)
+    except errors as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load {model!r}: {first}") from exc
     pipe = pipe.to(resolve_device(device))

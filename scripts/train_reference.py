@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import WanPipeline
+from diffusers import AutoencoderKLWan, HunyuanVideoPipeline, WanPipeline
 from tqdm.auto import tqdm
-from transformers import UMT5EncoderModel
+from transformers import CLIPTextModel, LlamaModel, UMT5EncoderModel
 
-from videocache.pipelines.reference import build
+from videocache.pipelines.reference import build, build_hunyuan
 from videocache.pipelines.reference.data import render_clip, split_captions
 
 
@@ -226,13 +226,21 @@ def train_decoder(args, device, work: Path) -> None:
     save_checkpoint(final, model=vae.state_dict())
 
 
+def load_trained_vae(args, device, work: Path, checkpoint: str):
+    """The VAE of this run (its checkpoint in --work-dir), or a shipped pipeline's (--vae FOLDER)."""
+    if args.vae:
+        return AutoencoderKLWan.from_pretrained(Path(args.vae) / "vae").to(device)
+    vae = build.build_vae().to(device)
+    vae.load_state_dict(torch.load(work / checkpoint, map_location=device)["model"])
+    return vae
+
+
 @torch.no_grad()
 def encode_latents(args, device, work: Path) -> None:
     out = work / "latents.pt"
     if out.exists():
         return
-    vae = build.build_vae().to(device).eval()
-    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    vae = load_trained_vae(args, device, work, "vae_final.pt").eval()
     bank = torch.load(work / "clips.pt", weights_only=False)
     videos = bank["videos"].numpy()
     partial = work / "latents_partial.pt"
@@ -245,7 +253,12 @@ def encode_latents(args, device, work: Path) -> None:
     latents = torch.cat(done["latents"])
     mean = latents.mean(dim=(0, 2, 3, 4))
     std = latents.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    save_checkpoint(out, latents=latents, captions=bank["captions"], mean=mean, std=std)
+    extra = {}
+    if args.vae:  # a shipped VAE decodes with its own statistics: train on latents normalised by those
+        extra = {"measured_mean": mean, "measured_std": std}
+        mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype)
+        std = torch.tensor(vae.config.latents_std, dtype=latents.dtype)
+    save_checkpoint(out, latents=latents, captions=bank["captions"], mean=mean, std=std, **extra)
     partial.unlink(missing_ok=True)
 
 
@@ -260,6 +273,16 @@ def text_pipeline(args) -> WanPipeline:
         encoder = UMT5EncoderModel.from_pretrained(Path(args.text_encoder) / "text_encoder").eval().requires_grad_(False)
         pipe.register_modules(text_encoder=encoder)
     return pipe
+
+
+def hunyuan_text_pipeline(args) -> HunyuanVideoPipeline:
+    """HunyuanVideoPipeline's prompt encoding with the reference tokenizers and frozen text encoders (built
+    from the seed, or loaded from --text-encoder), without transformer or VAE."""
+    parts = build_hunyuan.build_text_components(args.seed)
+    if args.text_encoder:
+        parts["text_encoder"] = LlamaModel.from_pretrained(Path(args.text_encoder) / "text_encoder").eval()
+        parts["text_encoder_2"] = CLIPTextModel.from_pretrained(Path(args.text_encoder) / "text_encoder_2").eval()
+    return HunyuanVideoPipeline(transformer=None, vae=None, scheduler=build_hunyuan.build_scheduler(), **parts)
 
 
 def transformer_lr(args, step: int) -> float:
@@ -281,19 +304,32 @@ def train_transformer(args, device, work: Path) -> None:
     data = torch.load(work / "latents.pt", weights_only=False)
     mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
     latents = ((data["latents"] - mean) / std).to(device)
-    pipe = text_pipeline(args)
     captions = sorted(set(data["captions"]))
+    # Every caption (and the empty one, for caption dropout) is encoded once, exactly as the pipeline does.
     with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(
-            captions + [""], do_classifier_free_guidance=False, max_sequence_length=build.MAX_SEQUENCE_LENGTH
-        )
+        if args.architecture == "hunyuan":
+            embeds, pooled, masks = hunyuan_text_pipeline(args).encode_prompt(
+                captions + [""], prompt_template=build_hunyuan.PROMPT_TEMPLATE,
+                max_sequence_length=build_hunyuan.MAX_SEQUENCE_LENGTH,
+            )
+            embeds, pooled, masks = embeds.to(device), pooled.to(device), masks.to(device)
+
+            def denoise(model, xt, t, cond):
+                return model(xt, t, embeds[cond], masks[cond], pooled[cond], return_dict=False)[0]
+        else:
+            embeds, _ = text_pipeline(args).encode_prompt(
+                captions + [""], do_classifier_free_guidance=False, max_sequence_length=build.MAX_SEQUENCE_LENGTH
+            )
+            embeds = embeds.to(device)
+
+            def denoise(model, xt, t, cond):
+                return model(xt, t, embeds[cond], return_dict=False)[0]
     index = {c: i for i, c in enumerate(captions)}
     caption_ids = torch.tensor([index[c] for c in data["captions"]])
     empty_id = len(captions)
-    embeds = embeds.to(device)
 
     torch.manual_seed(args.seed)
-    model = build.build_transformer().to(device)
+    model = (build_hunyuan.build_transformer() if args.architecture == "hunyuan" else build.build_transformer()).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = 0
@@ -329,7 +365,7 @@ def train_transformer(args, device, work: Path) -> None:
             g["lr"] = lr
         # bf16 autocast on a GPU (fp32 master weights); a CPU run stays in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(xt, sigma * 1000, embeds[cond.to(device)], return_dict=False)[0]
+            pred = denoise(model, xt, sigma * 1000, cond.to(device))
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -349,7 +385,38 @@ def train_transformer(args, device, work: Path) -> None:
     save_checkpoint(final, model=ema)
 
 
+def assemble_hunyuan(args, work: Path) -> tuple[Path, dict]:
+    """ReferenceHunyuanVideoPipeline.save_pretrained(--out) without the VAE folder: it is --vae's, named in
+    videocache.json's shared_components relative to --out, so its weights ship once."""
+    import shutil
+
+    from videocache.pipelines.reference.pipeline_hunyuan import (
+        SHARED_COMPONENTS_KEY,
+        ReferenceHunyuanVideoPipeline,
+    )
+
+    if not args.vae:
+        raise SystemExit("--architecture hunyuan needs --vae FOLDER (the pipeline whose VAE it shares)")
+    text = hunyuan_text_pipeline(args)
+    transformer = build_hunyuan.build_transformer()
+    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+    pipe = ReferenceHunyuanVideoPipeline(
+        text_encoder=text.text_encoder, tokenizer=text.tokenizer, text_encoder_2=text.text_encoder_2,
+        tokenizer_2=text.tokenizer_2, transformer=transformer, vae=load_trained_vae(args, "cpu", work, ""),
+        scheduler=build_hunyuan.build_scheduler(),
+    )
+    out = Path(args.out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "vae")
+    shared = Path(os.path.relpath(Path(args.vae).resolve() / "vae", out.resolve())).as_posix()
+    return out, {SHARED_COMPONENTS_KEY: {"vae": shared}}
+
+
 def assemble(args, work: Path, command: str) -> None:
+    if args.architecture == "hunyuan":
+        out, meta = assemble_hunyuan(args, work)
+        write_records(args, work, command, out, meta)
+        return
     pipe = text_pipeline(args)
     vae = build.build_vae()
     vae.load_state_dict(torch.load(work / "vae_decoder_final.pt", map_location="cpu")["model"])
@@ -366,12 +433,18 @@ def assemble(args, work: Path, command: str) -> None:
     )
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
+    write_records(args, work, command, out, {})
+
+
+def write_records(args, work: Path, command: str, out: Path, meta: dict) -> None:
+    """TRAINING.json (what ran) and videocache.json (generation defaults, plus `meta`) beside the weights."""
     timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {}
     record = {
         "command": command,
         # One command that runs the same recipe end to end (the stages as run are in `invocations`).
         "reproduce": "python scripts/train_reference.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("stages", "work_dir") and v is not None),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if k not in ("stages", "work_dir") and v is not None and not (k == "architecture" and v == "wan")),
         "invocations": json.loads((work / "commands.json").read_text()),
         "seed": args.seed,
         "arguments": vars(args),
@@ -383,7 +456,7 @@ def assemble(args, work: Path, command: str) -> None:
     }
     (out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n")
     defaults = {"num_frames": 17, "height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8}
-    (out / "videocache.json").write_text(json.dumps({"generation_defaults": defaults}, indent=2) + "\n")
+    (out / "videocache.json").write_text(json.dumps({"generation_defaults": defaults, **meta}, indent=2) + "\n")
     print(f"saved reference pipeline to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
 
 
@@ -421,6 +494,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--text-encoder", default=None,
                    help="load the frozen text encoder from this saved pipeline folder instead of building it from the seed")
+    p.add_argument("--architecture", choices=("wan", "hunyuan"), default="wan",
+                   help="wan: reference-wan (WanTransformer3DModel); hunyuan: reference-hunyuan "
+                   "(HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG)")
+    p.add_argument("--vae", default=None,
+                   help="use the trained VAE of this saved pipeline folder (no vae/decoder stages); "
+                   "--architecture hunyuan needs it: reference-hunyuan shares reference-wan's VAE")
     p.add_argument("--stages", default="clips,vae,latents,transformer,decoder,assemble")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

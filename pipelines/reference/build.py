@@ -21,15 +21,27 @@ MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default; training pads the same way
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the reference vocabulary, built offline (no hub download)."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *VOCABULARY])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+def word_level_tokenizer(
+    special_tokens: tuple[str, ...], template: str, model_max_length: int, **roles: str
+) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the reference vocabulary, built offline (no hub download).
+
+    `special_tokens` come first (ids 0, 1, ...), then VOCABULARY; `template` is the single-sequence
+    post-processor template (e.g. "$A </s>"); `roles` name the tokenizer's pad/eos/unk/bos tokens.
+    Words outside the vocabulary map to `roles["unk_token"]`; padding is on the right."""
+    vocab = {tok: i for i, tok in enumerate([*special_tokens, *VOCABULARY])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk_token"]))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_SEQUENCE_LENGTH
+    used = [t for t in special_tokens if t in template.split()]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, padding_side="right", **roles)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the reference vocabulary, built offline (no hub download)."""
+    return word_level_tokenizer(
+        SPECIAL_TOKENS, "$A </s>", MAX_SEQUENCE_LENGTH, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
     )
 
 

@@ -1,0 +1,142 @@
+"""ReferenceHunyuanVideoPipeline: diffusers' HunyuanVideoPipeline with reference-wan's VAE (AutoencoderKLWan).
+
+The denoising loop is HunyuanVideoPipeline's own (its progress bar, `cache_context("cond")` and
+`cache_context("uncond")` calls and callbacks unchanged). What this subclass changes, and why:
+
+- `__init__`: the parent reads `vae.temporal_compression_ratio`, which AutoencoderKLWan lacks; the scale
+  factors come from `vae.config.scale_factor_temporal/spatial` (4 and 4) instead.
+- decoding: the parent divides by `vae.config.scaling_factor`; a Wan VAE de-normalises with its per-channel
+  `latents_mean/latents_std`, so the loop runs with `output_type="latent"` and this class decodes.
+- `check_inputs`: sizes must be multiples of spatial factor x patch (4 x 2 = 8), not the parent's 16.
+- defaults: the prompt template is the bare prompt (`{}`, no system prompt), 16 Llama tokens, the empty
+  negative prompt, and true classifier-free guidance at `true_cfg_scale = guidance_scale` (5.0): the
+  transformer has no guidance embedding (`guidance_embeds=False`), so `guidance_scale` means what it means
+  for WanPipeline. `guidance_scale <= 1` runs one call per step (no "uncond" context).
+- `from_pretrained`: the VAE is not stored in the folder; `videocache.json`'s `shared_components` names
+  where it is (`../reference-wan/vae`), so the 7.5 MB of VAE weights ship once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoTransformer3DModel,
+)
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import HunyuanVideoPipeline
+from diffusers.pipelines.hunyuan_video.pipeline_output import HunyuanVideoPipelineOutput
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, LlamaModel, PreTrainedTokenizerFast
+
+from .build_hunyuan import MAX_SEQUENCE_LENGTH, PROMPT_TEMPLATE
+
+SHARED_COMPONENTS_KEY = "shared_components"
+
+
+def shared_component_paths(folder: str | Path) -> dict[str, Path]:
+    """Components stored outside a pipeline folder, from its videocache.json (paths relative to the folder)."""
+    meta = Path(folder) / "videocache.json"
+    if not meta.is_file():
+        return {}
+    entries = json.loads(meta.read_text()).get(SHARED_COMPONENTS_KEY, {})
+    return {name: (Path(folder) / rel).resolve() for name, rel in entries.items()}
+
+
+class ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline):
+    """HunyuanVideoPipeline whose VAE is an AutoencoderKLWan (see the module docstring)."""
+
+    def __init__(
+        self,
+        text_encoder: LlamaModel,
+        tokenizer: PreTrainedTokenizerFast,
+        transformer: HunyuanVideoTransformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        text_encoder_2: CLIPTextModel,
+        tokenizer_2: PreTrainedTokenizerFast,
+    ):
+        DiffusionPipeline.__init__(self)  # not HunyuanVideoPipeline.__init__: it needs a Hunyuan VAE's attributes
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+            scheduler=scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 4
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the folder; a component named in videocache.json's shared_components (the VAE) is loaded from
+        there unless passed. A missing shared folder raises FileNotFoundError with a one-line message."""
+        for name, path in shared_component_paths(pretrained_model_name_or_path).items():
+            if kwargs.get(name) is not None:
+                continue
+            if name != "vae":
+                raise ValueError(f"{pretrained_model_name_or_path}: cannot share component {name!r} (only the vae)")
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"the shared VAE of {pretrained_model_name_or_path} is missing at {path} (it ships with reference-wan)"
+                )
+            dtype = kwargs.get("torch_dtype")
+            kwargs[name] = AutoencoderKLWan.from_pretrained(path, **({"torch_dtype": dtype} if dtype is not None else {}))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def check_inputs(self, prompt, prompt_2, height, width, *args, **kwargs):
+        patch = self.transformer.config.patch_size if self.transformer is not None else 2
+        multiple = self.vae_scale_factor_spatial * patch
+        if height % multiple != 0 or width % multiple != 0:
+            raise ValueError(f"`height` and `width` have to be divisible by {multiple} but are {height} and {width}.")
+        # The parent's remaining checks (prompt/embeds consistency, template); its fixed %16 test is done above.
+        super().check_inputs(prompt, prompt_2, 16, 16, *args, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = "",
+        negative_prompt_2: str | list[str] | None = None,
+        height: int = 64,
+        width: int = 64,
+        num_frames: int = 17,
+        num_inference_steps: int = 25,
+        sigmas: list[float] | None = None,
+        true_cfg_scale: float | None = None,
+        guidance_scale: float = 5.0,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        prompt_template: dict[str, Any] | None = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        **kwargs,
+    ) -> HunyuanVideoPipelineOutput | tuple:
+        """HunyuanVideoPipeline.__call__ with the defaults above; `true_cfg_scale` defaults to `guidance_scale`."""
+        if isinstance(prompt, list) and isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt] * len(prompt)
+        latents = super().__call__(
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps, sigmas=sigmas,
+            true_cfg_scale=guidance_scale if true_cfg_scale is None else true_cfg_scale, guidance_scale=guidance_scale,
+            output_type="latent", return_dict=False, prompt_template=prompt_template or PROMPT_TEMPLATE,
+            max_sequence_length=max_sequence_length, **kwargs,
+        )[0]
+        if output_type == "latent":
+            video = latents
+        else:
+            video = self.decode_latents(latents)
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+            self.maybe_free_model_hooks()
+        return HunyuanVideoPipelineOutput(frames=video) if return_dict else (video,)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> video in [-1, 1], as WanPipeline decodes (x * std + mean, then the VAE)."""
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, self.vae.dtype)
+        std = torch.tensor(config.latents_std).view(shape).to(latents.device, self.vae.dtype)
+        return self.vae.decode(latents.to(self.vae.dtype) * std + mean, return_dict=False)[0]
