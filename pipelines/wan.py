@@ -32,6 +32,32 @@ def _linear_macs(linear: torch.nn.Linear | None) -> int:
     return 0 if linear is None else linear.in_features * linear.out_features
 
 
+def flow_scheduler_sigmas(pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
+    """Per-step sigmas of a pipeline's (or a scheduler's) current schedule, the trailing terminal sigma
+    dropped; from the timesteps / num_train_timesteps where a scheduler has no sigmas."""
+    scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
+    timesteps = getattr(scheduler, "timesteps", None)
+    n = num_steps if num_steps is not None else (len(timesteps) if timesteps is not None else None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and (n is None or len(sigmas) >= n):
+        values = [float(s) for s in sigmas]
+        return values[: n if n is not None else max(len(values) - 1, 1)]
+    if timesteps is None:
+        raise ValueError(f"{type(scheduler).__name__} exposes neither sigmas nor timesteps")
+    total = float(getattr(scheduler.config, "num_train_timesteps", 1000))
+    return [float(t) / total for t in timesteps][:n]
+
+
+def denoiser_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
+    """(hidden_states, timestep) of a diffusers video transformer call, both first in its signature."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if "timestep" in kwargs:
+        timestep = kwargs["timestep"]
+    else:
+        timestep = args[1] if len(args) > 1 else None
+    return hidden, timestep
+
+
 class WanAdapter:
     """FLOPs count the matrix multiplications (projections and attention), 2 FLOPs per multiply-add;
     norms, RoPE, activations and biases are left out (well under 1 % at Wan's sizes).
@@ -147,18 +173,7 @@ class WanAdapter:
         return hidden, [temb[:, i : i + 1] for i in indices]
 
     def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
-        """Per-step sigmas of the scheduler's current schedule (the trailing terminal sigma dropped)."""
-        scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
-        timesteps = getattr(scheduler, "timesteps", None)
-        n = num_steps if num_steps is not None else (len(timesteps) if timesteps is not None else None)
-        sigmas = getattr(scheduler, "sigmas", None)
-        if sigmas is not None and (n is None or len(sigmas) >= n):
-            values = [float(s) for s in sigmas]
-            return values[: n if n is not None else max(len(values) - 1, 1)]
-        if timesteps is None:
-            raise ValueError(f"{type(scheduler).__name__} exposes neither sigmas nor timesteps")
-        total = float(getattr(scheduler.config, "num_train_timesteps", 1000))
-        return [float(t) / total for t in timesteps][:n]
+        return flow_scheduler_sigmas(pipe_or_scheduler, num_steps)
 
     def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
         """Sequence and CFG parallelism (`videocache.distributed.plan.ParallelPlan` fields, as a plain dict
@@ -188,12 +203,7 @@ class WanAdapter:
         }
 
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        if "timestep" in kwargs:
-            timestep = kwargs["timestep"]
-        else:
-            timestep = args[1] if len(args) > 1 else None
-        return hidden, timestep
+        return denoiser_inputs(args, kwargs)
 
 
 register_adapter("WanTransformer3DModel", WanAdapter())

@@ -15,7 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 # Modules that register the built-in adapters when imported (soft dependency, resolved at lookup time).
-BUILTIN_ADAPTER_MODULES: tuple[str, ...] = ("videocache.pipelines", "videocache.pipelines.wan")
+BUILTIN_ADAPTER_MODULES: tuple[str, ...] = (
+    "videocache.pipelines", "videocache.pipelines.wan", "videocache.pipelines.hunyuan",
+)
 
 
 @runtime_checkable
