@@ -191,3 +191,22 @@ def test_profiles_with_block_groups(tmp_path):
     data["presets"]["fast"]["rules"][1]["blocks"] = "0-1"
     with pytest.raises(ProfileError, match="none of the selected blocks has a 'mlp'"):
         Profile.from_dict(data)
+
+
+def test_block_runs_carry_video_and_text():
+    """A block run over the last dual and the first single blocks (ProfilingDiT's background blocks) keeps
+    the delta of both streams; a reuse step skips the run's blocks."""
+    model = tiny_hunyuan()
+    layout = layout_of(model)
+    acts = np.zeros((STEPS, layout.num_blocks, layout.width), dtype=np.int8)
+    run_actions = np.array([[0], [1], [0], [1]], dtype=np.int8)
+    table = CacheTable(acts, block_runs=((1, 3),), run_actions=run_actions, layout=layout)
+    with torch.no_grad():
+        base = run(model)
+        engine = vc.apply_to_transformer(model, table_or_profile=table, scheduler=_Steps())
+        cached = run(model)
+        stats = engine.stats()
+        vc.remove(model)
+    assert torch.equal(base[0], cached[0]) and not torch.equal(base[1], cached[1])
+    assert stats["block_runs"] == {"compute": 2, "reuse": 2, "skipped_blocks": 6}
+    assert float((base[1] - cached[1]).norm() / base[1].norm()) < 0.5

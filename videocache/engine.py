@@ -603,11 +603,18 @@ class CacheEngine:
         return out
 
     # -- block runs ----------------------------------------------------------------------------
+    def _streams(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The residual streams a block call carries and returns (`adapter.block_streams`: HunyuanVideo's
+        video and text), or its hidden states alone."""
+        streams = getattr(self.adapter, "block_streams", None)
+        return tuple(streams(args, kwargs)) if streams is not None else (_hidden(args, kwargs),)
+
     def _run_in_block_run(self, hook: BlockHook, state: ContextState, args: tuple, kwargs: dict) -> Any:
         table, step, block = state.table, state.step, hook.block
         run = table.run_of(block)
         first, last = table.block_runs[run]
-        hidden = _hidden(args, kwargs)
+        streams = self._streams(args, kwargs)
+        single = len(streams) == 1
         if block == first:
             action = int(table.run_actions[step, run])
             kept = state.run_deltas.get(run)
@@ -621,37 +628,39 @@ class CacheEngine:
             if action == _COMPUTE:
                 self._stats.runs["compute"] += 1
                 if table.run_last_use(step, run) is not None:
-                    state.run_inputs[run] = hidden
+                    state.run_inputs[run] = streams
             else:
                 self._stats.runs["reuse"] += 1
         if state.run_doing.get(run) == _REUSE:
             self._stats.skipped_block(state.call_index, block, state.block_flops.get(block, [None] * self._width))
             if block != first:
-                return hidden
+                return streams[0] if single else streams
             delta = state.run_deltas[run]
-            out = (hidden.float() + self.store.load(delta)[0].float()).to(hidden.dtype)
+            out = tuple((h.float() + d.float()).to(h.dtype) for h, d in zip(streams, self.store.load(delta), strict=True))
             if delta.last_use <= step:
                 self.store.release(state.run_deltas.pop(run))
-            return out
+            return out[0] if single else out
         out = self._block_forward(hook, state, args, kwargs)
         if block == last and run in state.run_inputs:
-            if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
-                raise TypeError(
-                    f"block runs need blocks that return the hidden states tensor; block {block} returned "
-                    f"{type(out).__name__}"
-                )
+            outs = (out,) if single else out
             h_in = state.run_inputs.pop(run)
-            self._keep_delta(state, run, step, (out.float() - h_in.float()).to(out.dtype))
+            if not all(isinstance(o, torch.Tensor) and o.shape == h.shape for o, h in zip(outs, h_in, strict=False)) \
+                    or len(outs) != len(h_in):
+                raise TypeError(
+                    f"block runs need blocks that return their residual streams; block {block} returned "
+                    f"{type(out).__name__} (an adapter with several streams declares them in block_streams)"
+                )
+            self._keep_delta(state, run, step, [(o.float() - h.float()).to(o.dtype) for o, h in zip(outs, h_in, strict=True)])
         return out
 
-    def _keep_delta(self, state: ContextState, run: int, step: int, delta: torch.Tensor) -> None:
+    def _keep_delta(self, state: ContextState, run: int, step: int, delta: list[torch.Tensor]) -> None:
         old = state.run_deltas.pop(run, None)
         if old is not None:
             self.store.release(old)
         last = state.table.run_last_use(step, run)
         if last is None:
             return
-        entry = self.store.keep(step, [delta], None, last)
+        entry = self.store.keep(step, delta, None, last)
         if entry is not None:
             state.run_deltas[run] = entry
 

@@ -52,7 +52,7 @@ class ContextState(BaseState):
         # block runs: kept delta per run, h_in of a run being computed, what each run does this step, and
         # the FLOPs of each (block, component) of a run as last executed (what a skip saves)
         self.run_deltas: dict[int, Kept] = {}
-        self.run_inputs: dict[int, torch.Tensor] = {}
+        self.run_inputs: dict[int, tuple[torch.Tensor, ...]] = {}  # a computing run's input streams
         self.run_doing: dict[int, int] = {}
         self.block_flops: dict[int, list[float | None]] = {}
         self.memo: dict[str, tuple[tuple, Any]] = {}  # constant modules' last (key, output)
