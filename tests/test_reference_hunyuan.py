@@ -1,0 +1,184 @@
+"""reference-hunyuan: the shipped HunyuanVideo reference pipeline (issue 12), its loader, and the per-frame
+colour gate of the reference checker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from videocache.pipelines.generation import generate
+from videocache.pipelines.loader import REFERENCE_DIR, REFERENCE_HUNYUAN_DIR, ModelLoadError, load_pipeline
+from videocache.pipelines.reference.checker import check_video
+from videocache.pipelines.reference.data import Caption, render_clip
+
+requires_hunyuan = pytest.mark.skipif(
+    not (REFERENCE_HUNYUAN_DIR / "model_index.json").is_file(),
+    reason="shipped reference-hunyuan weights not present (scripts/train_reference.py --architecture hunyuan)",
+)
+PROMPT = "a green triangle moving up on a gray background"
+
+
+@pytest.fixture(scope="module")
+def hunyuan_pipe():
+    if not (REFERENCE_HUNYUAN_DIR / "model_index.json").is_file():
+        pytest.skip("shipped reference-hunyuan weights not present")
+    pipe = load_pipeline("reference-hunyuan", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def record_contexts(pipe):
+    """The cache_context name of every transformer call."""
+    names: list[str | None] = []
+    current: list[str | None] = [None]
+    original = pipe.transformer.cache_context
+
+    @contextlib.contextmanager
+    def cache_context(name):
+        current[0] = name
+        with original(name):
+            yield
+        current[0] = None
+
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: names.append(current[0]))
+    pipe.transformer.cache_context = cache_context
+    try:
+        yield names
+    finally:
+        handle.remove()
+        del pipe.transformer.cache_context
+
+
+@requires_hunyuan
+def test_loads_by_name_offline_and_generates_the_right_shapes(hunyuan_pipe):
+    from diffusers import AutoencoderKLWan, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    pipe = hunyuan_pipe
+    assert isinstance(pipe, HunyuanVideoPipeline) and type(pipe).__name__ == "ReferenceHunyuanVideoPipeline"
+    assert isinstance(pipe.transformer, HunyuanVideoTransformer3DModel) and isinstance(pipe.vae, AutoencoderKLWan)
+    assert not (REFERENCE_HUNYUAN_DIR / "vae").exists()  # the VAE ships once, in reference-wan
+    assert not pipe.transformer.config.guidance_embeds
+    for frames, size in ((17, 64), (9, 32)):
+        video = generate(pipe, PROMPT, num_inference_steps=2, num_frames=frames, height=size, width=size,
+                         guidance_scale=5.0, progress=False).frames
+        assert video.shape == (frames, size, size, 3) and video.dtype == np.uint8
+    latents = pipe(PROMPT, num_inference_steps=1, output_type="latent").frames
+    assert latents.shape == (1, 16, 5, 16, 16)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        pipe(PROMPT, num_inference_steps=1, height=60)
+
+
+@requires_hunyuan
+def test_true_cfg_runs_cond_and_uncond_contexts(hunyuan_pipe):
+    pipe = hunyuan_pipe
+    with record_contexts(pipe) as names:
+        guided = pipe(PROMPT, num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert names == ["cond", "uncond"] * 3
+    with record_contexts(pipe) as names:
+        plain = pipe(PROMPT, num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                     generator=torch.Generator().manual_seed(0))
+    assert names == ["cond"] * 3
+    assert not torch.allclose(guided.frames, plain.frames)
+    # guidance_scale is the true-CFG scale unless true_cfg_scale is given
+    explicit = pipe(PROMPT, num_inference_steps=3, true_cfg_scale=5.0, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(explicit.frames, guided.frames)
+
+
+def test_per_frame_gate_fails_a_video_with_one_wrongly_coloured_frame():
+    caption = Caption.parse("a red circle moving left on a black background")
+    clip = render_clip(caption, seed=1)
+    clean = check_video(clip.video)
+    assert clean.every_frame_matches(caption) and clean.frame_colour_fraction(caption) == 1.0
+    video = clip.video.copy()
+    video[0][clip.mask[0]] = (235, 215, 40)  # the first frame shows a yellow shape
+    result = check_video(video)
+    assert result.matches(caption) == (True, True)  # the whole-video checks do not see it
+    assert not result.every_frame_matches(caption)
+    assert result.frame_colours[0] == "yellow" and result.frame_colour_fraction(caption) == pytest.approx(16 / 17)
+    video[5] = video[5, 0, 0]  # a frame without the shape counts as a miss too
+    assert check_video(video).frame_colours[5] is None
+
+
+def _broken_copy(tmp_path, how: str):
+    folder = tmp_path / "broken-hunyuan"
+    shutil.copytree(REFERENCE_HUNYUAN_DIR, folder)
+    if how == "no-transformer":
+        shutil.rmtree(folder / "transformer")
+    else:  # the shared VAE moved away
+        meta = json.loads((folder / "videocache.json").read_text())
+        meta["shared_components"]["vae"] = "../nowhere/vae"
+        (folder / "videocache.json").write_text(json.dumps(meta))
+    return folder
+
+
+@requires_hunyuan
+@pytest.mark.parametrize("how", ["no-transformer", "no-shared-vae"])
+def test_broken_folder_is_a_one_line_error(tmp_path, how, capsys):
+    from videocache.cli import main
+
+    folder = _broken_copy(tmp_path, how)
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(str(folder), device="cpu")
+    assert "\n" not in str(info.value)
+    assert main(["generate", "--prompt", PROMPT, "--model", str(folder), "--steps", "1", "--out",
+                 str(tmp_path / "v.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("videocache: error:") and "\n" not in err
+
+
+@requires_hunyuan
+def test_cli_generates_with_reference_hunyuan(tmp_path):
+    out, summary = tmp_path / "v.mp4", tmp_path / "v.json"
+    cmd = [sys.executable, "-m", "videocache.cli", "generate", "--model", "reference-hunyuan", "--prompt", PROMPT,
+           "--steps", "3", "--out", str(out), "--summary", str(summary), "--no-progress"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    data = json.loads(summary.read_text())
+    assert (data["frames"], data["height"], data["width"], data["steps"]) == (17, 64, 64, 3)
+    assert data["transformer_calls"] == 6  # true CFG: cond + uncond per step
+
+
+def test_wan_tokenizer_is_unchanged_by_the_shared_builder():
+    from transformers import AutoTokenizer
+
+    from videocache.pipelines.reference.build import build_tokenizer
+
+    shipped = AutoTokenizer.from_pretrained(REFERENCE_DIR / "tokenizer")
+    built = build_tokenizer()
+    for text in ("a red circle moving left on a black background", "", "an unknown WORD"):
+        a = shipped(text, padding="max_length", max_length=16, truncation=True)
+        b = built(text, padding="max_length", max_length=16, truncation=True)
+        assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
+
+
+def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path):
+    """Two transformer steps on stand-in latents, then --stages assemble: the folder loads through the
+    loader with the shared VAE found by its relative path."""
+    from videocache.pipelines.reference.data import split_captions
+
+    sys.path.insert(0, str(REFERENCE_DIR.parents[2] / "scripts"))
+    import train_reference
+
+    train, _ = split_captions()
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    torch.save({"latents": torch.randn(4, 16, 5, 16, 16), "captions": [c.text for c in train[:4]],
+                "mean": torch.zeros(16), "std": torch.ones(16)}, work / "latents.pt")
+    train_reference.main(["--architecture", "hunyuan", "--vae", str(REFERENCE_DIR), "--work-dir", str(work),
+                          "--out", str(out), "--steps", "2", "--batch", "2", "--stages", "transformer,assemble"])
+    assert not (out / "vae").exists()
+    record = json.loads((out / "TRAINING.json").read_text())
+    assert record["arguments"]["architecture"] == "hunyuan"
+    pipe = load_pipeline(str(out), device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(PROMPT, num_inference_steps=1, num_frames=5, height=32, width=32, output_type="np").frames.shape == (
+        1, 5, 32, 32, 3)
