@@ -1,9 +1,13 @@
-"""Foreground/background profiling of Wan2.1 transformers: captures what `videocache.fgbg` scores.
+"""Foreground/background profiling of Wan2.1 and HunyuanVideo transformers: captures what
+`videocache.fgbg` scores.
 
-* `WanSelfAttentionCapture`: a forward pre-hook on every block's `attn1` instance that, while armed,
-  recomputes the block's query and key exactly as `WanAttnProcessor` does (projection, RMS norm across
-  heads, rotary embedding) on a subset of heads and records the attention every video token receives,
-  chunk by chunk over queries. The attention output itself is untouched. A chunk's float32 logits
+* `SelfAttentionCapture`: a forward pre-hook on every block's self-attention instance (Wan: `attn1`;
+  HunyuanVideo: the joint video + text `attn` of the dual- and single-stream blocks) that, while armed,
+  recomputes the block's query and key exactly as the model's attention processor does (projections, q/k
+  norms, rotary embedding on the video tokens) on a subset of heads and records the attention every video
+  token receives from the video queries, chunk by chunk over queries. In a joint attention the softmax
+  spans the text keys too (padded ones masked, as the model does), but text tokens are left out of the
+  column means and the masks. The attention output itself is untouched. A chunk's float32 logits
   (batch x heads x chunk x tokens) are held about three times over at once (logits, scaled, softmax), so
   the chunk shrinks to keep them within `max_chunk_bytes` (1 GiB): at Wan2.1-1.3B's 480p x 81 frames
   (32,760 tokens, 12 heads) 682 queries instead of 1,024, about 3 GiB at the peak instead of 4.8 GB.
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.models.embeddings import apply_rotary_emb
 from tqdm.auto import tqdm
 
 from videocache.engine import drop_empty_registry
@@ -66,15 +71,76 @@ def wan_query_key(
     return q, k
 
 
-class WanSelfAttentionCapture:
-    """While `armed`, records per block the attention each token receives (mean over `heads`, or all heads),
-    as (B, N) float32 in `received`. Use as a context manager; hooks sit on the attn1 instances only."""
+def hunyuan_query_key(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      rotary_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video queries and all keys (video, then text), (B, N, heads, head_dim), of a HunyuanVideo joint
+    attention as HunyuanVideoAttnProcessor2_0 forms them: the dual-stream blocks project text with the
+    `add_*` projections, the single-stream blocks project the joined tokens with one; RoPE on the video."""
+    video = hidden_states.shape[1]
+    if attn.add_q_proj is None:
+        joined = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        q = attn.norm_q(attn.to_q(joined).unflatten(2, (attn.heads, -1)))[:, :video]
+        k = attn.norm_k(attn.to_k(joined).unflatten(2, (attn.heads, -1)))
+        k_video, k_text = k[:, :video], k[:, video:]
+    else:
+        q = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
+        k_video = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
+        k_text = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
+    if rotary_emb is not None:
+        q = apply_rotary_emb(q, rotary_emb, sequence_dim=1)
+        k_video = apply_rotary_emb(k_video, rotary_emb, sequence_dim=1)
+    return q, torch.cat([k_video, k_text], dim=1)
+
+
+@dataclass(frozen=True)
+class AttentionProbe:
+    """Where one architecture's self-attention is and how to recompute its inputs: the attention modules
+    in block order, `query_key(module, args, kwargs) -> (q, k, key_mask, video_tokens)` with q over the
+    video queries and k over every key (B, N, heads, head_dim), and the (t, h, w) patch size."""
+
+    modules: list[torch.nn.Module]
+    query_key: Any
+    patch_size: tuple[int, int, int]
+
+
+def _wan_qk(module, args, kwargs):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    q, k = wan_query_key(module, hidden, args[3] if len(args) > 3 else kwargs.get("rotary_emb"))
+    return q, k, None, hidden.shape[1]
+
+
+def _hunyuan_qk(module, args, kwargs):
+    bound = dict(zip(("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"), args,
+                     strict=False)) | kwargs
+    hidden, mask = bound["hidden_states"], bound.get("attention_mask")
+    q, k = hunyuan_query_key(module, hidden, bound["encoder_hidden_states"], bound.get("image_rotary_emb"))
+    key_mask = None if mask is None else mask.reshape(mask.shape[0], 1, -1)  # (B, 1 head, keys)
+    return q, k, key_mask, hidden.shape[1]
+
+
+def attention_probe(transformer: torch.nn.Module) -> AttentionProbe:
+    """The probe for a Wan or HunyuanVideo transformer (ValueError, one line, for others)."""
+    config = transformer.config
+    if hasattr(transformer, "single_transformer_blocks"):
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        patch = (int(config.patch_size_t), int(config.patch_size), int(config.patch_size))
+        return AttentionProbe([b.attn for b in blocks], _hunyuan_qk, patch)
+    if hasattr(transformer, "blocks") and hasattr(transformer.blocks[0], "attn1"):
+        return AttentionProbe([b.attn1 for b in transformer.blocks], _wan_qk, tuple(config.patch_size))
+    raise ValueError(f"foreground/background profiling supports Wan and HunyuanVideo; not {type(transformer).__name__}")
+
+
+class SelfAttentionCapture:
+    """While `armed`, records per block the attention each video token receives (mean over `heads`, or all
+    heads), as (B, N_video) float32 in `received`. Use as a context manager; hooks sit on the self-attention
+    instances only (`attention_probe`)."""
 
     def __init__(
         self, transformer: torch.nn.Module, heads: Sequence[int] | None = None, chunk: int = 1024,
         max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
     ) -> None:
-        num_heads = transformer.blocks[0].attn1.heads
+        self.probe = attention_probe(transformer)
+        num_heads = self.probe.modules[0].heads
         if heads is not None:
             heads = sorted({int(h) for h in heads})
             if not heads or heads[0] < 0 or heads[-1] >= num_heads:
@@ -92,9 +158,9 @@ class WanSelfAttentionCapture:
         self.received: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> WanSelfAttentionCapture:
-        for b, block in enumerate(self.transformer.blocks):
-            self._handles.append(block.attn1.register_forward_pre_hook(self._hook(b), with_kwargs=True))
+    def __enter__(self) -> SelfAttentionCapture:
+        for b, module in enumerate(self.probe.modules):
+            self._handles.append(module.register_forward_pre_hook(self._hook(b), with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -107,19 +173,18 @@ class WanSelfAttentionCapture:
         def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if not self.armed:
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            rotary = args[3] if len(args) > 3 else kwargs.get("rotary_emb")
             with torch.no_grad():
-                q, k = wan_query_key(module, hidden, rotary)
+                q, k, key_mask, video = self.probe.query_key(module, args, kwargs)
                 if self.heads is not None:
                     q, k = q[:, :, self.heads], k[:, :, self.heads]
-                a = attention_received(q.transpose(1, 2), k.transpose(1, 2), chunk=self.chunk_for(q.shape))
+                a = attention_received(q.transpose(1, 2), k.transpose(1, 2), chunk=self.chunk_for(k.shape),
+                                       key_mask=key_mask, keep=video)
             self.received[block] = a.mean(dim=1)
 
         return pre
 
     def chunk_for(self, shape: Sequence[int]) -> int:
-        """Queries per chunk for q of `shape` (B, N, heads, head_dim): `chunk`, or fewer where one chunk's
+        """Queries per chunk for keys of `shape` (B, N, heads, head_dim): `chunk`, or fewer where one chunk's
         float32 logits (B x heads x chunk x N) would exceed `max_chunk_bytes`."""
         batch, tokens, heads = int(shape[0]), int(shape[1]), int(shape[2])
         if self.max_chunk_bytes is None:
@@ -186,7 +251,7 @@ class _ContextProbe(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         ctx = self.state_manager._context
-        step = None if ctx is None else ctx.step_index
+        step, sigma = self.run.locate(ctx)
         if ctx is None or ctx.name != "cond" or step not in self.run.steps:
             return self.fn_ref.original_forward(*args, **kwargs)
         capture = self.run.capture
@@ -202,7 +267,7 @@ class _ContextProbe(ModelHook):
             capture.take(),
             sample,
             x_t,
-            ctx.sigma,
+            sigma,
             run.patch_size,
             run.signal,
             run.border,
@@ -215,13 +280,24 @@ class _ContextProbe(ModelHook):
 
 @dataclass
 class _ProfileRun:
-    capture: WanSelfAttentionCapture
+    capture: SelfAttentionCapture
     scores: ScoreAccumulator
     steps: tuple[int, ...]
     patch_size: tuple[int, int, int]
     signal: str
     border: int
     token_threshold: float
+    scheduler: Any = None
+
+    def locate(self, ctx: Any) -> tuple[int | None, float | None]:
+        """(step, sigma) of a call: from the cache context (WanPipeline passes them), else from the
+        scheduler's step counter (HunyuanVideoPipeline names the context only)."""
+        if ctx is not None and ctx.step_index is not None:
+            return ctx.step_index, ctx.sigma
+        index = getattr(self.scheduler, "step_index", None)
+        step = 0 if index is None else int(index)
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        return step, None if sigmas is None or step >= len(sigmas) else float(sigmas[step])
 
 
 def default_profile_steps(num_steps: int) -> list[int]:
@@ -247,21 +323,23 @@ def profile_pipeline(
     progress: bool = True,
     **call_kwargs: Any,
 ) -> FgBgProfile:
-    """Generate every (prompt, seed) with `pipe` (a WanPipeline; `call_kwargs` go to its call, e.g.
+    """Generate every (prompt, seed) with `pipe` (a Wan or HunyuanVideo pipeline; `call_kwargs` go to its call, e.g.
     num_inference_steps, num_frames, height, width, guidance_scale) and score the conditional pass at
     `steps`. The mask comes from the model's output (`signal`: the velocity or the clean latent it implies,
     with `border` edge positions left out; see `score_call`)."""
     if signal not in SIGNALS:
         raise ValueError(f"signal must be one of {', '.join(SIGNALS)}; got {signal!r}")
     transformer = pipe.transformer
+    capture = SelfAttentionCapture(transformer, heads, chunk, max_chunk_bytes)
     run = _ProfileRun(
-        capture=WanSelfAttentionCapture(transformer, heads, chunk, max_chunk_bytes),
-        scores=ScoreAccumulator(len(transformer.blocks), tuple(steps)),
+        capture=capture,
+        scores=ScoreAccumulator(len(capture.probe.modules), tuple(steps)),
         steps=tuple(steps),
-        patch_size=tuple(transformer.config.patch_size),
+        patch_size=capture.probe.patch_size,
         signal=signal,
         border=border,
         token_threshold=token_threshold,
+        scheduler=pipe.scheduler,
     )
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_ContextProbe(run), PROBE_HOOK)

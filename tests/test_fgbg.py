@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from videocache import fgbg
-from videocache.pipelines.attention_capture import WanSelfAttentionCapture, profile_pipeline, wan_query_key
+from videocache.pipelines.attention_capture import SelfAttentionCapture, profile_pipeline, wan_query_key
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_capture_matches_full_softmax_on_a_head_subset(transformer):
         for b, blk in enumerate(transformer.blocks)
     ]
     try:
-        with torch.no_grad(), WanSelfAttentionCapture(transformer, heads=[3, 1], chunk=7) as cap:
+        with torch.no_grad(), SelfAttentionCapture(transformer, heads=[3, 1], chunk=7) as cap:
             transformer(x, torch.tensor([500.0]), text)
             assert cap.take() == {}  # not armed: nothing recorded
             cap.armed = True
@@ -75,23 +75,23 @@ def test_capture_matches_full_softmax_on_a_head_subset(transformer):
         assert torch.allclose(got[b], want.mean(dim=-2).mean(dim=1), atol=1e-6)
     assert all(not blk.attn1._forward_pre_hooks for blk in transformer.blocks)
     with pytest.raises(ValueError, match="heads must be indices in 0-3"):
-        WanSelfAttentionCapture(transformer, heads=[4])
+        SelfAttentionCapture(transformer, heads=[4])
 
 
 def test_capture_chunk_is_bounded_in_bytes(transformer):
     """A chunk's float32 logits stay within max_chunk_bytes: unchanged at small sizes, fewer queries at
     Wan2.1-1.3B's 480p x 81 frames (12 heads x 32,760 tokens), and the same attention either way."""
-    cap = WanSelfAttentionCapture(transformer)
+    cap = SelfAttentionCapture(transformer)
     assert cap.chunk_for((1, 32, 4, 32)) == 1024  # the reference model: as before
     wan = cap.chunk_for((1, 32760, 12, 128))
     assert wan == 682 and 4 * 12 * 32760 * wan <= 2**30 < 4 * 12 * 32760 * (wan + 1)
-    assert WanSelfAttentionCapture(transformer, max_chunk_bytes=None).chunk_for((1, 32760, 12, 128)) == 1024
-    assert WanSelfAttentionCapture(transformer, max_chunk_bytes=1).chunk_for((1, 32760, 12, 128)) == 1
+    assert SelfAttentionCapture(transformer, max_chunk_bytes=None).chunk_for((1, 32760, 12, 128)) == 1024
+    assert SelfAttentionCapture(transformer, max_chunk_bytes=1).chunk_for((1, 32760, 12, 128)) == 1
     x = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     text = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(3))
     got = []
     for max_bytes in (None, 4 * 4 * 32 * 5):  # 5 queries of 4 heads x 32 tokens per chunk
-        with torch.no_grad(), WanSelfAttentionCapture(transformer, max_chunk_bytes=max_bytes) as cap:
+        with torch.no_grad(), SelfAttentionCapture(transformer, max_chunk_bytes=max_bytes) as cap:
             assert cap.chunk_for((1, 32, 4, 32)) == (1024 if max_bytes is None else 5)
             cap.armed = True
             transformer(x, torch.tensor([500.0]), text)
@@ -99,7 +99,7 @@ def test_capture_chunk_is_bounded_in_bytes(transformer):
     for b in got[0]:
         assert torch.allclose(got[0][b], got[1][b], atol=1e-6)
     with pytest.raises(ValueError, match="max_chunk_bytes must be"):
-        WanSelfAttentionCapture(transformer, max_chunk_bytes=0)
+        SelfAttentionCapture(transformer, max_chunk_bytes=0)
 
 
 # -- masks ----------------------------------------------------------------------------------------

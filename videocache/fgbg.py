@@ -39,13 +39,16 @@ def _is_number(v: Any) -> bool:
 
 # -- attention received ---------------------------------------------------------------------------------
 def attention_received(
-    q: torch.Tensor, k: torch.Tensor, *, chunk: int = 1024, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, *, chunk: int = 1024, scale: float | None = None,
+    key_mask: torch.Tensor | None = None, keep: int | None = None,
 ) -> torch.Tensor:
     """Mean attention each key receives, a_i = mean_j softmax(q_j . k / sqrt(d))_i, in float32.
 
     q: (..., Nq, D), k: (..., Nk, D) with the same leading dims (e.g. batch, heads). Every query chunk holds
     all keys, so its softmax rows are complete; only their column sums are kept, so memory is
-    O(chunk * Nk) instead of O(Nq * Nk). Returns (..., Nk).
+    O(chunk * Nk) instead of O(Nq * Nk). `key_mask` (bool, broadcastable to (..., Nk)): keys that may be
+    attended (padded text is not); `keep`: return only the first `keep` keys (the video tokens of a joint
+    video + text attention, whose softmax still spans the text). Returns (..., Nk or keep).
     """
     if q.ndim < 2 or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
@@ -56,10 +59,14 @@ def attention_received(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kt = k.float().transpose(-1, -2)
     total = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+    blocked = None if key_mask is None else ~key_mask.bool().unsqueeze(-2)
     for start in range(0, q.shape[-2], chunk):
         logits = (q[..., start : start + chunk, :].float() @ kt) * scale
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
         total += logits.softmax(dim=-1).sum(dim=-2)
-    return total / q.shape[-2]
+    out = total / q.shape[-2]
+    return out if keep is None else out[..., :keep]
 
 
 # -- foreground mask ------------------------------------------------------------------------------------

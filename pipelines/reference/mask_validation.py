@@ -18,7 +18,7 @@ import torch
 
 from videocache.fgbg import FgBgProfile, ScoreAccumulator, block_scores, mask_iou, mask_to_token_grid
 
-from ..attention_capture import WanSelfAttentionCapture, score_call
+from ..attention_capture import SelfAttentionCapture, score_call
 from .data import Caption, render_clip, split_captions
 
 CLIP_SEED_BASE = 50_000  # far from the training clips' seeds
@@ -96,7 +96,7 @@ def validate_masks(
     ious: dict[int, list[float]] = {s: [] for s in steps}
     gen = torch.Generator().manual_seed(noise_seed)
     device, dtype = transformer.device, transformer.dtype
-    with WanSelfAttentionCapture(transformer, heads, chunk) as capture:
+    with SelfAttentionCapture(transformer, heads, chunk) as capture:
         for caption in captions:
             text = caption if isinstance(caption, str) else caption.text
             embeds, _ = pipe.encode_prompt(
