@@ -7,9 +7,10 @@ import diffusers.models.transformers.transformer_hunyuan_video as hv
 import pytest
 import torch
 
-from tests.test_hunyuan_adapter import inputs, tiny_hunyuan
 from videocache.fgbg import attention_received
 from videocache.pipelines.attention_capture import SelfAttentionCapture, attention_probe
+
+from .test_hunyuan_adapter import inputs, tiny_hunyuan
 
 
 @pytest.mark.parametrize("pad", [0, 3])
