@@ -29,14 +29,28 @@ VALID_FORMS = (
     "none",
     "videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise]",
     "diffusers:fbcache:THRESHOLD",
-    "diffusers:taylorseer:INTERVAL",
+    "diffusers:taylorseer:INTERVAL[:attn]",
     "diffusers:magcache:THRESHOLD",
     "diffusers:pab:RANGE",
     "cachedit:dbcache:Fn:Bn:THRESHOLD",
     "cachedit:dbcache-taylorseer:Fn:Bn:THRESHOLD[:ORDER]",
 )
-# diffusers' TaylorSeer default identifiers match nothing on Wan (it would silently run uncached).
-WAN_TAYLORSEER_IDENTIFIERS = (r"^blocks\.\d+\.(attn1|attn2|ffn)$",)
+# diffusers TaylorSeer's modules per architecture and scope: (cache_identifiers, skip_predict_identifiers),
+# None for diffusers' defaults. "components": every cached component's pre-gate output; "attn": attention
+# only. diffusers' default identifiers match nothing on Wan (it would silently run uncached); on
+# HunyuanVideo they hook the blocks' `attn` (pre-gate outputs), and the per-component form caches the
+# single-stream blocks' fused proj_out while their attention and MLP input projection are skipped.
+TAYLORSEER_MODULES: dict[str, dict[str, tuple[list[str] | None, list[str] | None]]] = {
+    "WanTransformer3DModel": {
+        "components": ([r"^blocks\.\d+\.(attn1|attn2|ffn)$"], None),
+        "attn": ([r"^blocks\.\d+\.(attn1|attn2)$"], None),
+    },
+    "HunyuanVideoTransformer3DModel": {
+        "components": ([r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+\.proj_out"],
+                       [r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"]),
+        "attn": (None, None),
+    },
+}
 # Share of the steps every peer keeps uncached at the start (MagCache's retention ratio, used for
 # cache-dit's warm-up too so that the peers are compared at the same warm-up).
 WARMUP_FRACTION = 0.2
@@ -252,22 +266,29 @@ class FBCacheMethod(Method):
 
 @dataclass(frozen=True)
 class TaylorSeerMethod(Method):
-    """diffusers TaylorSeer: full compute every INTERVAL steps, Taylor forecasts of attn1/attn2/ffn between."""
+    """diffusers TaylorSeer: full compute every INTERVAL steps, Taylor forecasts in between, of every
+    component's output (default) or of the attention only (`:attn`); modules per architecture in
+    TAYLORSEER_MODULES."""
 
     interval: int
+    scope: str = "components"
     family: ClassVar[str] = "diffusers:taylorseer"
 
     @property
     def spec(self) -> str:
-        return f"diffusers:taylorseer:{self.interval}"
+        return f"diffusers:taylorseer:{self.interval}" + (":attn" if self.scope == "attn" else "")
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         from diffusers import TaylorSeerCacheConfig
 
-        config = TaylorSeerCacheConfig(
-            cache_interval=self.interval, cache_identifiers=list(WAN_TAYLORSEER_IDENTIFIERS)
-        )
-        return _diffusers_applied(pipe, config, {"cache_identifiers": list(WAN_TAYLORSEER_IDENTIFIERS)})
+        arch = type(pipe.transformer).__name__
+        if arch not in TAYLORSEER_MODULES:
+            raise ValueError(f"diffusers:taylorseer: no module list for {arch} (known: {', '.join(TAYLORSEER_MODULES)})")
+        cache, skip = TAYLORSEER_MODULES[arch][self.scope]
+        kwargs = {k: v for k, v in (("cache_identifiers", cache), ("skip_predict_identifiers", skip)) if v is not None}
+        config = TaylorSeerCacheConfig(cache_interval=self.interval, **kwargs)
+        return _diffusers_applied(pipe, config, {"cache_identifiers": cache or "diffusers defaults",
+                                                 "skip_predict_identifiers": skip or []})
 
 
 _MAG_PRINT = re.compile(r"\[MagCache\] Calibration Complete[^\n]*\n\s*(\[[^\]]*\])")
@@ -486,6 +507,10 @@ def parse_method(spec: str) -> Method:
         forms = {"fbcache": "THRESHOLD", "taylorseer": "INTERVAL", "magcache": "THRESHOLD", "pab": "RANGE"}
         if kind not in forms:
             raise _spec_error(text)
+        if kind == "taylorseer" and len(parts) == 4:
+            if parts[3] != "attn":
+                raise _spec_error(text, "expected diffusers:taylorseer:INTERVAL[:attn]")
+            return TaylorSeerMethod(_int(text, "INTERVAL", parts[2], 2), scope="attn")
         if len(parts) != 3:
             raise _spec_error(text, f"expected diffusers:{kind}:{forms[kind]}")
         value = parts[2]

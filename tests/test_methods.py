@@ -53,7 +53,7 @@ def test_valid_specs(spec, expected, canonical):
     method = m.parse_method(spec)
     assert method == expected
     assert method.spec == canonical
-    assert m.parse_method(method.spec) == method  # canonical forms parse back to the same method
+    assert m.m.parse_method(method.spec) == method  # canonical forms parse back to the same method
 
 
 def test_only_cachedit_needs_its_own_process_and_families():
@@ -285,3 +285,26 @@ def test_videocache_spec_blockwise_switch(spec, switch, blockwise):
     assert (method.exposure_bias, method.blockwise, method.spec) == (switch, blockwise, spec)
     same = m.parse_method(spec.replace(":blockwise", ""))
     assert (method.config_digest() == same.config_digest()) == (not blockwise)  # a resumed compare reruns it
+
+
+@pytest.mark.parametrize("scope, hooked", [("components", 2 * 3 + 3 * 3), ("attn", 5)])
+def test_taylorseer_modules_on_hunyuanvideo(scope, hooked):
+    """Attention only: diffusers' defaults hook the 5 blocks' attn; per component: the dual blocks' attn,
+    ff and ff_context, and each single block's proj_out (cached) with its attn and proj_mlp (skipped)."""
+    from types import SimpleNamespace
+
+    from .test_hunyuan_adapter import inputs, tiny_hunyuan
+
+    method = m.parse_method("diffusers:taylorseer:2" + (":attn" if scope == "attn" else ""))
+    assert method.scope == scope and m.parse_method(method.spec) == method
+    model = tiny_hunyuan()
+    pipe = SimpleNamespace(transformer=model)
+    applied = method.apply(pipe, m.MethodSetup(num_inference_steps=4))
+    try:
+        names = [n for n, m in model.named_modules() if hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks
+                 and any("taylorseer" in k for k in m._diffusers_hook.hooks)]
+        assert len(names) == hooked, names
+        with torch.no_grad(), model.cache_context("cond"):
+            model(**inputs(), timestep=torch.tensor([500.0]))
+    finally:
+        applied.remove()
