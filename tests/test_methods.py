@@ -53,7 +53,7 @@ def test_valid_specs(spec, expected, canonical):
     method = m.parse_method(spec)
     assert method == expected
     assert method.spec == canonical
-    assert m.m.parse_method(method.spec) == method  # canonical forms parse back to the same method
+    assert m.parse_method(method.spec) == method  # canonical forms parse back to the same method
 
 
 def test_only_cachedit_needs_its_own_process_and_families():
