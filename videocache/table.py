@@ -58,7 +58,6 @@ class BlockLayout:
 
     groups: tuple[BlockGroup, ...]
     components_of: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
-    group_of: tuple[int, ...] = field(init=False, repr=False, compare=False)
     names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     present: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -71,7 +70,6 @@ class BlockLayout:
         object.__setattr__(self, "groups", groups)
         per_block = tuple(g.components for g in groups for _ in range(g.num_blocks))
         object.__setattr__(self, "components_of", per_block)
-        object.__setattr__(self, "group_of", tuple(i for i, g in enumerate(groups) for _ in range(g.num_blocks)))
         names: list[str] = []
         for g in groups:
             names += [c for c in g.components if c not in names]
@@ -126,10 +124,6 @@ class BlockLayout:
 
     def name(self, block: int, comp: int) -> str:
         return self.components_of[block][comp]
-
-    def is_uniform(self) -> bool:
-        """One group of Wan's components: the layout of every profile written before block groups."""
-        return len(self.groups) == 1 and self.groups[0].components == COMPONENTS
 
     def to_list(self) -> list[dict]:
         return [g.to_dict() for g in self.groups]
