@@ -494,6 +494,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
         negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype, fps=d.fps,
     )
+    for method in methods:  # a profile that does not cover the step count fails before anything runs
+        if getattr(method, "profile", None):
+            import videocache
+
+            videocache.load_profile(method.profile).preset(method.preset).check_steps(settings.steps)
     return EvalConfig(
         settings=settings, suite=suite, methods=methods, labels=labels, out=Path(args.out), seed=args.seed,
         vbench=not args.no_vbench, vbench_venv=args.vbench_venv, create_venv=not args.no_create_venv,
