@@ -155,6 +155,11 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
     processors = attention_processors(transformer) if sequence else []
     if sequence:
         check_attention_backend(processors, ring=ring > 1, device=device)
+    if ring > 1 and plan.key_masks and device.type != "cpu":
+        raise ParallelConfigError(
+            f"ring attention with an attention key mask ({type(transformer).__name__} masks padded prompt tokens) "
+            "is implemented for the CPU only: use --ulysses"
+        )
     if ring > 1:
         from .ring import install_cpu_lse
 

@@ -2,7 +2,7 @@
 transformer (torchtitan's idea: the model says what is split where and what is gathered; the machinery
 that does it knows no model).
 
-A plan has two parts:
+A plan has these parts:
 
 * `sequence`: diffusers' context-parallel plan format (`ContextParallelModelPlan`): module path ->
   either `{input name or output index: ContextParallelInput}` (split that input before the module runs,
@@ -13,6 +13,12 @@ A plan has two parts:
 * the CFG part: the names of the two guidance branches (the pipeline's `cache_context` names) and how
   to make an empty output of the right shape, so that a rank that does not compute a branch can return
   a tensor the other rank's result is later written into.
+* optionally, attention key masks (`key_masks`): inputs that hold a mask over the model's whole key
+  sequence, laid out as the concatenated token groups of a call (`token_segments`, e.g. video then text),
+  each group split over the ranks by the `sequence` part. After the split every rank's keys are its own
+  shard of each group, so a mask in the model's layout would be misaligned: the machinery reorders it
+  into the ranks' layout (rank 0's shard of every group, then rank 1's, ...), which is where the
+  attention's keys are after Ulysses' all-to-all and where ring attention's key/value blocks come from.
 
 An adapter provides `parallel_plan(transformer)`, returning a ParallelPlan or a dict of its fields
 (adapters live in `videocache.pipelines`, which does not import this package); `get_parallel_plan` finds
@@ -54,7 +60,14 @@ class ParallelPlan:
     input shapes only); `attention_heads` the heads Ulysses spreads over ranks. `empty_output(transformer,
     args, kwargs)` is an uninitialised tensor shaped like the prediction of a top-level call, made without
     running it. `output_tensor` / `wrap_output` read the prediction out of a return value and build one
-    around it."""
+    around it.
+
+    `token_segments(transformer, args, kwargs)`: the token groups a top-level call splits apart, name ->
+    length, in the order the attention concatenates its keys (default: `{"video": sequence_length}`);
+    every group decides the even or uneven path and must have at least one token per rank. `key_masks`: module
+    path (a `*` wildcard as in `sequence`) -> the name of the input holding a key mask `[..., sum(segments)]`
+    over all of the call's keys in the model's layout; it is handed to the module reordered for the ranks
+    (see the module docstring)."""
 
     sequence: dict[str, Any]
     attention_heads: int
@@ -63,6 +76,14 @@ class ParallelPlan:
     cfg_branches: tuple[str, str] = ("cond", "uncond")
     output_tensor: Callable[[Any], torch.Tensor] = field(default=_default_output_tensor)
     wrap_output: Callable[[torch.Tensor, dict], Any] = field(default=_default_wrap_output)
+    token_segments: Callable[[torch.nn.Module, tuple, dict], dict[str, int]] | None = None
+    key_masks: dict[str, str] = field(default_factory=dict)
+
+    def segments(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
+        """The token groups of a top-level call, name -> length (see `token_segments`)."""
+        if self.token_segments is None:
+            return {"video": int(self.sequence_length(transformer, args, kwargs))}
+        return {name: int(n) for name, n in self.token_segments(transformer, args, kwargs).items()}
 
 
 def get_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:

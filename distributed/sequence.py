@@ -21,11 +21,19 @@ What is ours, and why:
   exchange) or diffusers' "anything" path (sizes exchanged, uneven splits, padded heads) runs; the final
   gather of uneven shards is ours (`gather_uneven`), since diffusers' gives gloo tensors of different
   shapes to all_gather.
+* key masks (a plan's `key_masks`, e.g. HunyuanVideo's mask of padded prompt tokens): diffusers'
+  plan format cannot express them. The model builds one mask over all keys in its own layout (the
+  token groups concatenated: all video, then all text); after the split a rank's keys are its shard of
+  each group, so every module that takes the mask gets it reordered for the ranks (`ranks_key_order`,
+  no communication): rank 0's shard of every group, then rank 1's, .... That is the layout of the keys
+  after Ulysses' all-to-all (diffusers then uses the mask as it is, instead of all-gathering a local
+  one), and ring attention's key/value block j is the j-th equal slice of it (see `ring`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -98,36 +106,107 @@ def _splits_output(entry: Any) -> bool:
     return isinstance(entry, ContextParallelInput) and entry.split_output
 
 
+def ranks_key_order(mask: torch.Tensor, segments: tuple[int, ...], degree: int) -> torch.Tensor:
+    """A key mask `[..., sum(segments)]` in the model's layout (the token groups concatenated) reordered
+    into the ranks' layout: for rank 0, 1, ..., that rank's shard of every group, in group order. Shards
+    are those of diffusers' sharders (`tensor_split`, which is `chunk` for even sizes)."""
+    parts, start = [], 0
+    for n in segments:
+        parts.append(mask.narrow(-1, start, n).tensor_split(degree, dim=-1))
+        start += n
+    return torch.cat([group[r] for r in range(degree) for group in parts], dim=-1)
+
+
+class _KeyMasks:
+    """The reordered key mask of the current top-level call, made once and handed to every module that
+    takes the mask (the model passes one tensor to all of them)."""
+
+    def __init__(self, degree: int) -> None:
+        self.degree = degree
+        self.segments: tuple[int, ...] | None = None
+        self.source: torch.Tensor | None = None
+        self.result: torch.Tensor | None = None
+
+    def start_call(self, segments: tuple[int, ...]) -> None:
+        self.segments, self.source, self.result = segments, None, None
+
+    def reorder(self, mask: Any) -> Any:
+        if not isinstance(mask, torch.Tensor) or self.segments is None:
+            return mask
+        if mask is not self.source:
+            if mask.shape[-1] != sum(self.segments):
+                raise ValueError(
+                    f"the key mask has {mask.shape[-1]} keys but the plan's token groups {self.segments} add up to "
+                    f"{sum(self.segments)}: the model's parallel plan does not match this call"
+                )
+            self.source, self.result = mask, ranks_key_order(mask, self.segments, self.degree)
+        return self.result
+
+
+def _reorder_mask(masks: _KeyMasks, name: str, index: int | None, module: torch.nn.Module, args: tuple, kwargs: dict):
+    if name in kwargs:
+        return args, {**kwargs, name: masks.reorder(kwargs[name])}
+    if index is not None and index < len(args):
+        return (*args[:index], masks.reorder(args[index]), *args[index + 1 :]), kwargs
+    return None
+
+
+def _input_index(module: torch.nn.Module, name: str) -> int | None:
+    """The position of input `name` in the module's forward (None when it can only come by keyword); read
+    from the class, since a hook registry may have wrapped the instance's forward."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # without self
+    for i, param in enumerate(params):
+        if param.name == name:
+            return i if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD) else None
+    raise ValueError(f"{type(module).__name__}.forward has no input {name!r} (the parallel plan's key_masks)")
+
+
 def attach_sequence_plan(
     transformer: torch.nn.Module, plan: ParallelPlan, parallel_config: Any
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Attach the plan's splits and gathers as torch module hooks; returns their handles.
 
-    A root pre-hook, first of all, picks the even or the uneven path for the call from its token count."""
+    A root pre-hook, first of all, picks the even or the uneven path for the call from its token counts
+    (and starts the call's key-mask reordering when the plan has key masks)."""
     cp = parallel_config.context_parallel_config
     degree = cp.ulysses_degree * cp.ring_degree
     heads_uneven = plan.attention_heads % cp.ulysses_degree != 0
+    masks = _KeyMasks(degree) if plan.key_masks else None
     handles = []
 
     def choose_path(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = plan.sequence_length(module, args, kwargs)
-        if tokens < degree:
-            raise ParallelConfigError(
-                f"{tokens} video tokens cannot be split over {degree} sequence-parallel ranks: use a degree <= {tokens}"
-            )
-        uneven = tokens % degree != 0
+        segments = plan.segments(module, args, kwargs)
+        for name, n in segments.items():
+            if n < degree:
+                raise ParallelConfigError(
+                    f"{n} {name} tokens cannot be split over {degree} sequence-parallel ranks: use a degree <= {n}"
+                )
+        uneven = any(n % degree for n in segments.values())
+        counts = " and ".join(f"{n} {name}" for name, n in segments.items())
         if cp.ring_degree > 1 and cp.ulysses_degree > 1:
             if uneven or heads_uneven:  # diffusers' USP has no uneven variant
                 raise ParallelConfigError(
-                    f"Ulysses x ring needs the {tokens} tokens divisible by {degree} and the heads by "
+                    f"Ulysses x ring needs the {counts} tokens divisible by {degree} and the heads by "
                     f"{cp.ulysses_degree}: use Ulysses or ring alone for this size"
                 )
         elif cp.ring_degree > 1:
+            if uneven and masks is not None:  # diffusers' ring-anything attention refuses a mask
+                raise ParallelConfigError(
+                    f"ring attention over token counts that {degree} does not divide ({counts}) takes no key mask, "
+                    f"and this model's attention has one: use --ulysses, or a size whose token counts divide by {degree}"
+                )
             cp.ring_anything = uneven
         else:
             cp.ulysses_anything = heads_uneven or uneven
+        if masks is not None:
+            masks.start_call(tuple(segments.values()))
 
     handles.append(transformer.register_forward_pre_hook(choose_path, with_kwargs=True, prepend=True))
+    for module_id, name in plan.key_masks.items():
+        found = _get_submodule_by_name(transformer, module_id)
+        for module in found if isinstance(found, list) else [found]:
+            hook = functools.partial(_reorder_mask, masks, name, _input_index(module, name))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     for module_id, entry in plan.sequence.items():
         found = _get_submodule_by_name(transformer, module_id)
         for module in found if isinstance(found, list) else [found]:
