@@ -37,6 +37,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def engine_fractions(transformer, profile, presets, steps, scheduler_for, call, x0) -> dict[str, dict[int, float]]:
+    """{preset: {steps: computed fraction}} counted by the engine over a denoising loop from `x0` per step
+    count: `scheduler_for(n)` gives the scheduler set for n steps, `call(x, t)` the transformer's output
+    (run under the "cond" context)."""
+    out: dict[str, dict[int, float]] = {}
+    for preset in presets:
+        for n in steps:
+            scheduler = scheduler_for(n)
+            engine = vc.apply_to_transformer(transformer, scheduler, profile, preset, trace=False, num_inference_steps=n)
+            x = x0
+            try:
+                with torch.no_grad():
+                    for t in scheduler.timesteps:
+                        with transformer.cache_context("cond"):
+                            v = call(x, t)
+                        x = scheduler.step(v, t, x).prev_sample
+                assert engine.stats()["calls"]["transformer"] == n
+                out.setdefault(preset, {})[n] = engine.stats()["computed_fraction"]
+            finally:
+                vc.remove(transformer)
+    return out
+
+
 def computed_fractions(model: str, presets, steps=STEPS) -> dict[str, dict[int, float]]:
     """{preset: {steps: computed fraction}} measured by the engine on a tiny random model of `model`'s size
     (run it with one torch thread: see `one_thread`)."""
@@ -44,25 +67,15 @@ def computed_fractions(model: str, presets, steps=STEPS) -> dict[str, dict[int, 
     transformer, scheduler = tiny_wan_transformer(blocks), wan_scheduler(shift)
     g = torch.Generator().manual_seed(0)
     x0, text = torch.randn(1, 4, 1, 4, 4, generator=g), torch.randn(1, 4, 16, generator=g)
-    out: dict[str, dict[int, float]] = {}
-    for preset in presets:
-        for n in steps:
-            scheduler.set_timesteps(n)
-            engine = vc.apply_to_transformer(transformer, scheduler, PROFILES / f"{model}.yaml", preset,
-                                             trace=False, num_inference_steps=n)
-            x = x0
-            try:
-                with torch.no_grad():
-                    for t in scheduler.timesteps:
-                        with transformer.cache_context("cond"):
-                            v = transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text,
-                                            return_dict=False)[0]
-                        x = scheduler.step(v, t, x).prev_sample
-                assert engine.stats()["calls"]["transformer"] == n
-                out.setdefault(preset, {})[n] = engine.stats()["computed_fraction"]
-            finally:
-                vc.remove(transformer)
-    return out
+
+    def scheduler_for(n: int) -> UniPCMultistepScheduler:
+        scheduler.set_timesteps(n)
+        return scheduler
+
+    def call(x, t):
+        return transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text, return_dict=False)[0]
+
+    return engine_fractions(transformer, PROFILES / f"{model}.yaml", presets, steps, scheduler_for, call, x0)
 
 
 @pytest.mark.parametrize("model", MODELS)
