@@ -136,6 +136,11 @@ def generate(config: EvalConfig) -> dict[str, str]:
         errors = run_compare(compare).errors
     if world > 1:
         _barrier()
+        if rank == 0:  # every process wrote compare's report for its own share: rewrite it for all items
+            from .report import build_report, write_report
+
+            store = RunStore(config.out / "generation")
+            write_report(store, build_report(store, config.settings, list(config.methods), items, errors))
     return errors
 
 

@@ -147,6 +147,27 @@ def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vben
     assert all(t != fast_before[p] for p, t in _mtimes(runs / lost.parent.name).items())
 
 
+@requires_reference
+def test_eval_data_parallel_under_accelerate_launch(tmp_path):
+    """Two launched processes share the (prompt, sample) items; process 0 writes one report over all of them."""
+    import subprocess
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS + "a green triangle moving down on a black background\n")
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "-m", "videocache.cli", "eval", "--profile", "reference-wan", "--presets", "none,fast", "--suite",
+           str(prompts), "--samples", "1", "--no-vbench", "--out", str(out), *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1  # process 0 alone reports
+    report = read_json(out / "report.json")
+    assert [e["videos"] for e in report["methods"]] == [3, 3]
+    assert len(list((out / "generation" / "runs").rglob("*.json"))) == 6
+    assert [e["items"] for e in read_json(out / "generation" / "report.json")["methods"]] == [3, 3]
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
