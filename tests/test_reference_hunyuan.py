@@ -72,7 +72,7 @@ def test_loads_by_name_offline_and_generates_the_right_shapes(hunyuan_pipe):
         assert video.shape == (frames, size, size, 3) and video.dtype == np.uint8
     latents = pipe(PROMPT, num_inference_steps=1, output_type="latent").frames
     assert latents.shape == (1, 16, 5, 16, 16)
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(ValueError, match="divisible by 16"):  # VAE 4 x patch 4
         pipe(PROMPT, num_inference_steps=1, height=60)
 
 
@@ -111,12 +111,13 @@ def test_per_frame_gate_fails_a_video_with_one_wrongly_coloured_frame():
 def _broken_copy(tmp_path, how: str):
     folder = tmp_path / "broken-hunyuan"
     shutil.copytree(REFERENCE_HUNYUAN_DIR, folder)
+    meta = json.loads((folder / "videocache.json").read_text())
+    meta["shared_components"]["vae"] = str(REFERENCE_DIR / "vae")  # the copy's relative path would miss it
     if how == "no-transformer":
         shutil.rmtree(folder / "transformer")
     else:  # the shared VAE moved away
-        meta = json.loads((folder / "videocache.json").read_text())
         meta["shared_components"]["vae"] = "../nowhere/vae"
-        (folder / "videocache.json").write_text(json.dumps(meta))
+    (folder / "videocache.json").write_text(json.dumps(meta))
     return folder
 
 

@@ -7,7 +7,8 @@ The denoising loop is HunyuanVideoPipeline's own (its progress bar, `cache_conte
   factors come from `vae.config.scale_factor_temporal/spatial` (4 and 4) instead.
 - decoding: the parent divides by `vae.config.scaling_factor`; a Wan VAE de-normalises with its per-channel
   `latents_mean/latents_std`, so the loop runs with `output_type="latent"` and this class decodes.
-- `check_inputs`: sizes must be multiples of spatial factor x patch (4 x 2 = 8), not the parent's 16.
+- `check_inputs`: sizes must be multiples of spatial factor x patch (4 x 4 = 16 here; 4 x 2 = 8 for a
+  patch-2 transformer), which the parent hard-codes as 16.
 - defaults: the prompt template is the bare prompt (`{}`, no system prompt), 16 Llama tokens, the empty
   negative prompt, and true classifier-free guidance at `true_cfg_scale = guidance_scale` (5.0): the
   transformer has no guidance embedding (`guidance_embeds=False`), so `guidance_scale` means what it means
