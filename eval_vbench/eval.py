@@ -195,18 +195,25 @@ def score_vbench(config: EvalConfig, method: Method, folder: Path, rows: list[di
     return result
 
 
-def prompt_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
+    """The reference checker on every video whose prompt is a reference caption, by (prompt, seed)."""
     from . import prompt_accuracy as pa
 
-    checks = []
+    checks = {}
     for row in rows:
-        frames = pa.read_frames(row["path"])
-        result = pa.check(row["prompt"], frames)
+        result = pa.check(row["prompt"], pa.read_frames(row["path"]))
         if result is not None:
-            checks.append(result)
-    summary = pa.summarize(checks)
+            checks[(row["prompt"], row["seed"])] = result
+    return checks
+
+
+def prompt_accuracy(checks: dict[tuple[str, int], Any], reference: dict[tuple[str, int], Any]) -> dict[str, Any] | None:
+    from . import prompt_accuracy as pa
+
+    summary = pa.summarize(list(checks.values()))
     if summary is not None:
         summary["reader"] = pa.video_reader_name()
+        summary["agreement_with_uncached"] = pa.agreement(checks, reference)
     return summary
 
 
@@ -238,7 +245,8 @@ def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, A
     else:
         vbench_error = "VBench scoring skipped (--no-vbench)"
     entries = []
-    for method in config.methods:
+    reference_checks: dict[tuple[str, int], Any] = {}
+    for method in config.methods:  # "none" first: its checks are what the others are compared with
         records = [r for r in (store.read_record(method.spec, i) for i in items) if r is not None]
         entry = summarize(method, records, len(items), reference, errors.get(method.spec))
         entry.pop("rows", None)
@@ -265,7 +273,10 @@ def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, A
             / sum(0.5 if d == "dynamic_degree" else 1.0 for d in present) if present else None
         )
         entry["vbench"]["quality_partial_dimensions"] = present
-        entry["prompt_accuracy"] = prompt_accuracy(rows) if rows else None
+        checks = prompt_checks(rows)
+        if isinstance(method, NoCache):
+            reference_checks = checks
+        entry["prompt_accuracy"] = prompt_accuracy(checks, reference_checks)
         entry["lpips"] = None
         entries.append(entry)
     s = config.settings
@@ -280,7 +291,7 @@ def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, A
                    "prompt_suite": str(pkg.full_info) if pkg else None, "error": vbench_error},
         "lpips": lpips_status(),
         "timing": "each method is timed against uncached runs interleaved with it in the same process; "
-        "times are summed over items",
+        "times are the minimum over repeats, summed over items",
         "prompts": [p.prompt for p in config.suite.prompts],
         "methods": entries,
     }
@@ -310,11 +321,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "degree weighted 0.5, total = (4 x quality + semantic) / 5) and are given only when every dimension they "
         "need was computed; 'quality (computed dims)' is the same normalised weighted mean over the quality dimensions "
         "that were. Prompt accuracy (reference pipeline, no weights needed): share of videos showing the prompted "
-        "colour / shape / direction. PSNR / SSIM: against the uncached video of the same prompt and seed. "
+        "colour / shape / direction, and how often the checker sees exactly what it sees in the uncached video of the "
+        "same prompt and seed (agreement). PSNR / SSIM: against the uncached video of the same prompt and seed. "
         f"LPIPS: {report['lpips']}. Speedups: {report['timing']}.",
         "",
     ]
     head = ["method", *dims, "quality", "semantic", "total", "quality (computed dims)", "prompt acc. colour / shape / direction",
+            "agreement with uncached",
             "PSNR (dB)", "SSIM", "computed fraction", "transformer speedup", "wall speedup", "videos"]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     notes = []
@@ -325,7 +338,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [f"`{e['label']}`" + (f" (`{e['method']}`)" if e["label"] != e["method"] and e["method"] != "none" else "")]
         cells += [_pct(v["scores"].get(d)) if d in v["scores"] else "error" for d in dims]
         cells += [_pct(v["quality_score"]), _pct(v["semantic_score"]), _pct(v["total_score"]),
-                  _pct(v["quality_partial"]), acc_text, format_db(e.get("psnr")), _fmt(e.get("ssim"), ".4f"),
+                  _pct(v["quality_partial"]), acc_text, _pct(acc.get("agreement_with_uncached") if acc else None, 1), format_db(e.get("psnr")), _fmt(e.get("ssim"), ".4f"),
                   _fmt(e.get("computed_fraction")), _fmt(e.get("transformer_speedup"), ".2f") + "x",
                   _fmt(e.get("wall_speedup"), ".2f") + "x", f"{e['videos']}/{e['items_expected']}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -458,6 +471,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per (method, prompt, sample); the minimum counts")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--vbench-venv", default=None, help="VBench environment (default $VIDEOCACHE_VBENCH_VENV or "
@@ -497,7 +511,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         model=args.model, steps=args.steps, frames=args.frames or d.num_frames, height=args.height or d.height,
         width=args.width or d.width,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
-        negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype, fps=d.fps,
+        negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype, fps=d.fps, repeats=args.repeats,
     )
     for method in methods:  # a profile that does not cover the step count fails before anything runs
         if getattr(method, "profile", None):

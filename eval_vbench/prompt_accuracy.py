@@ -67,6 +67,7 @@ class Accuracy:
     colour: bool
     shape: bool
     direction: bool
+    seen: tuple[str | None, str | None, str | None] = (None, None, None)  # detected colour, shape, direction
 
 
 def check(prompt: str, frames: np.ndarray) -> Accuracy | None:
@@ -79,8 +80,16 @@ def check(prompt: str, frames: np.ndarray) -> Accuracy | None:
     except ValueError:
         return None
     result = check_video(frames)
-    return Accuracy(result.colour == caption.colour, detect_shape(frames) == caption.shape,
-                    result.direction == caption.direction)
+    shape = detect_shape(frames)
+    return Accuracy(result.colour == caption.colour, shape == caption.shape, result.direction == caption.direction,
+                    (result.colour, shape, result.direction))
+
+
+def agreement(checks: dict[Any, Accuracy], reference: dict[Any, Accuracy]) -> float | None:
+    """Share of videos whose detected colour, shape and direction all equal those of the uncached video of the
+    same prompt and seed: how often a cache changes what the checker sees, whatever the model draws."""
+    keys = [k for k in checks if k in reference]
+    return sum(checks[k].seen == reference[k].seen for k in keys) / len(keys) if keys else None
 
 
 def summarize(checks: list[Accuracy]) -> dict[str, Any] | None:

@@ -109,4 +109,11 @@ def test_prompt_accuracy_counts_and_ignores_other_prompts():
     summary = prompt_accuracy.summarize([right, wrong])
     assert summary["colour"] == summary["shape"] == summary["direction"] == 0.5 and summary["videos"] == 2
     assert prompt_accuracy.summarize([]) is None
+    other = prompt_accuracy.check(
+        "a blue square moving right on a black background",
+        render_clip("a blue square moving right on a black background", 1).video,
+    )
+    assert other.seen == ("blue", "square", "right")
+    assert prompt_accuracy.agreement({0: right, 1: wrong}, {0: right, 1: other}) == 0.5  # what the checker sees
+    assert right.seen == ("red", "circle", "left")
     assert prompt_accuracy.detect_shape(np.zeros((3, 16, 16, 3), np.uint8)) is None
