@@ -113,14 +113,16 @@ def _barrier() -> None:
     process_state().wait_for_everyone()
 
 
-def generate(config: EvalConfig) -> dict[str, str]:
-    """Run what is missing (this process's share of the items under accelerate launch); returns errors."""
+def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
+    """Run what is missing (this process's share of the items under accelerate launch); returns the errors and
+    the numbers of runs made and found done (this process's)."""
     rank, world = _ranks()
     items = config.items
     mine = tuple(items[rank::world])
     if world > 1 and os.environ.get("LOCAL_RANK") is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ["LOCAL_RANK"])  # each worker on its own GPU
     errors: dict[str, str] = {}
+    ran = skipped = 0
     if mine:
         compare = SuiteCompareConfig(
             settings=config.settings,
@@ -133,7 +135,8 @@ def generate(config: EvalConfig) -> dict[str, str]:
             progress=config.progress and rank == 0,
             item_list=mine,
         )
-        errors = run_compare(compare).errors
+        result = run_compare(compare)
+        errors, ran, skipped = result.errors, result.ran, result.skipped
     if world > 1:
         _barrier()
         if rank == 0:  # every process wrote compare's report for its own share: rewrite it for all items
@@ -141,7 +144,7 @@ def generate(config: EvalConfig) -> dict[str, str]:
 
             store = RunStore(config.out / "generation")
             write_report(store, build_report(store, config.settings, list(config.methods), items, errors))
-    return errors
+    return errors, ran, skipped
 
 
 # -- VBench videos, scores, accuracy ---------------------------------------------------------------------
@@ -439,15 +442,17 @@ class EvalResult:
     report: dict[str, Any]
     paths: dict[str, Path]
     errors: dict[str, str] = field(default_factory=dict)
+    ran: int = 0
+    skipped: int = 0
 
 
 def run_eval(config: EvalConfig) -> EvalResult | None:
     """Generate what is missing, then (process 0) score and write the report; None on other processes."""
-    errors = generate(config)
+    errors, ran, skipped = generate(config)
     if _ranks()[0] != 0:
         return None
     report = build_eval_report(config, errors)
-    return EvalResult(report, write_eval_report(config.out, report), errors)
+    return EvalResult(report, write_eval_report(config.out, report), errors, ran, skipped)
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -528,7 +533,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def format_summary(result: EvalResult) -> str:
     from .fidelity import format_db
 
-    lines = [f"wrote {result.paths['md']}"]
+    lines = [f"generated {result.ran} videos ({result.skipped} already done); wrote {result.paths['md']}"]
     for e in result.report["methods"]:
         v = e["vbench"]
         scores = ", ".join(f"{d} {100 * s:.2f}%" for d, s in v["scores"].items()) or "no VBench scores"

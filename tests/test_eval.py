@@ -128,6 +128,7 @@ def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vben
     runs = out / "generation" / "runs"
     before = _mtimes(runs) | _mtimes(out / "vbench")
     assert main(argv) == 0
+    assert "generated 0 videos (8 already done)" in capsys.readouterr().out
     assert _mtimes(runs) | _mtimes(out / "vbench") == before
 
     # an interrupted run (a record never written): only that video is made again
