@@ -11,6 +11,13 @@ FLOPs per executed component, for a batch of B sequences of N video tokens, hidd
                                                   attend to all N keys, 2 * (4 n d^2 + 2 n (n S) d) per rank)
   cross-attention  B * 2 * (2 N d^2 + 2 M d^2 + 2 N M d)
   feed-forward     B * 2 * (2 N d f)         (f = the feed-forward's hidden width)
+
+HunyuanVideo (`HunyuanVideoTransformer3DModel`), with T = N + M joined tokens:
+  dual attn        B * 2 * (4 T d^2 + 2 T^2 d)   probe: the video output projection `to_out[0]`
+  ff, ff_context   B * 2 * (2 N d f), B * 2 * (2 M d f)   probe: their first Linear
+  single attn      B * 2 * (4 T d^2 + 2 T^2 d)   (q, k, v and the attention columns of the fused proj_out)
+                                                  probe: `attn.to_q`, which runs only when attention does
+  single mlp       B * 2 * (2 T d f)             (proj_mlp and the MLP columns of proj_out) probe: proj_mlp
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-COMPONENTS = ("attn1", "attn2", "ffn")
+COMPONENTS = ("attn1", "attn2", "ffn")  # Wan's; HunyuanVideo's are HUNYUAN_COMPONENTS
+HUNYUAN_COMPONENTS = ("dual_attn", "ff", "ff_context", "single_attn", "single_mlp")
 
 
 def self_attention_flops(n: int, d: int, keys: int | None = None) -> int:
@@ -64,7 +72,8 @@ def transformer_blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
     blocks = getattr(transformer, "blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList) or not len(blocks):
         raise ValueError(
-            f"{type(transformer).__name__} has no `blocks` list; the FLOP counter supports Wan-style transformers"
+            f"{type(transformer).__name__} has no `blocks` list; the FLOP counter supports Wan-style and "
+            "HunyuanVideo transformers"
         )
     for i, block in enumerate(blocks):
         missing = [c for c in COMPONENTS if not hasattr(block, c)]
@@ -81,6 +90,7 @@ class ComponentCounts:
 
     calls: Counter = field(default_factory=Counter)
     flops: Counter = field(default_factory=Counter)
+    kinds: tuple[str, ...] = COMPONENTS
 
     @property
     def total_flops(self) -> int:
@@ -88,8 +98,8 @@ class ComponentCounts:
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
-            "calls": {k: int(self.calls[k]) for k in COMPONENTS},
-            "flops": {k: int(self.flops[k]) for k in COMPONENTS},
+            "calls": {k: int(self.calls[k]) for k in self.kinds},
+            "flops": {k: int(self.flops[k]) for k in self.kinds},
         }
 
 
@@ -105,7 +115,9 @@ class ComponentCounter:
     def __init__(self, transformer: torch.nn.Module, sequence_degree: int = 1):
         self.transformer = transformer
         self.sequence_degree = sequence_degree
-        self.counts = ComponentCounts()
+        self.hunyuan = hasattr(transformer, "single_transformer_blocks")
+        self.kinds = HUNYUAN_COMPONENTS if self.hunyuan else COMPONENTS
+        self.counts = ComponentCounts(kinds=self.kinds)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._text_len: dict[int, int] = {}
 
@@ -119,6 +131,8 @@ class ComponentCounter:
     def install(self) -> None:
         if self._handles:
             return
+        if self.hunyuan:
+            return self._install_hunyuan()
         for i, block in enumerate(transformer_blocks(self.transformer)):
             self._handles.append(
                 _attention_output_projection(block.attn1).register_forward_pre_hook(self._self_attn)
@@ -132,6 +146,22 @@ class ComponentCounter:
             f = _last_linear(block.ffn).in_features
             self._handles.append(_first_linear(block.ffn).register_forward_pre_hook(self._ffn(f)))
 
+    def _install_hunyuan(self) -> None:
+        t = self.transformer
+        for i, block in enumerate(t.transformer_blocks):
+            self._hook(block.attn, self._remember_text(i), with_kwargs=True)
+            self._hook(_attention_output_projection(block.attn), self._joint_attn("dual_attn", i, video_only=True))
+            self._hook(_first_linear(block.ff), self._ffn(_last_linear(block.ff).in_features, "ff"))
+            self._hook(_first_linear(block.ff_context), self._ffn(_last_linear(block.ff_context).in_features, "ff_context"))
+        for j, block in enumerate(t.single_transformer_blocks):
+            i = len(t.transformer_blocks) + j
+            self._hook(block.attn, self._remember_text(i), with_kwargs=True)
+            self._hook(block.attn.to_q, self._joint_attn("single_attn", i, video_only=False))
+            self._hook(block.proj_mlp, self._ffn(block.proj_mlp.out_features, "single_mlp"))
+
+    def _hook(self, module: torch.nn.Module, hook, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -139,7 +169,7 @@ class ComponentCounter:
 
     def reset(self) -> ComponentCounts:
         """Return the counts so far and start from zero."""
-        counts, self.counts = self.counts, ComponentCounts()
+        counts, self.counts = self.counts, ComponentCounts(kinds=self.kinds)
         return counts
 
     @staticmethod
@@ -171,10 +201,22 @@ class ComponentCounter:
 
         return hook
 
-    def _ffn(self, hidden: int):
+    def _ffn(self, hidden: int, kind: str = "ffn"):
         def hook(module, args) -> None:
             b, n, d = self._shape(args[0])
-            self._add("ffn", b * feed_forward_flops(n, d, hidden))
+            self._add(kind, b * feed_forward_flops(n, d, hidden))
+
+        return hook
+
+    def _joint_attn(self, kind: str, index: int, video_only: bool):
+        """A joint video + text attention: the probe sees the video tokens (`video_only`) or all of them."""
+
+        def hook(module, args) -> None:
+            b, n, d = self._shape(args[0])
+            text = self._text_len.get(index, 0)
+            tokens = n + text if video_only else n
+            # under sequence parallelism a rank's queries attend to every rank's keys
+            self._add(kind, b * self_attention_flops(tokens, d, tokens * self.sequence_degree))
 
         return hook
 

@@ -210,3 +210,29 @@ def test_block_runs_carry_video_and_text():
     assert torch.equal(base[0], cached[0]) and not torch.equal(base[1], cached[1])
     assert stats["block_runs"] == {"compute": 2, "reuse": 2, "skipped_blocks": 6}
     assert float((base[1] - cached[1]).norm() / base[1].norm()) < 0.5
+
+
+def test_comparison_flop_counter_agrees_with_the_adapter():
+    """The comparison's FLOP counter (probes inside each component, whatever cache runs) counts an
+    uncached HunyuanVideo call as the adapter's block_flops do, and a split-cached run as the engine does."""
+    from videocache.eval_vbench.flops import ComponentCounter
+
+    model = tiny_hunyuan()
+    adapter = HunyuanVideoAdapter()
+    captured = []
+    handles = [b.register_forward_pre_hook(lambda m, a, c=captured: c.append((m, a))) for b in adapter.blocks(model)]
+    with torch.no_grad(), ComponentCounter(model) as counter:
+        model(**inputs(pad=2), timestep=torch.tensor([500.0]))
+    for h in handles:
+        h.remove()
+    want = sum(sum(adapter.block_flops(m, a, {})) for m, a in captured)
+    assert counter.counts.total_flops == pytest.approx(want, rel=1e-9)
+    assert counter.counts.calls["single_attn"] == 3 and counter.counts.calls["ff_context"] == 2
+    with torch.no_grad(), ComponentCounter(model) as counter:
+        engine = apply(model, split_table(model))
+        run(model)
+        fraction = engine.stats()["computed_fraction"]
+        vc.remove(model)
+    with torch.no_grad(), ComponentCounter(model) as base:
+        run(model)
+    assert counter.counts.total_flops / base.counts.total_flops == pytest.approx(fraction, rel=1e-9)
