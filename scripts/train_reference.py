@@ -8,6 +8,14 @@ Stages, each resumable from its checkpoint in --work-dir:
   4. assemble     WanPipeline.save_pretrained(--out) plus a TRAINING.json record.
 
     python scripts/train_reference.py --out pipelines/reference/reference-wan
+
+--architecture hunyuan trains reference-hunyuan (HunyuanVideoTransformer3DModel, Llama + CLIP text encoders,
+true CFG) on the same clips and latents, encoded by a shipped pipeline's VAE (--vae; no vae/decoder
+stages), and assembles a ReferenceHunyuanVideoPipeline folder that names that VAE instead of copying it:
+
+    python scripts/train_reference.py --architecture hunyuan --vae pipelines/reference/reference-wan \
+        --work-dir runs/reference_hunyuan --out pipelines/reference/reference-hunyuan \
+        --stages clips,latents,transformer,assemble
 """
 
 from __future__ import annotations
