@@ -411,7 +411,9 @@ class CacheDitDBCacheMethod(Method):
         return max(1, int(WARMUP_FRACTION * num_inference_steps + 0.5))
 
     def _config(self, pipe: Any, setup: MethodSetup) -> Any:
-        num_blocks = len(pipe.transformer.blocks)
+        from videocache.adapters import get_adapter
+
+        num_blocks = len(get_adapter(pipe.transformer).blocks(pipe.transformer))
         if self.fn + self.bn >= num_blocks:  # checked before cache-dit patches anything
             raise ValueError(
                 f"{self.spec}: Fn + Bn = {self.fn + self.bn} leaves none of the model's {num_blocks} blocks to cache"
@@ -452,7 +454,8 @@ class CacheDitDBCacheMethod(Method):
         parallelism = cache_dit.ParallelismConfig(
             ulysses_size=s.ulysses if s.ulysses > 1 else None, ring_size=s.ring if s.ring > 1 else None
         )
-        cache_dit.enable_cache(pipe, cache_config=self._config(pipe, setup), parallelism_config=parallelism)
+        cache_dit.enable_cache(_cachedit_target(pipe), cache_config=self._config(pipe, setup),
+                               parallelism_config=parallelism)
         cache_dit.disable_cache(pipe)
         pipe._videocache_cachedit_parallel = {"impl": "cache-dit", "ulysses": s.ulysses, "ring": s.ring}
         return pipe._videocache_cachedit_parallel
@@ -466,8 +469,12 @@ class CacheDitDBCacheMethod(Method):
         calibrator = None
         if self.taylorseer_order is not None:
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
-        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        target = _cachedit_target(pipe)
+        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
         info = {"max_warmup_steps": config.max_warmup_steps, "cache_dit": getattr(cache_dit, "__version__", "?")}
+        if target is not pipe:
+            info["adapter"] = (f"cache-dit's own adapter for {type(pipe).__mro__[1].__name__}, "
+                               f"has_separate_cfg={target.has_separate_cfg}")
         if getattr(pipe, "_videocache_cachedit_parallel", None) is not None:
             info["parallel"] = "cache-dit's own context parallelism (its DBCache all-reduces its residual statistic)"
         return AppliedMethod(
@@ -475,6 +482,25 @@ class CacheDitDBCacheMethod(Method):
             cache_bytes=lambda: tensor_bytes(cachedit_roots(pipe)),
             info=info,
         )
+
+
+def _cachedit_target(pipe: Any) -> Any:
+    """What to hand cache-dit: the pipeline when cache-dit knows its class by name, else cache-dit's own
+    block adapter for the nearest base class it knows (our reference pipelines subclass diffusers' ones,
+    e.g. ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline)). cache-dit 1.5.3's HunyuanVideo adapter
+    assumes one transformer call per step (the distilled-guidance model); a transformer without a guidance
+    embedding is guided by true CFG, two calls per step, so its cond and uncond calls are declared separate
+    (has_separate_cfg) or they would read each other's cache."""
+    from cache_dit.caching.block_adapters import BlockAdapterRegister
+
+    if BlockAdapterRegister.is_supported(pipe):
+        return pipe
+    for base in type(pipe).__mro__[1:]:
+        for name, make in BlockAdapterRegister._adapters.items():
+            if base.__name__.startswith(name):
+                true_cfg = getattr(pipe.transformer.config, "guidance_embeds", True) is False
+                return make(pipe, **({"has_separate_cfg": True} if true_cfg else {}))
+    return pipe  # cache-dit raises its own error
 
 
 def family_of(method: Method) -> str:
