@@ -1,4 +1,5 @@
-"""Benchmark: every cache method side by side on the shipped reference pipeline (reference-wan).
+"""Benchmark: every cache method side by side on a shipped reference pipeline (reference-wan, or
+reference-hunyuan with `--model reference-hunyuan`: results in benchmarks/compare_hunyuan).
 
 A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 `a {colour} {shape} moving {direction} on a {background} background` (never seen in training),
@@ -8,6 +9,7 @@ rerunning resumes what is missing (and reruns a preset whose profile changed). E
 on the 2-core CPU.
 
     python benchmarks/compare_reference.py                       # the committed results
+    python benchmarks/compare_reference.py --model reference-hunyuan    # HunyuanVideo's
     python benchmarks/compare_reference.py --prompts-count 4 --out /tmp/cmp   # a quick look
 """
 
@@ -19,16 +21,18 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_METHODS = (
-    "videocache:reference-wan:full",  # computes everything: must reproduce the uncached video bit-exactly
-    "videocache:reference-wan:slow",  # calibrated presets (videocache profile), budgets 0.6 / 0.5 / 0.33
-    "videocache:reference-wan:balanced",
-    "videocache:reference-wan:fast",
+DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline's profile has its name)
+    "videocache:{profile}:full",  # computes everything: must reproduce the uncached video bit-exactly
+    "videocache:{profile}:slow",  # calibrated presets (videocache profile), budgets 0.6 / 0.5 / 0.33
+    "videocache:{profile}:balanced",
+    "videocache:{profile}:fast",
     "diffusers:fbcache:0.1",
     "diffusers:fbcache:0.2",
     "diffusers:taylorseer:2",
     "diffusers:taylorseer:3",
     "diffusers:taylorseer:4",
+    "diffusers:taylorseer:2:attn",  # attention only (diffusers' default modules on HunyuanVideo)
+    "diffusers:taylorseer:3:attn",
     "diffusers:magcache:0.12",
     "diffusers:magcache:0.24",
     "diffusers:magcache:0.4",
@@ -41,8 +45,8 @@ DEFAULT_METHODS = (
     "cachedit:dbcache-taylorseer:1:0:0.16",
     "cachedit:dbcache-taylorseer:1:0:0.3",
 )
-CALIBRATION_REPORT = Path(__file__).resolve().parents[1] / "profiles" / "reference-wan.json"
-DEFAULT_OUT = Path(__file__).resolve().with_name("compare_reference")
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan"}
 
 
 def held_out_prompts(count: int) -> list[str]:
@@ -58,19 +62,22 @@ def held_out_prompts(count: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--out", default=None, help="default: benchmarks/compare_reference (reference-wan), "
+                   "benchmarks/compare_hunyuan (reference-hunyuan)")
     p.add_argument("--prompts-count", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per (method, item); the minimum counts")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=None, help="default: DEFAULT_METHODS with the model's profile")
     p.add_argument("--save-videos", action="store_true")
     p.add_argument("--low-memory", action="store_true")
     p.add_argument("--no-ablation", dest="ablation", action="store_false",
-                   help="skip the per-stage presets of the calibration report (profiles/reference-wan.json)")
+                   help="skip the per-stage presets of the calibration report (profiles/MODEL.json)")
     args, extra = p.parse_known_args(argv)  # anything else goes to `videocache compare` unchanged
 
-    out = Path(args.out)
+    out = Path(args.out or Path(__file__).resolve().with_name(DEFAULT_OUT.get(args.model, f"compare_{args.model}")))
+    report_path = PROFILES / f"{args.model}.json"  # the calibration report beside the model's profile
+    methods = args.methods or [m.format(profile=args.model) for m in DEFAULT_METHODS]
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.txt"
     prompts.write_text(
@@ -78,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(held_out_prompts(args.prompts_count))
         + "\n"
     )
-    ablation = args.ablation and CALIBRATION_REPORT.is_file()
-    methods = [*args.methods, *(write_ablation_profile(out / "ablation.yaml") if ablation else [])]
+    ablation = args.ablation and report_path.is_file()
+    methods = [*methods, *(write_ablation_profile(out / "ablation.yaml", args.model) if ablation else [])]
     command = [
         "compare",
         "--model", args.model,
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = videocache_main(command)
     if ablation and (out / "report.json").is_file():
-        write_ablation_table(out)
+        write_ablation_table(out, args.model)
     return code
 
 
@@ -105,20 +112,20 @@ def _stage_preset_name(preset: str, stage: str) -> str:
     return f"{preset}__{stage.lstrip('+').replace('-', '_')}"
 
 
-def write_ablation_profile(path: Path) -> list[str]:
+def write_ablation_profile(path: Path, model: str) -> list[str]:
     """One preset per (budget, ablation stage) of the calibration report, in a profile of their own; the
     method specs that run them."""
     import yaml
 
     from videocache.profile import PROFILES_DIR
 
-    report = json.loads(CALIBRATION_REPORT.read_text())
-    data = yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
+    report = json.loads((PROFILES / f"{model}.json").read_text())
+    data = yaml.safe_load((PROFILES_DIR / f"{model}.yaml").read_text())
     presets = {
         _stage_preset_name(b["preset"], row["stage"]): row["preset"] for b in report["budgets"] for row in b["stages"]
     }
-    data.update(name="reference-wan-ablation", presets=presets, default_preset=next(iter(presets)))
-    path.write_text("# Written by benchmarks/compare_reference.py from profiles/reference-wan.json\n" + yaml.safe_dump(data, sort_keys=False))
+    data.update(name=f"{model}-ablation", presets=presets, default_preset=next(iter(presets)))
+    path.write_text(f"# Written by benchmarks/compare_reference.py from profiles/{model}.json\n" + yaml.safe_dump(data, sort_keys=False))
     return [_ablation_spec(path, name) for name in presets]
 
 
@@ -133,12 +140,12 @@ def _fmt(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def write_ablation_table(out: Path) -> None:
+def write_ablation_table(out: Path, model: str) -> None:
     """ablation.md: each calibration stage on the held-out benchmark prompts, next to its calibration-prompt figures."""
-    report = json.loads(CALIBRATION_REPORT.read_text())
+    report = json.loads((PROFILES / f"{model}.json").read_text())
     records = {r["method"]: r for r in json.loads((out / "report.json").read_text())["methods"]}
     lines = [
-        "# Ablation of the calibrated reference-wan presets",
+        f"# Ablation of the calibrated {model} presets",
         "",
         "Each stage adds one thing to the previous kept one; `kept` = the calibration kept it because it raised the",
         "measured PSNR on the calibration prompts. Benchmark columns: the held-out prompts of `report.md`.",
