@@ -38,7 +38,9 @@ def weights_dtype(name: str | None, model: str, device: str) -> Any:
 
     if name:
         return getattr(torch, name)
-    return torch.bfloat16 if model != "reference-wan" and not device.startswith("cpu") else None
+    from videocache.pipelines.loader import KNOWN_MODELS
+
+    return torch.bfloat16 if model not in KNOWN_MODELS and not device.startswith("cpu") else None
 
 
 CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn", "int8": "int8"}
@@ -223,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
     p.add_argument("--prompts", default=None,
-                   help="calibration prompts, one per line (reference-wan default: 4 training captions, none of "
+                   help="calibration prompts, one per line (reference pipelines default: 4 training captions, none of "
                         "which the benchmarks use)")
     p.add_argument("--budget", type=float, action="append", required=True,
                    help="computed-fraction budget in (0, 1]; repeat for several presets (e.g. --budget 0.5 --budget 0.33)")
@@ -271,12 +273,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     if args.prompts:
         prompts = read_prompts(args.prompts)
-    elif args.model == "reference-wan":
+    elif args.model in KNOWN_MODELS:  # the reference pipelines share the procedural captions
         from videocache.pipelines.reference.data import split_captions
 
         prompts = [c.text for c in split_captions()[0][::61][:4]]
     else:
-        raise ValueError("give --prompts FILE for a model other than reference-wan")
+        raise ValueError(f"give --prompts FILE for a model other than {', '.join(KNOWN_MODELS)}")
     d = generation_defaults(source)
     settings = CalibrationSettings(
         steps=args.steps or d.num_inference_steps, frames=args.frames or d.num_frames, height=args.height or d.height,
