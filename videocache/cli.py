@@ -252,6 +252,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
     from videocache.pipelines.loader import (
+        KNOWN_MODELS,
         attention_backend_of,
         check_attention_backend,
         generation_defaults,
