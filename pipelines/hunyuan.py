@@ -63,7 +63,12 @@ class HunyuanVideoAdapter:
     """FLOPs count the matrix multiplications (projections and attention), 2 per multiply-add.
 
     Single-stream blocks: the `attn` FLOPs are the q/k/v projections, the attention and the attention
-    columns of `proj_out`; the `mlp` FLOPs are `proj_mlp` and the MLP columns of `proj_out`."""
+    columns of `proj_out`; the `mlp` FLOPs are `proj_mlp` and the MLP columns of `proj_out`.
+
+    Under sequence parallelism the blocks see a token shard and the attention term is computed from the
+    local tokens (as for Wan): the computed fraction stays a consistent per-rank measure, a little off the
+    single-process one (0.685 against 0.697 in tests/test_parallel_hunyuan.py's cached run), while the
+    decisions are the same on every rank."""
 
     architecture = "HunyuanVideoTransformer3DModel"
 
