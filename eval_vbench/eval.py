@@ -119,8 +119,14 @@ def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
     rank, world = _ranks()
     items = config.items
     mine = tuple(items[rank::world])
-    if world > 1 and os.environ.get("LOCAL_RANK") is not None:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ["LOCAL_RANK"])  # each worker on its own GPU
+    if world > 1:
+        from videocache.distributed.state import process_state
+
+        process_state()  # join the launched processes first, while this process still sees every GPU
+        local = os.environ.get("LOCAL_RANK")
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if local is not None:  # the workers this process spawns see one GPU: its own
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(local)] if int(local) < len(visible) else local
     errors: dict[str, str] = {}
     ran = skipped = 0
     if mine:
