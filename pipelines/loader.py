@@ -46,9 +46,10 @@ KNOWN_MODELS = {"reference-wan": REFERENCE_DIR, "reference-hunyuan": REFERENCE_H
 
 def _our_pipeline_classes() -> dict[str, type]:
     """Pipeline classes of ours that a folder's model_index.json may name (diffusers does not know them)."""
+    from .opensora.pipeline import OpenSoraPipeline
     from .reference.pipeline_hunyuan import ReferenceHunyuanVideoPipeline
 
-    return {"ReferenceHunyuanVideoPipeline": ReferenceHunyuanVideoPipeline}
+    return {"ReferenceHunyuanVideoPipeline": ReferenceHunyuanVideoPipeline, "OpenSoraPipeline": OpenSoraPipeline}
 
 
 def pipeline_class(source: str) -> type[DiffusionPipeline]:
@@ -92,11 +93,13 @@ def resolve_model(model: str) -> str:
 
 
 def generation_defaults(source: str) -> GenerationDefaults:
-    """Defaults stored beside a pipeline in videocache.json (the reference pipeline has one), else Wan2.1's."""
+    """Defaults stored beside a pipeline in videocache.json (the reference pipeline has one), else those of
+    its pipeline class (a `generation_defaults` dict, e.g. OpenSoraPipeline's), else Wan2.1's."""
     meta = Path(source) / "videocache.json"
     if meta.is_file():
         return GenerationDefaults(**json.loads(meta.read_text())["generation_defaults"])
-    return WAN_DEFAULTS
+    own = getattr(pipeline_class(source), "generation_defaults", None)
+    return GenerationDefaults(**own) if isinstance(own, dict) else WAN_DEFAULTS
 
 
 def resolve_device(device: str | None = None) -> str:
