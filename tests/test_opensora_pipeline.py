@@ -1,0 +1,162 @@
+"""OpenSoraPipeline on a tiny random pipeline (nothing downloads): generation, cache contexts of the CFG
+branches, the null caption, save/load through the loader and the CLI, one-line errors for bad folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from videocache.pipelines.loader import ModelLoadError, generation_defaults, load_pipeline, pipeline_class
+from videocache.pipelines.opensora import OpenSoraPipeline
+from videocache.pipelines.opensora.text import MAX_SEQUENCE_LENGTH, clean_prompt, encode_prompts, with_scores
+from videocache.pipelines.opensora.tiny import tiny_pipeline
+
+SMALL = {"height": 32, "width": 48, "num_frames": 17, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("opensora") / "tiny-opensora"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+class Recorder:
+    """Wraps transformer.cache_context and forward to record the contexts and the captions of each call."""
+
+    def __init__(self, transformer):
+        self.calls = []
+        self.context = None
+        original_context, original_forward = transformer.cache_context, transformer.forward
+
+        def cache_context(name, **kwargs):
+            self.context = (name, kwargs)
+            return original_context(name, **kwargs)
+
+        def forward(*args, **kwargs):
+            self.calls.append((self.context, args[2].clone(), args[3].clone()))
+            return original_forward(*args, **kwargs)
+
+        transformer.cache_context, transformer.forward = cache_context, forward
+        self.restore = lambda: (delattr(transformer, "cache_context"), delattr(transformer, "forward"))
+
+
+def test_generates_frames_with_cfg_contexts(pipe):
+    recorder = Recorder(pipe.transformer)
+    try:
+        out = pipe("a red circle moving left", generator=torch.Generator().manual_seed(0), **SMALL)
+    finally:
+        recorder.restore()
+    assert out.frames.shape == (1, 17, 32, 48, 3) and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
+    names = [c[0][0] for c in recorder.calls]
+    assert names == ["cond", "uncond", "cond", "uncond"]
+    sigmas = pipe.scheduler.sigmas.tolist()
+    for i, (context, _, _) in enumerate(recorder.calls):
+        assert context[1] == {"step_index": i // 2, "sigma": sigmas[i // 2], "num_inference_steps": 2}
+    # uncond: the checkpoint's null caption under the prompt's mask (the reference's CFG)
+    (_, y_cond, mask_cond), (_, y_null, mask_null) = recorder.calls[:2]
+    assert torch.equal(y_null[0], pipe.transformer.y_embedder.y_embedding)
+    assert torch.equal(mask_cond, mask_null) and mask_cond.shape == (1, MAX_SEQUENCE_LENGTH)
+    assert int(mask_cond.sum()) == len("a red circle moving left aesthetic score: 6.5.".split()) + 1  # + </s>
+
+
+def test_no_guidance_runs_one_call_per_step(pipe):
+    recorder = Recorder(pipe.transformer)
+    try:
+        out = pipe("a red circle", guidance_scale=1.0, output_type="latent", **SMALL)
+    finally:
+        recorder.restore()
+    assert [c[0][0] for c in recorder.calls] == ["cond", "cond"]
+    assert out.frames.shape == (1, 4, 5, 4, 6)
+
+
+def test_prompt_processing():
+    assert with_scores("a cat") == "a cat aesthetic score: 6.5."
+    assert with_scores("a cat", None) == "a cat"
+    assert clean_prompt("  A Cat  ", clean_caption=False) == "a cat"
+    p = tiny_pipeline(seed=0)
+    embeds, mask = encode_prompts(["a red circle", "a blue square moving down"], p.tokenizer, p.text_encoder, "cpu")
+    assert embeds.shape == (2, 300, 16) and mask.shape == (2, 300)
+    assert mask.sum(1).tolist() == [3 + 3 + 1, 5 + 3 + 1]  # words, "aesthetic score: 6.5.", </s>
+
+
+def test_save_load_round_trip_through_the_loader(pipe, saved):
+    assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "OpenSoraPipeline"
+    assert json.loads((saved / "transformer" / "config.json").read_text())["model_type"] == "STDiT3"
+    assert json.loads((saved / "vae" / "config.json").read_text())["model_type"] == "VideoAutoencoderPipeline"
+    assert pipeline_class(str(saved)) is OpenSoraPipeline
+    defaults = generation_defaults(str(saved))
+    assert (defaults.num_frames, defaults.height, defaults.width, defaults.num_inference_steps) == (51, 480, 854, 30)
+    loaded = load_pipeline(str(saved), device="cpu")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded, OpenSoraPipeline)
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(1), **SMALL).frames
+    b = loaded("a red circle", generator=torch.Generator().manual_seed(1), **SMALL).frames
+    assert (abs(a - b)).max() == 0.0
+
+
+def test_hub_assembled_folder_without_videocache_json(saved, tmp_path):
+    """A folder put together from the hub repos (tokenizer inside text_encoder/, no scheduler/, no
+    videocache.json) loads; its generation defaults come from the class."""
+    folder = tmp_path / "assembled"
+    shutil.copytree(saved, folder)
+    for name in ("scheduler", "videocache.json"):
+        target = folder / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    for item in (folder / "tokenizer").iterdir():
+        shutil.move(str(item), folder / "text_encoder" / item.name)
+    (folder / "tokenizer").rmdir()
+    assert generation_defaults(str(folder)).num_inference_steps == 30
+    loaded = load_pipeline(str(folder), device="cpu")
+    assert type(loaded.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize("damage", ["no_transformer", "bad_checkpoint", "wrong_vae_type"])
+def test_broken_folder_is_a_one_line_error(saved, tmp_path, damage):
+    folder = tmp_path / "broken"
+    shutil.copytree(saved, folder)
+    if damage == "no_transformer":
+        shutil.rmtree(folder / "transformer")
+        expect = "transformer/config.json is missing"
+    elif damage == "bad_checkpoint":
+        (folder / "transformer" / "model.safetensors").write_bytes(b"not a checkpoint")
+        expect = "not a readable safetensors file"
+    else:
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        (folder / "vae" / "config.json").write_text(json.dumps({**config, "model_type": "AutoencoderKL"}))
+        expect = "not an Open-Sora 1.2 VAE config"
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(str(folder), device="cpu")
+    assert expect in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_generate_and_its_one_line_error(saved, tmp_path, capsys):
+    from videocache.cli import main
+
+    out, summary = tmp_path / "v.mp4", tmp_path / "v.json"
+    args = ["generate", "--prompt", "a red circle moving left", "--model", str(saved), "--steps", "2", "--frames",
+            "17", "--height", "32", "--width", "48", "--out", str(out), "--summary", str(summary), "--no-progress",
+            "--device", "cpu"]
+    assert main(args) == 0
+    data = json.loads(summary.read_text())
+    assert (data["frames"], data["height"], data["width"], data["transformer_calls"]) == (17, 32, 48, 4)
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    shutil.rmtree(broken / "vae")
+    capsys.readouterr()
+    assert main([*args[:4], str(broken), *args[5:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("videocache: error:") and "\n" not in err and "vae/config.json is missing" in err
+
+
+def test_bad_inputs_are_refused(pipe):
+    with pytest.raises(ValueError, match="num_frames must be 1 or at least 17"):
+        pipe("x", height=32, width=48, num_frames=9, num_inference_steps=2)
