@@ -231,3 +231,21 @@ def test_frames_below_one_chunk_are_refused():
     with pytest.raises(ValueError, match="num_frames=16"):
         set_opensora_timesteps(default_scheduler(), 30, 480, 854, 16)
     assert base_sigmas(3) == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
+def test_temporal_vae_matches_the_official_outputs():
+    """Open-Sora v1.2.0's own VAE_Temporal (filters 8, 2 res blocks, 4 groups) on these weights and inputs
+    (tests/data/opensora_official_outputs.safetensors): bit-identical encode means and decodes."""
+    from safetensors.torch import load_file
+
+    from videocache.pipelines.opensora.vae import TemporalVAE
+
+    from tests.test_opensora_model import OFFICIAL_OUTPUTS, seeded_state
+
+    data = load_file(str(OFFICIAL_OUTPUTS))
+    vae = TemporalVAE(filters=8, num_res_blocks=2, num_groups=4).eval()
+    vae.load_state_dict(seeded_state(vae, 2), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(vae.decode(data["vae.z"], num_frames=17), data["vae.decode17"], atol=1e-5)
+        assert torch.allclose(vae.decode(data["vae.z"][:, :, :3], num_frames=9), data["vae.decode9"], atol=1e-5)
+        assert torch.allclose(vae.encode(data["vae.x"]), data["vae.encode"], atol=1e-5)
