@@ -144,7 +144,7 @@ def test_not_an_stdit3_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(OpenSoraLoadError, match="no config.json"):
         STDiT3Model.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(OpenSoraLoadError, match="not an STDiT3 config"):
+    with pytest.raises(OpenSoraLoadError, match="not an Open-Sora 1.2 STDiT3 config"):
         STDiT3Model.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "STDiT3", **HUB_TINY}))
     with pytest.raises(OpenSoraLoadError, match="has no model.safetensors"):

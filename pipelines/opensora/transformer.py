@@ -52,6 +52,19 @@ class OpenSoraLoadError(ValueError):
 # small pieces
 
 
+class Mlp(nn.Module):
+    """fc1, GELU(tanh), fc2 (timm's Mlp key names); the block MLP is C -> 4C -> C, the caption one 4096 -> C -> C."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class RMSNorm(nn.Module):
     """RMS norm over the last dim, statistics in float32, cast back before the learnable weight."""
 
@@ -89,25 +102,12 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(sinusoid(values, self.frequency_embedding_size).to(dtype))
 
 
-class CaptionMlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (the key names of timm's Mlp: `fc1`, `fc2`)."""
-
-    def __init__(self, in_features: int, hidden_features: int, out_features: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CaptionEmbedder(nn.Module):
     """T5 features (.., 4096) -> (.., C); `y_embedding` (L, 4096) is the learned null caption used for CFG."""
 
     def __init__(self, caption_channels: int, hidden_size: int, max_length: int):
         super().__init__()
-        self.y_proj = CaptionMlp(caption_channels, hidden_size, hidden_size)
+        self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
         self.register_buffer("y_embedding", torch.randn(max_length, caption_channels) / caption_channels**0.5)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
@@ -241,19 +241,6 @@ class CrossAttention(nn.Module):
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]
         out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask)
         return self.proj(out.reshape(batch, tokens, channels))
-
-
-class Mlp(nn.Module):
-    """fc1 (C -> 4C), GELU(tanh), fc2 (4C -> C)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class STDiT3Block(nn.Module):
@@ -442,35 +429,16 @@ class STDiT3Model(ModelMixin, ConfigMixin, CacheMixin):
         """Load a folder laid out like `hpcai-tech/OpenSora-STDiT-v3` (what `save_pretrained` writes too):
         strict, with a one-line OpenSoraLoadError for a folder or checkpoint that does not fit.
         Loader keywords of diffusers that do not apply here (device_map, variant, ...) are ignored."""
-        folder = Path(pretrained_model_name_or_path)
-        if kwargs.get("subfolder"):
-            folder = folder / kwargs["subfolder"]
-        config = read_official_config(folder)
-        with torch.device("meta"):
-            model = cls(**config)
-        load_stdit3(model, folder / WEIGHTS_NAME, assign=True)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        return load_folder(cls, pretrained_model_name_or_path, kwargs.get("subfolder"), read_official_config,
+                           lambda model, path: load_stdit3(model, path, assign=True), torch_dtype)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
         """Write the official layout: config.json (the STDiT3Config field names, model_type STDiT3, and this
         class's name) and model.safetensors with the official key names."""
-        from safetensors.torch import save_file
-
-        if not is_main_process:
-            return
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = dict(self.config)
-        official = {
-            "architectures": ["STDiT3"], "model_type": OFFICIAL_MODEL_TYPE, "_class_name": type(self).__name__,
-            **{key: (list(value) if isinstance(value, tuple) else value) for key, value in cfg.items()
-               if not key.startswith("_")},
-        }
-        (folder / CONFIG_NAME).write_text(json.dumps(official, indent=2) + "\n")
-        state = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        if is_main_process:
+            config = {"architectures": ["STDiT3"], "model_type": OFFICIAL_MODEL_TYPE,
+                      "_class_name": type(self).__name__, **plain_config(self)}
+            write_official(self, save_directory, config)
 
 
 def _first(value: Any) -> float:
@@ -491,21 +459,57 @@ _CONFIG_FIELDS = (
 REFERENCE_OVERRIDES = {"qk_norm": True, "in_channels": 4, "caption_channels": 4096, "model_max_length": 300}
 
 
+def read_config_json(folder: Path, model_type: str, what: str) -> dict[str, Any]:
+    """A transformers-style config.json of the given `model_type`, or a one-line OpenSoraLoadError."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise OpenSoraLoadError(f"{folder} is not an Open-Sora {what} folder (no {CONFIG_NAME} in it)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OpenSoraLoadError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("model_type") != model_type:
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise OpenSoraLoadError(f"{path} is not an Open-Sora 1.2 {what} config (model_type {kind!r}, expected {model_type!r})")
+    return raw
+
+
+def write_official(model: ModelMixin, folder: str | Path, config: dict[str, Any]) -> None:
+    """config.json (`config`) and model.safetensors (the state dict, official key names) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def plain_config(model: ModelMixin) -> dict[str, Any]:
+    """The model's registered config as JSON-ready values (tuples as lists, no private keys)."""
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in dict(model.config).items()
+            if not key.startswith("_")}
+
+
+def load_folder(cls, path, subfolder, read_config, load_weights, torch_dtype=None):
+    """Shared from_pretrained: config from the folder, the model built on the meta device, the weights
+    assigned from model.safetensors (strictly, by `load_weights(model, path)`), then cast to `torch_dtype`."""
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    config = read_config(folder)
+    with torch.device("meta"):
+        model = cls(**config)
+    load_weights(model, folder / WEIGHTS_NAME)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return model.eval()
+
+
 def read_official_config(folder: Path) -> dict[str, Any]:
     """Model kwargs from a transformers-style STDiT3 config.json (one-line OpenSoraLoadError otherwise).
 
     A config written by the hub (no `_class_name`) gets the reference inference overrides
     (REFERENCE_OVERRIDES); one written by `save_pretrained` is taken as it is."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise OpenSoraLoadError(f"{folder} is not an Open-Sora STDiT3 folder (no {CONFIG_NAME} in it)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenSoraLoadError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("model_type") != OFFICIAL_MODEL_TYPE:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise OpenSoraLoadError(f"{path} is not an STDiT3 config (model_type {kind!r}, expected 'STDiT3')")
+    raw = read_config_json(folder, OFFICIAL_MODEL_TYPE, "STDiT3")
     config = {key: raw[key] for key in _CONFIG_FIELDS if key in raw}
     if "_class_name" not in raw:
         config.update(REFERENCE_OVERRIDES)
@@ -534,39 +538,43 @@ def describe_mismatch(missing, unexpected, wrong) -> str:
     return ", ".join(parts)
 
 
+def read_safetensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a one-line OpenSoraLoadError (missing or unreadable file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise OpenSoraLoadError(f"{path.parent} has no {path.name} (the {what} weights)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OpenSoraLoadError(f"{path} is not a readable safetensors file ({first})") from exc
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, what: str, assign: bool = False) -> None:
+    """load_state_dict(strict=True) after a check that names the first missing / unexpected / reshaped key
+    in a one-line OpenSoraLoadError ("{source} does not fit {what}: ...")."""
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
+             if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise OpenSoraLoadError(f"{source} does not fit {what}: {describe_mismatch(missing, unexpected, wrong)}")
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
 def load_stdit3(model: STDiT3Model, checkpoint: str | Path | dict[str, torch.Tensor], assign: bool = False) -> None:
     """Load an official-layout state dict strictly. The one tolerance: `rope.freqs` (deterministic) is
     recomputed when a checkpoint does not store it. Mismatch -> one-line OpenSoraLoadError."""
     if isinstance(checkpoint, dict):
-        state, name = dict(checkpoint), "checkpoint"
+        state, source = dict(checkpoint), "checkpoint"
     else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise OpenSoraLoadError(f"{path.parent} has no {path.name} (the STDiT3 weights)")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OpenSoraLoadError(f"{path} is not a readable safetensors file ({first})") from exc
-        name = str(path)
-    own = model.state_dict()
-    if "rope.freqs" not in state and "rope.freqs" in own:
+        state, source = read_safetensors(checkpoint, "STDiT3"), str(checkpoint)
+    if "rope.freqs" not in state:
         state["rope.freqs"] = model.rope.default_freqs()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
-             if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        cfg = model.config
-        raise OpenSoraLoadError(
-            f"{name} does not fit STDiT3Model(depth={cfg.depth}, hidden_size={cfg.hidden_size}, "
-            f"num_heads={cfg.num_heads}): {describe_mismatch(missing, unexpected, wrong)}"
-        )
-    model.load_state_dict(state, strict=True, assign=assign)
-    if assign:
-        # Tensors created on the meta device and not in any state dict do not exist here; nothing else is
-        # left on meta because every parameter and persistent buffer came from the checkpoint.
-        model.rope.freqs.requires_grad_(False)
+    cfg = model.config
+    what = f"STDiT3Model(depth={cfg.depth}, hidden_size={cfg.hidden_size}, num_heads={cfg.num_heads})"
+    load_strict(model, state, source, what, assign=assign)
+    model.rope.freqs.requires_grad_(False)

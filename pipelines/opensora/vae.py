@@ -18,7 +18,6 @@ Written from the specification; decoding is what text-to-video needs, encoding i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .transformer import CONFIG_NAME, WEIGHTS_NAME, OpenSoraLoadError, describe_mismatch
+from .transformer import (
+    load_folder,
+    load_strict,
+    plain_config,
+    read_config_json,
+    read_safetensors,
+    write_official,
+)
 
 OFFICIAL_VAE_TYPE = "VideoAutoencoderPipeline"
 
@@ -274,49 +280,28 @@ class OpenSoraVAE(ModelMixin, ConfigMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs):
         """Load a folder laid out like `hpcai-tech/OpenSora-VAE-v1.2` strictly (one-line OpenSoraLoadError)."""
-        folder = Path(pretrained_model_name_or_path)
-        if kwargs.get("subfolder"):
-            folder = folder / kwargs["subfolder"]
-        config = read_official_vae_config(folder)
-        with torch.device("meta"):
-            model = cls(**config)
-        load_strict(model, folder / WEIGHTS_NAME, "OpenSoraVAE", assign=True)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        def load_weights(model, path):
+            load_strict(model, read_safetensors(path, "Open-Sora VAE"), str(path), "OpenSoraVAE", assign=True)
+
+        return load_folder(cls, pretrained_model_name_or_path, kwargs.get("subfolder"), read_official_vae_config,
+                           load_weights, torch_dtype)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
-        from safetensors.torch import save_file
-
-        if not is_main_process:
-            return
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(self.config).items() if not k.startswith("_")}
-        official = {
-            "architectures": [OFFICIAL_VAE_TYPE], "model_type": OFFICIAL_VAE_TYPE, "_class_name": type(self).__name__,
-            "micro_frame_size": cfg["micro_frame_size"], "shift": cfg["latent_shift"], "scale": cfg["latent_scale"],
-            "videocache": cfg,
-        }
-        (folder / CONFIG_NAME).write_text(json.dumps(official, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        """Write the official layout (model_type VideoAutoencoderPipeline with micro_frame_size, shift and scale;
+        this class's own sizes under `videocache`) and model.safetensors."""
+        if is_main_process:
+            cfg = plain_config(self)
+            config = {"architectures": [OFFICIAL_VAE_TYPE], "model_type": OFFICIAL_VAE_TYPE,
+                      "_class_name": type(self).__name__, "micro_frame_size": cfg["micro_frame_size"],
+                      "shift": cfg["latent_shift"], "scale": cfg["latent_scale"], "videocache": cfg}
+            write_official(self, save_directory, config)
 
 
 def read_official_vae_config(folder: Path) -> dict[str, Any]:
     """OpenSoraVAE kwargs from a VideoAutoencoderPipeline config.json: the sizes this class wrote under
     `videocache`, else the released architecture (SDXL VAE + VAE_Temporal_SD) with the file's
     micro_frame_size / shift / scale."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise OpenSoraLoadError(f"{folder} is not an Open-Sora VAE folder (no {CONFIG_NAME} in it)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenSoraLoadError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("model_type") != OFFICIAL_VAE_TYPE:
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
-        raise OpenSoraLoadError(f"{path} is not an Open-Sora 1.2 VAE config (model_type {kind!r}, expected {OFFICIAL_VAE_TYPE!r})")
+    raw = read_config_json(folder, OFFICIAL_VAE_TYPE, "VAE")
     if isinstance(raw.get("videocache"), dict):
         return dict(raw["videocache"])
     config: dict[str, Any] = {}
@@ -326,25 +311,3 @@ def read_official_vae_config(folder: Path) -> dict[str, Any]:
         if isinstance(raw.get(key), (list, tuple)):
             config[f"latent_{key}"] = tuple(float(v) for v in raw[key])
     return config
-
-
-def load_strict(model: nn.Module, checkpoint: str | Path, what: str, assign: bool = False) -> None:
-    """Strict safetensors load with a one-line OpenSoraLoadError on any mismatch."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise OpenSoraLoadError(f"{path.parent} has no {path.name} (the {what} weights)")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OpenSoraLoadError(f"{path} is not a readable safetensors file ({first})") from exc
-    own = model.state_dict()
-    missing, unexpected = set(own) - set(state), set(state) - set(own)
-    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
-             if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise OpenSoraLoadError(f"{path} does not fit {what}: {describe_mismatch(missing, unexpected, wrong)}")
-    model.load_state_dict(state, strict=True, assign=assign)
