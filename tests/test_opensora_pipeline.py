@@ -42,7 +42,7 @@ class Recorder:
             return original_context(name, **kwargs)
 
         def forward(*args, **kwargs):
-            self.calls.append((self.context, args[2].clone(), args[3].clone()))
+            self.calls.append((self.context, kwargs["encoder_hidden_states"].clone(), kwargs["encoder_attention_mask"].clone()))
             return original_forward(*args, **kwargs)
 
         transformer.cache_context, transformer.forward = cache_context, forward

@@ -193,10 +193,13 @@ class OpenSoraPipeline(DiffusionPipeline):
                 context = {"step_index": i, "sigma": sigmas[i], "num_inference_steps": len(timesteps)}
                 model_input = latents.to(dtype)
                 with self.transformer.cache_context("cond", **context):
-                    velocity = self.transformer(model_input, timestep, embeds, mask, **inputs)[0][:, :channels]
+                    velocity = self.transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=embeds,
+                                                encoder_attention_mask=mask, **inputs)[0][:, :channels]
                 if do_cfg:
                     with self.transformer.cache_context("uncond", **context):
-                        uncond = self.transformer(model_input, timestep, neg_embeds, neg_mask, **inputs)[0][:, :channels]
+                        uncond = self.transformer(hidden_states=model_input, timestep=timestep,
+                                                  encoder_hidden_states=neg_embeds, encoder_attention_mask=neg_mask,
+                                                  **inputs)[0][:, :channels]
                     velocity = uncond + guidance_scale * (velocity - uncond)
                 # Open-Sora predicts x0 - noise; the flow-matching scheduler steps with noise - x0.
                 latents = self.scheduler.step(-velocity.float(), t, latents, return_dict=False)[0]
