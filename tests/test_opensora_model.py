@@ -338,3 +338,16 @@ def test_matches_the_official_stdit3_outputs():
                     width=104).sample
     assert out.shape == data["stdit3.out"].shape == (2, 8, 5, 9, 13)
     assert (out - data["stdit3.out"]).abs().max() < 1e-4 * data["stdit3.out"].abs().max()
+
+
+def test_prompt_mask_and_fps_repeat_over_the_cfg_rows():
+    """As the official model: a mask (or fps) with fewer rows than the batch is repeated over it (the
+    reference passes the prompts' mask once for [cond; null] rows)."""
+    torch.manual_seed(0)
+    model = STDiT3Model(**TINY).eval()
+    x, y = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 8, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])
+    with torch.no_grad():
+        a = model(x, torch.tensor(700.0), y, mask, fps=torch.tensor([24.0])).sample
+        b = model(x, torch.tensor([700.0, 700.0]), y, mask.repeat(2, 1), fps=torch.tensor([24.0, 24.0])).sample
+    assert torch.equal(a, b)

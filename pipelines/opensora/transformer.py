@@ -368,10 +368,10 @@ class STDiT3Model(ModelMixin, ConfigMixin, CacheMixin):
         base_size = round(math.sqrt(grid[1] * grid[2]))
 
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
-        timestep = timestep.expand(batch) if timestep.ndim == 0 else timestep
+        timestep = _per_sample(timestep.reshape(-1), batch)
         t = self.t_embedder(timestep.to(dtype), dtype)
         fps = torch.as_tensor(24.0 if fps is None else fps, device=hidden_states.device)
-        fps = fps.expand(batch) if fps.ndim == 0 else fps
+        fps = _per_sample(fps.reshape(-1), batch)
         t = t + self.fps_embedder(fps.to(dtype), dtype)
         t_mlp = self.t_block(t)
 
@@ -382,7 +382,7 @@ class STDiT3Model(ModelMixin, ConfigMixin, CacheMixin):
         mask = None
         if encoder_attention_mask is not None:
             mask = encoder_attention_mask.to(device=y.device).bool()
-            mask = mask.expand(batch, -1) if mask.shape[0] == 1 else mask
+            mask = _per_sample(mask, batch)
 
         x = self.x_embedder(hidden_states.to(dtype))
         pos = sincos_pos_embed_2d(grid[1], grid[2], cfg.hidden_size, scale, base_size, device=x.device).to(dtype)
@@ -439,6 +439,14 @@ class STDiT3Model(ModelMixin, ConfigMixin, CacheMixin):
             config = {"architectures": ["STDiT3"], "model_type": OFFICIAL_MODEL_TYPE,
                       "_class_name": type(self).__name__, **plain_config(self)}
             write_official(self, save_directory, config)
+
+
+def _per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows for every sample: a (1, ...) or (n, ...) tensor with n dividing the batch is repeated, as the
+    official model repeats fps and the caption mask over the CFG rows it was not given."""
+    if values.shape[0] != batch and values.shape[0] > 0 and batch % values.shape[0] == 0:
+        return values.repeat(batch // values.shape[0], *([1] * (values.ndim - 1)))
+    return values
 
 
 def _first(value: Any) -> float:
