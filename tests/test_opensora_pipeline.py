@@ -81,6 +81,8 @@ def test_no_guidance_runs_one_call_per_step(pipe):
 def test_prompt_processing():
     assert with_scores("a cat") == "a cat aesthetic score: 6.5."
     assert with_scores("a cat", None) == "a cat"
+    assert with_scores("a cat", 7) == "a cat aesthetic score: 7.0."
+    assert with_scores("a cat aesthetic score: 5.0.") == "a cat aesthetic score: 5.0."
     assert clean_prompt("  A Cat  ", clean_caption=False) == "a cat"
     p = tiny_pipeline(seed=0)
     embeds, mask = encode_prompts(["a red circle", "a blue square moving down"], p.tokenizer, p.text_encoder, "cpu")

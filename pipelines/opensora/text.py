@@ -20,8 +20,11 @@ _warned: list[bool] = []  # warn once per process about the missing cleaning pac
 
 
 def with_scores(prompt: str, aesthetic_score: float | None = DEFAULT_AESTHETIC_SCORE) -> str:
-    """`"{prompt} aesthetic score: 6.5."` (the reference config's aes=6.5; None leaves the prompt alone)."""
-    return prompt if aesthetic_score is None else f"{prompt} aesthetic score: {aesthetic_score}."
+    """`"{prompt} aesthetic score: 6.5."` (one decimal; the reference config's aes=6.5). None, or a prompt
+    that already names an aesthetic score, leaves the prompt alone (as the reference does)."""
+    if aesthetic_score is None or "aesthetic score:" in prompt:
+        return prompt
+    return f"{prompt} aesthetic score: {aesthetic_score:.1f}."
 
 
 def cleaning_available() -> bool:
