@@ -249,3 +249,20 @@ def test_temporal_vae_matches_the_official_outputs():
         assert torch.allclose(vae.decode(data["vae.z"], num_frames=17), data["vae.decode17"], atol=1e-5)
         assert torch.allclose(vae.decode(data["vae.z"][:, :, :3], num_frames=9), data["vae.decode9"], atol=1e-5)
         assert torch.allclose(vae.encode(data["vae.x"]), data["vae.encode"], atol=1e-5)
+
+
+def test_legacy_attention_names_load(tmp_path):
+    """A VAE checkpoint saved by an older diffusers (query/key/value/proj_attn) loads under today's names."""
+    vae = OpenSoraVAE(**TINY_VAE)
+    vae.save_pretrained(tmp_path)
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, value in vae.state_dict().items():
+        for new, old in legacy.items():
+            if f"attentions.0.{new}." in key:
+                key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        state[key] = value.contiguous()
+    assert any(".query." in k for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    again = OpenSoraVAE.from_pretrained(tmp_path)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in vae.state_dict().items())

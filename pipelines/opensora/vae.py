@@ -281,7 +281,8 @@ class OpenSoraVAE(ModelMixin, ConfigMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype: torch.dtype | None = None, **kwargs):
         """Load a folder laid out like `hpcai-tech/OpenSora-VAE-v1.2` strictly (one-line OpenSoraLoadError)."""
         def load_weights(model, path):
-            load_strict(model, read_safetensors(path, "Open-Sora VAE"), str(path), "OpenSoraVAE", assign=True)
+            state = modern_attention_keys(read_safetensors(path, "Open-Sora VAE"))
+            load_strict(model, state, str(path), "OpenSoraVAE", assign=True)
 
         return load_folder(cls, pretrained_model_name_or_path, kwargs.get("subfolder"), read_official_vae_config,
                            load_weights, torch_dtype)
@@ -295,6 +296,23 @@ class OpenSoraVAE(ModelMixin, ConfigMixin):
                       "_class_name": type(self).__name__, "micro_frame_size": cfg["micro_frame_size"],
                       "shift": cfg["latent_shift"], "scale": cfg["latent_scale"], "videocache": cfg}
             write_official(self, save_directory, config)
+
+
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def modern_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The AutoencoderKL mid-block attention under diffusers' current names (to_q, to_k, to_v, to_out.0):
+    checkpoints saved by older diffusers versions name them query, key, value, proj_attn (a no-op otherwise)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "attentions" in parts and parts[-2] in _LEGACY_ATTENTION:
+            key = ".".join([*parts[:-2], _LEGACY_ATTENTION[parts[-2]], parts[-1]])
+            if value.ndim == 4 and value.shape[2:] == (1, 1):  # 1x1 conv weights of the oldest layout
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
 
 
 def read_official_vae_config(folder: Path) -> dict[str, Any]:
