@@ -162,3 +162,42 @@ def test_cli_generate_and_its_one_line_error(saved, tmp_path, capsys):
 def test_bad_inputs_are_refused(pipe):
     with pytest.raises(ValueError, match="num_frames must be 1 or at least 17"):
         pipe("x", height=32, width=48, num_frames=9, num_inference_steps=2)
+
+
+def test_step_callback_can_replace_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, values):
+        seen.append((i, sorted(values)))
+        return {"latents": torch.zeros_like(values["latents"])}
+
+    out = pipe("a red circle", output_type="latent", callback_on_step_end=callback,
+               callback_on_step_end_tensor_inputs=["latents", "velocity"], **SMALL)
+    assert seen == [(0, ["latents", "velocity"]), (1, ["latents", "velocity"])]
+    assert torch.equal(out.frames, torch.zeros_like(out.frames))
+
+
+def test_attention_backend_is_used_by_the_model(pipe):
+    """The model's attention goes through diffusers' dispatch: another backend is selected and used."""
+    from videocache.pipelines.loader import attention_backend_of, set_attention_backend
+
+    args = dict(output_type="latent", guidance_scale=1.0, **SMALL)
+    base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).frames
+    try:
+        set_attention_backend(pipe, "_native_math")
+        assert attention_backend_of(pipe) == "_native_math"
+        other = pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).frames
+    finally:
+        set_attention_backend(pipe, "native")
+    assert (other - base).abs().max() < 1e-4
+
+
+def test_every_attention_goes_through_diffusers_dispatch(pipe, monkeypatch):
+    from videocache.pipelines.opensora import transformer as module
+
+    calls = []
+    original = module.dispatch_attention_fn
+    monkeypatch.setattr(module, "dispatch_attention_fn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    pipe("a red circle", output_type="latent", guidance_scale=1.0, **SMALL)
+    depth = pipe.transformer.config.depth
+    assert len(calls) == 2 * SMALL["num_inference_steps"] * (2 * depth)  # self + cross attention per block

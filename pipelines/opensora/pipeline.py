@@ -55,7 +55,7 @@ class OpenSoraPipelineOutput(BaseOutput):
 
 class OpenSoraPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "velocity"]
     generation_defaults = GENERATION_DEFAULTS
 
     def __init__(self, tokenizer, text_encoder, transformer: STDiT3Model, vae: OpenSoraVAE,
@@ -205,7 +205,11 @@ class OpenSoraPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(-velocity.float(), t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     names = callback_on_step_end_tensor_inputs or ["latents"]
-                    outputs = callback_on_step_end(self, i, t, {name: locals()[name] for name in names})
+                    step_values = {"latents": latents, "prompt_embeds": embeds, "velocity": velocity}
+                    unknown = [name for name in names if name not in step_values]
+                    if unknown:
+                        raise ValueError(f"callback_on_step_end_tensor_inputs: unknown {unknown}; choose from {sorted(step_values)}")
+                    outputs = callback_on_step_end(self, i, t, {name: step_values[name] for name in names})
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
 
