@@ -200,4 +200,27 @@ def test_every_attention_goes_through_diffusers_dispatch(pipe, monkeypatch):
     monkeypatch.setattr(module, "dispatch_attention_fn", lambda *a, **k: calls.append(1) or original(*a, **k))
     pipe("a red circle", output_type="latent", guidance_scale=1.0, **SMALL)
     depth = pipe.transformer.config.depth
-    assert len(calls) == 2 * SMALL["num_inference_steps"] * (2 * depth)  # self + cross attention per block
+    # the self-attention of each of the 2 * depth blocks; the masked cross-attention runs torch SDPA
+    assert len(calls) == SMALL["num_inference_steps"] * (2 * depth)
+
+
+def test_masked_cross_attention_does_not_need_a_mask_capable_backend():
+    """flash-attn / SageAttention refuse masks: the masked cross-attention does not go through them."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from videocache.pipelines.opensora.transformer import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 2)
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 5, 32)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    want = attn(x, ctx, mask)
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.FLASH)
+        got = attn(x, ctx, mask)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+    assert torch.equal(got, want)
+    alone = attn(x[:1, :, :], ctx[:1, :3], None)  # the first sample's 3 valid tokens, no mask
+    assert torch.allclose(want[:1], alone, atol=1e-6)

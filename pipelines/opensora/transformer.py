@@ -13,7 +13,8 @@ specification in /work/shared/OPENSORA.md (sections 1.2-1.5, 1.9):
   shared `t_block` output (adaLN-single): `STDiT3Block.modulation(t_mlp)` gives the six (B, 1, C) parts.
 - Self-attention: fused qkv, per-head RMSNorm on q and k, then (temporal blocks only) RoPE with
   interleaved pairs (2k, 2k+1) over the frame axis; attention runs through diffusers'
-  `dispatch_attention_fn` (torch SDPA by default; flash / xformers when selected and installed).
+  `dispatch_attention_fn` (torch SDPA by default; flash / xformers when selected and installed). The
+  cross-attention with a caption mask runs torch SDPA with the mask (flash-attn and SageAttention take none).
   Spatial attention groups the tokens by frame ((B*T), S), temporal attention by position ((B*S), T);
   both modules take and return (B, T*S, C) so that cached outputs share the stream's layout.
 - Spatial position: an additive 2D sin-cos embedding (first half the column, second half the row), scaled
@@ -238,8 +239,14 @@ class CrossAttention(nn.Module):
         batch, tokens, channels = x.shape
         q = self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim)
         k, v = self.kv_linear(context).view(batch, context.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
-        attn_mask = None if context_mask is None else context_mask[:, None, None, :]
-        out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask)
+        if context_mask is None:
+            out = dispatch_attention_fn(q, k, v)
+        else:
+            # With a key-padding mask: torch SDPA, whatever backend is selected (flash-attn and SageAttention
+            # refuse masks; the caption is short, this attention is a small part of the block).
+            mask = context_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+            out = out.transpose(1, 2)
         return self.proj(out.reshape(batch, tokens, channels))
 
 
