@@ -351,3 +351,17 @@ def test_prompt_mask_and_fps_repeat_over_the_cfg_rows():
         a = model(x, torch.tensor(700.0), y, mask, fps=torch.tensor([24.0])).sample
         b = model(x, torch.tensor([700.0, 700.0]), y, mask.repeat(2, 1), fps=torch.tensor([24.0, 24.0])).sample
     assert torch.equal(a, b)
+
+
+def test_real_config_runs_the_benchmark_size_on_meta():
+    """STDiT3-XL/2 at 480p "9:16", 51 frames (latent 4 x 15 x 60 x 106): 15 x 30 x 53 = 23,850 tokens
+    (OPENSORA.md 1.6), output 8 channels cropped back to 60 x 106; shapes only, nothing allocated."""
+    with torch.device("meta"):
+        model = STDiT3Model()
+        x, y = torch.randn(2, 4, 15, 60, 106), torch.randn(2, 1, 300, 4096)
+        mask, t = torch.ones(2, 300, dtype=torch.long), torch.tensor([1000.0, 1000.0])
+        state = model.embed(x, t, y, mask, fps=24, height=480, width=854)
+        out = model(x, t, y, mask, fps=24, height=480, width=854).sample
+    assert state["grid"] == (15, 30, 53) and tuple(state["x"].shape) == (2, 23_850, 1152)
+    assert tuple(state["t_mlp"].shape) == (2, 6912) and tuple(state["rope"].shape) == (15, 72)
+    assert tuple(out.shape) == (2, 8, 15, 60, 106) and out.dtype == torch.float32
