@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import T5Config, T5EncoderModel
 
-from ..reference.build import word_level_tokenizer
+from ..reference.build import VOCABULARY, word_level_tokenizer
 from .pipeline import OpenSoraPipeline
 from .schedule import default_scheduler
 from .text import MAX_SEQUENCE_LENGTH
@@ -24,9 +24,6 @@ TINY_VAE = {"spatial_config": TINY_SPATIAL_VAE, "filters": 8, "num_res_blocks": 
 
 def tiny_t5(d_model: int = 16, seed: int = 0) -> T5EncoderModel:
     torch.manual_seed(seed)
-    from .. import reference  # noqa: F401 - the vocabulary lives with the reference pipeline
-    from ..reference.build import VOCABULARY
-
     config = T5Config(vocab_size=len(VOCABULARY) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
     return T5EncoderModel(config).eval()
