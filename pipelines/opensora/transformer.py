@@ -515,7 +515,7 @@ def load_folder(cls, path, subfolder, read_config, load_weights, torch_dtype=Non
         model = cls(**config)
     load_weights(model, folder / WEIGHTS_NAME)
     if torch_dtype is not None:
-        model = model.to(torch_dtype)
+        nn.Module.to(model, torch_dtype)  # not ModelMixin.to, which warns about casting outside from_pretrained
     return model.eval()
 
 
