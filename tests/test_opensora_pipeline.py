@@ -224,3 +224,21 @@ def test_masked_cross_attention_does_not_need_a_mask_capable_backend():
     assert torch.equal(got, want)
     alone = attn(x[:1, :, :], ctx[:1, :3], None)  # the first sample's 3 valid tokens, no mask
     assert torch.allclose(want[:1], alone, atol=1e-6)
+
+
+def test_reference_rounding_passes_rounded_sizes():
+    """With reference_rounding the model sees the pixel size as a bf16 model's reference would: 854 -> 856."""
+    pipe = tiny_pipeline(seed=0)  # its own: the transformer is cast to bf16 here
+    seen = []
+    original = pipe.transformer.forward
+
+    def forward(*args, **kwargs):
+        seen.append((kwargs["height"], kwargs["width"]))
+        return original(*args, **kwargs)
+
+    pipe.transformer.forward = forward
+    args = dict(height=32, width=854, num_frames=17, num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    pipe("x", **args)
+    pipe.transformer.to(torch.bfloat16)
+    pipe("x", reference_rounding=True, **args)
+    assert seen == [(32, 854), (32.0, 856.0)]

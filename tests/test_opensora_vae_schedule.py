@@ -266,3 +266,12 @@ def test_legacy_attention_names_load(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     again = OpenSoraVAE.from_pretrained(tmp_path)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in vae.state_dict().items())
+
+
+def test_reference_rounding_of_the_ratio():
+    """The reference computes the ratio on bf16 tensors: 4.84375 at 480p / 51 frames (OPENSORA.md 1.9)."""
+    assert shift_ratio(480, 854, 51, torch.bfloat16) == 4.84375
+    assert shift_ratio(480, 854, 51, torch.float32) == pytest.approx(4.8431, abs=1e-4)
+    scheduler = default_scheduler()
+    assert set_opensora_timesteps(scheduler, 30, 480, 854, 51, ratio_dtype=torch.bfloat16) == 4.84375
+    assert [int(t) for t in scheduler.timesteps.tolist()][:4] == [1000, 992, 985, 977]

@@ -17,9 +17,9 @@ separate transformer calls inside `transformer.cache_context("cond")` / `("uncon
 sigma and step count, as WanPipeline passes them.
 
 Differences from the reference, on purpose: noise is drawn in float32 (the reference draws it in the model
-dtype); the shift ratio and position-embedding scale are computed in float (the reference rounds height,
-width and the ratio to bf16); a non-empty `negative_prompt` is encoded with T5 and replaces the null caption
-(the reference has no negative prompt).
+dtype); the shift ratio and position-embedding scale are computed in float unless `reference_rounding=True`
+(the reference rounds height, width and the ratio to its bf16 model dtype); a non-empty `negative_prompt` is
+encoded with T5 and replaces the null caption (the reference has no negative prompt).
 """
 
 from __future__ import annotations
@@ -149,7 +149,11 @@ class OpenSoraPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         attention_kwargs: dict[str, Any] | None = None,
+        reference_rounding: bool = False,
     ):
+        """Generate videos. `reference_rounding=True` rounds the pixel height and width (position-embedding
+        scale) and the shift ratio through the transformer's dtype, as the reference does with its bf16
+        tensors (854 -> 856, ratio 4.84375 at 480p / 51 frames); off, they are exact."""
         self.check_inputs(prompt, height, width, num_frames, num_inference_steps)
         device = self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -179,12 +183,15 @@ class OpenSoraPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=torch.float32)
 
-        set_opensora_timesteps(self.scheduler, num_inference_steps, height, width, num_frames, device=device)
+        dtype = self.transformer.dtype
+        rounding = dtype if reference_rounding else None
+        set_opensora_timesteps(self.scheduler, num_inference_steps, height, width, num_frames, device=device,
+                               ratio_dtype=rounding)
         self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         sigmas = self.scheduler.sigmas.tolist()  # one host read before the loop, none inside it
-        dtype = self.transformer.dtype
-        inputs = {"fps": fps, "height": height, "width": width, "attention_kwargs": attention_kwargs,
+        size = [float(torch.tensor(float(v), dtype=rounding)) if rounding else v for v in (height, width)]
+        inputs = {"fps": fps, "height": size[0], "width": size[1], "attention_kwargs": attention_kwargs,
                   "return_dict": False}
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:

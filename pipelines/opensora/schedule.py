@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 BASE_RESOLUTION = 512 * 512
@@ -21,9 +22,15 @@ FRAMES_PER_CHUNK = 17
 LATENTS_PER_CHUNK = 5
 
 
-def shift_ratio(height: int, width: int, num_frames: int) -> float:
-    """The official timestep-transform ratio (float math; the reference computes it in the model dtype,
-    bf16 at 480p / 51 frames giving 4.84375 instead of 4.8431)."""
+def shift_ratio(height: int, width: int, num_frames: int, dtype: torch.dtype | None = None) -> float:
+    """The official timestep-transform ratio. In float math by default; with `dtype` (the model's, e.g.
+    bfloat16) every step is rounded as the reference computes it on tensors of that dtype (480p / 51 frames:
+    4.84375 in bfloat16 instead of 4.8431)."""
+    if dtype is not None:
+        h, w, f = (torch.tensor(float(v), dtype=dtype) for v in (height, width, num_frames))
+        space = (h * w / BASE_RESOLUTION).sqrt()
+        time = torch.ones((), dtype=dtype) if num_frames == 1 else (f // FRAMES_PER_CHUNK * LATENTS_PER_CHUNK).sqrt()
+        return float(space * time)
     space = math.sqrt(height * width / BASE_RESOLUTION)
     time = 1.0 if num_frames == 1 else math.sqrt((num_frames // FRAMES_PER_CHUNK) * LATENTS_PER_CHUNK)
     return space * time
@@ -49,12 +56,13 @@ def default_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def set_opensora_timesteps(
     scheduler: FlowMatchEulerDiscreteScheduler, num_inference_steps: int, height: int, width: int,
-    num_frames: int, device=None,
+    num_frames: int, device=None, ratio_dtype: torch.dtype | None = None,
 ) -> float:
-    """Configure `scheduler` for one generation (shift from the size and length); returns the ratio."""
+    """Configure `scheduler` for one generation (shift from the size and length, rounded through
+    `ratio_dtype` when given); returns the ratio."""
     if scheduler.config.get("use_dynamic_shifting", False):
         raise ValueError("Open-Sora needs a FlowMatchEulerDiscreteScheduler with use_dynamic_shifting=False")
-    ratio = shift_ratio(height, width, num_frames)
+    ratio = shift_ratio(height, width, num_frames, ratio_dtype)
     if ratio <= 0:
         raise ValueError(
             f"num_frames={num_frames} gives a zero time shift (Open-Sora takes 1 frame or at least {FRAMES_PER_CHUNK})"
