@@ -187,21 +187,30 @@ def _digest(rows: list[dict[str, Any]], extra: Any) -> str:
 
 
 def score_vbench(config: EvalConfig, method: Method, folder: Path, rows: list[dict[str, Any]], pkg: Any) -> dict[str, Any]:
-    """VBench's scores of one preset's videos, kept in OUT/vbench/<slug>/scores.json while they still apply."""
+    """VBench's scores of one preset's videos, kept per dimension in OUT/vbench/<slug>/scores.json while the videos
+    are unchanged; a dimension that failed (e.g. its checkpoint was absent) is tried again on every run."""
     from .vbench_env import evaluate
 
     work = config.out / "vbench" / method_slug(method.spec)
     cache = work / "scores.json"
-    digest = _digest(rows, [list(config.suite.dimensions), config.suite.mode, pkg.version, str(pkg.venv)])
+    digest = _digest(rows, [config.suite.mode, pkg.version, str(pkg.venv)])
+    kept: dict[str, Any] = {"digest": digest, "videos": len(rows), "scores": {}, "per_video": {}, "seconds": {}}
     if cache.is_file():
         found = read_json(cache)
         if found.get("digest") == digest:
-            return found
-    result = evaluate(pkg, folder, list(config.suite.dimensions), config.suite.mode, work, device=config.vbench_device,
-                      name="vbench")
-    result = {"digest": digest, "videos": len(rows), **{k: result[k] for k in ("scores", "errors", "per_video", "vbench_version", "seconds")}}
-    write_json(cache, result)
-    return result
+            kept = found
+    todo = [d for d in config.suite.dimensions if d not in kept["scores"]]
+    errors: dict[str, str] = {}
+    if todo:
+        result = evaluate(pkg, folder, todo, config.suite.mode, work, device=config.vbench_device, name="vbench")
+        errors = result["errors"]
+        if result["scores"]:
+            for key in ("scores", "per_video", "seconds"):
+                kept[key].update({d: v for d, v in result[key].items() if d in result["scores"]})
+            kept["vbench_version"] = result["vbench_version"]
+            write_json(cache, kept)
+    wanted = set(config.suite.dimensions)
+    return {**kept, "scores": {d: v for d, v in kept["scores"].items() if d in wanted}, "errors": errors}
 
 
 def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
@@ -375,8 +384,10 @@ def plot_radar(report: dict[str, Any], path: Path) -> None:
     for e in report["methods"]:
         axes += [d for d in e["vbench"]["scores"] if d not in axes]
     has_acc = any(e.get("prompt_accuracy") for e in report["methods"])
-    labels = [d.replace("_", " ") for d in axes] + (["colour accuracy", "shape accuracy", "direction accuracy"] if has_acc else [])
-    fig = plt.figure(figsize=(7, 6), dpi=120)
+    acc_keys = ("colour", "shape", "direction", "agreement_with_uncached")
+    labels = [d.replace("_", " ") for d in axes] + (
+        ["colour accuracy", "shape accuracy", "direction accuracy", "agreement with uncached"] if has_acc else [])
+    fig = plt.figure(figsize=(9, 6), dpi=120)
     if len(labels) < 3:
         ax = fig.add_subplot(111)
         ax.text(0.5, 0.5, "fewer than 3 scored axes", ha="center", va="center")
@@ -387,16 +398,16 @@ def plot_radar(report: dict[str, Any], path: Path) -> None:
             values = [normalized(d, e["vbench"]["scores"][d]) if d in e["vbench"]["scores"] else 0.0 for d in axes]
             acc = e.get("prompt_accuracy")
             if has_acc:
-                values += [acc[k] if acc else 0.0 for k in ("colour", "shape", "direction")]
+                values += [(acc.get(k) or 0.0) if acc else 0.0 for k in acc_keys]
             _, colour = MARKERS.get(e["family"], ("o", "gray"))
             ax.plot(angles + angles[:1], values + values[:1], label=e["label"], linewidth=1.2, alpha=0.8,
                     color=colour if e["family"] in ("none",) else None)
         ax.set_xticks(angles)
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.12, 1.05))
     ax.set_title(f"{report['settings']['model']}: VBench dimensions (normalised) and prompt accuracy", fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.72)
     fig.savefig(path)
     plt.close(fig)
 

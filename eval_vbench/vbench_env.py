@@ -139,6 +139,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """VBench's own evaluation of every video in `videos_path`, one dimension at a time, in the VBench
     environment. Returns {"scores", "per_video", "errors", ...} (see vbench_runner.py)."""
+    videos_path, work_dir = Path(videos_path).resolve(), Path(work_dir).resolve()  # the runner works in work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     request = {
         "videos_path": str(videos_path), "dimensions": dimensions, "mode": mode, "output_path": str(work_dir),

@@ -90,7 +90,8 @@ def _mtimes(folder):
 
 
 @requires_reference
-def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vbench_venv, capsys):
+def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vbench_venv, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as in the README
     profile = tmp_path / "p.yaml"
     data = yaml.safe_load((PROFILES_DIR / "reference-wan.yaml").read_text())
     profile.write_text(yaml.safe_dump(data))
@@ -98,7 +99,7 @@ def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vben
     prompts.write_text(PROMPTS)
     out = tmp_path / "ev"
     argv = ["eval", "--profile", str(profile), "--presets", "none,fast", "--suite", str(prompts), "--samples", "2",
-            "--dimensions", "temporal_flickering,motion_smoothness", "--out", str(out),
+            "--dimensions", "temporal_flickering,motion_smoothness", "--out", "ev",
             "--vbench-venv", str(fake_vbench_venv), *SMALL]
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -110,7 +111,7 @@ def test_eval_end_to_end_resumes_and_reports_missing_weights(tmp_path, fake_vben
     assert list(entries) == ["none (uncached)", "fast"]
     for e in entries.values():
         assert e["videos"] == 4 and e["seeds"] == [0, 1]
-        names = sorted(os.listdir(e["videos_dir"]))
+        names = sorted(os.listdir(tmp_path / e["videos_dir"]))
         assert names == [f"{p}-{i}.mp4" for p in sorted(PROMPTS.split("\n")[:2]) for i in range(2)]
         vb = e["vbench"]
         assert 0.0 < vb["scores"]["temporal_flickering"] <= 1.0
