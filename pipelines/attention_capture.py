@@ -1,4 +1,4 @@
-"""Foreground/background profiling of Wan2.1 and HunyuanVideo transformers: captures what
+"""Foreground/background profiling of Wan2.1, HunyuanVideo and Open-Sora 1.2 transformers: captures what
 `videocache.fgbg` scores.
 
 * `SelfAttentionCapture`: a forward pre-hook on every block's self-attention instance (Wan: `attn1`;
@@ -11,6 +11,13 @@
   (batch x heads x chunk x tokens) are held about three times over at once (logits, scaled, softmax), so
   the chunk shrinks to keep them within `max_chunk_bytes` (1 GiB): at Wan2.1-1.3B's 480p x 81 frames
   (32,760 tokens, 12 heads) 682 queries instead of 1,024, about 3 GiB at the peak instead of 4.8 GB.
+  Open-Sora 1.2 (STDiT3): both self-attentions, in execution order (spatial 0, temporal 0, spatial 1, ...:
+  the adapter's block indices). They attend within groups, the S tokens of a frame (spatial) or the T
+  frames of a position (temporal, with RoPE), so a token receives attention from its own group only:
+  each group's column means sum to 1 over its L members (L = S or T). To make spatial and temporal
+  scores comparable they are scaled by L (1 = the uniform share; above 1, more than uniform). R_attn
+  thresholds each frame's tokens against their own mean and spread, so the scaling does not change it;
+  in a temporal block a token's score says how much the frames at its position look at its frame.
 * `score_call`: the foreground mask of one call, cut from the output (by default from the clean latent
   it implies, x0 = x_t - sigma v) at latent resolution and pooled to the token grid, and R_attn per block.
 * `profile_pipeline`: runs a WanPipeline on prompts and scores the chosen steps of the conditional pass,
@@ -92,15 +99,50 @@ def hunyuan_query_key(attn: torch.nn.Module, hidden_states: torch.Tensor, encode
     return q, torch.cat([k_video, k_text], dim=1)
 
 
+def opensora_query_key(attn: torch.nn.Module, hidden_states: torch.Tensor, num_frames: int,
+                       rope_angles: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key of an STDiT3 self-attention (`SelfAttention`) for its input (B, T*S, C), as it forms
+    them before the attention kernel: per group (G, L, heads, head_dim) with the groups the frames
+    ((B*T), S) of a spatial block or the positions ((B*S), T) of a temporal one; fused qkv, per-head
+    RMSNorm, then RoPE (interleaved pairs) in temporal blocks."""
+    from .opensora.transformer import apply_rope_interleaved
+
+    batch, tokens, channels = hidden_states.shape
+    x = hidden_states.view(batch, num_frames, tokens // num_frames, channels)
+    if attn.temporal:
+        x = x.transpose(1, 2)
+    groups, length = x.shape[0] * x.shape[1], x.shape[2]
+    qkv = attn.qkv(x.reshape(groups, length, channels)).view(groups, length, 3, attn.num_heads, attn.head_dim)
+    q, k, _ = qkv.unbind(2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.temporal and rope_angles is not None:
+        q = apply_rope_interleaved(q.transpose(1, 2), rope_angles).transpose(1, 2)
+        k = apply_rope_interleaved(k.transpose(1, 2), rope_angles).transpose(1, 2)
+    return q, k
+
+
 @dataclass(frozen=True)
 class AttentionProbe:
     """Where one architecture's self-attention is and how to recompute its inputs: the attention modules
     in block order, `query_key(module, args, kwargs) -> (q, k, key_mask, video_tokens)` with q over the
-    video queries and k over every key (B, N, heads, head_dim), and the (t, h, w) patch size."""
+    video queries and k over every key (B, N, heads, head_dim), and the (t, h, w) patch size.
+
+    Attention within groups of tokens (Open-Sora): q and k are (G, L, heads, head_dim) per group and
+    `to_tokens(received (G, L), module, args, kwargs) -> (B, N)` puts the groups' scores back in token
+    order. `velocity(output) -> v` turns a transformer output into the flow velocity noise - x0 that
+    `score_call` expects, where the model predicts something else (Open-Sora: x0 - noise, with extra
+    channels)."""
 
     modules: list[torch.nn.Module]
     query_key: Any
     patch_size: tuple[int, int, int]
+    to_tokens: Any = None
+    velocity: Any = None
+
+    @property
+    def num_heads(self) -> int:
+        module = self.modules[0]
+        return int(getattr(module, "heads", None) or module.num_heads)
 
 
 def _wan_qk(module, args, kwargs):
@@ -118,16 +160,43 @@ def _hunyuan_qk(module, args, kwargs):
     return q, k, key_mask, hidden.shape[1]
 
 
+def _opensora_bind(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    bound = dict(zip(("x", "num_frames", "rope_angles"), args, strict=False)) | kwargs
+    return bound["x"], int(bound["num_frames"]), bound.get("rope_angles")
+
+
+def _opensora_qk(module, args, kwargs):
+    hidden, frames, rope = _opensora_bind(args, kwargs)
+    q, k = opensora_query_key(module, hidden, frames, rope)
+    return q, k, None, None
+
+
+def _opensora_tokens(received: torch.Tensor, module, args, kwargs) -> torch.Tensor:
+    """(G, L) group scores -> (B, T*S) in token order t*S + s, times L (1 = uniform; see the module doc)."""
+    hidden, frames, _ = _opensora_bind(args, kwargs)
+    batch, tokens = hidden.shape[:2]
+    scaled = received * received.shape[-1]
+    if module.temporal:  # groups (b, s), members t
+        return scaled.view(batch, tokens // frames, frames).transpose(1, 2).reshape(batch, tokens)
+    return scaled.reshape(batch, tokens)  # groups (b, t), members s
+
+
 def attention_probe(transformer: torch.nn.Module) -> AttentionProbe:
-    """The probe for a Wan or HunyuanVideo transformer (ValueError, one line, for others)."""
+    """The probe for a Wan, HunyuanVideo or Open-Sora 1.2 transformer (ValueError, one line, for others)."""
     config = transformer.config
+    if hasattr(transformer, "temporal_blocks") and hasattr(transformer, "spatial_blocks"):
+        channels = int(config.in_channels)
+        return AttentionProbe([b.attn for b in transformer.blocks()], _opensora_qk, tuple(config.patch_size),
+                              _opensora_tokens, lambda out: -out[:, :channels])
     if hasattr(transformer, "single_transformer_blocks"):
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         patch = (int(config.patch_size_t), int(config.patch_size), int(config.patch_size))
         return AttentionProbe([b.attn for b in blocks], _hunyuan_qk, patch)
     if hasattr(transformer, "blocks") and hasattr(transformer.blocks[0], "attn1"):
         return AttentionProbe([b.attn1 for b in transformer.blocks], _wan_qk, tuple(config.patch_size))
-    raise ValueError(f"foreground/background profiling supports Wan and HunyuanVideo; not {type(transformer).__name__}")
+    raise ValueError(
+        f"foreground/background profiling supports Wan, HunyuanVideo and Open-Sora 1.2; not {type(transformer).__name__}"
+    )
 
 
 class SelfAttentionCapture:
@@ -140,7 +209,7 @@ class SelfAttentionCapture:
         max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
     ) -> None:
         self.probe = attention_probe(transformer)
-        num_heads = self.probe.modules[0].heads
+        num_heads = self.probe.num_heads
         if heads is not None:
             heads = sorted({int(h) for h in heads})
             if not heads or heads[0] < 0 or heads[-1] >= num_heads:
@@ -178,8 +247,10 @@ class SelfAttentionCapture:
                 if self.heads is not None:
                     q, k = q[:, :, self.heads], k[:, :, self.heads]
                 a = attention_received(q.transpose(1, 2), k.transpose(1, 2), chunk=self.chunk_for(k.shape),
-                                       key_mask=key_mask, keep=video)
-            self.received[block] = a.mean(dim=1)
+                                       key_mask=key_mask, keep=video).mean(dim=1)
+                if self.probe.to_tokens is not None:
+                    a = self.probe.to_tokens(a, module, args, kwargs)
+            self.received[block] = a
 
         return pre
 
@@ -261,6 +332,8 @@ class _ContextProbe(ModelHook):
         finally:
             capture.armed = False
         sample = out[0] if isinstance(out, tuple) else out.sample
+        if capture.probe.velocity is not None:
+            sample = capture.probe.velocity(sample)
         x_t = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         run = self.run
         _, scores = score_call(
@@ -323,7 +396,7 @@ def profile_pipeline(
     progress: bool = True,
     **call_kwargs: Any,
 ) -> FgBgProfile:
-    """Generate every (prompt, seed) with `pipe` (a Wan or HunyuanVideo pipeline; `call_kwargs` go to its call, e.g.
+    """Generate every (prompt, seed) with `pipe` (a Wan, HunyuanVideo or Open-Sora pipeline; `call_kwargs` go to its call, e.g.
     num_inference_steps, num_frames, height, width, guidance_scale) and score the conditional pass at
     `steps`. The mask comes from the model's output (`signal`: the velocity or the clean latent it implies,
     with `border` edge positions left out; see `score_call`)."""

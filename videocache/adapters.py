@@ -17,6 +17,7 @@ import torch
 # Modules that register the built-in adapters when imported (soft dependency, resolved at lookup time).
 BUILTIN_ADAPTER_MODULES: tuple[str, ...] = (
     "videocache.pipelines", "videocache.pipelines.wan", "videocache.pipelines.hunyuan",
+    "videocache.pipelines.opensora.adapter",
 )
 
 
@@ -37,7 +38,8 @@ class ModelAdapter(Protocol):
 
     def fingerprint(self, transformer: torch.nn.Module) -> dict[str, Any]:
         """{"architecture": str, "num_blocks": int, "components": [str, ...]} for one kind of block, or with
-        "groups": [{"name", "num_blocks", "components"}, ...] in block order instead of "components";
+        "groups": [{"name", "num_blocks", "components"}, ...] in block order instead of "components"
+        (each group with "blocks", its block indices, where groups interleave: `videocache.BlockGroup`);
         compared to a profile's `model`, and the layout of the engine's tables."""
 
     def component_flops(self, component: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:

@@ -186,8 +186,8 @@ class ModelSpec:
 
 
 def _group_from_dict(raw: Any) -> BlockGroup:
-    g = _check_keys(raw, ("name", "num_blocks", "components"), ())
-    return BlockGroup(g["name"], g["num_blocks"], g["components"])
+    g = _check_keys(raw, ("name", "num_blocks", "components"), ("blocks",))
+    return BlockGroup(g["name"], g["num_blocks"], g["components"], g.get("blocks"))
 
 
 def _check_component_names(names: Sequence[str], layout: BlockLayout, blocks: Sequence[int] | None = None) -> None:

@@ -26,12 +26,15 @@ _LETTERS = "CRF"
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """Consecutive blocks of one type, with the names of their cacheable components (in the order the
-    adapter's `block_compute` serves and returns them)."""
+    """Blocks of one type, with the names of their cacheable components (in the order the adapter's
+    `block_compute` serves and returns them). By default the group's blocks are consecutive (after the
+    groups before it); `blocks`, the group's global block indices (ascending), lets groups interleave
+    (Open-Sora's spatial and temporal blocks run S0, T0, S1, T1, ...)."""
 
     name: str
     num_blocks: int
     components: tuple[str, ...]
+    blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -42,15 +45,30 @@ class BlockGroup:
         if not comps or not all(isinstance(c, str) and c for c in comps) or len(set(comps)) != len(comps):
             raise ValueError(f"block group {self.name}: components must be distinct names; got {list(comps)}")
         object.__setattr__(self, "components", comps)
+        if self.blocks is not None:
+            idx = tuple(self.blocks) if isinstance(self.blocks, list | tuple) else None
+            if (
+                idx is None or len(idx) != self.num_blocks
+                or not all(isinstance(b, int | np.integer) and not isinstance(b, bool) and b >= 0 for b in idx)
+                or any(a >= b for a, b in zip(idx, idx[1:], strict=False))
+            ):
+                raise ValueError(
+                    f"block group {self.name}: blocks must be {self.num_blocks} ascending block indices (num_blocks); "
+                    f"got {self.blocks!r}"
+                )
+            object.__setattr__(self, "blocks", tuple(int(b) for b in idx))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "num_blocks": self.num_blocks, "components": list(self.components)}
+        out = {"name": self.name, "num_blocks": self.num_blocks, "components": list(self.components)}
+        return out if self.blocks is None else out | {"blocks": list(self.blocks)}
 
 
 @dataclass(frozen=True)
 class BlockLayout:
     """The blocks of a model as groups in execution order (Wan: one group of self_attn/cross_attn/mlp
     blocks; HunyuanVideo: dual-stream then single-stream blocks, each with components of their own).
+    Groups own consecutive runs of blocks, in order, unless every group lists its `blocks`: then the lists
+    must together hold each block index once (Open-Sora: spatial = the even blocks, temporal = the odd).
 
     A table cell is (step, block, c) with c the component's index *within its block's group*, so the
     table is `width` = the largest group's component count wide; the cells past a block's own
@@ -68,7 +86,23 @@ class BlockLayout:
         if len({g.name for g in groups}) != len(groups):
             raise ValueError(f"block group names must be distinct; got {[g.name for g in groups]}")
         object.__setattr__(self, "groups", groups)
-        per_block = tuple(g.components for g in groups for _ in range(g.num_blocks))
+        explicit = [g.blocks is not None for g in groups]
+        if any(explicit):
+            if not all(explicit):
+                raise ValueError("either every block group lists its blocks or none does")
+            total = sum(g.num_blocks for g in groups)
+            owner: list[BlockGroup | None] = [None] * total
+            for g in groups:
+                for b in g.blocks:
+                    if b >= total or owner[b] is not None:
+                        raise ValueError(
+                            f"the block groups' blocks must hold each index 0-{total - 1} once; block {b} "
+                            + ("does not exist" if b >= total else f"is in {owner[b].name} and {g.name}")
+                        )
+                    owner[b] = g
+            per_block = tuple(g.components for g in owner)
+        else:
+            per_block = tuple(g.components for g in groups for _ in range(g.num_blocks))
         object.__setattr__(self, "components_of", per_block)
         names: list[str] = []
         for g in groups:
@@ -90,8 +124,11 @@ class BlockLayout:
         groups = fingerprint.get("groups")
         if groups is None:
             return cls.uniform(int(fingerprint["num_blocks"]))
-        return cls(tuple(g if isinstance(g, BlockGroup) else BlockGroup(g["name"], g["num_blocks"], tuple(g["components"]))
-                         for g in groups))
+        return cls(tuple(
+            g if isinstance(g, BlockGroup)
+            else BlockGroup(g["name"], g["num_blocks"], tuple(g["components"]), g.get("blocks"))
+            for g in groups
+        ))
 
     @property
     def num_blocks(self) -> int:
@@ -101,8 +138,10 @@ class BlockLayout:
     def width(self) -> int:
         return self.present.shape[1]
 
-    def group_blocks(self, index: int) -> range:
-        """Global block indices of group `index`."""
+    def group_blocks(self, index: int) -> Sequence[int]:
+        """Global block indices of group `index` (ascending)."""
+        if self.groups[index].blocks is not None:
+            return self.groups[index].blocks
         start = sum(g.num_blocks for g in self.groups[:index])
         return range(start, start + self.groups[index].num_blocks)
 
