@@ -367,3 +367,101 @@ def test_per_call_path_reads_no_tensor_value(monkeypatch, kind):
     stats = engine.stats()
     assert stats["computed_fraction"] < 1 and stats["fallbacks"] == 0
     vc.remove(model)
+
+
+# -- torch.compile ------------------------------------------------------------------------------------------
+def test_compiled_blocks_share_graphs_and_match_eager():
+    """The engine compiles the adapter's block compute; spatial and temporal blocks differ (grouping, RoPE),
+    so at most one graph per block kind and pattern of served components, none after warm-up."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(depth=3)
+    acts = split_table_for(model)
+    with torch.no_grad():
+        apply(model, acts)
+        eager = run(model)
+        vc.remove(model)
+        engine = apply(model, acts)
+        model.compile()  # the whole model: the engine runs the call eagerly and compiles the block compute
+        run(model)
+        warm = counters["stats"]["unique_graphs"]
+        out = run(model)
+    try:
+        assert engine.compiled and 1 <= warm <= 2 * 2 ** 3
+        assert counters["stats"]["unique_graphs"] == warm, "a run after warm-up compiled again"
+        for a, b in zip(out, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    finally:
+        vc.remove(model)
+        model._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def split_table_for(model) -> np.ndarray:
+    layout = layout_of(model)
+    acts = np.zeros((STEPS, layout.num_blocks, layout.width), dtype=np.int8)
+    acts[2:, list(layout.group_blocks(1)), 0] = Action.REUSE
+    acts[3::2, list(layout.group_blocks(0)), 2] = Action.FORECAST
+    return acts
+
+
+def test_decisions_stay_out_of_the_graph():
+    """Every traced operation comes from the model or the adapter's block compute, never from the engine."""
+    seen: list[torch.fx.GraphModule] = []
+
+    def recording_backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    engine = apply(model, split_table_for(model), compile_options={"backend": recording_backend})
+    try:
+        model.compile()
+        with torch.no_grad():
+            run(model)
+        assert engine.compiled and seen
+        files = {line.split('"')[1] for gm in seen for node in gm.graph.nodes
+                 for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File")}
+        assert {f for f in files if "/videocache/" in f and "/pipelines/" not in f} == set()
+        assert any(f.endswith("opensora/adapter.py") for f in files)
+        assert any(f.endswith("opensora/transformer.py") for f in files)
+    finally:
+        vc.remove(model)
+        model._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------
+def test_pipeline_with_cfg_full_table_is_exact_and_a_profile_preset_runs(tmp_path):
+    """OpenSoraPipeline's cond and uncond calls (cache contexts with step and sigma): a full table gives the
+    uncached latents bit for bit, a PAB-like preset runs with its own decisions, removal restores them."""
+    from videocache.pipelines.opensora.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    settings = dict(prompt="a red ball", num_frames=17, height=64, width=64, num_inference_steps=STEPS,
+                    guidance_scale=7.0, output_type="latent")
+
+    def generate():
+        with torch.no_grad():
+            return pipe(**settings, generator=torch.Generator().manual_seed(0)).frames
+
+    base = generate()
+    layout = layout_of(pipe.transformer)
+    engine = vc.apply(pipe, table=CacheTable(np.zeros((STEPS, layout.num_blocks, layout.width), dtype=np.int8),
+                                             layout=layout))
+    assert torch.equal(generate(), base)
+    assert engine.stats()["calls"]["transformer"] == 2 * STEPS
+    vc.remove(pipe)
+    data = pab_profile(pipe.transformer)
+    path = tmp_path / "tiny-opensora.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    engine = vc.apply(pipe, path, "pab")
+    cached = generate()
+    stats = engine.stats()
+    vc.remove(pipe)
+    assert stats["fallbacks"] == 0 and stats["computed_fraction"] < 1
+    assert not torch.equal(cached, base) and float((cached - base).norm() / base.norm()) < 0.5
+    assert torch.equal(generate(), base)
