@@ -130,6 +130,8 @@ def test_block_compute_is_the_block_bit_for_bit(block):
         assert flops[1] == 2 * (48 * 2 * 32 * 32 + 8 * 32 * 64) + 4 * 48 * 8 * 32
         comps = adapter.component_modules(module)
         assert adapter.component_flops(next(iter(comps)), module.attn, (x, args[4], args[5]), {}) == flops[0]
+        assert adapter.component_flops("cross_attn", module.cross_attn, (x, args[1], args[3]), {}) == flops[1]
+        assert adapter.component_flops("mlp", module.mlp, (x,), {}) == flops[2]
 
 
 def test_full_table_and_removal_are_bit_identical():
@@ -197,6 +199,24 @@ def test_cond_and_uncond_keep_their_own_outputs():
         vc.remove(model)
     for a, b in zip(both[1::2], alone, strict=True):
         assert torch.equal(a, b)
+
+
+def test_block_run_across_spatial_and_temporal_blocks():
+    """ProfilingDiT's block runs take consecutive executed blocks, here temporal 0 and spatial 1."""
+    model = tiny_model()
+    layout = layout_of(model)
+    acts = np.zeros((STEPS, layout.num_blocks, layout.width), dtype=np.int8)
+    runs = np.array([[0], [0], [1], [0], [1], [1]], dtype=np.int8)
+    table = CacheTable(acts, block_runs=((1, 2),), run_actions=runs, layout=layout)
+    with torch.no_grad():
+        base = run(model)
+        engine = vc.apply_to_transformer(model, _Steps(), table)
+        cached = run(model)
+        stats = engine.stats()
+        vc.remove(model)
+    assert torch.equal(base[1], cached[1]) and not torch.equal(base[2], cached[2])
+    assert stats["block_runs"] == {"compute": 3, "reuse": 3, "skipped_blocks": 6}
+    assert float((base[2] - cached[2]).norm() / base[2].norm()) < 0.5
 
 
 # -- the fused skip -----------------------------------------------------------------------------------------
