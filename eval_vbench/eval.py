@@ -278,7 +278,8 @@ def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, A
             try:
                 result = score_vbench(config, method, folder, rows, pkg)
                 entry["vbench"] = {"scores": result["scores"], "errors": result["errors"],
-                                   "version": result.get("vbench_version")}
+                                   "version": result.get("vbench_version"),
+                                   "videos_scored": {d: len(result["per_video"].get(d, [])) for d in result["scores"]}}
             except Exception as exc:  # VBench failing for one preset must not lose the rest of the report
                 entry["vbench"]["errors"] = {d: str(exc).splitlines()[0] for d in config.suite.dimensions}
         elif vbench_error:
@@ -348,7 +349,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "agreement with uncached",
             "PSNR (dB)", "SSIM", "computed fraction", "transformer speedup", "wall speedup", "videos"]
     lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    notes = []
+    notes: list[str] = []
+    scored: list[str] = []
     for e in report["methods"]:
         v = e["vbench"]
         acc = e.get("prompt_accuracy")
@@ -362,10 +364,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         for dim, message in v["errors"].items():
             notes.append(f"- `{e['label']}` {dim}: {message}")
+        for dim, n in v.get("videos_scored", {}).items():
+            if n < e["videos"]:
+                scored.append(f"- `{e['label']}` {dim}: VBench scored {n} of its {e['videos']} videos")
         if e.get("error"):
             notes.append(f"- `{e['label']}` failed: {e['error']}")
     if notes:
         lines += ["", "Not computed:", "", *sorted(set(notes), key=notes.index)]
+    if scored:
+        lines += ["", "VBench's standard mode reads samples 0-4 of every prompt (the 25 samples of a temporal-flickering "
+                  "prompt are for its static filter, which needs RAFT's weights and is not run here):", "", *scored]
     lines += ["", f"Prompts ({len(report['prompts'])}):", ""] + [f"- {p}" for p in report["prompts"]] + [""]
     return "\n".join(lines)
 

@@ -7,7 +7,9 @@ which cannot score the dimensions that need VBench's per-prompt annotations).
 
 VBench's sampling convention: `--samples` videos per prompt (5 in VBench) named `{prompt}-{index}.mp4`,
 25 for the prompts of `temporal_flickering` (VBench samples more of them because its static filter keeps
-only still videos). Sample i uses seed `seed + i`; seeds are recorded with every video.
+only still videos). Sample i uses seed `seed + i`; seeds are recorded with every video. VBench's standard-mode
+evaluation reads samples 0-4 of each prompt: without its static filter (RAFT weights; not run here) temporal
+flickering is scored on those five, and the report says how many videos VBench scored.
 """
 
 from __future__ import annotations
