@@ -256,8 +256,9 @@ def test_fused_skip_matches_block_by_block(letters):
 
 # -- profiles -----------------------------------------------------------------------------------------------
 def pab_profile(model) -> dict:
-    """PAB's Open-Sora setting in a profile: after a warm-up, spatial attention recomputed every 2nd step,
-    temporal attention every 4th (the most reusable self-attention), cross-attention every 6th... here 5th."""
+    """PAB's Open-Sora setting in a profile: broadcast ranges spatial 2 < temporal 4 < cross 6 (here 5, for
+    6 steps), i.e. after a warm-up step spatial attention recomputed every 2nd step, temporal attention (the
+    most reusable self-attention) every 4th; MLPs always computed."""
     fp = OpenSoraAdapter().fingerprint(model)
     return {
         "schema_version": 1, "name": "tiny-opensora", "model": fp, "steps": STEPS,
