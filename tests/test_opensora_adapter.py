@@ -464,3 +464,26 @@ def test_pipeline_with_cfg_full_table_is_exact_and_a_profile_preset_runs(tmp_pat
     assert stats["fallbacks"] == 0 and stats["computed_fraction"] < 1
     assert not torch.equal(cached, base) and float((cached - base).norm() / base.norm()) < 0.5
     assert torch.equal(generate(), base)
+
+
+def test_exposure_bias_correction_on_x0_minus_noise_predictions():
+    """STDiT3 predicts x0 - eps on the first 4 of 8 channels: the correction applies to -v there (the formula
+    is written for eps - x0) and leaves the other channels alone."""
+    from videocache.exposure_bias import ExposureBiasConfig, correct_velocity
+
+    model = tiny_model()
+    layout = layout_of(model)
+    full = np.zeros((STEPS, layout.num_blocks, layout.width), dtype=np.int8)
+    eb = ExposureBiasConfig(enabled=True)
+    with torch.no_grad():
+        base = run(model)
+        apply(model, full, exposure_bias=eb)
+        corrected = run(model)
+        vc.remove(model)
+    x_t = inputs(1)["hidden_states"]
+    for step, (v, got) in enumerate(zip(base, corrected, strict=True)):
+        sigma = float(_Steps.sigmas[step])
+        want = -correct_velocity(-v[:, :4], x_t, sigma, eb.factor(sigma))
+        torch.testing.assert_close(got[:, :4], want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[:, 4:], v[:, 4:])
+    assert any(not torch.equal(a[:, :4], b[:, :4]) for a, b in zip(base, corrected, strict=True))

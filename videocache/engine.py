@@ -383,9 +383,13 @@ class CacheEngine:
                 self._warned_sigma = True
             return out
         b = self.config.exposure_bias.factor(sigma)
+        sign = getattr(self.adapter, "velocity_sign", 1)  # -1: the model predicts x0 - eps (Open-Sora)
 
         def fix(v: torch.Tensor) -> torch.Tensor:
-            return correct_velocity(v, x_t, sigma, b)
+            channels = x_t.shape[1]  # a prediction with more channels (Open-Sora's 8 for 4) carries v first
+            head = v if v.shape[1] == channels else v[:, :channels]
+            head = correct_velocity(head, x_t, sigma, b) if sign == 1 else -correct_velocity(-head, x_t, sigma, b)
+            return head if v.shape[1] == channels else torch.cat([head, v[:, channels:]], dim=1)
 
         if isinstance(out, torch.Tensor):
             return fix(out)

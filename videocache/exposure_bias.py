@@ -1,7 +1,8 @@
 """FEB-Cache's exposure-bias correction, re-derived for flow-matching (velocity) models.
 
 FEB-Cache scales the predicted noise by b(t) < 1 to counter the exposure bias that caching amplifies.
-Wan, HunyuanVideo and Open-Sora predict a velocity v = eps - x0 for x_t = (1 - s) x0 + s eps, so the
+Wan and HunyuanVideo predict a velocity v = eps - x0 for x_t = (1 - s) x0 + s eps (Open-Sora 1.2 predicts
+-v, on the first half of its 8 output channels: its adapter says so with `velocity_sign = -1`), so the
 scaling is applied to the noise implied by v and the velocity is re-formed:
 
     x0_hat = x_t - s v,   eps_hat = x_t + (1 - s) v,   v' = b eps_hat - x0_hat

@@ -72,6 +72,8 @@ class OpenSoraAdapter:
     generation) would reuse the spatial blocks' first count."""
 
     architecture = "STDiT3Model"
+    velocity_sign = -1  # STDiT3 predicts x0 - eps (the first 4 of its 8 channels); the engine's exposure-bias
+    # correction is written for eps - x0
 
     def __init__(self) -> None:
         self._macs: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()

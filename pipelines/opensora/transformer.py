@@ -316,6 +316,7 @@ class STDiT3Model(ModelMixin, ConfigMixin, CacheMixin):
 
     _supports_gradient_checkpointing = False
     _no_split_modules = ["STDiT3Block"]
+    _repeated_blocks = ["STDiT3Block"]  # compile_repeated_blocks() compiles each block class once
 
     @register_to_config
     def __init__(
