@@ -101,23 +101,24 @@ def main() -> None:
     p.add_argument("--model", default="reference-wan")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (the gates are set at 5.0)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args()
     pipe = load_pipeline(args.model, device="cpu")
     _, held_out = split_captions()
     held_out = held_out[: args.limit]
     psnrs = vae_psnr(pipe.vae, held_out)
-    report = prompt_adherence(pipe, held_out, steps=args.steps, progress=True)
+    report = prompt_adherence(pipe, held_out, steps=args.steps, guidance_scale=args.guidance_scale, progress=True)
     result = {
         "model": args.model,
         "held_out_prompts": report.prompts,
         "steps": args.steps,
-        "guidance_scale": 5.0,
+        "guidance_scale": args.guidance_scale,
         "vae_psnr_mean": round(float(np.mean(psnrs)), 2),
         "vae_psnr_min": round(float(np.min(psnrs)), 2),
         "gates": GATES,
         **asdict(report),
-        "demo": demo_check(pipe, steps=args.steps),
+        "demo": demo_check(pipe, steps=args.steps, guidance_scale=args.guidance_scale),
     }
     print(json.dumps(result, indent=2))
     if args.out:
@@ -137,8 +138,10 @@ def main() -> None:
         misses = "\n".join(f"- `{m['prompt']}` (seed {m['seed']}): colour {m['colour']}, direction {m['direction']}, "
                             f"frames {m['frames']}" for m in report.misses) or "- none"
         Path(args.out + ".md").write_text(
-            f"# {args.model} quality ({report.prompts} held-out prompts, {args.steps} steps, CFG 5.0)\n\n"
-            f"`python -m videocache.pipelines.reference.evaluate --model {args.model} --out {args.out}`\n\n"
+            f"# {args.model} quality ({report.prompts} held-out prompts, {args.steps} steps, CFG "
+            f"{args.guidance_scale:g})\n\n`python -m videocache.pipelines.reference.evaluate --model {args.model}"
+            + (f" --guidance-scale {args.guidance_scale:g}" if args.guidance_scale != 5.0 else "")
+            + f" --out {args.out}`\n\n"
             "| measure | value | gate | |\n|---|---|---|---|\n" + table + "\n\n"
             f"README demo prompt `{demo['prompt']}` (seed 0): frames {demo['frames']}; colour {demo['colour']}, "
             f"direction {demo['direction']}.\n\nVideos missing a gate:\n{misses}\n"

@@ -75,7 +75,15 @@ class ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the folder; a component named in videocache.json's shared_components (the VAE) is loaded from
         there unless passed. A missing shared folder raises FileNotFoundError with a one-line message."""
-        for name, path in shared_component_paths(pretrained_model_name_or_path).items():
+        folder = Path(pretrained_model_name_or_path)
+        shared = shared_component_paths(folder)
+        if (folder / "model_index.json").is_file():  # name the missing component (diffusers names a config.json)
+            index = json.loads((folder / "model_index.json").read_text())
+            for name, spec in index.items():
+                stored = isinstance(spec, list) and spec[0] is not None and name not in shared
+                if stored and kwargs.get(name) is None and not (folder / name).is_dir():
+                    raise FileNotFoundError(f"{folder} has no {name}/ folder (the {spec[1]} weights); reinstall or retrain it")
+        for name, path in shared.items():
             if kwargs.get(name) is not None:
                 continue
             if name != "vae":
