@@ -23,11 +23,11 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareConfig, run_compare
+from .compare import CompareConfig, CompareResult, run_compare
 from .methods import Method, NoCache, parse_method
 from .run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
 from .vbench_score import QUALITY_DIMENSIONS, aggregate, normalized
@@ -462,13 +462,7 @@ def write_eval_report(out: Path, report: dict[str, Any]) -> dict[str, Path]:
     return paths
 
 
-@dataclass
-class EvalResult:
-    report: dict[str, Any]
-    paths: dict[str, Path]
-    errors: dict[str, str] = field(default_factory=dict)
-    ran: int = 0
-    skipped: int = 0
+EvalResult = CompareResult  # report, paths, errors, runs made and found done
 
 
 def run_eval(config: EvalConfig) -> EvalResult | None:
