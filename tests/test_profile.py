@@ -9,8 +9,8 @@ import yaml
 import videocache as vc
 from videocache.profile import PROFILES_DIR, ProfileError
 
-SHIPPED = ("reference-wan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo")
-CALIBRATED = ("reference-wan",)  # made by `videocache profile`; the real-model profiles await real weights
+SHIPPED = ("reference-wan", "reference-hunyuan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo")
+CALIBRATED = ("reference-wan", "reference-hunyuan")  # made by `videocache profile`; the real-model profiles await real weights
 PROMPT = "a red circle moving left on a black background"
 
 
