@@ -55,8 +55,13 @@ def _modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, sc
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
+def _linear_macs(*linears: torch.nn.Linear | None) -> int:
+    """Multiply-adds per token of these linear layers (None: absent)."""
+    return sum(m.in_features * m.out_features for m in linears if m is not None)
+
+
 def _macs(module: torch.nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return _linear_macs(*(m for m in module.modules() if isinstance(m, torch.nn.Linear)))
 
 
 class HunyuanVideoAdapter:
@@ -107,15 +112,15 @@ class HunyuanVideoAdapter:
         inner = attn.to_q.out_features
         attention = 4.0 * (nv + nt) ** 2 * inner  # Q K^T and A V over the joined tokens
         if hasattr(block, "ff_context"):
-            video = sum(m.in_features * m.out_features for m in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]))
-            text = sum(m.in_features * m.out_features for m in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out))
+            video = _linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+            text = _linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out)
             return (
                 batch * (2.0 * (nv * video + nt * text) + attention),
                 2.0 * batch * nv * self._module_macs(block.ff),
                 2.0 * batch * nt * self._module_macs(block.ff_context),
             )
         dim = attn.to_q.in_features
-        qkv = sum(m.in_features * m.out_features for m in (attn.to_q, attn.to_k, attn.to_v))
+        qkv = _linear_macs(attn.to_q, attn.to_k, attn.to_v)
         tokens = nv + nt
         mlp_in = block.proj_mlp.out_features
         return (
@@ -130,10 +135,9 @@ class HunyuanVideoAdapter:
         nv, nt = int(hidden.shape[1]), 0 if context is None else int(context.shape[1])
         if component == "attn":
             inner = module.to_q.out_features
-            per_token = sum(m.in_features * m.out_features for m in (module.to_q, module.to_k, module.to_v))
-            out = 0 if module.to_out is None else module.to_out[0].in_features * module.to_out[0].out_features
-            add = 0 if module.add_q_proj is None else sum(
-                m.in_features * m.out_features for m in (module.add_q_proj, module.add_k_proj, module.add_v_proj, module.to_add_out))
+            per_token = _linear_macs(module.to_q, module.to_k, module.to_v)
+            out = 0 if module.to_out is None else _linear_macs(module.to_out[0])
+            add = _linear_macs(module.add_q_proj, module.add_k_proj, module.add_v_proj, module.to_add_out)
             text_macs = add if add else per_token
             return hidden.shape[0] * (2.0 * (nv * (per_token + out) + nt * text_macs) + 4.0 * (nv + nt) ** 2 * inner)
         return 2.0 * hidden.shape[0] * nv * self._module_macs(module)

@@ -241,9 +241,7 @@ class TableSearch:
             np.ones(len(self.layout.names)) if component_weights is None else np.asarray(component_weights, dtype=np.float64)
         )
         # (blocks, components): the weight of each cell, by its component's name
-        self.cell_weight = np.zeros(self.layout.present.shape)
-        for b, comps in enumerate(self.layout.components_of):
-            self.cell_weight[b, : len(comps)] = [self.component_weights[self.layout.names.index(n)] for n in comps]
+        self.cell_weight = self.layout.per_cell(dict(zip(self.layout.names, self.component_weights, strict=True)))
         diag = np.einsum("pbcss->pbcs", self.grams)
         # per (prompt, step, block): the block's output scale, the sum of its components' norms
         self.scale = np.maximum(np.sqrt(np.maximum(diag, 0.0)).sum(axis=2).transpose(0, 2, 1), 1e-12)

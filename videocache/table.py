@@ -161,6 +161,13 @@ class BlockLayout:
                     out.append((members, g.components.index(name)))
         return out
 
+    def per_cell(self, values: Mapping[str, float]) -> np.ndarray:
+        """(num_blocks, width) array of a per-component-name value at every cell (absent cells 0)."""
+        out = np.zeros(self.present.shape)
+        for b, comps in enumerate(self.components_of):
+            out[b, : len(comps)] = [float(values[c]) for c in comps]
+        return out
+
     def name(self, block: int, comp: int) -> str:
         return self.components_of[block][comp]
 
@@ -498,9 +505,7 @@ class CacheTable:
         missing = [c for c in layout.names if c not in weights]
         if missing:
             raise TableError(f"a weight is needed for every component; missing {missing}")
-        w = np.zeros(layout.present.shape)
-        for b, comps in enumerate(layout.components_of):
-            w[b, : len(comps)] = [float(weights[c]) for c in comps]
+        w = layout.per_cell(weights)
         if np.any(w < 0) or w.sum() <= 0:
             raise TableError("component weights must be >= 0 and not all zero")
         return w
