@@ -21,6 +21,7 @@ from .attention_backend import (  # noqa: F401 - re-exported: the loader is wher
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference" / "reference-wan"
 REFERENCE_HUNYUAN_DIR = REFERENCE_DIR.parent / "reference-hunyuan"
+REFERENCE_OPENSORA_DIR = REFERENCE_DIR.parent / "reference-opensora"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -41,15 +42,18 @@ class GenerationDefaults:
 
 
 WAN_DEFAULTS = GenerationDefaults(81, 480, 832, 50, 5.0, 16)
-KNOWN_MODELS = {"reference-wan": REFERENCE_DIR, "reference-hunyuan": REFERENCE_HUNYUAN_DIR}
+KNOWN_MODELS = {"reference-wan": REFERENCE_DIR, "reference-hunyuan": REFERENCE_HUNYUAN_DIR,
+                "reference-opensora": REFERENCE_OPENSORA_DIR}
 
 
 def _our_pipeline_classes() -> dict[str, type]:
     """Pipeline classes of ours that a folder's model_index.json may name (diffusers does not know them)."""
     from .opensora.pipeline import OpenSoraPipeline
     from .reference.pipeline_hunyuan import ReferenceHunyuanVideoPipeline
+    from .reference.pipeline_opensora import ReferenceOpenSoraPipeline
 
-    return {"ReferenceHunyuanVideoPipeline": ReferenceHunyuanVideoPipeline, "OpenSoraPipeline": OpenSoraPipeline}
+    classes = (ReferenceHunyuanVideoPipeline, OpenSoraPipeline, ReferenceOpenSoraPipeline)
+    return {cls.__name__: cls for cls in classes}
 
 
 def pipeline_class(source: str) -> type[DiffusionPipeline]:

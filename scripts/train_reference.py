@@ -36,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, HunyuanVideoPipeline, WanPipeline
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, LlamaModel, UMT5EncoderModel
+from transformers import CLIPTextModel, LlamaModel, T5EncoderModel, UMT5EncoderModel
 
-from videocache.pipelines.reference import build, build_hunyuan
+from videocache.pipelines.opensora import schedule as opensora_schedule
+from videocache.pipelines.opensora.text import encode_prompts as opensora_encode_prompts
+from videocache.pipelines.reference import build, build_hunyuan, build_opensora
 from videocache.pipelines.reference.data import render_clip, split_captions
 
 
@@ -293,6 +295,14 @@ def hunyuan_text_pipeline(args) -> HunyuanVideoPipeline:
     return HunyuanVideoPipeline(transformer=None, vae=None, scheduler=build_hunyuan.build_scheduler(), **parts)
 
 
+def opensora_text_components(args) -> dict:
+    """The reference T5 tokenizer and frozen encoder (built from the seed, or loaded from --text-encoder)."""
+    parts = build_opensora.build_text_components(args.seed)
+    if args.text_encoder:
+        parts["text_encoder"] = T5EncoderModel.from_pretrained(Path(args.text_encoder) / "text_encoder").eval()
+    return parts
+
+
 def transformer_lr(args, step: int) -> float:
     """Warm-up then cosine decay per phase; the second phase is a warm restart at a lower peak."""
     begin = 0
@@ -324,6 +334,18 @@ def train_transformer(args, device, work: Path) -> None:
 
             def denoise(model, xt, t, cond):
                 return model(xt, t, embeds[cond], masks[cond], pooled[cond], return_dict=False)[0]
+        elif args.architecture == "opensora":
+            # OpenSoraPipeline's own prompt encoding. A dropped caption is the model's null caption under the
+            # prompt's own mask, as the sampler's unconditional branch sees it: row n + i is "caption i dropped".
+            text = opensora_text_components(args)
+            embeds, masks = opensora_encode_prompts(captions, text["tokenizer"], text["text_encoder"], "cpu",
+                                                    build_opensora.MAX_SEQUENCE_LENGTH)
+            embeds, masks = embeds.repeat(2, 1, 1).to(device), masks.repeat(2, 1).to(device)
+
+            def denoise(model, xt, t, cond):
+                null = (cond >= len(captions))[:, None, None]
+                y = torch.where(null, model.y_embedder.y_embedding[None].to(embeds.dtype), embeds[cond])
+                return model(xt, t, y, masks[cond], fps=build_opensora.FPS, height=64, width=64, return_dict=False)[0]
         else:
             embeds, _ = text_pipeline(args).encode_prompt(
                 captions + [""], do_classifier_free_guidance=False, max_sequence_length=build.MAX_SEQUENCE_LENGTH
@@ -337,7 +359,9 @@ def train_transformer(args, device, work: Path) -> None:
     empty_id = len(captions)
 
     torch.manual_seed(args.seed)
-    model = (build_hunyuan.build_transformer() if args.architecture == "hunyuan" else build.build_transformer()).to(device)
+    builders = {"wan": build.build_transformer, "hunyuan": build_hunyuan.build_transformer,
+                "opensora": build_opensora.build_transformer}
+    model = builders[args.architecture]().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = 0
@@ -355,19 +379,22 @@ def train_transformer(args, device, work: Path) -> None:
     total = args.steps + args.steps2
     bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
     model.train()
-    shift = build.SCHEDULER_SHIFT
+    # The sampler's time distribution: Open-Sora's shift follows the video size (64x64, 17 frames: 0.28).
+    shift = opensora_schedule.shift_ratio(64, 64, 17) if args.architecture == "opensora" else build.SCHEDULER_SHIFT
+    velocity_sign = -1.0 if args.architecture == "opensora" else 1.0  # Open-Sora predicts x0 - noise
     running = None
     while step < total:
         idx = torch.randint(len(latents), (args.batch,), generator=gen)
         x0 = latents[idx]
         cond = caption_ids[idx].clone()
-        cond[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = empty_id
+        dropped = torch.rand(args.batch, generator=gen) < args.cfg_dropout
+        cond[dropped] = cond[dropped] + empty_id if args.architecture == "opensora" else empty_id
         u = torch.rand(args.batch, generator=gen)
         sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # same shift as the sampler's schedule
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        target = noise - x0
+        target = velocity_sign * (noise - x0)
         lr = transformer_lr(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -393,26 +420,37 @@ def train_transformer(args, device, work: Path) -> None:
     save_checkpoint(final, model=ema)
 
 
-def assemble_hunyuan(args, work: Path) -> tuple[Path, dict]:
-    """ReferenceHunyuanVideoPipeline.save_pretrained(--out) without the VAE folder: it is --vae's, named in
+def reference_pipeline_with_shared_vae(args, work: Path):
+    """The trained transformer with its text side and --vae's VAE, as ReferenceHunyuanVideoPipeline or
+    ReferenceOpenSoraPipeline."""
+    from videocache.pipelines.reference.pipeline_hunyuan import ReferenceHunyuanVideoPipeline
+    from videocache.pipelines.reference.pipeline_opensora import ReferenceOpenSoraPipeline
+
+    vae = load_trained_vae(args, "cpu", work, "")
+    if args.architecture == "hunyuan":
+        text = hunyuan_text_pipeline(args)
+        transformer = build_hunyuan.build_transformer()
+        transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+        return ReferenceHunyuanVideoPipeline(
+            text_encoder=text.text_encoder, tokenizer=text.tokenizer, text_encoder_2=text.text_encoder_2,
+            tokenizer_2=text.tokenizer_2, transformer=transformer, vae=vae, scheduler=build_hunyuan.build_scheduler(),
+        )
+    transformer = build_opensora.build_transformer()
+    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+    return ReferenceOpenSoraPipeline(**opensora_text_components(args), transformer=transformer.eval(), vae=vae,
+                                     scheduler=opensora_schedule.default_scheduler())
+
+
+def assemble_with_shared_vae(args, work: Path) -> tuple[Path, dict]:
+    """The pipeline's save_pretrained(--out) without the VAE folder: it is --vae's, named in
     videocache.json's shared_components relative to --out, so its weights ship once."""
     import shutil
 
-    from videocache.pipelines.reference.pipeline_hunyuan import (
-        SHARED_COMPONENTS_KEY,
-        ReferenceHunyuanVideoPipeline,
-    )
+    from videocache.pipelines.reference.shared import SHARED_COMPONENTS_KEY
 
     if not args.vae:
-        raise SystemExit("--architecture hunyuan needs --vae FOLDER (the pipeline whose VAE it shares)")
-    text = hunyuan_text_pipeline(args)
-    transformer = build_hunyuan.build_transformer()
-    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
-    pipe = ReferenceHunyuanVideoPipeline(
-        text_encoder=text.text_encoder, tokenizer=text.tokenizer, text_encoder_2=text.text_encoder_2,
-        tokenizer_2=text.tokenizer_2, transformer=transformer, vae=load_trained_vae(args, "cpu", work, ""),
-        scheduler=build_hunyuan.build_scheduler(),
-    )
+        raise SystemExit(f"--architecture {args.architecture} needs --vae FOLDER (the pipeline whose VAE it shares)")
+    pipe = reference_pipeline_with_shared_vae(args, work)
     out = Path(args.out)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "vae")
@@ -421,8 +459,8 @@ def assemble_hunyuan(args, work: Path) -> tuple[Path, dict]:
 
 
 def assemble(args, work: Path, command: str) -> None:
-    if args.architecture == "hunyuan":
-        out, meta = assemble_hunyuan(args, work)
+    if args.architecture in ("hunyuan", "opensora"):
+        out, meta = assemble_with_shared_vae(args, work)
         write_records(args, work, command, out, meta)
         return
     pipe = text_pipeline(args)
@@ -502,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--text-encoder", default=None,
                    help="load the frozen text encoder from this saved pipeline folder instead of building it from the seed")
-    p.add_argument("--architecture", choices=("wan", "hunyuan"), default="wan",
+    p.add_argument("--architecture", choices=("wan", "hunyuan", "opensora"), default="wan",
                    help="wan: reference-wan (WanTransformer3DModel); hunyuan: reference-hunyuan "
                    "(HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG)")
     p.add_argument("--vae", default=None,

@@ -42,9 +42,9 @@ def record_contexts(pipe):
     original = pipe.transformer.cache_context
 
     @contextlib.contextmanager
-    def cache_context(name):
+    def cache_context(name, **context):
         current[0] = name
-        with original(name):
+        with original(name, **context):
             yield
         current[0] = None
 

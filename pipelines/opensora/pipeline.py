@@ -37,7 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
 from .schedule import default_scheduler, set_opensora_timesteps
-from .text import DEFAULT_AESTHETIC_SCORE, MAX_SEQUENCE_LENGTH, encode_prompts
+from .text import DEFAULT_AESTHETIC_SCORE, encode_prompts
 from .transformer import OpenSoraLoadError, STDiT3Model
 from .vae import OpenSoraVAE
 
@@ -122,6 +122,14 @@ class OpenSoraPipeline(DiffusionPipeline):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
 
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames for `num_frames` video frames (the VAE's temporal compression)."""
+        return self.vae.latent_frames(num_frames)
+
+    def decode_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Latents -> video (B, 3, F, H, W) in [-1, 1], `num_frames` long."""
+        return self.vae.decode(latents.to(self.vae.dtype), num_frames=num_frames)
+
     def null_caption(self, count: int) -> torch.Tensor:
         """The checkpoint's learned null caption, (count, L, 4096)."""
         null = self.transformer.y_embedder.y_embedding
@@ -145,7 +153,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
-        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         attention_kwargs: dict[str, Any] | None = None,
@@ -153,8 +161,11 @@ class OpenSoraPipeline(DiffusionPipeline):
     ):
         """Generate videos. `reference_rounding=True` rounds the pixel height and width (position-embedding
         scale) and the shift ratio through the transformer's dtype, as the reference does with its bf16
-        tensors (854 -> 856, ratio 4.84375 at 480p / 51 frames); off, they are exact."""
+        tensors (854 -> 856, ratio 4.84375 at 480p / 51 frames); off, they are exact. `max_sequence_length`
+        defaults to the transformer's `model_max_length` (300 for the released model), its null caption's length."""
         self.check_inputs(prompt, height, width, num_frames, num_inference_steps)
+        if max_sequence_length is None:
+            max_sequence_length = self.transformer.config.model_max_length
         device = self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         embeds, mask = encode_prompts(prompts, self.tokenizer, self.text_encoder, device, max_sequence_length,
@@ -177,7 +188,7 @@ class OpenSoraPipeline(DiffusionPipeline):
 
         channels = self.transformer.config.in_channels
         factor = self.vae_scale_factor_spatial
-        shape = (batch, channels, self.vae.latent_frames(num_frames), height // factor, width // factor)
+        shape = (batch, channels, self.latent_frames(num_frames), height // factor, width // factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         else:
@@ -223,7 +234,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         if output_type == "latent":
             video = latents
         else:
-            decoded = self.vae.decode(latents.to(self.vae.dtype), num_frames=num_frames)
+            decoded = self.decode_latents(latents, num_frames)
             video = self.video_processor.postprocess_video(decoded.float(), output_type=output_type)
             if output_type == "np" and isinstance(video, np.ndarray):
                 video = video.astype(np.float32)

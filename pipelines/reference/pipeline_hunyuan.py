@@ -36,17 +36,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, LlamaModel, PreTrainedTokenizerFast
 
 from .build_hunyuan import MAX_SEQUENCE_LENGTH, PROMPT_TEMPLATE
-
-SHARED_COMPONENTS_KEY = "shared_components"
-
-
-def shared_component_paths(folder: str | Path) -> dict[str, Path]:
-    """Components stored outside a pipeline folder, from its videocache.json (paths relative to the folder)."""
-    meta = Path(folder) / "videocache.json"
-    if not meta.is_file():
-        return {}
-    entries = json.loads(meta.read_text()).get(SHARED_COMPONENTS_KEY, {})
-    return {name: (Path(folder) / rel).resolve() for name, rel in entries.items()}
+from .shared import decode_wan_latents, load_shared_vae, shared_component_paths
 
 
 class ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline):
@@ -83,17 +73,7 @@ class ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline):
                 stored = isinstance(spec, list) and spec[0] is not None and name not in shared
                 if stored and kwargs.get(name) is None and not (folder / name).is_dir():
                     raise FileNotFoundError(f"{folder} has no {name}/ folder (the {spec[1]} weights); reinstall or retrain it")
-        for name, path in shared.items():
-            if kwargs.get(name) is not None:
-                continue
-            if name != "vae":
-                raise ValueError(f"{pretrained_model_name_or_path}: cannot share component {name!r} (only the vae)")
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(
-                    f"the shared VAE of {pretrained_model_name_or_path} is missing at {path} (it ships with reference-wan)"
-                )
-            dtype = kwargs.get("torch_dtype")
-            kwargs[name] = AutoencoderKLWan.from_pretrained(path, **({"torch_dtype": dtype} if dtype is not None else {}))
+        kwargs = load_shared_vae(folder, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def check_inputs(self, prompt, prompt_2, height, width, *args, **kwargs):
@@ -143,9 +123,5 @@ class ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline):
         return HunyuanVideoPipelineOutput(frames=video) if return_dict else (video,)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> video in [-1, 1], as WanPipeline decodes (x * std + mean, then the VAE)."""
-        config = self.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, self.vae.dtype)
-        std = torch.tensor(config.latents_std).view(shape).to(latents.device, self.vae.dtype)
-        return self.vae.decode(latents.to(self.vae.dtype) * std + mean, return_dict=False)[0]
+        """Normalised latents -> video in [-1, 1], as WanPipeline decodes."""
+        return decode_wan_latents(self.vae, latents)
