@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .cfg import CFG_HOOK, CfgParallelHook
 from .checks import ParallelConfigError, ParallelSettings, check_settings
+from .dsp import attach_axes_plan
 from .plan import ParallelPlan, get_parallel_plan
 from .sequence import attach_sequence_plan, attention_processors, check_attention_backend
 
@@ -134,6 +135,8 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
     or both), `cfg=2` puts the two guidance branches on the two halves of the world; `cfg * ring *
     ulysses` must be the world size. Every rank must call it, with the same model on its own device. Apply
     a videocache cache before it when using `cfg=2` (either order works for sequence parallelism alone).
+    A plan with an `axes` part (Open-Sora) shares the tokens by two-axis sequence parallelism (`dsp`) over
+    `ulysses` ranks instead.
     Raises ParallelConfigError (one line) for an impossible configuration."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
     transformer = getattr(transformer, "_orig_mod", transformer)
@@ -148,11 +151,17 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
         raise RuntimeError("diffusers parallelism is already enabled on this transformer")
     settings = ParallelSettings(ulysses=ulysses, cfg=cfg, ring=ring)
     plan = get_parallel_plan(transformer)
-    check_settings(settings, dist.get_world_size(), heads=plan.attention_heads)
+    if plan.axes is not None and ring > 1:
+        raise ParallelConfigError(
+            f"{type(transformer).__name__} is split along its two token axes (DSP), which has no ring variant: "
+            f"give the sequence-parallel degree as --ulysses {ring * ulysses}"
+        )
+    check_settings(settings, dist.get_world_size(), heads=None if plan.axes is not None else plan.attention_heads)
     rank = dist.get_rank()
     device = next(transformer.parameters()).device
     sequence = settings.sequence_degree > 1
-    processors = attention_processors(transformer) if sequence else []
+    axes = sequence and plan.axes is not None
+    processors = attention_processors(transformer) if sequence and not axes else []
     if sequence:
         check_attention_backend(processors, ring=ring > 1, device=device)
     if ring > 1 and plan.key_masks and device.type != "cpu":
@@ -170,7 +179,11 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
         ulysses_rank=mesh.get_local_rank("ulysses"), ring_rank=mesh.get_local_rank("ring"),
     )
     try:
-        if sequence:
+        if axes:
+            group = mesh.get_group("ulysses")
+            par.handles = attach_axes_plan(transformer, plan.axes, group, settings.ulysses, par.ulysses_rank)
+            setattr(transformer, AGREE_ATTR, Agreement(_decision_group(settings, rank)))
+        elif sequence:
             par.parallel_config = _diffusers_config(mesh, settings, device)
             for processor in processors:
                 processor._parallel_config = par.parallel_config

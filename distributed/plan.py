@@ -19,6 +19,10 @@ A plan has these parts:
   shard of each group, so a mask in the model's layout would be misaligned: the machinery reorders it
   into the ranks' layout (rank 0's shard of every group, then rank 1's, ...), which is where the
   attention's keys are after Ulysses' all-to-all and where ring attention's key/value blocks come from.
+* optionally, `axes` (an `AxesPlan`): two-axis sequence parallelism (DSP, see `dsp`) instead of Ulysses
+  or ring attention, for a model whose tokens form a grid and whose attentions mix along one axis each
+  (Open-Sora's STDiT3). With it, the `sequence` part is not used and the ranks that share a branch's
+  tokens are the Ulysses degree (`--ulysses N`); ring degrees are refused.
 
 An adapter provides `parallel_plan(transformer)`, returning a ParallelPlan or a dict of its fields
 (adapters live in `videocache.pipelines`, which does not import this package); `get_parallel_plan` finds
@@ -53,6 +57,27 @@ def _default_wrap_output(sample: torch.Tensor, kwargs: dict) -> Any:
 
 
 @dataclass(frozen=True)
+class AxesPlan:
+    """Two-axis sequence parallelism (`dsp`): module paths as in `sequence` (a `*` wildcard allowed).
+
+    `grid(transformer, args, kwargs)`: the (A0, A1) token grid of a top-level call (token index
+    a0 * A1 + a1 in the token dim 1), from input shapes only. `split`: module -> its token input, split
+    along axis 0 before it runs (where the stream enters the blocks). `gather`: modules whose output (the
+    first, when a tuple) is gathered along axis 0 after they run (where the stream leaves). `switch`:
+    module -> its token input, re-sharded along axis 1 while the module runs (an all-to-all before it and
+    one back after it): the modules that mix tokens along axis 0. `local_rows`: module -> an int input that
+    holds A0, replaced by this rank's A0 count (a module that views its tokens as rows). `names`: the two
+    axes in messages."""
+
+    grid: Callable[[torch.nn.Module, tuple, dict], tuple[int, int]]
+    split: dict[str, str]
+    gather: tuple[str, ...]
+    switch: dict[str, str] = field(default_factory=dict)
+    local_rows: dict[str, str] = field(default_factory=dict)
+    names: tuple[str, str] = ("rows", "columns")
+
+
+@dataclass(frozen=True)
 class ParallelPlan:
     """How one transformer family is parallelised; see the module docstring.
 
@@ -67,7 +92,8 @@ class ParallelPlan:
     every group decides the even or uneven path and must have at least one token per rank. `key_masks`: module
     path (a `*` wildcard as in `sequence`) -> the name of the input holding a key mask `[..., sum(segments)]`
     over all of the call's keys in the model's layout; it is handed to the module reordered for the ranks
-    (see the module docstring)."""
+    (see the module docstring). `axes`: two-axis sequence parallelism instead (`AxesPlan`; a dict of its
+    fields is taken too)."""
 
     sequence: dict[str, Any]
     attention_heads: int
@@ -78,6 +104,7 @@ class ParallelPlan:
     wrap_output: Callable[[torch.Tensor, dict], Any] = field(default=_default_wrap_output)
     token_segments: Callable[[torch.nn.Module, tuple, dict], dict[str, int]] | None = None
     key_masks: dict[str, str] = field(default_factory=dict)
+    axes: AxesPlan | None = None
 
     def segments(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
         """The token groups of a top-level call, name -> length (see `token_segments`)."""
@@ -101,4 +128,8 @@ def get_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
             "are not available for it yet"
         )
     plan = make(transformer)
-    return plan if isinstance(plan, ParallelPlan) else ParallelPlan(**plan)
+    if isinstance(plan, ParallelPlan):
+        return plan
+    if isinstance(plan.get("axes"), dict):
+        plan = {**plan, "axes": AxesPlan(**plan["axes"])}
+    return ParallelPlan(**plan)

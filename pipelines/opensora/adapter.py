@@ -186,5 +186,12 @@ class OpenSoraAdapter:
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         return denoiser_inputs(args, kwargs)
 
+    def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        """Sequence parallelism split by frames for spatial blocks and by positions for temporal attention
+        (DSP), and CFG parallelism: `videocache.distributed.plan.ParallelPlan` fields, see `.parallel`."""
+        from .parallel import opensora_parallel_plan
+
+        return opensora_parallel_plan(self, transformer)
+
 
 register_adapter("STDiT3Model", OpenSoraAdapter())

@@ -20,8 +20,9 @@ specification in /work/shared/OPENSORA.md (sections 1.2-1.5, 1.9):
 - Spatial position: an additive 2D sin-cos embedding (first half the column, second half the row), scaled
   by sqrt(height*width)/input_sq_size, identical for every frame.
 
-Not implemented: the i2v/extension `x_mask` path (its t0 branch is a no-op for text-to-video), sequence
-parallelism, dropout/drop-path (inference only).
+Not implemented: the i2v/extension `x_mask` path (its t0 branch is a no-op for text-to-video),
+dropout/drop-path (inference only). Sequence parallelism (DSP) is applied from outside, by hooks on the
+blocks and attentions: `parallel.py`.
 """
 
 from __future__ import annotations
