@@ -1,5 +1,6 @@
 """Benchmark: every cache method side by side on a shipped reference pipeline (reference-wan, or
-reference-hunyuan with `--model reference-hunyuan`: results in benchmarks/compare_hunyuan).
+reference-hunyuan with `--model reference-hunyuan`: results in benchmarks/compare_hunyuan, or
+reference-opensora with `--model reference-opensora`: benchmarks/compare_opensora).
 
 A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 `a {colour} {shape} moving {direction} on a {background} background` (never seen in training),
@@ -10,6 +11,7 @@ on the 2-core CPU.
 
     python benchmarks/compare_reference.py                       # the committed results
     python benchmarks/compare_reference.py --model reference-hunyuan    # HunyuanVideo's
+    python benchmarks/compare_reference.py --model reference-opensora   # Open-Sora 1.2's (STDiT3)
     python benchmarks/compare_reference.py --prompts-count 4 --out /tmp/cmp   # a quick look
 """
 
@@ -45,8 +47,20 @@ DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline'
     "cachedit:dbcache-taylorseer:1:0:0.16",
     "cachedit:dbcache-taylorseer:1:0:0.3",
 )
+# Per model: peers that cannot attach to it (left out; the reasons are in eval_vbench/methods.py CANNOT_ATTACH)
+# and extra peers. STDiT3: cache-dit cannot wrap its interleaved spatial / temporal block lists; PAB runs
+# also in its published Open-Sora setting (spatial 2, temporal 4, cross 6 in 450 < t < 930).
+LEFT_OUT = {"reference-opensora": ("cachedit:",)}
+EXTRA_METHODS = {"reference-opensora": ("diffusers:pab:2:4:6",)}
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
-DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan"}
+DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan",
+               "reference-opensora": "compare_opensora"}
+
+
+def default_methods(model: str) -> list[str]:
+    """DEFAULT_METHODS with the model's profile, less the peers that cannot attach to it, plus its extras."""
+    kept = [m.format(profile=model) for m in DEFAULT_METHODS if not m.startswith(LEFT_OUT.get(model, ()))]
+    return [*kept, *EXTRA_METHODS.get(model, ())]
 
 
 def held_out_prompts(count: int) -> list[str]:
@@ -63,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
     p.add_argument("--out", default=None, help="default: benchmarks/compare_reference (reference-wan), "
-                   "benchmarks/compare_hunyuan (reference-hunyuan)")
+                   "benchmarks/compare_hunyuan (reference-hunyuan), benchmarks/compare_opensora (reference-opensora)")
     p.add_argument("--prompts-count", type=int, default=16)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or Path(__file__).resolve().with_name(DEFAULT_OUT.get(args.model, f"compare_{args.model}")))
     report_path = PROFILES / f"{args.model}.json"  # the calibration report beside the model's profile
-    methods = args.methods or [m.format(profile=args.model) for m in DEFAULT_METHODS]
+    methods = args.methods or default_methods(args.model)
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.txt"
     prompts.write_text(

@@ -18,6 +18,16 @@ HunyuanVideo (`HunyuanVideoTransformer3DModel`), with T = N + M joined tokens:
   single attn      B * 2 * (4 T d^2 + 2 T^2 d)   (q, k, v and the attention columns of the fused proj_out)
                                                   probe: `attn.to_q`, which runs only when attention does
   single mlp       B * 2 * (2 T d f)             (proj_mlp and the MLP columns of proj_out) probe: proj_mlp
+
+Open-Sora 1.2 (`STDiT3Model`), B samples of T frames x S tokens, spatial and temporal blocks interleaved. Each
+self-attention works on groups: spatial attention on B*T frames of S tokens, temporal attention on B*S
+positions of T frames; its output projection `attn.proj` sees (groups, length, d), so the probe's shape gives
+the grouping and the count per group is the self-attention formula:
+  spatial_attn     B*T * 2 * (4 S d^2 + 2 S^2 d)    probe: `attn.proj` of a spatial block
+  temporal_attn    B*S * 2 * (4 T d^2 + 2 T^2 d)    probe: `attn.proj` of a temporal block
+  cross_attn       B * 2 * (2 N d^2 + 2 M d^2 + 2 N M d), N = T*S   probe: `cross_attn.proj`
+  mlp              B * 2 * (2 N d f)                                probe: `mlp.fc1`
+Every attention sees whole sequences locally, so `sequence_degree` does not apply to it (keys = queries).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import torch
 
 COMPONENTS = ("attn1", "attn2", "ffn")  # Wan's; HunyuanVideo's are HUNYUAN_COMPONENTS
 HUNYUAN_COMPONENTS = ("dual_attn", "ff", "ff_context", "single_attn", "single_mlp")
+OPENSORA_COMPONENTS = ("spatial_attn", "temporal_attn", "cross_attn", "mlp")  # the adapter's component names
 
 
 def self_attention_flops(n: int, d: int, keys: int | None = None) -> int:
@@ -116,7 +127,8 @@ class ComponentCounter:
         self.transformer = transformer
         self.sequence_degree = sequence_degree
         self.hunyuan = hasattr(transformer, "single_transformer_blocks")
-        self.kinds = HUNYUAN_COMPONENTS if self.hunyuan else COMPONENTS
+        self.opensora = hasattr(transformer, "spatial_blocks") and hasattr(transformer, "temporal_blocks")
+        self.kinds = HUNYUAN_COMPONENTS if self.hunyuan else OPENSORA_COMPONENTS if self.opensora else COMPONENTS
         self.counts = ComponentCounts(kinds=self.kinds)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._text_len: dict[int, int] = {}
@@ -133,6 +145,8 @@ class ComponentCounter:
             return
         if self.hunyuan:
             return self._install_hunyuan()
+        if self.opensora:
+            return self._install_opensora()
         for i, block in enumerate(transformer_blocks(self.transformer)):
             self._handles.append(
                 _attention_output_projection(block.attn1).register_forward_pre_hook(self._self_attn)
@@ -158,6 +172,18 @@ class ComponentCounter:
             self._hook(block.attn, self._remember_text(i), with_kwargs=True)
             self._hook(block.attn.to_q, self._joint_attn("single_attn", i, video_only=False))
             self._hook(block.proj_mlp, self._ffn(block.proj_mlp.out_features, "single_mlp"))
+
+    def _install_opensora(self) -> None:
+        """STDiT3: the grouped self-attentions counted from their output projection's input (groups, length,
+        d), the cross-attention like Wan's, the MLP from fc1; block index = execution order (S0, T0, S1, ...)."""
+        t = self.transformer
+        pairs = zip(t.spatial_blocks, t.temporal_blocks, strict=True)
+        for i, block in enumerate(b for pair in pairs for b in pair):
+            kind = "temporal_attn" if block.temporal else "spatial_attn"
+            self._hook(block.attn.proj, self._grouped_attn(kind))
+            self._hook(block.cross_attn, self._remember_text(i, "context"), with_kwargs=True)
+            self._hook(block.cross_attn.proj, self._cross_attn(i, "cross_attn"))
+            self._hook(block.mlp.fc1, self._ffn(block.mlp.fc1.out_features, "mlp"))
 
     def _hook(self, module: torch.nn.Module, hook, with_kwargs: bool = False) -> None:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
@@ -186,18 +212,27 @@ class ComponentCounter:
         b, n, d = self._shape(args[0])
         self._add("attn1", b * self_attention_flops(n, d, n * self.sequence_degree))
 
-    def _remember_text(self, index: int):
+    def _grouped_attn(self, kind: str):
+        """A self-attention within groups (STDiT3): the probe sees (groups, length, d), keys = length."""
+
+        def hook(module, args) -> None:
+            groups, length, d = self._shape(args[0])
+            self._add(kind, groups * self_attention_flops(length, d))
+
+        return hook
+
+    def _remember_text(self, index: int, name: str = "encoder_hidden_states"):
         def hook(module, args, kwargs) -> None:
-            text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            text = kwargs.get(name, args[1] if len(args) > 1 else None)
             if text is not None:
                 self._text_len[index] = int(text.shape[-2])
 
         return hook
 
-    def _cross_attn(self, index: int):
+    def _cross_attn(self, index: int, kind: str = "attn2"):
         def hook(module, args) -> None:
             b, n, d = self._shape(args[0])
-            self._add("attn2", b * cross_attention_flops(n, self._text_len.get(index, 0), d))
+            self._add(kind, b * cross_attention_flops(n, self._text_len.get(index, 0), d))
 
         return hook
 

@@ -11,6 +11,13 @@ diffusers' caches and CFG parallelism need), except for a method whose `parallel
 cannot run under videocache's parallelism and is run with its own context parallelism at the same degrees
 (`parallelize_pipeline`). diffusers' First-Block-Cache decides from the local token shard: its decision is
 replaced by the agreed global one (`videocache.distributed.peers`).
+
+diffusers' caches find blocks by their list's name (`blocks`, `transformer_blocks`, ...) and PAB finds diffusers
+`Attention` modules only: on a transformer where they find nothing (Open-Sora's STDiT3, whose `spatial_blocks`
+and `temporal_blocks` interleave), First-Block-Cache and MagCache get diffusers' own hooks on the engine
+adapter's blocks in execution order (`enable_diffusers_cache`), PAB on the adapter's attention components,
+TaylorSeer module names per architecture (TAYLORSEER_MODULES). Peers that cannot attach to an
+architecture are listed with the reason in CANNOT_ATTACH.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ VALID_FORMS = (
     "diffusers:taylorseer:INTERVAL[:attn]",
     "diffusers:magcache:THRESHOLD",
     "diffusers:pab:RANGE",
+    "diffusers:pab:SPATIAL:TEMPORAL:CROSS",
     "cachedit:dbcache:Fn:Bn:THRESHOLD",
     "cachedit:dbcache-taylorseer:Fn:Bn:THRESHOLD[:ORDER]",
 )
@@ -49,6 +57,31 @@ TAYLORSEER_MODULES: dict[str, dict[str, tuple[list[str] | None, list[str] | None
         "components": ([r"transformer_blocks\.\d+\.(attn|ff|ff_context)", r"single_transformer_blocks\.\d+\.proj_out"],
                        [r"single_transformer_blocks\.\d+\.(attn|proj_mlp)"]),
         "attn": (None, None),
+    },
+    # Open-Sora 1.2: diffusers' defaults (`^blocks.*attn`, ...) match none of STDiT3's names either
+    "STDiT3Model": {
+        "components": ([r"(spatial|temporal)_blocks\.\d+\.(attn|cross_attn|mlp)"], None),
+        "attn": ([r"(spatial|temporal)_blocks\.\d+\.(attn|cross_attn)"], None),
+    },
+}
+# PAB's published Open-Sora setting (VideoSys OpenSoraPABConfig): spatial / temporal / cross attention
+# broadcast inside 450 < t < 930 (t in [0, 1000]); the `diffusers:pab:SPATIAL:TEMPORAL:CROSS` form uses this
+# window for all three (2:4:6 is the paper's setting). Its MLP broadcast (3 timesteps, blocks 0-4) has no
+# counterpart in diffusers and is left out.
+PAB_OPENSORA_WINDOW = (450, 930)
+# Peers that cannot attach to an architecture, with the reason (`apply` raises it as a one-line error).
+CANNOT_ATTACH: dict[str, dict[str, str]] = {
+    "STDiT3Model": {
+        "cachedit:dbcache": (
+            "cache-dit 1.5.3 swaps each block list for one wrapper that runs the whole list in a single call, and "
+            "STDiT3's loop alternates spatial_blocks and temporal_blocks (S0, T0, S1, ...): both lists wrapped "
+            "would run every spatial block before every temporal one (the loop also reads each block's `temporal`, "
+            "which the wrapper lacks), and no attribute holds the interleaved order for a single wrapper"
+        ),
+        "diffusers:fastercache": (
+            "FasterCache's CFG cache needs the cond and uncond branches batched in one call, and OpenSoraPipeline "
+            "runs them as separate calls; its attention hooks attach to diffusers Attention classes only"
+        ),
     },
 }
 # Share of the steps every peer keeps uncached at the start (MagCache's retention ratio, used for
@@ -217,11 +250,76 @@ class VideocacheMethod(Method):
         )
 
 
+def check_attachable(method: Method, transformer: Any) -> None:
+    """A one-line ValueError when `method` cannot attach to this transformer (CANNOT_ATTACH)."""
+    arch = type(transformer).__name__
+    why = CANNOT_ATTACH.get(arch, {}).get(family_of(method)) or CANNOT_ATTACH.get(arch, {}).get(method.family)
+    if why:
+        raise ValueError(f"{method.spec} cannot attach to {arch}: {why}")
+
+
+def _diffusers_finds_blocks(transformer: Any) -> bool:
+    """Whether diffusers' block caches (First-Block-Cache, MagCache) find this transformer's blocks: they
+    take the children named like `blocks` / `transformer_blocks` (`_ALL_TRANSFORMER_BLOCK_IDENTIFIERS`)."""
+    import torch
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return any(name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+               for name, child in transformer.named_children())
+
+
+def _hook_blocks_in_order(transformer: Any, config: Any) -> None:
+    """diffusers' own First-Block-Cache or MagCache hooks, on the engine adapter's blocks in execution order
+    (what `apply_first_block_cache` / `apply_mag_cache` do on the blocks they find by name). Both need only the
+    first and the last executed block to be the head and the tail, so STDiT3's interleaved lists are fine
+    in this order; `disable_cache` removes the hooks as usual."""
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.hooks import HookRegistry, first_block_cache, mag_cache
+    from diffusers.hooks.hooks import StateManager
+
+    from videocache.adapters import get_adapter
+
+    head, *middle, tail = get_adapter(transformer).blocks(transformer)
+    if isinstance(config, FirstBlockCacheConfig):
+        state = StateManager(first_block_cache.FBCSharedBlockState, (), {})
+        first_block_cache._apply_fbc_head_block_hook(head, state, config.threshold)
+        for block in middle:
+            first_block_cache._apply_fbc_block_hook(block, state)
+        first_block_cache._apply_fbc_block_hook(tail, state, is_tail=True)
+    else:
+        state = StateManager(mag_cache.MagCacheState, (), {})
+        mag_cache._apply_mag_cache_head_hook(head, state, config)
+        for block in middle:
+            mag_cache._apply_mag_cache_block_hook(block, state, config)
+        mag_cache._apply_mag_cache_block_hook(tail, state, config, is_tail=True)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer._cache_config = config  # what enable_cache records: disable_cache removes the hooks
+
+
+def enable_diffusers_cache(transformer: Any, config: Any) -> None:
+    """`transformer.enable_cache(config)`, except for First-Block-Cache and MagCache on a transformer whose
+    block lists diffusers does not find by name (STDiT3's `spatial_blocks` / `temporal_blocks`: FBCache would
+    fail on an empty list, MagCache would warn and run uncached): there diffusers' own hooks go on the
+    blocks in execution order."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+
+    if isinstance(config, (FirstBlockCacheConfig, MagCacheConfig)) and not _diffusers_finds_blocks(transformer):
+        if transformer.is_cache_enabled:
+            raise ValueError(f"a diffusers cache ({type(transformer._cache_config).__name__}) is already enabled")
+        _hook_blocks_in_order(transformer, config)
+    else:
+        transformer.enable_cache(config)
+
+
 def _diffusers_applied(pipe: Any, config: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
+    enable_diffusers_cache(pipe.transformer, config)
+    return _diffusers_applied_hooked(pipe.transformer, info)
+
+
+def _diffusers_applied_hooked(transformer: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
+    """The AppliedMethod of a diffusers cache already enabled on `transformer`."""
     from .cache_memory import diffusers_hook_roots, tensor_bytes
 
-    transformer = pipe.transformer
-    transformer.enable_cache(config)
     return AppliedMethod(
         remove=transformer.disable_cache,
         cache_bytes=lambda: tensor_bytes(diffusers_hook_roots(transformer)),
@@ -326,8 +424,8 @@ class MagCacheMethod(Method):
 
         key = f"magcache_ratios_{setup.num_inference_steps}"
         if key not in setup.store:
-            pipe.transformer.enable_cache(
-                MagCacheConfig(calibrate=True, num_inference_steps=setup.num_inference_steps)
+            enable_diffusers_cache(
+                pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=setup.num_inference_steps)
             )
             printed = io.StringIO()
             try:
@@ -354,27 +452,153 @@ class MagCacheMethod(Method):
 
 @dataclass(frozen=True)
 class PABMethod(Method):
-    """diffusers Pyramid Attention Broadcast: self-attention recomputed every RANGE calls in its window."""
+    """diffusers Pyramid Attention Broadcast: self-attention recomputed every RANGE calls in its window
+    (diffusers' default window); or the pyramid SPATIAL:TEMPORAL:CROSS (spatial, temporal and cross
+    attention ranges) in PAB's published Open-Sora window, PAB_OPENSORA_WINDOW.
+
+    diffusers' PAB attaches to diffusers `Attention` modules only; on a transformer without them (STDiT3)
+    its hook goes on the adapter's attention components by name (`spatial_attn`, `temporal_attn`,
+    `cross_attn`), with one state per cache context (`_BranchPABHook`): the pipeline runs cond and uncond
+    as separate calls, and a shared state would hand the uncond call the cond call's attention (VideoSys'
+    PAB sees both branches in one batched call, so its counters advance once per step)."""
 
     skip_range: int
+    temporal_range: int | None = None
+    cross_range: int | None = None
     family: ClassVar[str] = "diffusers:pab"
 
     @property
     def spec(self) -> str:
-        return f"diffusers:pab:{self.skip_range}"
+        if self.temporal_range is None:
+            return f"diffusers:pab:{self.skip_range}"
+        return f"diffusers:pab:{self.skip_range}:{self.temporal_range}:{self.cross_range}"
 
-    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+    def config(self, timestep: Callable[[], Any]) -> Any:
         from diffusers import PyramidAttentionBroadcastConfig
 
-        config = PyramidAttentionBroadcastConfig(
+        if self.temporal_range is None:
+            return PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=self.skip_range, current_timestep_callback=timestep
+            )
+        window = PAB_OPENSORA_WINDOW
+        return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=self.skip_range,
-            current_timestep_callback=lambda: pipe.current_timestep,
+            temporal_attention_block_skip_range=self.temporal_range,
+            cross_attention_block_skip_range=self.cross_range,
+            spatial_attention_timestep_skip_range=window,
+            temporal_attention_timestep_skip_range=window,
+            cross_attention_timestep_skip_range=window,
+            current_timestep_callback=timestep,
         )
-        return _diffusers_applied(
-            pipe,
-            config,
-            {"spatial_attention_timestep_skip_range": list(config.spatial_attention_timestep_skip_range)},
-        )
+
+    def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
+        transformer = pipe.transformer
+        if _has_diffusers_attention(transformer):
+            config = self.config(lambda: pipe.current_timestep)
+            info = {"spatial_attention_timestep_skip_range": list(config.spatial_attention_timestep_skip_range)}
+            return _diffusers_applied(pipe, config, info)
+        timestep = _TimestepProbe(transformer)
+        config = self.config(timestep)
+        try:
+            hooked = _hook_pab_components(transformer, config)
+        except ValueError:
+            timestep.remove()
+            raise
+        applied = _diffusers_applied_hooked(transformer, {
+            "timestep_skip_range": list(config.spatial_attention_timestep_skip_range),
+            "hooked": hooked, "state": "one per cache context (cond / uncond apart)"})
+        remove = applied.remove
+
+        def remove_all() -> None:
+            remove()
+            timestep.remove()
+
+        applied.remove = remove_all
+        return applied
+
+
+# PAB's three attention kinds by the engine adapter's component names (transformers without diffusers Attention)
+_PAB_KINDS = {"spatial_attn": "spatial", "temporal_attn": "temporal", "cross_attn": "cross"}
+
+
+def _has_diffusers_attention(transformer: Any) -> bool:
+    from diffusers.hooks._common import _ATTENTION_CLASSES
+
+    return any(isinstance(module, _ATTENTION_CLASSES) for module in transformer.modules())
+
+
+class _TimestepProbe:
+    """The transformer call's timestep as a number, for PAB's window, when the pipeline keeps no
+    `current_timestep` (OpenSoraPipeline): read once per transformer call (its first sample's)."""
+
+    def __init__(self, transformer: Any):
+        self.value: float | None = None
+        self._handle = transformer.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs) -> None:
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.value = None if timestep is None else float(timestep.reshape(-1)[0])
+
+    def __call__(self) -> float:
+        if self.value is None:
+            raise RuntimeError("PAB: the transformer was called without a timestep")
+        return self.value
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _branch_pab_hook(config: Any, kind: str) -> Any:
+    """diffusers' PAB hook for one attention of `kind`, its state (counter and kept output) kept per cache
+    context."""
+    from diffusers.hooks.hooks import CacheContext, StateManager
+    from diffusers.hooks.pyramid_attention_broadcast import (
+        PyramidAttentionBroadcastHook,
+        PyramidAttentionBroadcastState,
+    )
+
+    class _BranchPABHook(PyramidAttentionBroadcastHook):
+        def initialize_hook(self, module):
+            self.states = StateManager(PyramidAttentionBroadcastState)
+            return module
+
+        @property
+        def state(self):
+            if self.states._context is None:  # called outside cache_context: one default branch
+                self.states.set_context(CacheContext(name="inference"))
+            return self.states.get_state()
+
+        def reset_state(self, module):
+            self.states.reset()
+            return module
+
+    return _BranchPABHook(getattr(config, f"{kind}_attention_timestep_skip_range"),
+                          getattr(config, f"{kind}_attention_block_skip_range"), config.current_timestep_callback)
+
+
+def _hook_pab_components(transformer: Any, config: Any) -> dict[str, int]:
+    """PAB hooks on the adapter's attention components whose kind has a range; how many of each kind."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+    from videocache.adapters import get_adapter
+
+    adapter = get_adapter(transformer)
+    hooked: dict[str, int] = {}
+    for block in adapter.blocks(transformer):
+        for name, module in adapter.component_modules(block).items():
+            kind = _PAB_KINDS.get(name)
+            if kind is None or getattr(config, f"{kind}_attention_block_skip_range") is None:
+                continue
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.register_hook(_branch_pab_hook(config, kind), _PYRAMID_ATTENTION_BROADCAST_HOOK)
+            hooked[kind] = hooked.get(kind, 0) + 1
+    if not hooked:
+        raise ValueError(f"diffusers:pab: no attention of {type(transformer).__name__} to hook "
+                         f"(components named {', '.join(_PAB_KINDS)} or diffusers Attention modules)")
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer._cache_config = config  # disable_cache removes the hooks by name
+    return hooked
 
 
 @dataclass(frozen=True)
@@ -413,6 +637,7 @@ class CacheDitDBCacheMethod(Method):
     def _config(self, pipe: Any, setup: MethodSetup) -> Any:
         from videocache.adapters import get_adapter
 
+        check_attachable(self, pipe.transformer)
         num_blocks = len(get_adapter(pipe.transformer).blocks(pipe.transformer))
         if self.fn + self.bn >= num_blocks:  # checked before cache-dit patches anything
             raise ValueError(
@@ -533,6 +758,9 @@ def parse_method(spec: str) -> Method:
         forms = {"fbcache": "THRESHOLD", "taylorseer": "INTERVAL", "magcache": "THRESHOLD", "pab": "RANGE"}
         if kind not in forms:
             raise _spec_error(text)
+        if kind == "pab" and len(parts) == 5:
+            ranges = [_int(text, name, value, 2) for name, value in zip(("SPATIAL", "TEMPORAL", "CROSS"), parts[2:], strict=True)]
+            return PABMethod(*ranges)
         if kind == "taylorseer" and len(parts) == 4:
             if parts[3] != "attn":
                 raise _spec_error(text, "expected diffusers:taylorseer:INTERVAL[:attn]")

@@ -595,3 +595,16 @@ def load_stdit3(model: STDiT3Model, checkpoint: str | Path | dict[str, torch.Ten
     what = f"STDiT3Model(depth={cfg.depth}, hidden_size={cfg.hidden_size}, num_heads={cfg.num_heads})"
     load_strict(model, state, source, what, assign=assign)
     model.rope.freqs.requires_grad_(False)
+
+
+def _register_with_diffusers_hooks() -> None:
+    """diffusers' block caches (First-Block-Cache, MagCache) find a block's hidden-states argument and output
+    through its `TransformerBlockRegistry`: STDiT3Block takes `hidden_states` first and returns the video
+    stream alone (the caption is not updated), as Wan's block does."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    metadata = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+    TransformerBlockRegistry.register(model_class=STDiT3Block, metadata=metadata)
+
+
+_register_with_diffusers_hooks()
