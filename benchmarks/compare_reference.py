@@ -47,10 +47,8 @@ DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline'
     "cachedit:dbcache-taylorseer:1:0:0.16",
     "cachedit:dbcache-taylorseer:1:0:0.3",
 )
-# Per model: peers that cannot attach to it (left out; the reasons are in eval_vbench/methods.py CANNOT_ATTACH)
-# and extra peers. STDiT3: cache-dit cannot wrap its interleaved spatial / temporal block lists; PAB runs
-# also in its published Open-Sora setting (spatial 2, temporal 4, cross 6 in 450 < t < 930).
-LEFT_OUT = {"reference-opensora": ("cachedit:",)}
+# Per model, peers beside DEFAULT_METHODS: on Open-Sora, PAB also in its published Open-Sora setting
+# (spatial 2, temporal 4, cross 6 in 450 < t < 930).
 EXTRA_METHODS = {"reference-opensora": ("diffusers:pab:2:4:6",)}
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan",
@@ -58,9 +56,8 @@ DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compa
 
 
 def default_methods(model: str) -> list[str]:
-    """DEFAULT_METHODS with the model's profile, less the peers that cannot attach to it, plus its extras."""
-    kept = [m.format(profile=model) for m in DEFAULT_METHODS if not m.startswith(LEFT_OUT.get(model, ()))]
-    return [*kept, *EXTRA_METHODS.get(model, ())]
+    """DEFAULT_METHODS with the model's profile, and the model's EXTRA_METHODS."""
+    return [*(m.format(profile=model) for m in DEFAULT_METHODS), *EXTRA_METHODS.get(model, ())]
 
 
 def held_out_prompts(count: int) -> list[str]:

@@ -16,8 +16,9 @@ diffusers' caches find blocks by their list's name (`blocks`, `transformer_block
 `Attention` modules only: on a transformer where they find nothing (Open-Sora's STDiT3, whose `spatial_blocks`
 and `temporal_blocks` interleave), First-Block-Cache and MagCache get diffusers' own hooks on the engine
 adapter's blocks in execution order (`enable_diffusers_cache`), PAB on the adapter's attention components,
-TaylorSeer module names per architecture (TAYLORSEER_MODULES). Peers that cannot attach to an
-architecture are listed with the reason in CANNOT_ATTACH.
+TaylorSeer module names per architecture (TAYLORSEER_MODULES); cache-dit gets one block list in execution
+order from the model's package (CACHEDIT_BLOCK_LISTS). Peers that cannot attach to an architecture are
+listed with the reason in CANNOT_ATTACH.
 """
 
 from __future__ import annotations
@@ -69,15 +70,9 @@ TAYLORSEER_MODULES: dict[str, dict[str, tuple[list[str] | None, list[str] | None
 # window for all three (2:4:6 is the paper's setting). Its MLP broadcast (3 timesteps, blocks 0-4) has no
 # counterpart in diffusers and is left out.
 PAB_OPENSORA_WINDOW = (450, 930)
-# Peers that cannot attach to an architecture, with the reason (`apply` raises it as a one-line error).
+# Peers that cannot attach to an architecture, and why (none of them is a method spec here).
 CANNOT_ATTACH: dict[str, dict[str, str]] = {
     "STDiT3Model": {
-        "cachedit:dbcache": (
-            "cache-dit 1.5.3 swaps each block list for one wrapper that runs the whole list in a single call, and "
-            "STDiT3's loop alternates spatial_blocks and temporal_blocks (S0, T0, S1, ...): both lists wrapped "
-            "would run every spatial block before every temporal one (the loop also reads each block's `temporal`, "
-            "which the wrapper lacks), and no attribute holds the interleaved order for a single wrapper"
-        ),
         "diffusers:fastercache": (
             "FasterCache's CFG cache needs the cond and uncond branches batched in one call, and OpenSoraPipeline "
             "runs them as separate calls; its attention hooks attach to diffusers Attention classes only"
@@ -248,14 +243,6 @@ class VideocacheMethod(Method):
             reset_stats=getattr(engine, "reset_stats", lambda: None),
             info={"preset": getattr(engine, "preset_name", self.preset)},
         )
-
-
-def check_attachable(method: Method, transformer: Any) -> None:
-    """A one-line ValueError when `method` cannot attach to this transformer (CANNOT_ATTACH)."""
-    arch = type(transformer).__name__
-    why = CANNOT_ATTACH.get(arch, {}).get(family_of(method)) or CANNOT_ATTACH.get(arch, {}).get(method.family)
-    if why:
-        raise ValueError(f"{method.spec} cannot attach to {arch}: {why}")
 
 
 def _diffusers_finds_blocks(transformer: Any) -> bool:
@@ -637,7 +624,6 @@ class CacheDitDBCacheMethod(Method):
     def _config(self, pipe: Any, setup: MethodSetup) -> Any:
         from videocache.adapters import get_adapter
 
-        check_attachable(self, pipe.transformer)
         num_blocks = len(get_adapter(pipe.transformer).blocks(pipe.transformer))
         if self.fn + self.bn >= num_blocks:  # checked before cache-dit patches anything
             raise ValueError(
@@ -674,6 +660,11 @@ class CacheDitDBCacheMethod(Method):
             )
         if getattr(pipe, "_videocache_cachedit_parallel", None) is not None:
             return pipe._videocache_cachedit_parallel
+        if _cachedit_block_list(pipe.transformer) is not None:
+            raise ValueError(
+                f"{self.spec}: cache-dit's context parallelism plans only the model classes it registers, and "
+                f"{type(pipe.transformer).__name__} is not one: compare cache-dit on this model in one process"
+            )
         import cache_dit
 
         parallelism = cache_dit.ParallelismConfig(
@@ -694,30 +685,57 @@ class CacheDitDBCacheMethod(Method):
         calibrator = None
         if self.taylorseer_order is not None:
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
+        own = _cachedit_block_list(pipe.transformer)
         target = _cachedit_target(pipe)
-        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
+        try:
+            cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
+        except Exception:
+            if own is not None:
+                own.detach(pipe.transformer)
+            raise
         info = {"max_warmup_steps": config.max_warmup_steps, "cache_dit": getattr(cache_dit, "__version__", "?")}
-        if target is not pipe:
+        if own is not None:
+            info["adapter"] = f"{own.__name__}.block_adapter: the blocks in execution order as one list, has_separate_cfg=True"
+        elif target is not pipe:
             info["adapter"] = (f"cache-dit's own adapter for {type(pipe).__mro__[1].__name__}, "
                                f"has_separate_cfg={target.has_separate_cfg}")
         if getattr(pipe, "_videocache_cachedit_parallel", None) is not None:
             info["parallel"] = "cache-dit's own context parallelism (its DBCache all-reduces its residual statistic)"
-        return AppliedMethod(
-            remove=lambda: cache_dit.disable_cache(pipe),
-            cache_bytes=lambda: tensor_bytes(cachedit_roots(pipe)),
-            info=info,
-        )
+
+        def remove() -> None:
+            cache_dit.disable_cache(pipe)
+            if own is not None:
+                own.detach(pipe.transformer)
+
+        return AppliedMethod(remove=remove, cache_bytes=lambda: tensor_bytes(cachedit_roots(pipe)), info=info)
+
+
+# Transformers whose block lists cache-dit cannot wrap as they are, and the module (of the model's package)
+# that gives cache-dit one list in execution order (`block_adapter(pipe)`, `detach(transformer)`).
+CACHEDIT_BLOCK_LISTS = {"STDiT3Model": "videocache.pipelines.opensora.cachedit"}
+
+
+def _cachedit_block_list(transformer: Any) -> Any:
+    """The CACHEDIT_BLOCK_LISTS module for this transformer, or None."""
+    import importlib
+
+    name = CACHEDIT_BLOCK_LISTS.get(type(transformer).__name__)
+    return importlib.import_module(name) if name else None
 
 
 def _cachedit_target(pipe: Any) -> Any:
     """What to hand cache-dit: the pipeline when cache-dit knows its class by name, else cache-dit's own
     block adapter for the nearest base class it knows (our reference pipelines subclass diffusers' ones,
-    e.g. ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline)). cache-dit 1.5.3's HunyuanVideo adapter
+    e.g. ReferenceHunyuanVideoPipeline(HunyuanVideoPipeline)), or for a transformer in CACHEDIT_BLOCK_LISTS
+    the block adapter its package gives (STDiT3). cache-dit 1.5.3's HunyuanVideo adapter
     assumes one transformer call per step (the distilled-guidance model); a transformer without a guidance
     embedding is guided by true CFG, two calls per step, so its cond and uncond calls are declared separate
     (has_separate_cfg) or they would read each other's cache."""
     from cache_dit.caching.block_adapters import BlockAdapterRegister
 
+    own = _cachedit_block_list(pipe.transformer)
+    if own is not None:  # STDiT3: its interleaved lists as one, see videocache.pipelines.opensora.cachedit
+        return own.block_adapter(pipe)
     if BlockAdapterRegister.is_supported(pipe):
         return pipe
     for base in type(pipe).__mro__[1:]:

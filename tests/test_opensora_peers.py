@@ -1,11 +1,15 @@
 """The comparison's peers on Open-Sora 1.2 (STDiT3) with the tiny random OpenSoraPipeline: the FLOP counter
 against a hand count, diffusers' caches attached to STDiT3's interleaved spatial / temporal blocks (First-
-Block-Cache, MagCache, TaylorSeer, Pyramid Attention Broadcast), cache-dit's refusal, and the benchmark's
-Open-Sora method list."""
+Block-Cache, MagCache, TaylorSeer, Pyramid Attention Broadcast), cache-dit's DBCache through one block list
+in execution order, and the benchmark's Open-Sora method list."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,11 +190,68 @@ def test_pab_pyramid_hooks_each_attention_kind_with_its_range_and_keeps_the_bran
 
 
 # -- cache-dit ----------------------------------------------------------------------------------------------
-def test_cachedit_refuses_stdit3_in_one_line(pipe):
-    with pytest.raises(ValueError, match="cannot attach to STDiT3Model: cache-dit") as info:
-        m.parse_method("cachedit:dbcache:1:0:0.1").apply(pipe, m.MethodSetup(num_inference_steps=STEPS))
-    assert "\n" not in str(info.value)
-    assert not getattr(pipe.transformer, "_is_cached", False)
+def test_one_block_list_for_cachedit_runs_the_model_bit_for_bit_and_detaches(pipe, uncached):
+    """The execution-order list cache-dit wraps: the same blocks (S0, T0, S1, T1), the same output; detached,
+    the class's forward and the state dict's keys are back."""
+    from videocache.pipelines.opensora import cachedit
+
+    t, keys = pipe.transformer, list(pipe.transformer.state_dict())
+    blocks = cachedit.attach(t)
+    try:
+        assert list(blocks) == [t.spatial_blocks[0], t.temporal_blocks[0], t.spatial_blocks[1], t.temporal_blocks[1]]
+        assert torch.equal(generate(pipe), uncached[0])
+    finally:
+        cachedit.detach(t)
+    assert "forward" not in vars(t) and list(t.state_dict()) == keys
+
+
+CACHEDIT_RUN = """
+import json, sys, torch
+import videocache.eval_vbench.methods as m
+from videocache.eval_vbench.flops import ComponentCounter
+from tests.test_opensora_peers import STEPS, generate
+from videocache.pipelines.opensora.tiny import tiny_pipeline
+pipe = tiny_pipeline()
+with ComponentCounter(pipe.transformer) as counter:
+    base = generate(pipe)
+result = {}
+for spec in sys.argv[1:]:
+    applied = m.parse_method(spec).apply(pipe, m.MethodSetup(num_inference_steps=STEPS))
+    try:
+        with ComponentCounter(pipe.transformer) as cached:
+            latents = generate(pipe)
+    finally:
+        applied.remove()
+    result[spec] = {"fraction": cached.counts.total_flops / counter.counts.total_flops,
+                    "change": float((latents - base).norm() / base.norm()),
+                    "restored": torch.equal(generate(pipe), base), "adapter": applied.info.get("adapter", "")}
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit is not installed")
+def test_cachedit_dbcache_attaches_to_stdit3():
+    """In a process of its own (cache-dit patches the pipeline class for the process), as the comparison
+    runs it: DBCache with and without its TaylorSeer calibrator skips work and changes the output;
+    removed, the uncached output is back."""
+    specs = ["cachedit:dbcache:1:0:0.3", "cachedit:dbcache-taylorseer:1:0:0.3"]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", CACHEDIT_RUN, *specs], cwd=root, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for spec in specs:
+        assert result[spec]["fraction"] < 0.9 and 0 < result[spec]["change"] < 0.5, result[spec]
+        assert result[spec]["restored"] and "execution order" in result[spec]["adapter"]
+
+
+def test_cachedit_parallelism_refuses_stdit3_in_one_line(pipe):
+    from videocache.distributed import ParallelSettings
+
+    setup = m.MethodSetup(num_inference_steps=STEPS, parallel=ParallelSettings(ulysses=2))
+    with pytest.raises(ValueError, match="cache-dit's context parallelism plans only") as info:
+        m.parse_method("cachedit:dbcache:1:0:0.1").parallelize_pipeline(pipe, setup)
+    assert "\n" not in str(info.value) and "forward" not in vars(pipe.transformer)
 
 
 # -- specs and the benchmark's method list -------------------------------------------------------------------
@@ -212,7 +273,7 @@ def test_compare_reference_opensora_methods_and_folder():
     methods = bench.default_methods("reference-opensora")
     assert bench.DEFAULT_OUT["reference-opensora"] == "compare_opensora"
     assert "videocache:reference-opensora:balanced" in methods and "diffusers:pab:2:4:6" in methods
-    assert not [x for x in methods if x.startswith("cachedit:")]
+    assert "cachedit:dbcache:1:0:0.16" in methods
     for spec_text in methods:
         m.parse_method(spec_text)
     assert len(bench.default_methods("reference-wan")) == len(bench.DEFAULT_METHODS)
