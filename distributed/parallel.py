@@ -105,6 +105,7 @@ class Parallelism:
             "cfg_rank": self.cfg_rank,
             "ulysses_rank": self.ulysses_rank,
             "ring_rank": self.ring_rank,
+            "dsp": self.plan.axes is not None and self.settings.sequence_degree > 1,  # Ulysses ranks do DSP
         }
 
     def remove(self) -> None:

@@ -159,6 +159,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     res: dict = {}
     with torch.no_grad():
         par = parallelize(model, ulysses=2)
+        res["describe"] = par.describe()
         try:
             for case in CASES:
                 res[f"dsp/{case}"] = model(**_inputs(case))[0]
@@ -322,6 +323,11 @@ def test_cached_cfg_parallel_equals_one_process(single, ranks, preset):
         want = single[f"cached/{preset}/{size}"]
         for res in ranks:
             assert torch.equal(res[f"cfg/cached/{preset}/{size}"]["latents"], want["latents"])
+
+
+def test_parallelism_says_it_is_dsp(ranks):
+    assert [res["describe"]["dsp"] for res in ranks] == [True, True]
+    assert [res["describe"]["ulysses_rank"] for res in ranks] == [0, 1]
 
 
 def test_impossible_configurations_are_one_line_errors(ranks):

@@ -70,7 +70,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else float32)")
     add_attention_backend_argument(p)
     p.add_argument("--ulysses", type=int, default=1, metavar="N",
-                   help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch)")
+                   help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch; "
+                        "Open-Sora: DSP, frames and positions split in turn)")
     p.add_argument("--ring", type=int, default=1, metavar="M",
                    help="ring attention: M processes share each video's tokens (with --ulysses N: N x M processes)")
     p.add_argument("--cfg-parallel", action="store_true",
