@@ -47,9 +47,8 @@ from videocache.schedule_search import _cell_costs, _shortest_paths
 from videocache.table import Action
 
 ROOT = Path(__file__).resolve().parents[1]
-REF_STEPS = 50  # the step count of MagCache's ratios and of the profiles
-MIN_STEPS, MAX_STEPS = 25, 100  # the profiles' step_rule
-STEPS = (25, 50, 100)  # the step counts reported
+REF_STEPS = 50  # the default step count of MagCache's ratios and of the profiles (a Model's `steps`)
+MIN_STEPS, MAX_STEPS = 25, 100  # the default profiles' step_rule: half to twice `steps`
 KAPPA = 1.0
 BIG = 1e6  # a skipped-cell cost that no schedule within the constraints pays
 FULL_PRESET = {"warmup_steps": 0, "final_steps": 0, "rules": []}
@@ -59,9 +58,9 @@ FULL_PRESET = {"warmup_steps": 0, "final_steps": 0, "rules": []}
 class Model:
     """One real model whose profile is derived here.
 
-    `ratios`: MagCache's published per-step magnitude ratios (REF_STEPS x `branches`, interleaved per step
+    `ratios`: MagCache's published per-step magnitude ratios (`steps` x `branches`, interleaved per step
     where there are two CFG branches; the first step's entries are MagCache's padding, 1); `groups`: the
-    adapter fingerprint's block groups (name, blocks, components); `real_flops`: FLOPs of one real-size
+    adapter fingerprint's block groups (name, blocks, components[, block indices where groups interleave]); `real_flops`: FLOPs of one real-size
     call per (block, cell) of the layout; `sigmas(steps)`: the model's per-step sigmas; `measure(names)`:
     {preset: {steps: computed fraction}} counted by the engine on a tiny random model with the real blocks;
     `magcache`: MagCache's published (threshold, K) settings of the model, shown beside our presets."""
@@ -85,45 +84,65 @@ class Model:
     skip_text: str  # the header's note on how a skipped step runs
     feb_text: str  # the header's note on where feb saves little
     script: str  # the command that writes the profile
+    steps: int = REF_STEPS  # the step count of the ratios and of the profile; its step_rule is half to twice that
+    groups_text: str = ""  # how the groups interleave, for the header (empty: consecutive)
+    calibrate_args: str = ""  # the calibration command's size arguments (empty: the model's defaults)
+    hub_text: str = ""  # what the calibration command's --model is, where it is not a hub id
+
+    @property
+    def min_steps(self) -> int:
+        return self.steps // 2
+
+    @property
+    def max_steps(self) -> int:
+        return 2 * self.steps
+
+    @property
+    def report_steps(self) -> tuple[int, int, int]:
+        """The step counts reported: the step_rule's ends and the profile's own."""
+        return (self.min_steps, self.steps, self.max_steps)
 
     @property
     def layout(self) -> BlockLayout:
-        return BlockLayout(tuple(BlockGroup(n, b, tuple(c)) for n, b, c in self.groups))
+        return BlockLayout(tuple(BlockGroup(g[0], g[1], tuple(g[2]), *g[3:]) for g in self.groups))
 
     @property
     def stand_in_layout(self) -> BlockLayout:
-        """One block per group: aligned schedules see every block of a group alike."""
-        return BlockLayout(tuple(BlockGroup(n, 1, tuple(c)) for n, _, c in self.groups))
+        """One block per group, consecutive: aligned schedules see every block of a group alike."""
+        return BlockLayout(tuple(BlockGroup(g[0], 1, tuple(g[2])) for g in self.groups))
 
     @property
     def num_blocks(self) -> int:
-        return sum(b for _, b, _ in self.groups)
+        return sum(g[1] for g in self.groups)
 
     def model_dict(self) -> dict:
-        """The profile's `model`: one kind of block as `components`, several as `groups`."""
+        """The profile's `model`: one kind of block as `components`, several as `groups` (with their block
+        indices where a group lists them: interleaved groups)."""
         out = {"architecture": self.architecture, "num_blocks": self.num_blocks}
         if len(self.groups) == 1:
             return out | {"components": list(self.groups[0][2])}
-        return out | {"groups": [{"name": n, "num_blocks": b, "components": list(c)} for n, b, c in self.groups]}
+        groups = [{"name": g[0], "num_blocks": g[1], "components": list(g[2])} for g in self.groups]
+        return out | {"groups": [d | ({"blocks": list(g[3])} if len(g) > 3 else {}) for d, g in zip(groups, self.groups, strict=True)]}
 
 
 # -- stand-in statistics ----------------------------------------------------------------------------
 def feature_gram(ratios, steps: int, branches: int = 2, kappa: float = KAPPA) -> np.ndarray:
     """(steps, steps) Gram matrix of the stand-in block-stack features of a `steps`-step run, summed over
-    the CFG branches. Flow sigmas are shift(u) for u evenly spaced (Wan's and HunyuanVideo's alike), so
-    step i of an N-step run sits where step 50 i / N of the 50-step run does: 25 steps are every other one,
-    100 steps add midpoints (half a step of the walk, half of the log-magnitude change)."""
-    if (2 * REF_STEPS) % steps:
-        raise ValueError(f"the stand-in statistics cover 25, 50 or 100 steps; got {steps}")
-    gamma = np.asarray(ratios, dtype=np.float64).reshape(REF_STEPS, branches)
+    the CFG branches. Flow sigmas are shift(u) for u evenly spaced (Wan's, HunyuanVideo's and Open-Sora's
+    alike), so step i of an N-step run sits where step R i / N of the ratios' R-step run does: R / 2 steps
+    are every other one, 2 R steps add midpoints (half a step of the walk, half of the log-magnitude change)."""
+    ref = len(ratios) // branches
+    if (2 * ref) % steps:
+        raise ValueError(f"the stand-in statistics cover {ref // 2}, {ref} or {2 * ref} steps; got {steps}")
+    gamma = np.asarray(ratios, dtype=np.float64).reshape(ref, branches)
     gamma = np.concatenate([gamma, gamma[-1:]])  # one more step, to place a 100-step run's last point
-    half = np.repeat(np.log(gamma[1:]) / 2, 2, axis=0)  # (2 * REF_STEPS, branches): log change per half step
+    half = np.repeat(np.log(gamma[1:]) / 2, 2, axis=0)  # (2 * ref, branches): log change per half step
     log_m = np.concatenate([np.zeros((1, branches)), np.cumsum(half, axis=0)])
     walk = kappa * np.abs(half) * math.sqrt(2)  # a half step turns by 1/sqrt(2) of the step's angle
-    at = np.arange(steps) * (2 * REF_STEPS // steps)  # half-step index of each run step
+    at = np.arange(steps) * (2 * ref // steps)  # half-step index of each run step
     gram = np.zeros((steps, steps))
     for b in range(branches):
-        basis = np.zeros((steps, 2 * REF_STEPS + 1))
+        basis = np.zeros((steps, 2 * ref + 1))
         basis[:, 0] = 1.0
         for i, h in enumerate(at):
             basis[i, 1 : h + 1] = walk[:h, b]
@@ -149,16 +168,20 @@ def stand_in_search(model: Model, steps: int, kappa: float = KAPPA) -> TableSear
 
 
 # -- the search -------------------------------------------------------------------------------------
-def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: set[int] = frozenset()) -> str:
+def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: set[int] = frozenset(),
+                     ends: set[int] | None = None) -> str:
     """The least-error aligned schedule with `computes` compute steps as C/R/F letters (R reuse, F forecast):
-    every step in `must` computed, at most `max_skips` skipped steps in a row, and a skip only right after two
-    consecutive computes (see the module docstring). A cell that breaks a rule costs BIG."""
+    every step in `must` computed, at most `max_skips` skipped steps in a row, a skip only right after two
+    consecutive computes (see the module docstring), and no compute block ending at a step in `ends`
+    (default: `unread_ends` of a 50-step profile). A cell that breaks a rule costs BIG."""
+    if ends is None:
+        ends = unread_ends(search.num_steps) if search.num_steps == REF_STEPS else set()
     cost, forecast = _cell_costs(search, [tuple(int(i) for i in cell) for cell in np.argwhere(search.layout.present)])
     steps = np.arange(search.num_steps)
     prev = np.arange(-1, search.num_steps)[:, None, None]  # cost[p + 1, l, t]: p, l the last two computes
     last, skipped = steps[None, :, None], steps[None, None, :]
     broken = (skipped - last > max_skips) | (prev != last - 1) | np.isin(skipped, sorted(must))
-    broken |= np.isin(last, sorted(unread_ends(search.num_steps))) & (skipped > last)
+    broken |= np.isin(last, sorted(ends)) & (skipped > last)
     cost = np.where(np.isfinite(cost) & broken, BIG, cost)
     schedule = _shortest_paths(cost, forecast)
     if not schedule.errors[computes] < BIG:
@@ -167,33 +190,33 @@ def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: s
     return "".join("C" if t in chosen else "F" if t in forecasts else "R" for t in range(search.num_steps))
 
 
-def unread_ends(num_steps: int, min_steps: int = MIN_STEPS) -> set[int]:
-    """Profile steps a compute block must not end at: the second of two steps that a run of `min_steps` to
-    100 steps both skips when it reads the profile (at 25 steps: 23 and 24, read as 22 then 25). A block
-    of two computes there would vanish from that run."""
-    if num_steps != REF_STEPS:
-        return set()
+def unread_ends(num_steps: int, min_steps: int | None = None, max_steps: int | None = None) -> set[int]:
+    """Profile steps (of a `num_steps`-step profile) a compute block must not end at: the second of two steps
+    that a run of `min_steps` to `max_steps` steps (default half to twice `num_steps`) both skips when it
+    reads the profile (50 steps read at 25: 23 and 24, read as 22 then 25). A block of two computes there
+    would vanish from that run."""
     ends = set()
-    for n in range(min_steps, MAX_STEPS + 1):
-        reads = sorted({profile_step(i, n) for i in range(n)})
+    for n in range(min_steps or num_steps // 2, (max_steps or 2 * num_steps) + 1):
+        reads = sorted({profile_step(i, n, num_steps) for i in range(n)})
         ends |= {b - 1 for a, b in zip(reads, reads[1:], strict=False) if b - a > 2}
     return ends
 
 
-def profile_step(step: int, steps: int) -> int:
-    """The profile step a run step reads (as `videocache.profile.StepPlan.reference_step`)."""
-    return int(math.floor(step * (REF_STEPS - 1) / (steps - 1) + 0.5))
+def profile_step(step: int, steps: int, ref_steps: int = REF_STEPS) -> int:
+    """The step of a `ref_steps`-step profile that a run step reads (as `videocache.profile.StepPlan.reference_step`)."""
+    return int(math.floor(step * (ref_steps - 1) / (steps - 1) + 0.5))
 
 
 def derive(model: Model, budget: float, retention: float, max_skips: int, kappa: float = KAPPA) -> str:
-    """The 50-step schedule (C/R/F letters) of one preset."""
-    return aligned_schedule(stand_in_search(model, REF_STEPS, kappa), math.floor(budget * REF_STEPS + 1e-9),
-                            max_skips, must=set(range(math.ceil(retention * REF_STEPS))))
+    """The schedule of one preset at the profile's step count (C/R/F letters)."""
+    n = model.steps
+    return aligned_schedule(stand_in_search(model, n, kappa), math.floor(budget * n + 1e-9), max_skips,
+                            must=set(range(math.ceil(retention * n))), ends=unread_ends(n, model.min_steps, model.max_steps))
 
 
 def read_at(letters: str, steps: int) -> str:
-    """The letters a `steps`-step run reads from a 50-step schedule."""
-    return "".join(letters[profile_step(i, steps)] for i in range(steps))
+    """The letters a `steps`-step run reads from a profile's schedule (one letter per profile step)."""
+    return "".join(letters[profile_step(i, steps, len(letters))] for i in range(steps))
 
 
 def preset_from_letters(letters: str, components) -> dict:
@@ -217,13 +240,13 @@ def feb_preset(components) -> dict:
 
 
 def expand(model: Model, preset: dict, steps: int):
-    """The preset's table for a `steps`-step run of the stand-in model (profile of REF_STEPS)."""
+    """The preset's table for a `steps`-step run of the stand-in model (profile of `model.steps`)."""
     layout = model.stand_in_layout
     stand_in = Model.model_dict(model) | {"num_blocks": layout.num_blocks}
     if "groups" in stand_in:
-        stand_in["groups"] = [g | {"num_blocks": 1} for g in stand_in["groups"]]
-    profile = Profile.from_dict({"schema_version": 1, "name": "stand-in", "steps": REF_STEPS, "model": stand_in,
-                                 "step_rule": {"mode": "scale", "min_steps": MIN_STEPS, "max_steps": MAX_STEPS},
+        stand_in["groups"] = [{k: v for k, v in g.items() if k != "blocks"} | {"num_blocks": 1} for g in stand_in["groups"]]
+    profile = Profile.from_dict({"schema_version": 1, "name": "stand-in", "steps": model.steps, "model": stand_in,
+                                 "step_rule": {"mode": "scale", "min_steps": model.min_steps, "max_steps": model.max_steps},
                                  "presets": {"p": preset}})
     return build_table(profile.preset("p"), model.sigmas(steps), layout.num_blocks, layout)
 
@@ -252,36 +275,43 @@ def predicted_error(model: Model, preset: dict, steps: int) -> tuple[float, floa
 # -- the profiles ------------------------------------------------------------------------------------
 def calibration_command(model: Model) -> str:
     budgets = " ".join(f"--budget {spec[0]:g}" for spec in model.presets.values())
-    return (f"videocache profile --model {model.hub} --prompts prompts.txt --steps 50 {budgets} "
+    size = f" {model.calibrate_args}" if model.calibrate_args else ""
+    return (f"videocache profile --model {model.hub} --prompts prompts.txt --steps {model.steps}{size} {budgets} "
             f"--preset-names {' '.join(model.presets)} --out {model.name}.yaml")
 
 
-def header(model: Model, feb_fraction: float, spread: float) -> str:
-    """`spread`: the most a derived preset's computed fraction at 25 or 100 steps differs from its budget."""
-    command = calibration_command(model).replace(" --budget 0.6", " \\\n#       --budget 0.6")
+def header(model: Model, feb_fraction: float, spread: float, feb_low: float = 1.0) -> str:
+    """`spread`: the most a derived preset's computed fraction at the step_rule's ends differs from its budget;
+    `feb_low`: feb's fraction at the fewest steps."""
+    command = calibration_command(model).replace(" --budget", " \\\n#       --budget", 1)
     caps = " / ".join(str(spec[2]) for spec in model.presets.values())
     fractions = " / ".join(f"{spec[0]:.2f}" for spec in model.presets.values())
+    lo, n, hi = model.report_steps
+    feb_at_low = "all of it" if feb_low == 1.0 else f"{feb_low:.2f}"
     body = (
-        f"Cache profile for {model.title} ({model.blocks_text}), 50 steps ({MIN_STEPS}-{MAX_STEPS} by scaling).\n"
+        f"Cache profile for {model.title} ({model.blocks_text}), {n} steps ({lo}-{hi} by scaling).\n"
         "NOT CALIBRATED on the real weights: no video made with these presets has been measured against an "
-        f"uncached one. {' / '.join(model.presets)} compute {fractions} of the block work at 50 steps (within "
-        f"{spread:.2f} of that at 25 and 100 steps; {model.script.split()[1].replace('.py', '.md')}). videocache's schedule "
+        f"uncached one. {' / '.join(model.presets)} compute {fractions} of the block work at {n} steps (within "
+        f"{spread:.2f} of that at {lo} and {hi} steps; {model.script.split()[1].replace('.py', '.md')}). videocache's schedule "
         "search chose them on stand-in statistics: MagCache's published per-step magnitude ratios of this model, "
         "the step sensitivity measured on our reference-wan model, MagCache's retention (first 20% of steps "
         f"computed; 10% for fast) and at most {caps} skipped steps in a row, each skip run after two consecutive "
         "computes (so that runs of other step counts read every refresh). Each is one schedule for all blocks and "
         f"components ({model.skip_text}); skipped steps forecast (order 1), or reuse where forecasting predicts "
         "worse. feb is FEB-Cache's published stage rule (arXiv 2503.07120) as is, attention fresh early and MLP "
-        f"fresh late: at this model's real size it computes {feb_fraction:.2f} of the work at 50 steps "
-        f"({model.feb_text}) and all of it at 25. full computes everything. Sources and assumptions: metadata below."
+        f"fresh late: at this model's real size it computes {feb_fraction:.2f} of the work at {n} steps "
+        f"({model.feb_text}) and {feb_at_low} at {lo}. full computes everything. "
+        + (f"{model.groups_text} " if model.groups_text else "") + "Sources and assumptions: metadata below."
     )
+    calibrate = ("With the weights, calibrate a profile instead (prompts.txt: a few prompts, one per line"
+                 + (f"; {model.hub_text}" if model.hub_text else "") + "):")
     lines = [*(line for part in body.split("\n") for line in textwrap.wrap(part, 104)), "Made by", f"  {model.script}",
-             "With the weights, calibrate a profile instead (prompts.txt: a few prompts, one per line):"]
+             *textwrap.wrap(calibrate, 104)]
     return "".join(f"# {line}\n" for line in lines) + f"#   {command}\n"
 
 
 def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
-    """The profile, from each derived preset's 50-step letters."""
+    """The profile, from each derived preset's letters at the profile's step count."""
     names = list(model.layout.names)
     presets = {name: preset_from_letters(letters, names) for name, letters in schedules.items()}
     return {
@@ -289,8 +319,8 @@ def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
         "name": model.name,
         "model": model.model_dict(),
         "calibrated": False,
-        "steps": REF_STEPS,
-        "step_rule": {"mode": "scale", "min_steps": MIN_STEPS, "max_steps": MAX_STEPS},
+        "steps": model.steps,
+        "step_rule": {"mode": "scale", "min_steps": model.min_steps, "max_steps": model.max_steps},
         "default_preset": "slow",
         "exposure_bias": {"enabled": False, "b_high": 0.98, "b_low": 0.96, "t_threshold": 0.4, "sign": 1},
         "presets": {**presets, "feb": feb_preset(names), "full": FULL_PRESET},
@@ -314,8 +344,9 @@ def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
                 f"turning by kappa |log gamma_t| per step (kappa {KAPPA}); sensitivity read by position in the run"
             ),
             "presets": {name: {"budget": model.presets[name][0], "retention": model.presets[name][1],
-                               "max_skips": model.presets[name][2], "schedule_50": letters,
-                               "schedule_25": read_at(letters, 25)} for name, letters in schedules.items()},
+                               "max_skips": model.presets[name][2], f"schedule_{model.steps}": letters,
+                               f"schedule_{model.min_steps}": read_at(letters, model.min_steps)}
+                        for name, letters in schedules.items()},
             "measured": {},
         },
     }
@@ -325,22 +356,24 @@ def write_profile(model: Model) -> Path:
     data = profile_dict(model, {name: derive(model, *spec) for name, spec in model.presets.items()})
     path = ROOT / "profiles" / f"{model.name}.yaml"
     profile = Profile.from_dict(data, str(path))  # validate before writing
-    feb = real_size_fraction(model, profile.preset("feb"), REF_STEPS)
+    feb = real_size_fraction(model, profile.preset("feb"), model.steps)
+    feb_low = real_size_fraction(model, profile.preset("feb"), model.min_steps)
     spread = max(abs(real_size_fraction(model, profile.preset(name), n) - spec[0])
-                 for name, spec in model.presets.items() for n in (MIN_STEPS, MAX_STEPS))
-    path.write_text(header(model, feb, math.ceil(spread * 100 - 1e-6) / 100) + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
+                 for name, spec in model.presets.items() for n in (model.min_steps, model.max_steps))
+    text = header(model, feb, math.ceil(spread * 100 - 1e-6) / 100, feb_low)
+    path.write_text(text + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
     return path
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
 def magcache_schedule(model: Model, threshold: float, max_skips: int, retention: float = 0.2) -> str:
-    """MagCache's own 50-step decisions (R = skip, reusing the residual) on its published ratios: after the
+    """MagCache's own decisions at the ratios' step count (R = skip, reusing the residual) on its published ratios: after the
     retention steps, skip while the summed |1 - product of ratios since the last compute| stays under the
     threshold and at most `max_skips` steps in a row are skipped (conditional branch)."""
     gamma = model.ratios[0 :: model.branches]
     letters, err, run, ratio = [], 0.0, 0, 1.0
-    for t in range(REF_STEPS):
-        if t >= int(REF_STEPS * retention):
+    for t in range(model.steps):
+        if t >= int(model.steps * retention):
             ratio, run = ratio * gamma[t], run + 1
             err += abs(1 - ratio)
             if err < threshold and run <= max_skips:
@@ -351,21 +384,21 @@ def magcache_schedule(model: Model, threshold: float, max_skips: int, retention:
     return "".join(letters)
 
 
-def read_out_range(letters: str) -> dict:
-    """Over every step count the profiles cover: the least and most computed fraction, and the longest run of
-    skipped steps in 50-step units (run length x 49 / (N - 1))."""
+def read_out_range(letters: str, min_steps: int = MIN_STEPS, max_steps: int = MAX_STEPS) -> dict:
+    """Over every step count the profile covers: the least and most computed fraction, and the longest run of
+    skipped steps in profile-step units (run length x (R - 1) / (N - 1) for a profile of R = len(letters))."""
     fractions, spans = [], []
-    for n in range(MIN_STEPS, MAX_STEPS + 1):
+    for n in range(min_steps, max_steps + 1):
         read = read_at(letters, n)
         fractions.append(read.count("C") / n)
-        spans.append(max(len(run) for run in read.split("C")) * (REF_STEPS - 1) / (n - 1))
+        spans.append(max(len(run) for run in read.split("C")) * (len(letters) - 1) / (n - 1))
     return {"min_fraction": round(min(fractions), 3), "max_fraction": round(max(fractions), 3),
             "longest_skip_run": round(max(spans), 1)}
 
 
 def measure_models(models: list[Model], command: str) -> dict:
     """Every model's presets: counted fractions (tiny model), table fractions at the real size, the read-out
-    range over 25-100 steps, and the predicted errors beside MagCache's own schedules."""
+    range over the step_rule's steps, and the predicted errors beside MagCache's own schedules."""
     import torch
 
     torch.set_num_threads(1)
@@ -373,40 +406,43 @@ def measure_models(models: list[Model], command: str) -> dict:
     for model in models:
         names = [*model.presets, "feb", "full"]
         profile = Profile.from_dict(yaml.safe_load((ROOT / "profiles" / f"{model.name}.yaml").read_text()))
-        schedules = {name: profile.metadata["presets"][name]["schedule_50"] for name in model.presets}
+        steps = model.report_steps
+        schedules = {name: profile.metadata["presets"][name][f"schedule_{model.steps}"] for name in model.presets}
         for threshold, k in model.magcache:
             schedules[f"MagCache E{round(threshold * 100):03d}K{k}R02"] = magcache_schedule(model, threshold, k)
         comps = list(model.stand_in_layout.names)
         predicted = {name: {n: [round(v, 4) for v in predicted_error(model, preset_from_letters(s, comps), n)]
-                            for n in STEPS} for name, s in schedules.items()}
-        real = {name: {n: round(real_size_fraction(model, profile.preset(name), n), 4) for n in STEPS} for name in names}
-        every = {name: read_out_range(schedules[name]) for name in model.presets}
+                            for n in steps} for name, s in schedules.items()}
+        real = {name: {n: round(real_size_fraction(model, profile.preset(name), n), 4) for n in steps} for name in names}
+        every = {name: read_out_range(schedules[name], model.min_steps, model.max_steps) for name in model.presets}
         result["models"][model.name] = {"flow_shift": model.flow_shift, "computed_fraction": model.measure(names),
-                                        "real_size_table_fraction": real, "steps_25_to_100": every,
-                                        "schedule_50": schedules, "predicted": predicted}
+                                        "real_size_table_fraction": real,
+                                        f"steps_{model.min_steps}_to_{model.max_steps}": every,
+                                        f"schedule_{model.steps}": schedules, "predicted": predicted}
     return result
 
 
 def model_report(model: Model, r: dict, real_note: str) -> list[str]:
+    steps = lo, n, hi = model.report_steps
     lines = [f"## {model.title} (`profiles/{model.name}.yaml`, flow_shift {r['flow_shift']})", "",
-             "| preset | 25 steps | 50 steps | 100 steps | real size, from the table: 25 / 50 / 100 |",
+             f"| preset | {lo} steps | {n} steps | {hi} steps | real size, from the table: {lo} / {n} / {hi} |",
              "|---|---:|---:|---:|---:|"]
     for name, by_steps in r["computed_fraction"].items():
-        real = " / ".join(f"{r['real_size_table_fraction'][name][n]:.3f}" for n in STEPS)
-        lines.append(f"| {name} | " + " | ".join(f"{by_steps[n]:.3f}" for n in STEPS) + f" | {real} |")
+        real = " / ".join(f"{r['real_size_table_fraction'][name][k]:.3f}" for k in steps)
+        lines.append(f"| {name} | " + " | ".join(f"{by_steps[k]:.3f}" for k in steps) + f" | {real} |")
     lines += ["", real_note,
-              "", f"Every step count the profile covers ({MIN_STEPS}-{MAX_STEPS}), read from the step lists:", "",
-              "| preset | computed fraction | longest run of skipped steps, in 50-step units |", "|---|---:|---:|"]
-    for name, e in r["steps_25_to_100"].items():
+              "", f"Every step count the profile covers ({lo}-{hi}), read from the step lists:", "",
+              f"| preset | computed fraction | longest run of skipped steps, in {n}-step units |", "|---|---:|---:|"]
+    for name, e in r[f"steps_{lo}_to_{hi}"].items():
         lines.append(f"| {name} | {e['min_fraction']:.2f}-{e['max_fraction']:.2f} | {e['longest_skip_run']:.1f} |")
-    lines += ["", "Schedules at 50 steps (C compute, F forecast, R reuse; one letter per step, all blocks and "
+    lines += ["", f"Schedules at {n} steps (C compute, F forecast, R reuse; one letter per step, all blocks and "
               "components alike) and the error the stand-in statistics predict (lower is better; a model "
               "prediction, comparable only within a column). MagCache rows: MagCache's own decisions on its "
               "published ratios with its published settings (threshold, max skips K, retention R), for scale.",
-              "", "| schedule | 50-step letters | fraction / predicted error at 25 | 50 | 100 |",
+              "", f"| schedule | {n}-step letters | fraction / predicted error at {lo} | {n} | {hi} |",
               "|---|---|---:|---:|---:|"]
-    for name, letters in r["schedule_50"].items():
-        cells = " | ".join(f"{f:.2f} / {e:.3f}" for f, e in (r["predicted"][name][n] for n in STEPS))
+    for name, letters in r[f"schedule_{n}"].items():
+        cells = " | ".join(f"{f:.2f} / {e:.3f}" for f, e in (r["predicted"][name][k] for k in steps))
         lines.append(f"| {name} | `{letters}` | {cells} |")
     lines.append("")
     return lines
