@@ -9,7 +9,7 @@ import yaml
 import videocache as vc
 from videocache.profile import PROFILES_DIR, ProfileError
 
-SHIPPED = ("reference-wan", "reference-hunyuan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo")
+SHIPPED = ("reference-wan", "reference-hunyuan", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "hunyuanvideo", "opensora-1.2")
 CALIBRATED = ("reference-wan", "reference-hunyuan")  # made by `videocache profile`; the real-model profiles await real weights
 PROMPT = "a red circle moving left on a black background"
 
@@ -50,7 +50,8 @@ def test_shipped_profiles_load_and_round_trip(name, tmp_path):
     prof = vc.load_profile(name)
     assert prof.name == name and prof.calibrated is (name in CALIBRATED)
     assert set(prof.presets) >= {"slow", "fast"}
-    assert prof.model.architecture == ("HunyuanVideoTransformer3DModel" if "hunyuan" in name else "WanTransformer3DModel")
+    architecture = {"hunyuan": "HunyuanVideoTransformer3DModel", "opensora": "STDiT3Model"}
+    assert prof.model.architecture == next((a for k, a in architecture.items() if k in name), "WanTransformer3DModel")
     again = vc.load_profile(prof.save(tmp_path / f"{name}.yaml"))
     assert again.to_dict() == prof.to_dict()
     assert vc.load_profile(PROFILES_DIR / f"{name}.yaml").to_dict() == prof.to_dict()  # a path works too
