@@ -1,7 +1,9 @@
 """Presets of a real model's profile derived without its weights, from published per-step statistics.
 
-Shared by `benchmarks/wan_presets.py` (Wan2.1 T2V 1.3B / 14B) and `benchmarks/hunyuan_presets.py`
-(HunyuanVideo): each describes its models as a `Model` and calls `main`. For a model, videocache's schedule
+Shared by `benchmarks/wan_presets.py` (Wan2.1 T2V 1.3B / 14B), `benchmarks/hunyuan_presets.py`
+(HunyuanVideo) and `benchmarks/opensora_presets.py` (Open-Sora 1.2): each describes its models as a `Model`
+and calls `main`. A profile is written for the model's step count (`Model.steps`: 50, Open-Sora's 30), with
+a step_rule from half to twice that; the 50-step examples below carry over. For a model, videocache's schedule
 search (`videocache.schedule_search`) chooses aligned schedules on per-step statistics that stand in for the
 recording `videocache profile` would make on the real model:
 
