@@ -379,8 +379,12 @@ def train_transformer(args, device, work: Path) -> None:
     total = args.steps + args.steps2
     bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
     model.train()
-    # The sampler's time distribution: Open-Sora's shift follows the video size (64x64, 17 frames: 0.28).
-    shift = opensora_schedule.shift_ratio(64, 64, 17) if args.architecture == "opensora" else build.SCHEDULER_SHIFT
+    # The sampler's time distribution: Open-Sora's shift follows the video size relative to the model's base
+    # size (64x64, 17 frames at base 64: 2.24, what 512x512 gets in the released model).
+    if args.architecture == "opensora":
+        shift = opensora_schedule.shift_ratio(64, 64, 17, base_size=build_opensora.TRANSFORMER_CONFIG["input_sq_size"])
+    else:
+        shift = build.SCHEDULER_SHIFT
     velocity_sign = -1.0 if args.architecture == "opensora" else 1.0  # Open-Sora predicts x0 - noise
     running = None
     while step < total:

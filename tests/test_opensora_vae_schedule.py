@@ -186,6 +186,19 @@ def test_shift_ratio_matches_the_official_examples(size, frames, ratio):
     assert shift_ratio(*size, frames) == pytest.approx(ratio, abs=1e-3)
 
 
+
+def test_shift_is_relative_to_the_models_base_size():
+    """A model whose position-embedding base is 64 pixels (the reference) gets at 64x64 the shift the
+    released model (base 512) gets at 512x512; the pipeline reads the base from the transformer."""
+    from videocache.pipelines.opensora.tiny import tiny_pipeline
+
+    assert shift_ratio(64, 64, 17, base_size=64) == pytest.approx(shift_ratio(512, 512, 17))
+    pipe = tiny_pipeline()
+    for base in (512, 64):
+        pipe.transformer.register_to_config(input_sq_size=base)
+        pipe("a red circle", height=64, width=64, num_frames=17, num_inference_steps=1, output_type="latent")
+        assert pipe.scheduler.shift == pytest.approx(shift_ratio(64, 64, 17, base_size=base))
+
 def official_schedule(steps, height, width, frames):
     """The reference's RFLOW timesteps, from its formulas (num_timesteps 1000, timestep transform on)."""
     space = (height * width / 512**2) ** 0.5

@@ -197,7 +197,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         dtype = self.transformer.dtype
         rounding = dtype if reference_rounding else None
         set_opensora_timesteps(self.scheduler, num_inference_steps, height, width, num_frames, device=device,
-                               ratio_dtype=rounding)
+                               ratio_dtype=rounding, base_size=self.transformer.config.input_sq_size)
         self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         sigmas = self.scheduler.sigmas.tolist()  # one host read before the loop, none inside it

@@ -10,8 +10,11 @@ batch 32, measured side by side), i.e. 3.5x more training samples in the same ho
 The text side is what OpenSoraPipeline expects: a T5EncoderModel (tiny, seeded, frozen; T5's unit-scale
 embedding init) behind a word-level tokenizer with T5's special tokens over the reference vocabulary,
 16 tokens per prompt (the caption's 9 words, the aesthetic-score suffix's 3 unknown words, </s>).
-The position-embedding scale reads `input_sq_size` = 64, the reference's pixel size, so that a 64x64 video
-gets the scale a 512x512 one gets in the released model.
+`input_sq_size` = 64, the reference's pixel size, is the base of the position-embedding scale and of the
+time shift, so that a 64x64 video gets the scale and the shift (2.24 at 17 frames) a 512x512 one gets in the
+released model. (With the released base 512 the shift at 64x64 is 0.28: the sampler and the training draws
+then spend 6 % of their times above sigma 0.8, where shapes form, and a first run trained that way made
+backgrounds but no shapes.)
 """
 
 from __future__ import annotations
