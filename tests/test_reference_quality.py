@@ -1,5 +1,5 @@
 """Quality gates on the shipped reference weights (issue: the embedded reference pipeline; issue 12 adds
-reference-hunyuan and the per-frame colour gate).
+reference-hunyuan and the per-frame colour gate, issue 13 reference-opensora).
 
 The prompts are the 20 held-out captions that were never in the training set.
 """
@@ -16,8 +16,10 @@ REFERENCE_MODELS = [m for m in KNOWN_MODELS if m.startswith("reference-")]
 # Gates a shipped model is known to miss, recorded strictly (the test fails once the model passes, so the
 # entry must go): reference-wan predates the per-frame gate (70 % of its held-out videos pass it; early
 # frames of red shapes come out yellow); reference-hunyuan was trained for about 70 CPU-minutes and shows
-# the prompted colour in 65 % of the videos, every frame right in 5 % (benchmarks/reference_quality_hunyuan).
-KNOWN_FAILURES = {("reference-wan", "every_frame"), ("reference-hunyuan", "colour"), ("reference-hunyuan", "every_frame")}
+# the prompted colour in 65 % of the videos, every frame right in 5 % (benchmarks/reference_quality_hunyuan);
+# reference-opensora, about 65 CPU-minutes, 75 % and 10 % (benchmarks/reference_quality_opensora).
+KNOWN_FAILURES = {("reference-wan", "every_frame"), ("reference-hunyuan", "colour"), ("reference-hunyuan", "every_frame"),
+                  ("reference-opensora", "colour"), ("reference-opensora", "every_frame")}
 
 
 def known_failure(request, model: str, gate: str) -> None:
