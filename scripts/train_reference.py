@@ -339,7 +339,7 @@ def train_transformer(args, device, work: Path) -> None:
             # prompt's own mask, as the sampler's unconditional branch sees it: row n + i is "caption i dropped".
             text = opensora_text_components(args)
             embeds, masks = opensora_encode_prompts(captions, text["tokenizer"], text["text_encoder"], "cpu",
-                                                    build_opensora.MAX_SEQUENCE_LENGTH)
+                                                    build_opensora.MAX_SEQUENCE_LENGTH, clean_caption=False)
             embeds, masks = embeds.repeat(2, 1, 1).to(device), masks.repeat(2, 1).to(device)
 
             def denoise(model, xt, t, cond):

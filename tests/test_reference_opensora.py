@@ -88,10 +88,21 @@ def test_shipped_text_side_is_what_the_transformer_was_trained_with(opensora_pip
     built = build_opensora.build_text_components(seed=0)
     pipe = opensora_pipe
     prompts = [PROMPT, "a red circle moving left on a black background"]
-    shipped = encode_prompts(prompts, pipe.tokenizer, pipe.text_encoder, "cpu", build_opensora.MAX_SEQUENCE_LENGTH)
-    rebuilt = encode_prompts(prompts, built["tokenizer"], built["text_encoder"], "cpu", build_opensora.MAX_SEQUENCE_LENGTH)
+    size = build_opensora.MAX_SEQUENCE_LENGTH
+    shipped = encode_prompts(prompts, pipe.tokenizer, pipe.text_encoder, "cpu", size, clean_caption=False)
+    rebuilt = encode_prompts(prompts, built["tokenizer"], built["text_encoder"], "cpu", size, clean_caption=False)
     assert torch.equal(shipped[1], rebuilt[1]) and int(shipped[1][0].sum()) == 13  # 9 words, 3 score words, </s>
     torch.testing.assert_close(shipped[0], rebuilt[0])
+    # The pipeline encodes without caption cleaning, as training did, whatever packages are installed.
+    seen = []
+    handle = pipe.text_encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"]),
+                                                     with_kwargs=True)
+    try:
+        pipe(PROMPT.upper() + "  ", num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    finally:
+        handle.remove()
+    assert torch.equal(seen[0].cpu(), pipe.tokenizer([PROMPT + " aesthetic score: 6.5."], max_length=size,
+                                                     padding="max_length", return_tensors="pt").input_ids)
 
 
 def _broken_copy(tmp_path, how: str):

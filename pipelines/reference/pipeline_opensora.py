@@ -6,7 +6,8 @@ resolution-shifted rectified-flow schedule are OpenSoraPipeline's own. What this
 - the VAE is a Wan VAE (spatial 4, temporal 4, 16 normalised latent channels): `latent_frames` is
   (F - 1) / 4 + 1 and `decode_latents` de-normalises as WanPipeline does;
 - `check_inputs`: sizes must be multiples of spatial factor x patch (4 x 4 = 16); 1 frame or 4k + 1 >= 17;
-- defaults: 64x64, 17 frames, 25 steps, CFG 5, 8 fps (what the reference was trained on);
+- defaults: 64x64, 17 frames, 25 steps, CFG 5, 8 fps, no PixArt caption cleaning (what the reference was
+  trained on: lower-cased prompts, whether or not `bs4` and `ftfy` are installed);
 - `from_pretrained`: the VAE is not stored in the folder; `videocache.json`'s `shared_components` names
   where it is (`../reference-wan/vae`), so its weights ship once.
 """
@@ -67,8 +68,9 @@ class ReferenceOpenSoraPipeline(OpenSoraPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, height: int = 64, width: int = 64, num_frames: int = 17,
-                 num_inference_steps: int = 25, guidance_scale: float = 5.0, fps: int = FPS, **kwargs):
+                 num_inference_steps: int = 25, guidance_scale: float = 5.0, fps: int = FPS, clean_caption: bool = False,
+                 **kwargs):
         """OpenSoraPipeline.__call__ with the reference's defaults."""
         return super().__call__(prompt, negative_prompt=negative_prompt, height=height, width=width,
                                 num_frames=num_frames, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, fps=fps, **kwargs)
+                                guidance_scale=guidance_scale, fps=fps, clean_caption=clean_caption, **kwargs)
