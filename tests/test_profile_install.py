@@ -133,6 +133,17 @@ def test_wheel_carries_the_profiles(wheel):
     assert not any(n.startswith("profiles/") for n in names)  # no top-level `profiles` package
 
 
+def test_wheel_carries_every_reference_pipeline(wheel):
+    """Each shipped reference pipeline's weights, so that `--model reference-...` works after pip install."""
+    from videocache.pipelines.loader import KNOWN_MODELS
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in KNOWN_MODELS:
+        folder = f"videocache/pipelines/reference/{model}/"
+        assert any(n.startswith(folder + "transformer/") and n.endswith(".safetensors") for n in names), model
+        assert folder + "model_index.json" in names, model
+
+
 def test_installed_wheel_finds_profiles_by_name(wheel, tmp_path):
     target = tmp_path / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
