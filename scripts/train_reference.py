@@ -16,6 +16,10 @@ stages), and assembles a ReferenceHunyuanVideoPipeline folder that names that VA
     python scripts/train_reference.py --architecture hunyuan --vae pipelines/reference/reference-wan \
         --work-dir runs/reference_hunyuan --out pipelines/reference/reference-hunyuan \
         --stages clips,latents,transformer,assemble
+
+--architecture opensora trains reference-opensora the same way (our STDiT3Model and a tiny T5, Open-Sora's
+time shift and x0 - noise velocity, caption dropout to the model's null caption) and assembles a
+ReferenceOpenSoraPipeline folder that names the shared VAE too.
 """
 
 from __future__ import annotations
@@ -431,16 +435,15 @@ def reference_pipeline_with_shared_vae(args, work: Path):
     from videocache.pipelines.reference.pipeline_opensora import ReferenceOpenSoraPipeline
 
     vae = load_trained_vae(args, "cpu", work, "")
-    if args.architecture == "hunyuan":
+    hunyuan = args.architecture == "hunyuan"
+    transformer = (build_hunyuan if hunyuan else build_opensora).build_transformer()
+    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+    if hunyuan:
         text = hunyuan_text_pipeline(args)
-        transformer = build_hunyuan.build_transformer()
-        transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
         return ReferenceHunyuanVideoPipeline(
             text_encoder=text.text_encoder, tokenizer=text.tokenizer, text_encoder_2=text.text_encoder_2,
             tokenizer_2=text.tokenizer_2, transformer=transformer, vae=vae, scheduler=build_hunyuan.build_scheduler(),
         )
-    transformer = build_opensora.build_transformer()
-    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
     return ReferenceOpenSoraPipeline(**opensora_text_components(args), transformer=transformer.eval(), vae=vae,
                                      scheduler=opensora_schedule.default_scheduler())
 
