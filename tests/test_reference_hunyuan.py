@@ -108,9 +108,10 @@ def test_per_frame_gate_fails_a_video_with_one_wrongly_coloured_frame():
     assert check_video(video).frame_colours[5] is None
 
 
-def _broken_copy(tmp_path, how: str):
-    folder = tmp_path / "broken-hunyuan"
-    shutil.copytree(REFERENCE_HUNYUAN_DIR, folder)
+def broken_copy(tmp_path, source, how: str):
+    """A copy of a shared-VAE reference folder without its transformer, or whose shared VAE moved away."""
+    folder = tmp_path / f"broken-{source.name}"
+    shutil.copytree(source, folder)
     meta = json.loads((folder / "videocache.json").read_text())
     meta["shared_components"]["vae"] = str(REFERENCE_DIR / "vae")  # the copy's relative path would miss it
     if how == "no-transformer":
@@ -121,19 +122,24 @@ def _broken_copy(tmp_path, how: str):
     return folder
 
 
-@requires_hunyuan
-@pytest.mark.parametrize("how", ["no-transformer", "no-shared-vae"])
-def test_broken_folder_is_a_one_line_error(tmp_path, how, capsys):
+def check_broken_folder_is_a_one_line_error(tmp_path, capsys, source, how: str, prompt: str) -> None:
+    """Loading a broken copy of `source` (broken_copy) and generating from it are one-line errors."""
     from videocache.cli import main
 
-    folder = _broken_copy(tmp_path, how)
+    folder = broken_copy(tmp_path, source, how)
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(str(folder), device="cpu")
     assert "\n" not in str(info.value)
-    assert main(["generate", "--prompt", PROMPT, "--model", str(folder), "--steps", "1", "--out",
+    assert main(["generate", "--prompt", prompt, "--model", str(folder), "--steps", "1", "--out",
                  str(tmp_path / "v.mp4")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after diffusers' loading progress bar
     assert last.startswith("videocache: error:") and ("transformer/" if how == "no-transformer" else "VAE") in last
+
+
+@requires_hunyuan
+@pytest.mark.parametrize("how", ["no-transformer", "no-shared-vae"])
+def test_broken_folder_is_a_one_line_error(tmp_path, how, capsys):
+    check_broken_folder_is_a_one_line_error(tmp_path, capsys, REFERENCE_HUNYUAN_DIR, how, PROMPT)
 
 
 @requires_hunyuan

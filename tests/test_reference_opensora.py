@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,10 +12,10 @@ import pytest
 import torch
 
 from videocache.pipelines.generation import generate
-from videocache.pipelines.loader import REFERENCE_DIR, REFERENCE_OPENSORA_DIR, ModelLoadError, load_pipeline
+from videocache.pipelines.loader import REFERENCE_DIR, REFERENCE_OPENSORA_DIR, load_pipeline
 from videocache.pipelines.reference import build_opensora
 
-from tests.test_reference_hunyuan import record_contexts
+from tests.test_reference_hunyuan import check_broken_folder_is_a_one_line_error, record_contexts
 
 requires_opensora = pytest.mark.skipif(
     not (REFERENCE_OPENSORA_DIR / "model_index.json").is_file(),
@@ -105,32 +104,10 @@ def test_shipped_text_side_is_what_the_transformer_was_trained_with(opensora_pip
                                                      padding="max_length", return_tensors="pt").input_ids)
 
 
-def _broken_copy(tmp_path, how: str):
-    folder = tmp_path / "broken-opensora"
-    shutil.copytree(REFERENCE_OPENSORA_DIR, folder)
-    meta = json.loads((folder / "videocache.json").read_text())
-    meta["shared_components"]["vae"] = str(REFERENCE_DIR / "vae")  # the copy's relative path would miss it
-    if how == "no-transformer":
-        shutil.rmtree(folder / "transformer")
-    else:  # the shared VAE moved away
-        meta["shared_components"]["vae"] = "../nowhere/vae"
-    (folder / "videocache.json").write_text(json.dumps(meta))
-    return folder
-
-
 @requires_opensora
 @pytest.mark.parametrize("how", ["no-transformer", "no-shared-vae"])
 def test_broken_folder_is_a_one_line_error(tmp_path, how, capsys):
-    from videocache.cli import main
-
-    folder = _broken_copy(tmp_path, how)
-    with pytest.raises(ModelLoadError) as info:
-        load_pipeline(str(folder), device="cpu")
-    assert "\n" not in str(info.value)
-    assert main(["generate", "--prompt", PROMPT, "--model", str(folder), "--steps", "1", "--out",
-                 str(tmp_path / "v.mp4")]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("videocache: error:") and ("transformer/" if how == "no-transformer" else "VAE") in last
+    check_broken_folder_is_a_one_line_error(tmp_path, capsys, REFERENCE_OPENSORA_DIR, how, PROMPT)
 
 
 @requires_opensora
