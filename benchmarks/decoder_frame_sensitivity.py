@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
+from videocache.pipelines.reference.mask_validation import video_to_latents
 from videocache.pipelines.reference.shared import decode_wan_latents
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)
@@ -44,18 +45,14 @@ def main() -> None:
     p.add_argument("--draws", type=int, default=3, help="noise draws per (clip, level, latent frame)")
     p.add_argument("--out", default=str(Path(__file__).with_name("decoder_frame_sensitivity")))
     args = p.parse_args()
-    vae = load_pipeline("reference-wan", device="cpu").vae
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape)
-    std = torch.tensor(vae.config.latents_std).view(shape)
+    pipe = load_pipeline("reference-wan", device="cpu")
+    vae = pipe.vae
     _, held_out = split_captions()
     captions = held_out[: args.clips]
     wrong: dict[float, list[float]] = {}
     clean_wrong = 0.0
     for i, caption in enumerate(tqdm(captions, desc="clips")):
-        video = render_clip(caption, seed=10_000 + i).video
-        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
-        z = (vae.encode(x).latent_dist.mode() - mean) / std
+        z = video_to_latents(pipe, render_clip(caption, seed=10_000 + i).video)
         frames = check_video(to_frames(decode_wan_latents(vae, z))).frame_colours
         clean_wrong += sum(c != caption.colour for c in frames) / len(frames)
         for level in NOISE_LEVELS:
