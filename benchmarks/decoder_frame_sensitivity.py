@@ -24,7 +24,7 @@ from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
 from videocache.pipelines.reference.mask_validation import video_to_latents
-from videocache.pipelines.reference.shared import decode_wan_latents
+from videocache.pipelines.reference.shared import decode_wan_latents, load_vae_weights
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)
 
@@ -43,9 +43,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=10, help="held-out captions, one clip each")
     p.add_argument("--draws", type=int, default=3, help="noise draws per (clip, level, latent frame)")
-    p.add_argument("--out", default=str(Path(__file__).with_name("decoder_frame_sensitivity")))
+    default_out = str(Path(__file__).with_name("decoder_frame_sensitivity"))
+    p.add_argument("--out", default=default_out)
+    p.add_argument("--vae-weights", default=None,
+                   help="a VAE checkpoint of scripts/train_reference.py to measure instead of the shipped VAE")
     args = p.parse_args()
     pipe = load_pipeline("reference-wan", device="cpu")
+    if args.vae_weights:
+        load_vae_weights(pipe.vae, args.vae_weights)
     vae = pipe.vae
     _, held_out = split_captions()
     captions = held_out[: args.clips]
@@ -69,7 +74,9 @@ def main() -> None:
         "benchmark": "shared reference VAE: share of image frames whose shape colour changes when one latent "
                      "frame gets Gaussian noise (normalised latent units)",
         "command": "python benchmarks/decoder_frame_sensitivity.py"
-                   + (f" --clips {args.clips}" if args.clips != 10 else "") + (f" --draws {args.draws}" if args.draws != 3 else ""),
+                   + (f" --clips {args.clips}" if args.clips != 10 else "") + (f" --draws {args.draws}" if args.draws != 3 else "")
+                   + (f" --vae-weights {args.vae_weights}" if args.vae_weights else "")
+                   + (f" --out {args.out}" if args.out != default_out else ""),
         "clips": len(captions),
         "draws": args.draws,
         "clean_round_trip_wrong_frames": round(clean_wrong / len(captions), 4),
@@ -84,7 +91,8 @@ def main() -> None:
     rows = "\n".join(f"| {level} | " + " | ".join(f"{v:.0%}" for v in shares) + " |"
                      for level, shares in result["wrong_colour_share"].items())
     Path(args.out + ".md").write_text(
-        f"# Decoder sensitivity per latent frame (shared reference VAE, {len(captions)} held-out clips, "
+        f"# Decoder sensitivity per latent frame ({'VAE ' + args.vae_weights if args.vae_weights else 'shared reference VAE'}, "
+        f"{len(captions)} held-out clips, "
         f"{args.draws} noise draws)\n\n`{result['command']}`\n\n"
         "Share of image frames whose shape colour changes when Gaussian noise of the given standard deviation "
         "(normalised latent units) is added to one latent frame. Clean round trip: "

@@ -193,8 +193,12 @@ def train_decoder(args, device, work: Path) -> None:
     final = work / "vae_decoder_final.pt"
     if final.exists():
         return
-    vae = build.build_vae().to(device)
-    vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    if args.vae:  # continue a shipped pipeline's decoder: its encoder, hence every latent, stays as it is
+        vae = AutoencoderKLWan.from_pretrained(Path(args.vae) / "vae").to(device)
+    else:
+        vae = build.build_vae().to(device)
+        vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    latent_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     trainable = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     vae.requires_grad_(False)
     for param in trainable:
@@ -209,6 +213,7 @@ def train_decoder(args, device, work: Path) -> None:
         step = ckpt["step"]
     videos = torch.load(work / "clips.pt", weights_only=False)["videos"].numpy()
     rng = np.random.default_rng(args.seed + 7 + step)
+    noise_gen = torch.Generator(device).manual_seed(args.seed + 8 + step)
     bar = tqdm(total=args.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True)
     while step < args.decoder_steps:
         crops, weights = [], []
@@ -220,6 +225,14 @@ def train_decoder(args, device, work: Path) -> None:
         w = torch.stack(weights)[:, None].to(device)  # (B, 1, F, H, W), broadcast over RGB
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
+            # The causal decoder renders latent frame 0 alone, and small errors there (a transformer's) change
+            # image frame 0's colour (benchmarks/decoder_frame_sensitivity.md): train it to decode noisy latents
+            # into the clean clip. Noise std uniform in [0, max) per clip, normalised latent units.
+            for frames, largest in ((slice(None), args.decoder_noise), (slice(0, 1), args.decoder_frame0_noise)):
+                if largest > 0:
+                    sigma = largest * torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
+                    noise = torch.randn(z[:, :, frames].shape, generator=noise_gen, device=device)
+                    z[:, :, frames] += sigma * latent_std * noise
         recon = decode_unclamped(vae, z)
         err = recon - x
         loss = ((err.square() + 0.5 * err.abs()) * w).sum() / (w.sum() * x.shape[1])
@@ -532,6 +545,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--decoder-fg-weight", type=float, default=4.0,
                    help="loss weight of the moving shape's pixels relative to the background's")
+    p.add_argument("--decoder-frame0-noise", type=float, default=0.0,
+                   help="decoder fine-tuning: largest std of the noise added to latent frame 0 (normalised latent units)")
+    p.add_argument("--decoder-noise", type=float, default=0.0,
+                   help="decoder fine-tuning: largest std of the noise added to every latent frame (normalised units)")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--clips-per-caption", type=int, default=6)

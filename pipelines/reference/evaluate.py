@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..generation import generate
 from .checker import check_video
 from .data import Caption, render_clip, split_captions
+from .shared import load_vae_weights
 
 GATES = {"colour_rate": 0.8, "direction_rate": 0.7, "every_frame_colour_rate": 0.8, "vae_psnr_mean": 28.0}
 DEMO_PROMPT = "a red circle moving left on a black background"  # the README's demo (`videocache generate`, seed 0)
@@ -103,8 +104,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out prompts")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale (the gates are set at 5.0)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--vae-weights", default=None,
+                   help="a VAE checkpoint of scripts/train_reference.py to decode with instead of the shipped VAE")
     args = p.parse_args()
     pipe = load_pipeline(args.model, device="cpu")
+    if args.vae_weights:
+        load_vae_weights(pipe.vae, args.vae_weights)
     _, held_out = split_captions()
     held_out = held_out[: args.limit]
     psnrs = vae_psnr(pipe.vae, held_out)
@@ -114,6 +119,7 @@ def main() -> None:
         "held_out_prompts": report.prompts,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
+        "vae_weights": args.vae_weights,
         "vae_psnr_mean": round(float(np.mean(psnrs)), 2),
         "vae_psnr_min": round(float(np.min(psnrs)), 2),
         "gates": GATES,
@@ -141,6 +147,7 @@ def main() -> None:
             f"# {args.model} quality ({report.prompts} held-out prompts, {args.steps} steps, CFG "
             f"{args.guidance_scale:g})\n\n`python -m videocache.pipelines.reference.evaluate --model {args.model}"
             + (f" --guidance-scale {args.guidance_scale:g}" if args.guidance_scale != 5.0 else "")
+            + (f" --vae-weights {args.vae_weights}" if args.vae_weights else "")
             + f" --out {args.out}`\n\n"
             "| measure | value | gate | |\n|---|---|---|---|\n" + table + "\n\n"
             f"README demo prompt `{demo['prompt']}` (seed 0): frames {demo['frames']}; colour {demo['colour']}, "

@@ -47,3 +47,9 @@ def decode_wan_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Te
     mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, vae.dtype)
     std = torch.tensor(config.latents_std).view(shape).to(latents.device, vae.dtype)
     return vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
+
+
+def load_vae_weights(vae: AutoencoderKLWan, checkpoint: str | Path) -> None:
+    """Swap a loaded pipeline's VAE weights for a `scripts/train_reference.py` checkpoint (decoder experiments
+    measured before the shipped VAE changes)."""
+    vae.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
