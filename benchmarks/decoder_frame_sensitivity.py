@@ -24,14 +24,9 @@ from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
 from videocache.pipelines.reference.mask_validation import video_to_latents
-from videocache.pipelines.reference.shared import decode_wan_latents, load_vae_weights
+from videocache.pipelines.reference.shared import decode_wan_latents, decoded_frames, load_vae_weights
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)
-
-
-def to_frames(video: torch.Tensor):
-    """(1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
-    return ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
 
 def image_frames(latent_frame: int) -> list[int]:
@@ -58,7 +53,7 @@ def main() -> None:
     clean_wrong = 0.0
     for i, caption in enumerate(tqdm(captions, desc="clips")):
         z = video_to_latents(pipe, render_clip(caption, seed=10_000 + i).video)
-        frames = check_video(to_frames(decode_wan_latents(vae, z))).frame_colours
+        frames = check_video(decoded_frames(decode_wan_latents(vae, z))).frame_colours
         clean_wrong += sum(c != caption.colour for c in frames) / len(frames)
         for level in NOISE_LEVELS:
             row = wrong.setdefault(level, [0.0] * z.shape[2])
@@ -67,7 +62,7 @@ def main() -> None:
                     noisy = z.clone()
                     gen = torch.Generator().manual_seed(1000 * i + draw)
                     noisy[:, :, k] += level * torch.randn(noisy[:, :, k].shape, generator=gen)
-                    colours = check_video(to_frames(decode_wan_latents(vae, noisy))).frame_colours
+                    colours = check_video(decoded_frames(decode_wan_latents(vae, noisy))).frame_colours
                     row[k] += sum(colours[f] != caption.colour for f in image_frames(k)) / len(image_frames(k))
     runs = len(captions) * args.draws
     result = {

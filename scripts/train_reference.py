@@ -193,11 +193,7 @@ def train_decoder(args, device, work: Path) -> None:
     final = work / "vae_decoder_final.pt"
     if final.exists():
         return
-    if args.vae:  # continue a shipped pipeline's decoder: its encoder, hence every latent, stays as it is
-        vae = AutoencoderKLWan.from_pretrained(Path(args.vae) / "vae").to(device)
-    else:
-        vae = build.build_vae().to(device)
-        vae.load_state_dict(torch.load(work / "vae_final.pt", map_location=device)["model"])
+    vae = load_trained_vae(args, device, work, "vae_final.pt")  # with --vae, a shipped decoder continues
     latent_std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     trainable = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     vae.requires_grad_(False)

@@ -49,6 +49,11 @@ def decode_wan_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Te
     return vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
 
 
+def decoded_frames(video: torch.Tensor):
+    """A decoded (1, 3, F, H, W) video in [-1, 1] as (F, H, W, 3) uint8 frames, as the checker reads them."""
+    return ((video[0].float().cpu().permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
 def load_vae_weights(vae: AutoencoderKLWan, checkpoint: str | Path) -> None:
     """Swap a loaded pipeline's VAE weights for a `scripts/train_reference.py` checkpoint (decoder experiments
     measured before the shipped VAE changes)."""
