@@ -277,3 +277,7 @@ def test_compare_reference_opensora_methods_and_folder():
     for spec_text in methods:
         m.parse_method(spec_text)
     assert len(bench.default_methods("reference-wan")) == len(bench.DEFAULT_METHODS)
+    hunyuan = bench.default_methods("reference-hunyuan")  # settings that reach 0.5 and 0.33 computed there
+    assert "diffusers:fbcache:0.8" in hunyuan and len(hunyuan) == len(set(hunyuan))
+    for spec_text in hunyuan:
+        m.parse_method(spec_text)
