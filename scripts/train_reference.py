@@ -374,7 +374,7 @@ def train_transformer(args, device, work: Path) -> None:
     torch.manual_seed(args.seed)
     builders = {"wan": build.build_transformer, "hunyuan": build_hunyuan.build_transformer,
                 "opensora": build_opensora.build_transformer}
-    model = builders[args.architecture]().to(device)
+    model = builders[args.architecture](**args.transformer_config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = 0
@@ -445,7 +445,7 @@ def reference_pipeline_with_shared_vae(args, work: Path):
 
     vae = load_trained_vae(args, "cpu", work, "")
     hunyuan = args.architecture == "hunyuan"
-    transformer = (build_hunyuan if hunyuan else build_opensora).build_transformer()
+    transformer = (build_hunyuan if hunyuan else build_opensora).build_transformer(**args.transformer_config)
     transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
     if hunyuan:
         text = hunyuan_text_pipeline(args)
@@ -505,8 +505,9 @@ def write_records(args, work: Path, command: str, out: Path, meta: dict) -> None
         "command": command,
         # One command that runs the same recipe end to end (the stages as run are in `invocations`).
         "reproduce": "python scripts/train_reference.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k not in ("stages", "work_dir") and v is not None and not (k == "architecture" and v == "wan")),
+        + " ".join(f"--{k.replace('_', '-')} {shlex.quote(json.dumps(v) if isinstance(v, dict) else str(v))}"
+                   for k, v in vars(args).items()
+                   if k not in ("stages", "work_dir") and v not in (None, {}) and not (k == "architecture" and v == "wan")),
         "invocations": json.loads((work / "commands.json").read_text()),
         "seed": args.seed,
         "arguments": vars(args),
@@ -520,6 +521,21 @@ def write_records(args, work: Path, command: str, out: Path, meta: dict) -> None
     defaults = {"num_frames": 17, "height": 64, "width": 64, "num_inference_steps": 25, "guidance_scale": 5.0, "fps": 8}
     (out / "videocache.json").write_text(json.dumps({"generation_defaults": defaults, **meta}, indent=2) + "\n")
     print(f"saved reference pipeline to {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+def check_transformer_config(parser: argparse.ArgumentParser, args) -> None:
+    """--transformer-config names keys of the architecture's transformer config (reference-wan's is fixed)."""
+    if not isinstance(args.transformer_config, dict):
+        parser.error("--transformer-config must be a JSON object")
+    if not args.transformer_config:
+        return
+    known = {"hunyuan": build_hunyuan.TRANSFORMER_CONFIG, "opensora": build_opensora.TRANSFORMER_CONFIG}.get(
+        args.architecture)
+    if known is None:
+        parser.error("--transformer-config applies to --architecture hunyuan or opensora")
+    unknown = sorted(set(args.transformer_config) - set(known))
+    if unknown:
+        parser.error(f"--transformer-config: unknown keys {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -563,11 +579,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--architecture", choices=("wan", "hunyuan", "opensora"), default="wan",
                    help="wan: reference-wan (WanTransformer3DModel); hunyuan: reference-hunyuan "
                    "(HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG)")
+    p.add_argument("--transformer-config", type=json.loads, default={},
+                   help="JSON overrides of the hunyuan or opensora transformer's config, e.g. "
+                   "'{\"patch_size\": 2}' (more video tokens); the assembled folder's config records them")
     p.add_argument("--vae", default=None,
                    help="use the trained VAE of this saved pipeline folder (no vae/decoder stages); "
                    "--architecture hunyuan needs it: reference-hunyuan shares reference-wan's VAE")
     p.add_argument("--stages", default="clips,vae,latents,transformer,decoder,assemble")
     args = p.parse_args(argv)
+    check_transformer_config(p, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     work = Path(args.work_dir)

@@ -143,6 +143,20 @@ def test_broken_folder_is_a_one_line_error(tmp_path, how, capsys):
 
 
 @requires_hunyuan
+@pytest.mark.parametrize("argv, message", [
+    (["--transformer-config", '{"patch": 2}', "--architecture", "hunyuan"], "unknown keys patch"),
+    (["--transformer-config", '{"patch_size": 2}'], "applies to --architecture hunyuan or opensora"),
+    (["--transformer-config", "[2]", "--architecture", "hunyuan"], "must be a JSON object"),
+])
+def test_training_script_rejects_a_bad_transformer_config(tmp_path, argv, message, capsys):
+    sys.path.insert(0, str(REFERENCE_DIR.parents[2] / "scripts"))
+    import train_reference
+
+    with pytest.raises(SystemExit):
+        train_reference.main(["--work-dir", str(tmp_path), "--stages", "", *argv])
+    assert message in capsys.readouterr().err
+
+
 def test_cli_generates_with_reference_hunyuan(tmp_path):
     out, summary = tmp_path / "v.mp4", tmp_path / "v.json"
     cmd = [sys.executable, "-m", "videocache.cli", "generate", "--model", "reference-hunyuan", "--prompt", PROMPT,
@@ -167,9 +181,10 @@ def test_wan_tokenizer_is_unchanged_by_the_shared_builder():
         assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
 
 
-def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path):
+@pytest.mark.parametrize("overrides", [None, '{"patch_size": 2}'])
+def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path, overrides):
     """Two transformer steps on stand-in latents, then --stages assemble: the folder loads through the
-    loader with the shared VAE found by its relative path."""
+    loader with the shared VAE found by its relative path; --transformer-config reaches the saved config."""
     from videocache.pipelines.reference.data import split_captions
 
     sys.path.insert(0, str(REFERENCE_DIR.parents[2] / "scripts"))
@@ -181,10 +196,14 @@ def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path):
     torch.save({"latents": torch.randn(4, 16, 5, 16, 16), "captions": [c.text for c in train[:4]],
                 "mean": torch.zeros(16), "std": torch.ones(16)}, work / "latents.pt")
     train_reference.main(["--architecture", "hunyuan", "--vae", str(REFERENCE_DIR), "--work-dir", str(work),
-                          "--out", str(out), "--steps", "2", "--batch", "2", "--stages", "transformer,assemble"])
+                          "--out", str(out), "--steps", "2", "--batch", "2", "--stages", "transformer,assemble",
+                          *(["--transformer-config", overrides] if overrides else [])])
     assert not (out / "vae").exists()
     record = json.loads((out / "TRAINING.json").read_text())
     assert record["arguments"]["architecture"] == "hunyuan"
+    patch = json.loads((out / "transformer" / "config.json").read_text())["patch_size"]
+    assert patch == (2 if overrides else 4)
+    assert ("--transformer-config '{\"patch_size\": 2}'" in record["reproduce"]) == bool(overrides)
     pipe = load_pipeline(str(out), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     assert pipe(PROMPT, num_inference_steps=1, num_frames=5, height=32, width=32, output_type="np").frames.shape == (
