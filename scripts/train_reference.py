@@ -394,7 +394,9 @@ def train_transformer(args, device, work: Path) -> None:
     model.train()
     # The sampler's time distribution: Open-Sora's shift follows the video size relative to the model's base
     # size (64x64, 17 frames at base 64: 2.24, what 512x512 gets in the released model).
-    if args.architecture == "opensora":
+    if args.time_shift is not None:  # more (> the sampler's) or fewer training times at high noise
+        shift = args.time_shift
+    elif args.architecture == "opensora":
         shift = opensora_schedule.shift_ratio(64, 64, 17, base_size=build_opensora.TRANSFORMER_CONFIG["input_sq_size"])
     else:
         shift = build.SCHEDULER_SHIFT
@@ -571,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr2", type=float, default=3e-4, help="second transformer phase, peak learning rate")
     p.add_argument("--steps2-schedule", type=int, default=None,
                    help="length of the second phase's cosine schedule (default: --steps2)")
+    p.add_argument("--time-shift", type=float, default=None,
+                   help="shift of the training times (default: the sampler's; larger puts more at high noise)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ckpt-every", type=int, default=100)

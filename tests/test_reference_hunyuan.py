@@ -181,10 +181,11 @@ def test_wan_tokenizer_is_unchanged_by_the_shared_builder():
         assert a.input_ids == b.input_ids and a.attention_mask == b.attention_mask
 
 
-@pytest.mark.parametrize("overrides", [None, '{"patch_size": 2}'])
-def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path, overrides):
+@pytest.mark.parametrize("extra", [[], ["--transformer-config", '{"patch_size": 2}', "--time-shift", "5"]])
+def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path, extra):
     """Two transformer steps on stand-in latents, then --stages assemble: the folder loads through the
-    loader with the shared VAE found by its relative path; --transformer-config reaches the saved config."""
+    loader with the shared VAE found by its relative path; --transformer-config reaches the saved config,
+    and both options the reproduce line."""
     from videocache.pipelines.reference.data import split_captions
 
     sys.path.insert(0, str(REFERENCE_DIR.parents[2] / "scripts"))
@@ -197,13 +198,14 @@ def test_training_script_assembles_a_loadable_hunyuan_pipeline(tmp_path, overrid
                 "mean": torch.zeros(16), "std": torch.ones(16)}, work / "latents.pt")
     train_reference.main(["--architecture", "hunyuan", "--vae", str(REFERENCE_DIR), "--work-dir", str(work),
                           "--out", str(out), "--steps", "2", "--batch", "2", "--stages", "transformer,assemble",
-                          *(["--transformer-config", overrides] if overrides else [])])
+                          *extra])
     assert not (out / "vae").exists()
     record = json.loads((out / "TRAINING.json").read_text())
     assert record["arguments"]["architecture"] == "hunyuan"
     patch = json.loads((out / "transformer" / "config.json").read_text())["patch_size"]
-    assert patch == (2 if overrides else 4)
-    assert ("--transformer-config '{\"patch_size\": 2}'" in record["reproduce"]) == bool(overrides)
+    assert patch == (2 if extra else 4)
+    assert ("--transformer-config '{\"patch_size\": 2}'" in record["reproduce"]) == bool(extra)
+    assert ("--time-shift 5.0" in record["reproduce"]) == bool(extra)
     pipe = load_pipeline(str(out), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     assert pipe(PROMPT, num_inference_steps=1, num_frames=5, height=32, width=32, output_type="np").frames.shape == (
