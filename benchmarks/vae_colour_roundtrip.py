@@ -12,16 +12,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
-from videocache.pipelines.reference.shared import decoded_frames
+from videocache.pipelines.reference.shared import vae_round_trip
 
 
-@torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", type=int, default=9, help="training captions per (colour, background)")
@@ -37,9 +35,8 @@ def main() -> None:
         videos = wrong_video = wrong_first = 0
         for caption in captions[: args.captions]:
             for seed in range(args.seeds):
-                clip = render_clip(caption, seed=seed).video
-                x = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
-                wrong = [c != colour for c in check_video(decoded_frames(vae.decode(vae.encode(x).latent_dist.mode()).sample)).frame_colours]
+                frames = vae_round_trip(vae, render_clip(caption, seed=seed).video)
+                wrong = [c != colour for c in check_video(frames).frame_colours]
                 videos += 1
                 wrong_video += any(wrong)
                 wrong_first += wrong[0]

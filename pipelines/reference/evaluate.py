@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..generation import generate
 from .checker import check_video
 from .data import Caption, render_clip, split_captions
-from .shared import decoded_frames, load_vae_weights
+from .shared import load_vae_weights, vae_round_trip
 
 GATES = {"colour_rate": 0.8, "direction_rate": 0.7, "every_frame_colour_rate": 0.8, "vae_psnr_mean": 28.0}
 DEMO_PROMPT = "a red circle moving left on a black background"  # the README's demo (`videocache generate`, seed 0)
@@ -85,8 +85,7 @@ def vae_psnr(vae, captions: Sequence[Caption], seed: int = 10_000) -> list[float
     psnrs = []
     for i, caption in enumerate(captions):
         video = render_clip(caption, seed=seed + i).video
-        x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(vae.device, vae.dtype)
-        recon = decoded_frames(vae.decode(vae.encode(x).latent_dist.mode()).sample)
+        recon = vae_round_trip(vae, video)
         mse = float(np.mean((recon.astype(np.float64) - video.astype(np.float64)) ** 2))
         psnrs.append(10 * math.log10(255.0**2 / max(mse, 1e-10)))
     return psnrs

@@ -54,6 +54,13 @@ def decoded_frames(video: torch.Tensor):
     return ((video[0].float().cpu().permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
 
 
+@torch.no_grad()
+def vae_round_trip(vae: AutoencoderKLWan, video):
+    """Rendered (F, H, W, 3) uint8 frames encoded (latent mode) and decoded again, as uint8 frames."""
+    x = torch.from_numpy(video).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(vae.device, vae.dtype)
+    return decoded_frames(vae.decode(vae.encode(x).latent_dist.mode()).sample)
+
+
 def load_vae_weights(vae: AutoencoderKLWan, checkpoint: str | Path) -> None:
     """Swap a loaded pipeline's VAE weights for a `scripts/train_reference.py` checkpoint (decoder experiments
     measured before the shipped VAE changes)."""
