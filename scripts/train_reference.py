@@ -163,9 +163,9 @@ def train_vae(args, device, work: Path) -> None:
     save_checkpoint(final, model=vae.state_dict())
 
 
-def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A size x size crop of every frame that contains the moving shape in a random frame, and the
-    shape's mask (pixels far from the clip's median colour, which is the flat background).
+def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A size x size crop of every frame that contains the moving shape in a random frame, the shape's
+    mask (pixels far from the clip's median colour, which is the flat background) and that colour.
 
     Random crops mostly see background, and a plain pixel loss is dominated by it: the decoder then
     renders a red shape brown. Centring crops on the shape and weighting its pixels fixes both.
@@ -181,7 +181,7 @@ def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[
     else:
         y, x = (int(v) for v in rng.integers(0, [height - size + 1, width - size + 1]))
     window = (slice(None), slice(y, y + size), slice(x, x + size))
-    return np.ascontiguousarray(video[window]), fg[window].astype(np.float32)
+    return np.ascontiguousarray(video[window]), fg[window].astype(np.float32), background
 
 
 def train_decoder(args, device, work: Path) -> None:
@@ -212,11 +212,12 @@ def train_decoder(args, device, work: Path) -> None:
     noise_gen = torch.Generator(device).manual_seed(args.seed + 8 + step)
     bar = tqdm(total=args.decoder_steps, initial=step, desc="decoder", dynamic_ncols=True)
     while step < args.decoder_steps:
-        crops, weights = [], []
+        crops, weights, backgrounds = [], [], []
         for _ in range(args.vae_full_batch):
-            crop, fg = shape_crop(videos[rng.integers(len(videos))], args.vae_crop, rng)
+            crop, fg, background = shape_crop(videos[rng.integers(len(videos))], args.vae_crop, rng)
             crops.append(to_tensor(crop))
             weights.append(torch.from_numpy(1.0 + (args.decoder_fg_weight - 1.0) * fg))
+            backgrounds.append(torch.from_numpy(background).float().div(127.5).sub(1.0))
         x = torch.stack(crops).to(device)
         w = torch.stack(weights)[:, None].to(device)  # (B, 1, F, H, W), broadcast over RGB
         with torch.no_grad():
@@ -227,9 +228,20 @@ def train_decoder(args, device, work: Path) -> None:
             for frames, largest in ((slice(None), args.decoder_noise), (slice(0, 1), args.decoder_frame0_noise)):
                 if largest > 0:
                     sigma = largest * torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
+                    if args.decoder_clean_fraction > 0:  # clips decoded from their clean latents, as in a round trip
+                        clean = torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
+                        sigma = sigma * (clean >= args.decoder_clean_fraction)
                     noise = torch.randn(z[:, :, frames].shape, generator=noise_gen, device=device)
                     z[:, :, frames] += sigma * latent_std * noise
         recon = decode_unclamped(vae, z)
+        if args.decoder_weigh_halos:
+            # A colour fringe the decoder paints around the shape (a red square on white rendered with an orange
+            # rim: benchmarks/vae_colour_roundtrip.md) lies on background pixels, weighted 1: weigh every pixel
+            # the reconstruction moves off the background like a shape pixel.
+            background = torch.stack(backgrounds).to(device).view(-1, 3, 1, 1, 1)
+            halo = (recon.detach() - background).norm(dim=1, keepdim=True) > 40.0 / 127.5  # shape_crop's threshold
+            w = torch.maximum(w, 1.0 + (args.decoder_fg_weight - 1.0) * halo.float())
+        w[:, :, 0] *= args.decoder_frame0_weight  # image frame 0 is decoded from latent frame 0 alone
         err = recon - x
         loss = ((err.square() + 0.5 * err.abs()) * w).sum() / (w.sum() * x.shape[1])
         for g in opt.param_groups:
@@ -563,6 +575,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="decoder fine-tuning: largest std of the noise added to latent frame 0 (normalised latent units)")
     p.add_argument("--decoder-noise", type=float, default=0.0,
                    help="decoder fine-tuning: largest std of the noise added to every latent frame (normalised units)")
+    p.add_argument("--decoder-clean-fraction", type=float, default=0.0,
+                   help="decoder fine-tuning: fraction of clips decoded from noise-free latents")
+    p.add_argument("--decoder-frame0-weight", type=float, default=1.0,
+                   help="decoder fine-tuning: loss weight of image frame 0 relative to the others")
+    p.add_argument("--decoder-weigh-halos", action="store_true",
+                   help="decoder fine-tuning: weigh background pixels the reconstruction moves off the background "
+                   "colour like shape pixels (--decoder-fg-weight), against colour fringes")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--clips-per-caption", type=int, default=6)
