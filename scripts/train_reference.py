@@ -228,7 +228,7 @@ def train_decoder(args, device, work: Path) -> None:
             for frames, largest in ((slice(None), args.decoder_noise), (slice(0, 1), args.decoder_frame0_noise)):
                 if largest > 0:
                     sigma = largest * torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
-                    if args.decoder_clean_fraction > 0:  # clips decoded from their clean latents, as in a round trip
+                    if args.decoder_clean_fraction > 0:  # this draw skips some clips (both skip: a clean round trip)
                         clean = torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
                         sigma = sigma * (clean >= args.decoder_clean_fraction)
                     noise = torch.randn(z[:, :, frames].shape, generator=noise_gen, device=device)
@@ -576,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-noise", type=float, default=0.0,
                    help="decoder fine-tuning: largest std of the noise added to every latent frame (normalised units)")
     p.add_argument("--decoder-clean-fraction", type=float, default=0.0,
-                   help="decoder fine-tuning: fraction of clips decoded from noise-free latents")
+                   help="decoder fine-tuning: chance that each noise draw (--decoder-noise, --decoder-frame0-noise) "
+                   "skips a clip, so that some clips decode from clean latents as in a round trip")
     p.add_argument("--decoder-frame0-weight", type=float, default=1.0,
                    help="decoder fine-tuning: loss weight of image frame 0 relative to the others")
     p.add_argument("--decoder-weigh-halos", action="store_true",
