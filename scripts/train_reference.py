@@ -163,6 +163,9 @@ def train_vae(args, device, work: Path) -> None:
     save_checkpoint(final, model=vae.state_dict())
 
 
+SHAPE_DISTANCE = 40.0  # RGB distance (0-255) from a clip's background colour that counts as its shape
+
+
 def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A size x size crop of every frame that contains the moving shape in a random frame, the shape's
     mask (pixels far from the clip's median colour, which is the flat background) and that colour.
@@ -171,7 +174,7 @@ def shape_crop(video: np.ndarray, size: int, rng: np.random.Generator) -> tuple[
     renders a red shape brown. Centring crops on the shape and weighting its pixels fixes both.
     """
     background = np.median(video.reshape(-1, 3), axis=0)
-    fg = np.linalg.norm(video.astype(np.float32) - background, axis=-1) > 40.0
+    fg = np.linalg.norm(video.astype(np.float32) - background, axis=-1) > SHAPE_DISTANCE
     height, width = video.shape[1:3]
     ys, xs = np.nonzero(fg[rng.integers(len(video))])
     if len(ys):
@@ -239,7 +242,7 @@ def train_decoder(args, device, work: Path) -> None:
             # rim: benchmarks/vae_colour_roundtrip.md) lies on background pixels, weighted 1: weigh every pixel
             # the reconstruction moves off the background like a shape pixel.
             background = torch.stack(backgrounds).to(device).view(-1, 3, 1, 1, 1)
-            halo = (recon.detach() - background).norm(dim=1, keepdim=True) > 40.0 / 127.5  # shape_crop's threshold
+            halo = (recon.detach() - background).norm(dim=1, keepdim=True) > SHAPE_DISTANCE / 127.5
             w = torch.maximum(w, 1.0 + (args.decoder_fg_weight - 1.0) * halo.float())
         w[:, :, 0] *= args.decoder_frame0_weight  # image frame 0 is decoded from latent frame 0 alone
         err = recon - x
