@@ -1,43 +1,27 @@
-"""Cache profiles: a validated YAML file of compact presets for one model architecture.
-
-A profile says which model it is for (checked against the adapter's fingerprint at apply time), which
-step counts it covers, and per preset the rules that `build_table` expands into a
-cache table for a concrete run. Every mistake in a profile is reported as a one-line `ProfileError`
-naming the file and the field to fix.
-"""
+"""The profile schema and its validation: a profile, its model fingerprint, presets, rules, block runs and
+step rules, each validated in `__post_init__` or while parsed, every mistake a one-line `ProfileError`
+naming the field to fix."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from .exposure_bias import ExposureBiasConfig
-from .fgbg import FgBgProfile
-from .table import (
-    COMPONENTS,
-    Action,
-    BlockGroup,
-    BlockLayout,
-    CacheTable,
-    TableError,
-    consecutive_runs,
-    decreasing_interval_steps,
-)
+from ..exposure_bias import ExposureBiasConfig
+from ..fgbg import FgBgProfile
+from ..table import COMPONENTS, BlockGroup, BlockLayout, consecutive_runs
+from .search_path import suggest_profiles
 
 SCHEMA_VERSION = 1
-PROFILES_ENV = "VIDEOCACHE_PROFILES"  # os.pathsep-separated folders searched first for a profile name
-PROFILE_SUFFIXES = (".yaml", ".yml")
 STAGES = ("early", "late", "all")
 MODES = ("reuse", "forecast")
+
 
 
 class ProfileError(ValueError):
@@ -549,7 +533,7 @@ class Profile:
         if arch != want.architecture or blocks != want.num_blocks:
             raise ProfileError(
                 f"profile {self.name} is for {want.architecture} with {want.num_blocks} blocks; this model is "
-                f"{arch} with {blocks} blocks: use a profile made for it ({_suggest(arch, blocks)})"
+                f"{arch} with {blocks} blocks: use a profile made for it ({suggest_profiles(arch, blocks)})"
             )
         if want.groups is not None or fingerprint.get("groups") is not None:
             have = ModelSpec.from_fingerprint(fingerprint).layout.to_list()
@@ -699,191 +683,3 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
         block_runs=block_runs,
         reference_steps=steps if _is_int(steps) else None,
     )
-
-
-def _shipped_profiles_dir() -> Path:
-    """The profiles shipped with the package: package data `videocache.profiles` (the repo's top-level
-    `profiles/`, mapped in pyproject.toml), found through importlib.resources so that wheel and editable
-    installs both work."""
-    try:
-        return Path(str(files("videocache.profiles")))
-    except ModuleNotFoundError:  # an editable install made before profiles became package data
-        return Path(__file__).resolve().parents[1] / "profiles"
-
-
-PROFILES_DIR = _shipped_profiles_dir()  # the shipped profiles; names are looked up with `profile_dirs()`
-
-
-def user_profiles_dir() -> Path:
-    """`$XDG_CONFIG_HOME/videocache/profiles`, by default `~/.config/videocache/profiles`."""
-    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config).expanduser() / "videocache" / "profiles"
-
-
-def _env_profile_dirs() -> list[Path]:
-    return [Path(d).expanduser() for d in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if d.strip()]
-
-
-def profile_dirs() -> list[Path]:
-    """Where a profile name is looked up, first match wins: the folders in $VIDEOCACHE_PROFILES
-    (os.pathsep-separated), the user folder (`user_profiles_dir()`), then the shipped profiles."""
-    dirs = [*_env_profile_dirs(), user_profiles_dir(), PROFILES_DIR]
-    out: list[Path] = []
-    for d in dirs:
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def find_profile(name: str) -> Path | None:
-    """The file of the profile called `name` (`<name>.yaml` or `.yml` in `profile_dirs()`), or None."""
-    for d in profile_dirs():
-        for suffix in PROFILE_SUFFIXES:
-            path = d / f"{name}{suffix}"
-            if path.is_file():
-                return path
-    return None
-
-
-def available_profiles() -> list[str]:
-    """Names of the profiles found in `profile_dirs()` (user folders and the shipped profiles)."""
-    names: set[str] = set()
-    for d in profile_dirs():
-        with contextlib.suppress(OSError):  # a missing or unreadable folder lists nothing
-            names.update(p.stem for p in d.iterdir() if p.suffix in PROFILE_SUFFIXES and p.is_file())
-    return sorted(names)
-
-
-def _suggest(arch: Any, blocks: Any) -> str:
-    matches = []
-    for name in available_profiles():
-        path = find_profile(name)
-        try:
-            model = yaml.safe_load(path.read_text()).get("model", {}) if path is not None else {}
-            if model.get("architecture") == arch and model.get("num_blocks") == blocks:
-                matches.append(name)
-        except Exception:  # a broken neighbour must not hide the real error
-            continue
-    if matches:
-        return "available: " + ", ".join(matches)
-    return (
-        "none is installed; calibrate one with the videocache CLI or write one in "
-        f"{user_profiles_dir()} or a folder named in ${PROFILES_ENV}"
-    )
-
-
-def load_profile(name_or_path: str | Path | Profile) -> Profile:
-    """A Profile from a bare name (looked up in `profile_dirs()`: $VIDEOCACHE_PROFILES, the user folder,
-    then the shipped profiles), a path (a .yaml/.yml suffix, a separator, or an existing file), or a
-    Profile (returned as is)."""
-    if isinstance(name_or_path, Profile):
-        return name_or_path
-    text = str(name_or_path)
-    path = Path(text)
-    is_path = path.suffix in PROFILE_SUFFIXES or "/" in text or "\\" in text or path.is_file()
-    if not is_path:
-        found = find_profile(text)
-        if found is None:
-            avail = ", ".join(available_profiles()) or "none"
-            env = "" if _env_profile_dirs() else f"${PROFILES_ENV} (unset), "
-            where = env + ", ".join(str(d) for d in profile_dirs())
-            raise ProfileError(
-                f"no profile named {text!r} (available: {avail}; looked in {where}); or pass a path"
-            )
-        path = found
-    if not path.is_file():
-        raise ProfileError(f"profile file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or type(e).__name__
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ProfileError(f"{path}: not valid YAML: {problem}{where}") from None
-    except OSError as e:
-        raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
-    return Profile.from_dict(data, source=str(path))
-
-
-def build_table(
-    preset: PresetSpec, sigmas: Sequence[float], num_blocks: int, layout: BlockLayout | None = None
-) -> CacheTable:
-    """Expand a preset for a run with these per-step sigmas (1 = pure noise) and `num_blocks` blocks laid
-    out as `layout` (default: one group of Wan's components). A component name applies to the blocks
-    that have it, so a rule for `attn` covers every block group with an `attn` component.
-
-    Order of precedence, low to high: rules (in order), explicit reuse lists, block runs (their blocks are
-    cached whole, so component rules do not apply to them), warm-up/final steps.
-    """
-    sig = [float(s) for s in sigmas]
-    num_steps = len(sig)
-    plan = preset.plan_for(num_steps)  # checks the step count is covered and scales counts/intervals
-    layout = layout or BlockLayout.uniform(num_blocks)
-    if layout.num_blocks != num_blocks:
-        raise ProfileError(f"block layout of {layout.num_blocks} blocks for a model of {num_blocks}")
-
-    def cells(name: str, blocks: Sequence[int]) -> list[tuple[list[int], int]]:
-        if name not in layout.names:
-            raise ProfileError(
-                f"{preset.source}: preset {preset.name!r} names component {name!r}; this model has "
-                f"{', '.join(layout.names)}"
-            )
-        return layout.cells_of(name, blocks)
-
-    arr = np.zeros((num_steps, num_blocks, layout.width), dtype=np.int8)
-
-    stage_steps = {
-        "all": list(range(num_steps)),
-        "early": [s for s in range(num_steps) if sig[s] >= preset.stage_threshold],
-        "late": [s for s in range(num_steps) if sig[s] < preset.stage_threshold],
-    }
-    for rule, interval in zip(preset.rules, plan.intervals, strict=True):
-        steps = stage_steps[rule.stage]
-        if not steps:
-            continue
-        blocks = rule.block_indices(num_blocks)
-        targets = [cell for c in rule.components for cell in cells(c, blocks)]
-        skip = Action.FORECAST if rule.mode == "forecast" else Action.REUSE
-        first = steps[0]
-        for s in steps:
-            value = Action.COMPUTE if (s - first) % interval == 0 else skip
-            for members, c in targets:
-                arr[s, members, c] = value
-
-    for explicit, action in ((preset.explicit, Action.REUSE), (preset.explicit_forecast, Action.FORECAST)):
-        for comp, per_blocks in explicit.items():
-            for block_spec, ref_steps in per_blocks.items():
-                targets = cells(comp, preset.resolve_blocks(block_spec, num_blocks))
-                wanted = set(ref_steps)
-                for s in range(num_steps):
-                    if plan.reference_step(s) in wanted:
-                        for members, c in targets:
-                            arr[s, members, c] = action
-    # calibrated correction factors hold for the step count they were measured at only
-    scale = None
-    if preset.correction and num_steps == plan.reference_steps:
-        scale = np.ones(arr.shape, dtype=np.float32)
-        for comp, per_blocks in preset.correction.items():
-            for block_spec, factors in per_blocks.items():
-                for members, c in cells(comp, preset.resolve_blocks(block_spec, num_blocks)):
-                    for s, factor in factors.items():
-                        scale[s, members, c] = factor
-
-    runs: list[tuple[int, int]] = []
-    run_actions = np.zeros((num_steps, 0), dtype=np.int8)
-    if preset.block_runs is not None and plan.block_runs is not None:
-        runs = preset.block_runs.runs(num_blocks)
-        compute = decreasing_interval_steps(num_steps, *plan.block_runs)
-        run_actions = np.repeat(np.where(compute, Action.COMPUTE, Action.REUSE)[:, None], len(runs), axis=1)
-        for a, b in runs:
-            arr[:, a : b + 1] = Action.COMPUTE
-
-    arr[: plan.warmup_steps] = Action.COMPUTE
-    run_actions[: plan.warmup_steps] = Action.COMPUTE
-    if plan.final_steps:
-        arr[num_steps - plan.final_steps :] = Action.COMPUTE
-        run_actions[num_steps - plan.final_steps :] = Action.COMPUTE
-    try:
-        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale, layout)
-    except TableError as e:
-        raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None
