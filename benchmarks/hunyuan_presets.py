@@ -85,7 +85,7 @@ def real_flops() -> np.ndarray:
     """(60, 3) FLOPs of one real-size call per (block, cell): the adapter's `block_flops` (absent cells 0)."""
     import torch
 
-    from videocache.pipelines.hunyuan import HunyuanVideoAdapter
+    from videocache.pipelines.hunyuan.adapter import HunyuanVideoAdapter
 
     model, adapter = real_transformer(), HunyuanVideoAdapter()
     dim = CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]

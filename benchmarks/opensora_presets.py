@@ -68,14 +68,14 @@ SCRIPT = "python benchmarks/opensora_presets.py --write-profiles"
 
 def flow_shift() -> float:
     """The size/length shift of the benchmark setting (float math, as the official sampler in float32)."""
-    from videocache.pipelines.opensora.schedule import shift_ratio
+    from videocache.pipelines.opensora.model.schedule import shift_ratio
 
     return shift_ratio(HEIGHT, WIDTH, FRAMES)
 
 
 def opensora_scheduler(steps: int):
     """A FlowMatchEulerDiscreteScheduler set as OpenSoraPipeline sets it for the benchmark setting."""
-    from videocache.pipelines.opensora.schedule import default_scheduler, set_opensora_timesteps
+    from videocache.pipelines.opensora.model.schedule import default_scheduler, set_opensora_timesteps
 
     scheduler = default_scheduler()
     set_opensora_timesteps(scheduler, steps, HEIGHT, WIDTH, FRAMES)
@@ -90,7 +90,7 @@ def real_transformer():
     """The released STDiT3-XL/2 (`STDiT3Model` defaults) on the meta device (shapes only, nothing allocated)."""
     import torch
 
-    from videocache.pipelines.opensora import STDiT3Model
+    from videocache.pipelines.opensora.model import STDiT3Model
 
     with torch.device("meta"):
         return STDiT3Model()

@@ -6,13 +6,14 @@
     videocache.apply(pipe, "reference-wan", "fast")   # optional, before parallelize
     parallelize(pipe, ulysses=2)                 # or cfg=2, or ulysses=N, cfg=2 on 2N processes
 
-Model adapters declare a `parallel_plan` (`plan.ParallelPlan`); the machinery here is generic. Which
-parts are diffusers' and which are ours: see `sequence` and `cfg`.
+Model families declare a `parallel_plan` (`videocache.parallel_plan.ParallelPlan`); the machinery here is
+generic. Which parts are diffusers' and which are ours: see `sequence` and `cfg`.
 """
 
+from videocache.parallel_plan import ParallelPlan
+
 from .checks import ParallelConfigError, ParallelSettings, check_settings
-from .parallel import Parallelism, get_parallelism, parallelize
-from .plan import ParallelPlan, get_parallel_plan
+from .parallel import Parallelism, get_parallel_plan, get_parallelism, parallelize
 from .state import process_state
 
 __all__ = [

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .plan import ParallelPlan
+from videocache.parallel_plan import ParallelPlan
 
 CFG_HOOK = "videocache_cfg_parallel"
 

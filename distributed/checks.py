@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 
 class ParallelConfigError(ValueError):
@@ -109,34 +106,3 @@ def check_settings(
             f"heads is not less than the {(heads + u - heads % u) // u} each rank would hold): use one of "
             f"{', '.join(map(str, ok[:12]))}"
         )
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def wan_geometry(source: str, frames: int, height: int, width: int) -> tuple[int | None, int | None]:
-    """(attention heads, video tokens) of a diffusers Wan pipeline folder for this video size, read from
-    its config files only (no model is loaded); None where the folder or a field is not there (a hub id
-    not downloaded yet: the same checks then run when the transformer is first called)."""
-    if not os.path.isdir(source):
-        return None, None
-    tcfg = _read_json(Path(source) / "transformer" / "config.json") or {}
-    vcfg = _read_json(Path(source) / "vae" / "config.json") or {}
-    heads = tcfg.get("num_attention_heads")
-    patch = tcfg.get("patch_size")
-    t_factor = vcfg.get("scale_factor_temporal")
-    s_factor = vcfg.get("scale_factor_spatial")
-    if t_factor is None and isinstance(vcfg.get("temperal_downsample"), list):
-        t_factor = 2 ** sum(bool(x) for x in vcfg["temperal_downsample"])
-        s_factor = 2 ** len(vcfg["temperal_downsample"])
-    tokens = None
-    if patch and t_factor and s_factor:
-        if frames % t_factor != 1:  # the pipeline rounds the frame count the same way
-            frames = frames // t_factor * t_factor + 1
-        latent_f = (frames - 1) // t_factor + 1
-        tokens = (latent_f // patch[0]) * (height // s_factor // patch[1]) * (width // s_factor // patch[2])
-    return (int(heads) if heads else None), tokens

@@ -1,8 +1,8 @@
 """What `videocache generate` and scripts/generate.py do for `--ulysses N` / `--ring M` / `--cfg-parallel`.
 
 `prepare_parallel` runs before any model is loaded: it reads the process state, checks the degrees
-against the number of processes, the video's token count and the model's heads (from the pipeline
-folder's config files), and makes every rank but rank 0 quiet (no stdout, no warnings, diffusers and
+against the number of processes, the video's token count and the model's heads (which the caller reads
+from the pipeline folder's config files through the model's family), and makes every rank but rank 0 quiet (no stdout, no warnings, diffusers and
 transformers logging at error level), so that one line is printed per error and per result. A rank other
 than 0 that finds a configuration error exits with status 2 without printing it (rank 0 prints it).
 """
@@ -15,7 +15,7 @@ import sys
 import warnings
 from typing import Any
 
-from .checks import ParallelConfigError, ParallelSettings, check_settings, wan_geometry
+from .checks import ParallelSettings, check_settings
 
 
 def settings_from_args(args: argparse.Namespace) -> ParallelSettings:
@@ -95,19 +95,21 @@ class ParallelRun:
 
 
 def prepare_parallel(
-    args: argparse.Namespace, source: str, *, frames: int, height: int, width: int, guidance_scale: float
+    args: argparse.Namespace, *, geometry: Any, guidance_scale: float | None
 ) -> ParallelRun | None:
-    """None when no parallel flag was given; else the checked ParallelRun (see the module docstring)."""
+    """None when no parallel flag was given; else the checked ParallelRun (see the module docstring).
+    `geometry()` gives the model's (attention heads, video tokens), None where unknown before loading; it
+    is called only when a parallel flag was given."""
     settings = settings_from_args(args)
     if settings == ParallelSettings():
         return None
     from .state import process_state
 
     state = process_state()
-    heads, tokens = wan_geometry(source, frames, height, width)
     try:
+        heads, tokens = geometry()
         check_settings(settings, state.num_processes, tokens=tokens, heads=heads, guidance_scale=guidance_scale)
-    except ParallelConfigError:
+    except ValueError:  # ParallelConfigError, or a model whose family cannot run in parallel
         if not state.is_main_process:
             raise SystemExit(2) from None
         raise

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from videocache.family import family_of
+from videocache.parallel_plan import AGREE_ATTR, ParallelPlan
+
 from .cfg import CFG_HOOK, CfgParallelHook
 from .checks import ParallelConfigError, ParallelSettings, check_settings
 from .dsp import attach_axes_plan
-from .plan import ParallelPlan, get_parallel_plan
 from .sequence import attach_sequence_plan, attention_processors, check_attention_backend
 
 _ATTR = "_videocache_parallel"
-AGREE_ATTR = "_videocache_agree"  # read by the cache engine for its data-dependent decisions
 _MESHES: dict[tuple[str, int, int], Any] = {}
 _DECISION_GROUPS: dict[tuple[int, int], Any] = {}
 
@@ -128,6 +129,15 @@ class Parallelism:
             self.cfg_hook = None
         if getattr(self.transformer, _ATTR, None) is self:
             delattr(self.transformer, _ATTR)
+
+
+def get_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
+    """The plan the transformer's model family declares (a one-line FamilyError when it has no family or
+    no plan)."""
+    plan = family_of(transformer).require("parallel_plan", "sequence and CFG parallelism")(transformer)
+    if not isinstance(plan, ParallelPlan):
+        raise TypeError(f"the parallel plan of {type(transformer).__name__} is a {type(plan).__name__}, not a ParallelPlan")
+    return plan
 
 
 def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cfg: int = 1) -> Parallelism:

@@ -50,7 +50,7 @@ class FirstBlockCacheAgreement:
     local_disagreements: int = 0  # decisions the local shard alone would have taken the other way
 
     def decide(self, hidden_states_residual: torch.Tensor) -> bool:
-        from .parallel import AGREE_ATTR
+        from videocache.parallel_plan import AGREE_ATTR
 
         agreement = getattr(self.transformer, AGREE_ATTR, None)
         if agreement is None:  # one process, or CFG parallelism alone (each rank has its own branch)

@@ -44,8 +44,9 @@ from diffusers.hooks.context_parallel import (
 )
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
+from videocache.parallel_plan import ParallelPlan
+
 from .checks import ParallelConfigError
-from .plan import ParallelPlan
 
 
 class _SplitHook(ContextParallelSplitHook):

@@ -396,9 +396,11 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     from videocache.distributed.generation import settings_from_args
     from videocache.pipelines.loader import (
         check_attention_backend,
-        generation_defaults,
+        known_defaults,
+        preload_geometry,
         resolve_device,
         resolve_model,
+        source_family,
     )
 
     degrees = settings_from_args(args)
@@ -411,7 +413,10 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     prompts = read_prompts(args.prompts)
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), args.dtype)
     source = resolve_model(args.model)
-    defaults = generation_defaults(source)
+    defaults = known_defaults(source)
+    family = source_family(source)
+    if family is not None:  # the computed fraction is measured at the family's FLOP points: say so before any run
+        family.require("flop_points", "videocache compare (its measured computed fraction)")
     settings = RunSettings(
         model=args.model,
         steps=args.steps,
@@ -437,10 +442,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         from videocache.distributed.checks import ParallelConfigError
 
         try:
-            prepare_parallel(
-                args, source, frames=settings.frames, height=settings.height, width=settings.width,
-                guidance_scale=settings.guidance_scale,
-            )
+            prepare_parallel(args, guidance_scale=settings.guidance_scale, geometry=lambda: preload_geometry(
+                source, settings.frames, settings.height, settings.width))
         except ParallelConfigError as exc:
             raise ParallelConfigError(str(exc).replace("scripts/generate.py", "-m videocache.cli compare")) from None
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]

@@ -508,7 +508,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from videocache.pipelines.loader import generation_defaults, resolve_model
+    from videocache.pipelines.loader import known_defaults, resolve_model
 
     from .vbench_env import VBenchUnavailable, ensure
 
@@ -530,7 +530,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             raise ValueError(str(exc)) from None
     suite = build_suite(args.suite, args.samples, full_info, dims, args.limit)
     source = resolve_model(args.model)
-    d = generation_defaults(source)
+    d = known_defaults(source)
     settings = RunSettings(
         model=args.model, steps=args.steps, frames=args.frames or d.num_frames, height=args.height or d.height,
         width=args.width or d.width,

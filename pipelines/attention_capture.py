@@ -1,26 +1,21 @@
-"""Foreground/background profiling of Wan2.1, HunyuanVideo and Open-Sora 1.2 transformers: captures what
-`videocache.fgbg` scores.
+"""Foreground/background profiling of a transformer from its own attention: captures what `videocache.fgbg`
+scores. Which modules are the self-attentions and how their queries and keys are formed is the model
+family's `attention_probe` (`pipelines/<family>/probes.py`); everything here is generic.
 
-* `SelfAttentionCapture`: a forward pre-hook on every block's self-attention instance (Wan: `attn1`;
-  HunyuanVideo: the joint video + text `attn` of the dual- and single-stream blocks) that, while armed,
-  recomputes the block's query and key exactly as the model's attention processor does (projections, q/k
-  norms, rotary embedding on the video tokens) on a subset of heads and records the attention every video
-  token receives from the video queries, chunk by chunk over queries. In a joint attention the softmax
-  spans the text keys too (padded ones masked, as the model does), but text tokens are left out of the
-  column means and the masks. The attention output itself is untouched. A chunk's float32 logits
-  (batch x heads x chunk x tokens) are held about three times over at once (logits, scaled, softmax), so
-  the chunk shrinks to keep them within `max_chunk_bytes` (1 GiB): at Wan2.1-1.3B's 480p x 81 frames
-  (32,760 tokens, 12 heads) 682 queries instead of 1,024, about 3 GiB at the peak instead of 4.8 GB.
-  Open-Sora 1.2 (STDiT3): both self-attentions, in execution order (spatial 0, temporal 0, spatial 1, ...:
-  the adapter's block indices). They attend within groups, the S tokens of a frame (spatial) or the T
-  frames of a position (temporal, with RoPE), so a token receives attention from its own group only:
-  each group's column means sum to 1 over its L members (L = S or T). To make spatial and temporal
-  scores comparable they are scaled by L (1 = the uniform share; above 1, more than uniform). R_attn
-  thresholds each frame's tokens against their own mean and spread, so the scaling does not change it;
-  in a temporal block a token's score says how much the frames at its position look at its frame.
+* `SelfAttentionCapture`: a forward pre-hook on every block's self-attention instance that, while armed,
+  recomputes the block's query and key exactly as the model's attention processor does (the probe's
+  `query_key`) on a subset of heads and records the attention every video token receives from the video
+  queries, chunk by chunk over queries. In a joint attention (video and text) the softmax spans the text
+  keys too (padded ones masked, as the model does), but text tokens are left out of the column means and
+  the masks. The attention output itself is untouched. A chunk's float32 logits (batch x heads x chunk x
+  tokens) are held about three times over at once (logits, scaled, softmax), so the chunk shrinks to keep
+  them within `max_chunk_bytes` (1 GiB): at Wan2.1-1.3B's 480p x 81 frames (32,760 tokens, 12 heads) 682
+  queries instead of 1,024, about 3 GiB at the peak instead of 4.8 GB. Attention within groups of tokens
+  (a probe with `to_tokens`, e.g. Open-Sora's spatial and temporal attention) is scored per group and put
+  back in token order by the probe.
 * `score_call`: the foreground mask of one call, cut from the output (by default from the clean latent
   it implies, x0 = x_t - sigma v) at latent resolution and pooled to the token grid, and R_attn per block.
-* `profile_pipeline`: runs a WanPipeline on prompts and scores the chosen steps of the conditional pass,
+* `profile_pipeline`: runs a pipeline on prompts and scores the chosen steps of the conditional pass,
   giving an `FgBgProfile` (per-block R_attn, classes, heatmap data).
 
 Profiling runs in one process on the whole token sequence (no sequence parallelism): the column means need
@@ -36,10 +31,9 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from diffusers.models.embeddings import apply_rotary_emb
 from tqdm.auto import tqdm
 
-from videocache.engine import drop_empty_registry
+from videocache.family import family_of
 from videocache.fgbg import (
     FgBgProfile,
     ScoreAccumulator,
@@ -48,77 +42,11 @@ from videocache.fgbg import (
     foreground_mask,
     pool_mask,
 )
+from videocache.hooks import drop_empty_registry
 
 PROBE_HOOK = "videocache_fgbg_probe"
-MAX_CHUNK_BYTES = 2**30  # float32 logits of one query chunk (see WanSelfAttentionCapture)
+MAX_CHUNK_BYTES = 2**30  # float32 logits of one query chunk (see SelfAttentionCapture)
 SIGNALS = ("velocity", "x0")
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on interleaved pairs (x[2i], x[2i+1]) as a complex multiply by cos + i sin; cos/sin
-    hold each pair's angle twice (Wan's repeat-interleaved tables)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rot = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
-    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)
-
-
-def wan_query_key(
-    attn: torch.nn.Module, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key of Wan's self-attention `attn` for this input, (B, N, heads, head_dim) each, as
-    WanAttnProcessor forms them before the attention kernel."""
-    if getattr(attn, "fused_projections", False):
-        q, k, _ = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)
-    q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
-    k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-    if rotary_emb is not None:
-        q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-    return q, k
-
-
-def hunyuan_query_key(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                      rotary_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Video queries and all keys (video, then text), (B, N, heads, head_dim), of a HunyuanVideo joint
-    attention as HunyuanVideoAttnProcessor2_0 forms them: the dual-stream blocks project text with the
-    `add_*` projections, the single-stream blocks project the joined tokens with one; RoPE on the video."""
-    video = hidden_states.shape[1]
-    if attn.add_q_proj is None:
-        joined = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        q = attn.norm_q(attn.to_q(joined).unflatten(2, (attn.heads, -1)))[:, :video]
-        k = attn.norm_k(attn.to_k(joined).unflatten(2, (attn.heads, -1)))
-        k_video, k_text = k[:, :video], k[:, video:]
-    else:
-        q = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        k_video = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        k_text = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)))
-    if rotary_emb is not None:
-        q = apply_rotary_emb(q, rotary_emb, sequence_dim=1)
-        k_video = apply_rotary_emb(k_video, rotary_emb, sequence_dim=1)
-    return q, torch.cat([k_video, k_text], dim=1)
-
-
-def opensora_query_key(attn: torch.nn.Module, hidden_states: torch.Tensor, num_frames: int,
-                       rope_angles: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key of an STDiT3 self-attention (`SelfAttention`) for its input (B, T*S, C), as it forms
-    them before the attention kernel: per group (G, L, heads, head_dim) with the groups the frames
-    ((B*T), S) of a spatial block or the positions ((B*S), T) of a temporal one; fused qkv, per-head
-    RMSNorm, then RoPE (interleaved pairs) in temporal blocks."""
-    from .opensora.transformer import apply_rope_interleaved
-
-    batch, tokens, channels = hidden_states.shape
-    x = hidden_states.view(batch, num_frames, tokens // num_frames, channels)
-    if attn.temporal:
-        x = x.transpose(1, 2)
-    groups, length = x.shape[0] * x.shape[1], x.shape[2]
-    qkv = attn.qkv(x.reshape(groups, length, channels)).view(groups, length, 3, attn.num_heads, attn.head_dim)
-    q, k, _ = qkv.unbind(2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.temporal and rope_angles is not None:
-        q = apply_rope_interleaved(q.transpose(1, 2), rope_angles).transpose(1, 2)
-        k = apply_rope_interleaved(k.transpose(1, 2), rope_angles).transpose(1, 2)
-    return q, k
 
 
 @dataclass(frozen=True)
@@ -145,58 +73,10 @@ class AttentionProbe:
         return int(getattr(module, "heads", None) or module.num_heads)
 
 
-def _wan_qk(module, args, kwargs):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    q, k = wan_query_key(module, hidden, args[3] if len(args) > 3 else kwargs.get("rotary_emb"))
-    return q, k, None, hidden.shape[1]
-
-
-def _hunyuan_qk(module, args, kwargs):
-    bound = dict(zip(("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb"), args,
-                     strict=False)) | kwargs
-    hidden, mask = bound["hidden_states"], bound.get("attention_mask")
-    q, k = hunyuan_query_key(module, hidden, bound["encoder_hidden_states"], bound.get("image_rotary_emb"))
-    key_mask = None if mask is None else mask.reshape(mask.shape[0], 1, -1)  # (B, 1 head, keys)
-    return q, k, key_mask, hidden.shape[1]
-
-
-def _opensora_bind(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    bound = dict(zip(("x", "num_frames", "rope_angles"), args, strict=False)) | kwargs
-    return bound["x"], int(bound["num_frames"]), bound.get("rope_angles")
-
-
-def _opensora_qk(module, args, kwargs):
-    hidden, frames, rope = _opensora_bind(args, kwargs)
-    q, k = opensora_query_key(module, hidden, frames, rope)
-    return q, k, None, None
-
-
-def _opensora_tokens(received: torch.Tensor, module, args, kwargs) -> torch.Tensor:
-    """(G, L) group scores -> (B, T*S) in token order t*S + s, times L (1 = uniform; see the module doc)."""
-    hidden, frames, _ = _opensora_bind(args, kwargs)
-    batch, tokens = hidden.shape[:2]
-    scaled = received * received.shape[-1]
-    if module.temporal:  # groups (b, s), members t
-        return scaled.view(batch, tokens // frames, frames).transpose(1, 2).reshape(batch, tokens)
-    return scaled.reshape(batch, tokens)  # groups (b, t), members s
-
-
 def attention_probe(transformer: torch.nn.Module) -> AttentionProbe:
-    """The probe for a Wan, HunyuanVideo or Open-Sora 1.2 transformer (ValueError, one line, for others)."""
-    config = transformer.config
-    if hasattr(transformer, "temporal_blocks") and hasattr(transformer, "spatial_blocks"):
-        channels = int(config.in_channels)
-        return AttentionProbe([b.attn for b in transformer.blocks()], _opensora_qk, tuple(config.patch_size),
-                              _opensora_tokens, lambda out: -out[:, :channels])
-    if hasattr(transformer, "single_transformer_blocks"):
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        patch = (int(config.patch_size_t), int(config.patch_size), int(config.patch_size))
-        return AttentionProbe([b.attn for b in blocks], _hunyuan_qk, patch)
-    if hasattr(transformer, "blocks") and hasattr(transformer.blocks[0], "attn1"):
-        return AttentionProbe([b.attn1 for b in transformer.blocks], _wan_qk, tuple(config.patch_size))
-    raise ValueError(
-        f"foreground/background profiling supports Wan, HunyuanVideo and Open-Sora 1.2; not {type(transformer).__name__}"
-    )
+    """The probe the transformer's model family declares (a one-line FamilyError when it has none)."""
+    return family_of(transformer).require("attention_probe", "foreground/background profiling (videocache profile)")(
+        transformer)
 
 
 class SelfAttentionCapture:
@@ -396,7 +276,8 @@ def profile_pipeline(
     progress: bool = True,
     **call_kwargs: Any,
 ) -> FgBgProfile:
-    """Generate every (prompt, seed) with `pipe` (a Wan, HunyuanVideo or Open-Sora pipeline; `call_kwargs` go to its call, e.g.
+    """Generate every (prompt, seed) with `pipe` (its transformer's family declares an attention probe;
+    `call_kwargs` go to its call, e.g.
     num_inference_steps, num_frames, height, width, guidance_scale) and score the conditional pass at
     `steps`. The mask comes from the model's output (`signal`: the velocity or the clean latent it implies,
     with `border` edge positions left out; see `score_call`)."""

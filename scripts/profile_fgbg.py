@@ -22,7 +22,8 @@ import yaml
 
 from videocache.fgbg import save_heatmap
 from videocache.pipelines.attention_capture import SIGNALS, default_profile_steps, profile_pipeline
-from videocache.pipelines.loader import KNOWN_MODELS, generation_defaults, load_pipeline, resolve_model
+from videocache.pipelines.loader import defaults_of, load_pipeline, resolve_model
+from videocache.pipelines.reference import is_reference
 
 
 def int_list(text: str) -> list[int]:
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"profile_fgbg: error: {exc}", file=sys.stderr)
         return 2
     pipe.set_progress_bar_config(disable=True)
-    gen = generation_defaults(source)
+    gen = defaults_of(pipe, source)
     steps = args.steps or default_profile_steps(gen.num_inference_steps)
-    is_reference = args.model in KNOWN_MODELS or args.reference_data
+    reference = is_reference(source) or args.reference_data
     if args.prompt:
         prompts = args.prompt
-    elif is_reference:
+    elif reference:
         from videocache.pipelines.reference.mask_validation import default_captions
 
         prompts = [c.text for c in default_captions(args.prompts)]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict = {}
     started = time.time()
-    if is_reference and args.clips > 0:
+    if reference and args.clips > 0:
         from videocache.pipelines.reference.mask_validation import default_captions, validate_masks
 
         val = validate_masks(

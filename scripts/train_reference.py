@@ -42,8 +42,8 @@ from diffusers import AutoencoderKLWan, HunyuanVideoPipeline, WanPipeline
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, LlamaModel, T5EncoderModel, UMT5EncoderModel
 
-from videocache.pipelines.opensora import schedule as opensora_schedule
-from videocache.pipelines.opensora.text import encode_prompts as opensora_encode_prompts
+from videocache.pipelines.opensora.model import schedule as opensora_schedule
+from videocache.pipelines.opensora.model.text import encode_prompts as opensora_encode_prompts
 from videocache.pipelines.reference import build, build_hunyuan, build_opensora
 from videocache.pipelines.reference.data import render_clip, split_captions
 

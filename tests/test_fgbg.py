@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from videocache import fgbg
-from videocache.pipelines.attention_capture import SelfAttentionCapture, profile_pipeline, wan_query_key
+from videocache.pipelines.attention_capture import SelfAttentionCapture, profile_pipeline
+from videocache.pipelines.wan.probes import wan_query_key
 
 
 @pytest.fixture(scope="module")

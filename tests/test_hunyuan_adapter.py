@@ -11,7 +11,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 
 import videocache as vc
 from videocache import Action, BlockLayout, CacheTable
-from videocache.pipelines.hunyuan import DUAL, SINGLE, HunyuanVideoAdapter
+from videocache.pipelines.hunyuan.adapter import DUAL, SINGLE, HunyuanVideoAdapter
 from videocache.profile import Profile, ProfileError
 
 STEPS = 4

@@ -15,7 +15,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import videocache as vc
-from videocache.pipelines.hunyuan import HunyuanVideoAdapter
+from videocache.pipelines.hunyuan.adapter import HunyuanVideoAdapter
 
 from .test_hunyuan_adapter import inputs, tiny_hunyuan
 from .test_wan_presets import engine_fractions, one_thread  # noqa: F401 (a fixture)

@@ -19,7 +19,7 @@ from videocache import Action, CacheTable
 from videocache.pipelines.reference.build import tiny_wan_transformer
 
 READS = ("item", "__float__", "__int__", "__bool__", "tolist", "numpy", "cpu", "__index__")
-ADAPTERS = ("pipelines/wan.py", "pipelines/opensora/adapter.py")  # guarded like the engine (tests/test_opensora_adapter.py)
+ADAPTERS = ("pipelines/wan/adapter.py", "pipelines/opensora/adapter.py")  # guarded like the engine (tests/test_opensora_adapter.py)
 STEPS = 8
 
 

@@ -11,13 +11,14 @@ import torch
 import yaml
 
 import videocache as vc
-import videocache.pipelines.opensora.transformer as st
+import videocache.pipelines.opensora.model.transformer as st
 from videocache import Action, BlockGroup, BlockLayout, CacheTable
 from videocache.adapters import get_adapter
 from videocache.fgbg import attention_received
-from videocache.pipelines.attention_capture import SelfAttentionCapture, attention_probe, opensora_query_key
-from videocache.pipelines.opensora import STDiT3Model
+from videocache.pipelines.attention_capture import SelfAttentionCapture, attention_probe
 from videocache.pipelines.opensora.adapter import SPATIAL, TEMPORAL, OpenSoraAdapter
+from videocache.pipelines.opensora.model import STDiT3Model
+from videocache.pipelines.opensora.probes import opensora_query_key
 from videocache.profile import Profile, ProfileError
 
 from .test_no_sync import no_host_reads  # noqa: F401 (a fixture)
@@ -341,7 +342,7 @@ def test_probe_reproduces_the_attention_and_scores_in_token_order(monkeypatch):
 
 def test_profile_pipeline_runs_on_the_tiny_pipeline():
     from videocache.pipelines.attention_capture import profile_pipeline
-    from videocache.pipelines.opensora.tiny import tiny_pipeline
+    from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     result = profile_pipeline(pipe, ["a red ball"], steps=[2, 3], num_inference_steps=4, num_frames=1,
@@ -426,7 +427,7 @@ def test_decisions_stay_out_of_the_graph():
                  for line in (node.meta.get("stack_trace") or "").splitlines() if line.strip().startswith("File")}
         assert {f for f in files if "/videocache/" in f and "/pipelines/" not in f} == set()
         assert any(f.endswith("opensora/adapter.py") for f in files)
-        assert any(f.endswith("opensora/transformer.py") for f in files)
+        assert any(f.endswith("opensora/model/transformer.py") for f in files)
     finally:
         vc.remove(model)
         model._compiled_call_impl = None
@@ -437,7 +438,7 @@ def test_decisions_stay_out_of_the_graph():
 def test_pipeline_with_cfg_full_table_is_exact_and_a_profile_preset_runs(tmp_path):
     """OpenSoraPipeline's cond and uncond calls (cache contexts with step and sigma): a full table gives the
     uncached latents bit for bit, a PAB-like preset runs with its own decisions, removal restores them."""
-    from videocache.pipelines.opensora.tiny import tiny_pipeline
+    from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 
     pipe = tiny_pipeline()
     settings = dict(prompt="a red ball", num_frames=17, height=64, width=64, num_inference_steps=STEPS,

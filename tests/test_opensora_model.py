@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from videocache.pipelines.opensora import OpenSoraLoadError, STDiT3Model
-from videocache.pipelines.opensora.transformer import (
+from videocache.pipelines.opensora.model import OpenSoraLoadError, STDiT3Model
+from videocache.pipelines.opensora.model.transformer import (
     SelfAttention,
     apply_rope_interleaved,
     expected_shapes,

@@ -18,8 +18,8 @@ import torch
 import videocache.eval_vbench.methods as m
 from videocache.eval_vbench.cache_memory import CachePeakProbe
 from videocache.eval_vbench.flops import ComponentCounter
-from videocache.pipelines.opensora.tiny import TINY_TRANSFORMER, tiny_pipeline
-from videocache.pipelines.opensora.transformer import STDiT3Block
+from videocache.pipelines.opensora.model.tiny import TINY_TRANSFORMER, tiny_pipeline
+from videocache.pipelines.opensora.model.transformer import STDiT3Block
 
 STEPS = 8
 SETTINGS = dict(prompt="a red ball", num_frames=17, height=64, width=64, num_inference_steps=STEPS,
@@ -193,7 +193,7 @@ def test_pab_pyramid_hooks_each_attention_kind_with_its_range_and_keeps_the_bran
 def test_one_block_list_for_cachedit_runs_the_model_bit_for_bit_and_detaches(pipe, uncached):
     """The execution-order list cache-dit wraps: the same blocks (S0, T0, S1, T1), the same output; detached,
     the class's forward and the state dict's keys are back."""
-    from videocache.pipelines.opensora import cachedit
+    from videocache.pipelines.opensora import peers as cachedit
 
     t, keys = pipe.transformer, list(pipe.transformer.state_dict())
     blocks = cachedit.attach(t)
@@ -210,7 +210,7 @@ import json, sys, torch
 import videocache.eval_vbench.methods as m
 from videocache.eval_vbench.flops import ComponentCounter
 from tests.test_opensora_peers import STEPS, generate
-from videocache.pipelines.opensora.tiny import tiny_pipeline
+from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 pipe = tiny_pipeline()
 with ComponentCounter(pipe.transformer) as counter:
     base = generate(pipe)

@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from videocache.pipelines.loader import ModelLoadError, generation_defaults, load_pipeline, pipeline_class
-from videocache.pipelines.opensora import OpenSoraPipeline
-from videocache.pipelines.opensora.text import MAX_SEQUENCE_LENGTH, clean_prompt, encode_prompts, with_scores
-from videocache.pipelines.opensora.tiny import tiny_pipeline
+from videocache.pipelines.opensora.model import OpenSoraPipeline
+from videocache.pipelines.opensora.model.text import (
+    MAX_SEQUENCE_LENGTH,
+    clean_prompt,
+    encode_prompts,
+    with_scores,
+)
+from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 
 SMALL = {"height": 32, "width": 48, "num_frames": 17, "num_inference_steps": 2}
 
@@ -193,7 +198,7 @@ def test_attention_backend_is_used_by_the_model(pipe):
 
 
 def test_every_attention_goes_through_diffusers_dispatch(pipe, monkeypatch):
-    from videocache.pipelines.opensora import transformer as module
+    from videocache.pipelines.opensora.model import transformer as module
 
     calls = []
     original = module.dispatch_attention_fn
@@ -208,7 +213,7 @@ def test_masked_cross_attention_does_not_need_a_mask_capable_backend():
     """flash-attn / SageAttention refuse masks: the masked cross-attention does not go through them."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    from videocache.pipelines.opensora.transformer import CrossAttention
+    from videocache.pipelines.opensora.model.transformer import CrossAttention
 
     torch.manual_seed(0)
     attn = CrossAttention(32, 2)

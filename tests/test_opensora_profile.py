@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import videocache as vc
-from videocache.pipelines.hunyuan import HunyuanVideoAdapter
+from videocache.pipelines.hunyuan.adapter import HunyuanVideoAdapter
 from videocache.pipelines.opensora.adapter import OpenSoraAdapter
 from videocache.profile import ProfileError
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from videocache.pipelines.opensora import OpenSoraLoadError, OpenSoraVAE
-from videocache.pipelines.opensora.schedule import (
+from videocache.pipelines.opensora.model import OpenSoraLoadError, OpenSoraVAE
+from videocache.pipelines.opensora.model.schedule import (
     base_sigmas,
     default_scheduler,
     set_opensora_timesteps,
     shift_ratio,
 )
-from videocache.pipelines.opensora.tiny import TINY_VAE
-from videocache.pipelines.opensora.vae import read_official_vae_config
+from videocache.pipelines.opensora.model.tiny import TINY_VAE
+from videocache.pipelines.opensora.model.vae import read_official_vae_config
 
 
 def official_temporal_keys(filters=128, blocks=4, mult=(1, 2, 2, 4), down=(False, True, True), c=4, z=4):
@@ -130,7 +130,7 @@ def test_tiny_vae_round_trip_and_causal_decoding(tmp_path):
 
 
 def test_causal_conv_pads_time_on_the_left_only():
-    from videocache.pipelines.opensora.vae import CausalConv3d
+    from videocache.pipelines.opensora.model.vae import CausalConv3d
 
     torch.manual_seed(0)
     for stride in (1, 2):
@@ -190,7 +190,7 @@ def test_shift_ratio_matches_the_official_examples(size, frames, ratio):
 def test_shift_is_relative_to_the_models_base_size():
     """A model whose position-embedding base is 64 pixels (the reference) gets at 64x64 the shift the
     released model (base 512) gets at 512x512; the pipeline reads the base from the transformer."""
-    from videocache.pipelines.opensora.tiny import tiny_pipeline
+    from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 
     assert shift_ratio(64, 64, 17, base_size=64) == pytest.approx(shift_ratio(512, 512, 17))
     pipe = tiny_pipeline()
@@ -251,7 +251,7 @@ def test_temporal_vae_matches_the_official_outputs():
     (tests/data/opensora_official_outputs.safetensors): bit-identical encode means and decodes."""
     from safetensors.torch import load_file
 
-    from videocache.pipelines.opensora.vae import TemporalVAE
+    from videocache.pipelines.opensora.model.vae import TemporalVAE
 
     from tests.test_opensora_model import OFFICIAL_OUTPUTS, seeded_state
 

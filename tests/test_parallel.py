@@ -269,8 +269,8 @@ def test_check_settings_one_line_errors():
 
 
 def test_reference_wan_geometry_from_config_files():
-    from videocache.distributed.checks import wan_geometry
     from videocache.pipelines.loader import REFERENCE_DIR
+    from videocache.pipelines.wan.loading import wan_geometry
 
     assert wan_geometry(str(REFERENCE_DIR), 17, 64, 64) == (4, 320)
     assert wan_geometry("Wan-AI/not-downloaded", 81, 480, 832) == (None, None)

@@ -1,4 +1,4 @@
-"""HunyuanVideo's parallel plan (`videocache.pipelines.hunyuan_parallel`) on 2 and 4 gloo processes on the
+"""HunyuanVideo's parallel plan (`videocache.pipelines.hunyuan.parallel`) on 2 and 4 gloo processes on the
 CPU, against one process: a tiny random HunyuanVideoTransformer3DModel (HUNYUAN.md section 4) called
 directly, with prompts padded and not, even and uneven shards, Ulysses, ring, Ulysses x ring, CFG and
 CFG x Ulysses parallelism, and the cache on (the HunyuanVideo adapter's block hooks, Ulysses and ring).

@@ -43,8 +43,8 @@ SIZES = {
 
 
 def _model():
-    from videocache.pipelines.opensora import STDiT3Model
-    from videocache.pipelines.opensora.tiny import TINY_TRANSFORMER
+    from videocache.pipelines.opensora.model import STDiT3Model
+    from videocache.pipelines.opensora.model.tiny import TINY_TRANSFORMER
 
     torch.manual_seed(0)
     return STDiT3Model(**TINY_TRANSFORMER).eval()
@@ -68,7 +68,7 @@ def _inputs(case: str, seed: int = 1, timestep: float = 700.0) -> dict:
 
 
 def _pipe():
-    from videocache.pipelines.opensora.tiny import tiny_pipeline
+    from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 
     return tiny_pipeline()
 

@@ -135,10 +135,10 @@ def test_wheel_carries_the_profiles(wheel):
 
 def test_wheel_carries_every_reference_pipeline(wheel):
     """Each shipped reference pipeline's weights, so that `--model reference-...` works after pip install."""
-    from videocache.pipelines.loader import KNOWN_MODELS
+    from videocache.family import known_models
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    for model in KNOWN_MODELS:
+    for model in known_models():
         folder = f"videocache/pipelines/reference/{model}/"
         assert any(n.startswith(folder + "transformer/") and n.endswith(".safetensors") for n in names), model
         assert folder + "model_index.json" in names, model

@@ -37,8 +37,8 @@ def opensora_pipe():
 def test_loads_by_name_offline_and_generates_the_right_shapes(opensora_pipe):
     from diffusers import AutoencoderKLWan
 
-    from videocache.pipelines.opensora.pipeline import OpenSoraPipeline
-    from videocache.pipelines.opensora.transformer import STDiT3Model
+    from videocache.pipelines.opensora.model.pipeline import OpenSoraPipeline
+    from videocache.pipelines.opensora.model.transformer import STDiT3Model
 
     pipe = opensora_pipe
     assert isinstance(pipe, OpenSoraPipeline) and type(pipe).__name__ == "ReferenceOpenSoraPipeline"
@@ -82,7 +82,7 @@ def test_cfg_runs_cond_and_uncond_with_the_learned_null_caption(opensora_pipe):
 def test_shipped_text_side_is_what_the_transformer_was_trained_with(opensora_pipe):
     """Training encoded the captions with build_opensora's seeded T5 and tokenizer: the shipped ones must
     give the same embeddings (a transformers upgrade that changed either would silently break the model)."""
-    from videocache.pipelines.opensora.text import encode_prompts
+    from videocache.pipelines.opensora.model.text import encode_prompts
 
     built = build_opensora.build_text_components(seed=0)
     pipe = opensora_pipe

@@ -7,12 +7,13 @@ The prompts are the 20 held-out captions that were never in the training set.
 import numpy as np
 import pytest
 
-from videocache.pipelines.loader import KNOWN_MODELS, load_pipeline
+from videocache.family import known_models
+from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.data import split_captions
 from videocache.pipelines.reference.evaluate import GATES, prompt_adherence, vae_psnr
 
 pytestmark = pytest.mark.slow
-REFERENCE_MODELS = [m for m in KNOWN_MODELS if m.startswith("reference-")]
+REFERENCE_MODELS = [m for m in known_models() if m.startswith("reference-")]
 # Gates a shipped model is known to miss, recorded strictly (the test fails once the model passes, so the
 # entry must go). With the noise-robust shared decoder (2026-11-28) reference-hunyuan, trained for about 70
 # CPU-minutes, shows every frame in the prompted colour in 45 % of the held-out videos (its colour flips
@@ -29,7 +30,7 @@ def known_failure(request, model: str, gate: str) -> None:
 @pytest.fixture(scope="module", params=REFERENCE_MODELS)
 def adherence(request):
     model = request.param
-    if not (KNOWN_MODELS[model] / "model_index.json").is_file():
+    if not (known_models()[model] / "model_index.json").is_file():
         pytest.skip(f"shipped {model} weights not present")
     pipe = load_pipeline(model, device="cpu")
     pipe.set_progress_bar_config(disable=True)

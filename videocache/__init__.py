@@ -6,8 +6,9 @@
     print(engine.stats()["computed_fraction"])
     videocache.remove(pipe)                                    # output is bit-identical to never applied
 
-The engine is model-agnostic; model adapters (videocache.pipelines) register themselves and are found
-by the transformer's class when `apply` runs.
+The engine is model-agnostic: what it knows of a model comes from the model's family
+(`videocache.family.ModelFamily`), found by the transformer's class when `apply` runs; families are
+installed packages' entry points (group `videocache.families`) or registered with `register_family`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelAdapter, get_adapter, register_adapter
+from .adapters import ModelAdapter, get_adapter
 from .engine import CacheEngine, EngineConfig
 from .exposure_bias import ExposureBiasConfig, b_schedule, correct_velocity
+from .family import (
+    FamilyError,
+    FlopPoint,
+    GenerationDefaults,
+    ModelFamily,
+    PeerSettings,
+    families,
+    family_of,
+    register_family,
+)
 from .profile import PresetSpec, Profile, ProfileError, available_profiles, build_table, load_profile
 from .table import COMPONENTS, Action, BlockGroup, BlockLayout, CacheTable
 
@@ -34,7 +45,12 @@ __all__ = [
     "CacheTable",
     "EngineConfig",
     "ExposureBiasConfig",
+    "FamilyError",
+    "FlopPoint",
+    "GenerationDefaults",
     "ModelAdapter",
+    "ModelFamily",
+    "PeerSettings",
     "PresetSpec",
     "Profile",
     "ProfileError",
@@ -44,10 +60,12 @@ __all__ = [
     "b_schedule",
     "build_table",
     "correct_velocity",
+    "families",
+    "family_of",
     "get_adapter",
     "get_engine",
     "load_profile",
-    "register_adapter",
+    "register_family",
     "remove",
 ]
 
@@ -73,7 +91,7 @@ def _preflight(
 def apply_to_transformer(
     transformer: torch.nn.Module,
     scheduler: Any = None,
-    table_or_profile: CacheTable | Profile | str | Path = "reference-wan",
+    table_or_profile: CacheTable | Profile | str | Path | None = None,
     preset: str | None = None,
     *,
     max_cache_bytes: int | None = None,
@@ -104,6 +122,8 @@ def apply_to_transformer(
     transformer = getattr(transformer, "_orig_mod", transformer)  # a torch.compile(...) wrapper
     if getattr(transformer, _ATTR, None) is not None:
         raise RuntimeError("videocache is already applied to this transformer; call videocache.remove first")
+    if table_or_profile is None:
+        raise ValueError("give the cache's profile (a name, a YAML path or a Profile) or a CacheTable")
     adapter = get_adapter(transformer)
     fingerprint = adapter.fingerprint(transformer)
     get_scheduler = (
@@ -153,7 +173,7 @@ def apply_to_transformer(
 
 def apply(
     pipe: Any,
-    profile: Profile | str | Path = "reference-wan",
+    profile: Profile | str | Path | None = None,
     preset: str | None = None,
     *,
     table: CacheTable | None = None,

@@ -1,24 +1,18 @@
-"""Model adapters: what the engine needs to know about one transformer family, and their registry.
+"""Model adapters: what the engine needs to know about one transformer family.
 
 The engine is model-agnostic: it only sees blocks, their cacheable component modules, FLOPs per call
-and the scheduler's sigmas through an adapter looked up by the transformer's class. Adapters live in
-`videocache.pipelines` and register themselves on import; `get_adapter` imports the built-in ones
-lazily, so the engine has no import-time dependency on any model package.
+and the scheduler's sigmas through an adapter, which a model family declares (`videocache.family`) and
+`get_adapter` finds by the transformer's class.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-# Modules that register the built-in adapters when imported (soft dependency, resolved at lookup time).
-BUILTIN_ADAPTER_MODULES: tuple[str, ...] = (
-    "videocache.pipelines", "videocache.pipelines.wan", "videocache.pipelines.hunyuan",
-    "videocache.pipelines.opensora.adapter",
-)
+from .family import family_of
 
 
 @runtime_checkable
@@ -67,55 +61,7 @@ class ModelAdapter(Protocol):
     # With them, a step whose cells are all skipped alike skips the whole block stack at once.
 
 
-_REGISTRY: dict[str, ModelAdapter] = {}
-
-
-def _key(cls_name_or_type: str | type) -> str:
-    return cls_name_or_type if isinstance(cls_name_or_type, str) else cls_name_or_type.__name__
-
-
-def register_adapter(cls_name_or_type: str | type, adapter: ModelAdapter) -> None:
-    """Register `adapter` for a transformer class (by class or class name); re-registering replaces."""
-    missing = [
-        m
-        for m in (
-            "blocks",
-            "component_modules",
-            "fingerprint",
-            "component_flops",
-            "scheduler_sigmas",
-            "denoiser_inputs",
-        )
-        if not callable(getattr(adapter, m, None))
-    ]
-    if missing:
-        raise TypeError(f"adapter {type(adapter).__name__} lacks {', '.join(missing)}")
-    _REGISTRY[_key(cls_name_or_type)] = adapter
-
-
-def registered_architectures() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def _load_builtin_adapters() -> None:
-    for name in BUILTIN_ADAPTER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:  # not installed with this build; a broken adapter still raises
-            if e.name is None or not name.startswith(e.name):
-                raise
-
-
 def get_adapter(transformer: torch.nn.Module) -> ModelAdapter:
-    """The adapter registered for the transformer's class (or the nearest base class)."""
-    for attempt in range(2):
-        for cls in type(transformer).__mro__:
-            adapter = _REGISTRY.get(cls.__name__)
-            if adapter is not None:
-                return adapter
-        if attempt == 0:
-            _load_builtin_adapters()
-    raise ValueError(
-        f"videocache has no adapter for {type(transformer).__name__}; supported: "
-        f"{', '.join(registered_architectures()) or 'none'} (register one with videocache.register_adapter)"
-    )
+    """The cache adapter of the transformer's model family (`videocache.family`); a one-line FamilyError if
+    no family covers it."""
+    return family_of(transformer).adapter

@@ -38,9 +38,9 @@ def weights_dtype(name: str | None, model: str, device: str) -> Any:
 
     if name:
         return getattr(torch, name)
-    from videocache.pipelines.loader import KNOWN_MODELS
+    from videocache.family import known_models
 
-    return torch.bfloat16 if model not in KNOWN_MODELS and not device.startswith("cpu") else None
+    return torch.bfloat16 if model not in known_models() and not device.startswith("cpu") else None
 
 
 CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_e4m3fn", "int8": "int8"}
@@ -81,6 +81,20 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+VIDEO_SETTINGS = (("steps", "num_inference_steps"), ("frames", "num_frames"), ("height", "height"),
+                  ("width", "width"), ("guidance_scale", "guidance_scale"))
+
+
+def video_settings(args: argparse.Namespace, defaults: Any) -> dict[str, Any]:
+    """steps, frames, height, width and guidance_scale: the user's, else the model's defaults (None where
+    neither is known yet: a hub id whose family is known only once it is loaded)."""
+    out = {}
+    for arg, field in VIDEO_SETTINGS:
+        value = getattr(args, arg, None)
+        out[arg] = value if value is not None else (getattr(defaults, field) if defaults is not None else None)
+    return out
+
+
 def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     """Load, optionally cache, generate and write; returns the summary. Raises USER_ERRORS on bad input."""
     import torch
@@ -89,34 +103,43 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
+        defaults_of,
         generation_defaults,
         load_pipeline,
+        preload_geometry,
         resolve_device,
         resolve_model,
     )
     from videocache.video_io import write_video
 
     source = resolve_model(args.model)
-    defaults = generation_defaults(source)
-    steps = args.steps if args.steps is not None else defaults.num_inference_steps
-    for name, value in (("--steps", steps), ("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+    defaults = generation_defaults(source)  # None until loaded for a hub id not downloaded yet
+    video = video_settings(args, defaults)
+    for name in ("steps", "frames", "height", "width"):
+        if video[name] is not None and video[name] <= 0:
+            raise ValueError(f"--{name} must be positive, got {video[name]}")
     if args.profile != "none":  # cheap checks first: a bad profile, preset or step count fails before loading
         import videocache
 
-        videocache.load_profile(args.profile).preset(args.preset).check_steps(steps)
+        preset = videocache.load_profile(args.profile).preset(args.preset)
+        if video["steps"] is not None:
+            preset.check_steps(video["steps"])
     from videocache.distributed.generation import prepare_parallel
 
-    parallel = prepare_parallel(  # None unless --ulysses / --ring / --cfg-parallel; checked before loading
-        args, source, frames=args.frames or defaults.num_frames, height=args.height or defaults.height,
-        width=args.width or defaults.width,
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
-    )
+    def geometry() -> tuple[int | None, int | None]:
+        if None in (video["frames"], video["height"], video["width"]):
+            return None, None  # checked at the transformer's first call
+        return preload_geometry(source, video["frames"], video["height"], video["width"])
+
+    # None unless --ulysses / --ring / --cfg-parallel; checked before loading
+    parallel = prepare_parallel(args, guidance_scale=video["guidance_scale"], geometry=geometry)
     device = parallel.device if parallel is not None and args.device is None else args.device
     dtype = weights_dtype(args.dtype, args.model, resolve_device(device))
     backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(device), dtype)
     pipe = load_pipeline(args.model, device=device, dtype=dtype, attention_backend=backend)
+    if defaults is None:
+        defaults = defaults_of(pipe, source)
+        video = video_settings(args, defaults)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
                              "attention_backend": attention_backend_of(pipe)}
     engine = None
@@ -125,8 +148,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
 
         cache_dtype = getattr(args, "cache_dtype", None)
         engine = videocache.apply(
-            pipe, args.profile, preset=args.preset, max_cache_bytes=args.max_cache_bytes, num_inference_steps=steps,
-            cache_dtype=getattr(torch, CACHE_DTYPES[cache_dtype]) if cache_dtype else None,
+            pipe, args.profile, preset=args.preset, max_cache_bytes=args.max_cache_bytes,
+            num_inference_steps=video["steps"], cache_dtype=getattr(torch, CACHE_DTYPES[cache_dtype]) if cache_dtype else None,
             offload_to_cpu=getattr(args, "offload_cache", False),
         )
         extra.update(profile=args.profile, preset=engine.preset_name)
@@ -143,11 +166,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         args.prompt,
         negative_prompt=args.negative_prompt,
         seed=args.seed,
-        num_inference_steps=steps,
-        num_frames=args.frames or defaults.num_frames,
-        height=args.height or defaults.height,
-        width=args.width or defaults.width,
-        guidance_scale=args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
+        num_inference_steps=video["steps"],
+        num_frames=video["frames"],
+        height=video["height"],
+        width=video["width"],
+        guidance_scale=video["guidance_scale"],
         progress=not args.no_progress and (parallel is None or parallel.is_main),
         extra=extra,
     )
@@ -253,14 +276,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
     from videocache.pipelines.loader import (
-        KNOWN_MODELS,
         attention_backend_of,
         check_attention_backend,
+        defaults_of,
         generation_defaults,
         load_pipeline,
         resolve_device,
         resolve_model,
+        source_family,
     )
+    from videocache.pipelines.reference import is_reference
 
     for budget in args.budget:
         if not 0.0 < budget <= 1.0:
@@ -275,19 +300,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     if args.prompts:
         prompts = read_prompts(args.prompts)
-    elif args.model in KNOWN_MODELS:  # the reference pipelines share the procedural captions
+    elif is_reference(source):  # the reference pipelines share the procedural captions
         from videocache.pipelines.reference.data import split_captions
 
         prompts = [c.text for c in split_captions()[0][::61][:4]]
     else:
-        raise ValueError(f"give --prompts FILE for a model other than {', '.join(KNOWN_MODELS)}")
-    d = generation_defaults(source)
-    settings = CalibrationSettings(
-        steps=args.steps or d.num_inference_steps, frames=args.frames or d.num_frames, height=args.height or d.height,
-        width=args.width or d.width, guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
-        attention_backend=backend,
-    )
+        raise ValueError("give --prompts FILE (calibration prompts, one per line) for a model other than the references")
+    family = source_family(source)
+    if family is not None:  # its fg/bg stage needs the family's attention probe: say so before loading
+        family.require("attention_probe", "the fg/bg stage of videocache profile")
+    defaults = generation_defaults(source, family)
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
+    video = video_settings(args, defaults or defaults_of(pipe, source))
+    settings = CalibrationSettings(
+        steps=video["steps"], frames=video["frames"], height=video["height"], width=video["width"],
+        guidance_scale=video["guidance_scale"], attention_backend=backend,
+    )
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
     profile, report = calibrate(
         pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,

@@ -38,7 +38,7 @@ Sequence parallelism: every rank holds its own shard of the tokens, so the tenso
 per-rank shards and must never be gathered. Table decisions depend only on (table, step), which all
 ranks share, so they agree without communication. The one data-dependent decision, whether the byte
 budget has room (shards of uneven size hold different byte counts), is agreed by the ranks that share
-the tokens through the transformer's `_videocache_agree` (set by `videocache.distributed`; a CPU
+the tokens through the transformer's `parallel_plan.AGREE_ATTR` (set under sequence parallelism; a CPU
 all_reduce, only when a budget is set). `CacheEngine._decide` is where any future data-dependent cell
 decision must be agreed the same way.
 """
@@ -69,6 +69,7 @@ from .hooks import (
     TransformerHook,
     drop_empty_registry,
 )
+from .parallel_plan import AGREE_ATTR
 from .stack_skip import StepSum, stack_output
 from .stats import EngineStats
 from .store import CacheStore, Kept, flatten, rebuild
@@ -339,8 +340,8 @@ class CacheEngine:
         # after apply) or dynamo traces the transformer (whole-model compile) before the engine compiled
         if (compiling and self._compute_fn is None) or self._blocks[0].__dict__.get("_compiled_call_impl") is not None:
             self._take_over_compilation()
-        # set by videocache.distributed under sequence parallelism (either order of apply and parallelize)
-        self.store.agree = getattr(self.transformer, "_videocache_agree", None)
+        # set under sequence parallelism (either order of apply and parallelize)
+        self.store.agree = getattr(self.transformer, AGREE_ATTR, None)
         manager = hook.state_manager
         ctx = manager.context
         state: ContextState = manager.get_state()

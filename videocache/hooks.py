@@ -1,19 +1,19 @@
 """The engine's hooks (diffusers' hook registry, attached to module instances) and its per-context state.
 
-The hooks only route calls to the engine; every decision and all bookkeeping happen in the engine's
-`@torch.compiler.disable` entry points, so neither dynamo nor a compiled region ever sees them.
+The hooks only route calls to what they are given (an `EngineCallbacks`: the cache engine); every decision
+and all bookkeeping happen in its `@torch.compiler.disable` entry points, so neither dynamo nor a compiled
+region ever sees them. This module is a leaf: it imports nothing of the engine's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 if TYPE_CHECKING:
-    from .engine import CacheEngine
     from .stack_skip import StepSum
     from .store import Kept
     from .table import CacheTable
@@ -23,6 +23,20 @@ COMPONENT_HOOK = "videocache_component"
 MEMO_HOOK = "videocache_memo"
 BLOCK_HOOK = "videocache_block"
 _DEFAULT_CONTEXT = CacheContext("default")
+
+
+class EngineCallbacks(Protocol):
+    """What the hooks call back: the per-call entry points, the active context's state (for the memo
+    hooks) and the store that releases kept outputs when a context resets."""
+
+    _active: ContextState | None
+    store: Any
+
+    def _run_transformer(self, hook: TransformerHook, args: tuple, kwargs: dict, compiling: bool) -> Any: ...
+
+    def _run_block(self, hook: BlockHook, args: tuple, kwargs: dict) -> Any: ...
+
+    def _run_component(self, hook: ComponentHook, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any: ...
 
 
 def drop_empty_registry(module: torch.nn.Module) -> None:
@@ -41,7 +55,7 @@ def drop_empty_registry(module: torch.nn.Module) -> None:
 class ContextState(BaseState):
     """Where one cache context ("cond", "uncond", ...) is in its run, and the outputs it keeps."""
 
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: EngineCallbacks) -> None:
         self.engine = engine
         self.entries: dict[int, list[Kept]] = {}  # per block * components + component, in step order
         self.step: int | None = None
@@ -92,7 +106,7 @@ class EngineStateManager(StateManager):
 class TransformerHook(ModelHook):
     _is_stateful = True
 
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: EngineCallbacks) -> None:
         super().__init__()
         self.engine = engine
         self.state_manager = EngineStateManager(ContextState, (engine,))
@@ -110,7 +124,7 @@ class TransformerHook(ModelHook):
 class BlockHook(ModelHook):
     _is_stateful = False  # its state is the transformer hook's, per context
 
-    def __init__(self, engine: CacheEngine, block: int) -> None:
+    def __init__(self, engine: EngineCallbacks, block: int) -> None:
         super().__init__()
         self.engine = engine
         self.block = block
@@ -126,7 +140,7 @@ class ComponentHook(ModelHook):
 
     _is_stateful = False  # its state is the transformer hook's, per context
 
-    def __init__(self, engine: CacheEngine, block: int, comp: int) -> None:
+    def __init__(self, engine: EngineCallbacks, block: int, comp: int) -> None:
         super().__init__()
         self.engine = engine
         self.block = block
@@ -145,7 +159,7 @@ class MemoHook(ModelHook):
 
     _is_stateful = False  # its state is the transformer hook's, per context
 
-    def __init__(self, engine: CacheEngine, name: str, mode: str) -> None:
+    def __init__(self, engine: EngineCallbacks, name: str, mode: str) -> None:
         super().__init__()
         if mode not in ("tensor", "shape"):
             raise ValueError(f"constant module {name!r}: mode must be 'tensor' or 'shape', not {mode!r}")

@@ -461,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.multiprocessing as mp
 
-    from videocache.distributed.checks import wan_geometry
     from videocache.pipelines.loader import REFERENCE_DIR
+    from videocache.pipelines.wan.loading import wan_geometry
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

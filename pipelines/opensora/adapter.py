@@ -39,9 +39,7 @@ from typing import Any
 
 import torch
 
-from videocache.adapters import register_adapter
-
-from ..wan import denoiser_inputs, flow_scheduler_sigmas
+from ..adapter_helpers import denoiser_inputs, flow_scheduler_sigmas, module_macs
 
 SPATIAL = ("spatial_attn", "cross_attn", "mlp")
 TEMPORAL = ("temporal_attn", "cross_attn", "mlp")
@@ -54,10 +52,6 @@ def _bind(args: tuple, kwargs: dict) -> tuple[Any, ...]:
     STDiT3Block call."""
     bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
     return tuple(bound.get(name) for name in _BLOCK_ARGS)
-
-
-def _linear_macs(module: torch.nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 class OpenSoraAdapter:
@@ -101,7 +95,7 @@ class OpenSoraAdapter:
     def _module_macs(self, module: torch.nn.Module) -> int:
         macs = self._macs.get(module)
         if macs is None:
-            macs = self._macs[module] = _linear_macs(module)
+            macs = self._macs[module] = module_macs(module)
         return macs
 
     def _attn_flops(self, module: torch.nn.Module, hidden: torch.Tensor, num_frames: int) -> float:
@@ -112,8 +106,8 @@ class OpenSoraAdapter:
     def _cross_flops(self, module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor) -> float:
         batch, tokens, channels = (int(d) for d in hidden.shape)
         text = int(context.shape[-2])
-        per_token = _linear_macs(module.q_linear) + _linear_macs(module.proj)
-        return batch * (2.0 * (tokens * per_token + text * _linear_macs(module.kv_linear)) + 4.0 * tokens * text * channels)
+        per_token = module_macs(module.q_linear) + module_macs(module.proj)
+        return batch * (2.0 * (tokens * per_token + text * module_macs(module.kv_linear)) + 4.0 * tokens * text * channels)
 
     def _mlp_flops(self, module: torch.nn.Module, hidden: torch.Tensor) -> float:
         return 2.0 * int(hidden.shape[0]) * int(hidden.shape[1]) * self._module_macs(module)
@@ -186,12 +180,4 @@ class OpenSoraAdapter:
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         return denoiser_inputs(args, kwargs)
 
-    def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
-        """Sequence parallelism split by frames for spatial blocks and by positions for temporal attention
-        (DSP), and CFG parallelism: `videocache.distributed.plan.ParallelPlan` fields, see `.parallel`."""
-        from .parallel import opensora_parallel_plan
 
-        return opensora_parallel_plan(self, transformer)
-
-
-register_adapter("STDiT3Model", OpenSoraAdapter())

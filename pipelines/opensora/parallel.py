@@ -22,43 +22,40 @@ embedding stay whole on every rank.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from videocache.parallel_plan import AxesPlan, ParallelPlan
 
-def opensora_parallel_plan(adapter: Any, transformer: torch.nn.Module) -> dict[str, Any]:
-    """`videocache.distributed.plan.ParallelPlan` fields for an STDiT3Model (see the module docstring).
-    `adapter.denoiser_inputs(args, kwargs)` gives a call's (hidden_states, timestep)."""
+from ..adapter_helpers import denoiser_inputs, empty_prediction
+
+
+def opensora_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
+    """The plan of an STDiT3Model (see the module docstring)."""
     config = transformer.config
     pt, ph, pw = config.patch_size
     out_channels = transformer.out_channels
 
     def grid(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int]:
-        _, _, f, h, w = adapter.denoiser_inputs(args, kwargs)[0].shape
+        _, _, f, h, w = denoiser_inputs(args, kwargs)[0].shape
         return -(-f // pt), -(-h // ph) * -(-w // pw)
 
     def sequence_length(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
         frames, positions = grid(module, args, kwargs)
         return frames * positions
 
-    def empty_output(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        hidden = adapter.denoiser_inputs(args, kwargs)[0]
-        b, _, f, h, w = hidden.shape
-        return torch.empty((b, out_channels, f, h, w), dtype=torch.float32, device=hidden.device)  # finish()'s dtype
-
-    axes = {
-        "grid": grid,
-        "split": {"spatial_blocks.0": "hidden_states"},
-        "gather": ("final_layer",),
-        "switch": {"temporal_blocks.*.attn": "x"},
-        "local_rows": {"spatial_blocks.*": "num_frames"},
-        "names": ("latent frames", "positions per frame"),
-    }
-    return {
-        "sequence": {},
-        "attention_heads": int(config.num_heads),
-        "sequence_length": sequence_length,
-        "empty_output": empty_output,
-        "axes": axes,
-    }
+    axes = AxesPlan(
+        grid=grid,
+        split={"spatial_blocks.0": "hidden_states"},
+        gather=("final_layer",),
+        switch={"temporal_blocks.*.attn": "x"},
+        local_rows={"spatial_blocks.*": "num_frames"},
+        names=("latent frames", "positions per frame"),
+    )
+    return ParallelPlan(
+        sequence={},
+        attention_heads=int(config.num_heads),
+        sequence_length=sequence_length,
+        # finish()'s dtype
+        empty_output=lambda module, args, kwargs: empty_prediction(args, kwargs, out_channels, torch.float32),
+        axes=axes,
+    )

@@ -1,0 +1,15 @@
+"""The reference pipelines: tiny video models trained by `scripts/train_reference.py` on procedural videos
+and shipped in the repository, one per architecture, so that everything runs and is measured offline on a CPU.
+Each model family names its reference in its declaration (`models`)."""
+
+from pathlib import Path
+
+REFERENCE_ROOT = Path(__file__).resolve().parent
+REFERENCE_DIR = REFERENCE_ROOT / "reference-wan"
+REFERENCE_HUNYUAN_DIR = REFERENCE_ROOT / "reference-hunyuan"
+REFERENCE_OPENSORA_DIR = REFERENCE_ROOT / "reference-opensora"
+
+
+def is_reference(source: str | Path) -> bool:
+    """Whether a pipeline folder is one of the shipped references (they share the procedural captions)."""
+    return Path(source).resolve().is_relative_to(REFERENCE_ROOT)

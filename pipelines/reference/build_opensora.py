@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from ..opensora.transformer import STDiT3Model
+from ..opensora.model.transformer import STDiT3Model
 from .build import Z_DIM, word_level_tokenizer
 
 TEXT_DIM = 64  # T5 d_model = transformer caption_channels

@@ -20,7 +20,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.video_processor import VideoProcessor
 
-from ..opensora.pipeline import OpenSoraPipeline
+from ..opensora.model.pipeline import OpenSoraPipeline
 from .build_opensora import FPS
 from .shared import decode_wan_latents, load_shared_vae
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import T5Config, T5EncoderModel
 
-from ..reference.build import VOCABULARY, word_level_tokenizer
+from ...reference.build import VOCABULARY, word_level_tokenizer
 from .pipeline import OpenSoraPipeline
 from .schedule import default_scheduler
 from .text import MAX_SEQUENCE_LENGTH

@@ -1,8 +1,9 @@
-"""Parallel plans: what a model adapter declares so that the generic machinery can parallelise its
-transformer (torchtitan's idea: the model says what is split where and what is gathered; the machinery
-that does it knows no model).
+"""Parallel plans, and the attribute through which ranks agree: what the core shares with
+`videocache.distributed` (torchtitan's idea: the model says what is split where and what is gathered; the
+machinery that does it knows no model).
 
-A plan has these parts:
+A model family declares a `parallel_plan(transformer) -> ParallelPlan` (`videocache.family.ModelFamily`);
+`videocache.distributed` applies it. A plan has these parts:
 
 * `sequence`: diffusers' context-parallel plan format (`ContextParallelModelPlan`): module path ->
   either `{input name or output index: ContextParallelInput}` (split that input before the module runs,
@@ -24,9 +25,10 @@ A plan has these parts:
   (Open-Sora's STDiT3). With it, the `sequence` part is not used and the ranks that share a branch's
   tokens are the Ulysses degree (`--ulysses N`); ring degrees are refused.
 
-An adapter provides `parallel_plan(transformer)`, returning a ParallelPlan or a dict of its fields
-(adapters live in `videocache.pipelines`, which does not import this package); `get_parallel_plan` finds
-it.
+`AGREE_ATTR`: under sequence parallelism `videocache.distributed` sets this attribute of a transformer to a
+callable `agree(flag: bool) -> bool` that returns the same answer on every rank sharing the tokens (an
+all-reduce); the cache engine calls it for its data-dependent decisions (the byte budget), so that every rank
+takes the same branch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+AGREE_ATTR = "_videocache_agree"
 
 
 def _default_output_tensor(output: Any) -> torch.Tensor:
@@ -111,25 +115,3 @@ class ParallelPlan:
         if self.token_segments is None:
             return {"video": int(self.sequence_length(transformer, args, kwargs))}
         return {name: int(n) for name, n in self.token_segments(transformer, args, kwargs).items()}
-
-
-def get_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
-    """The plan declared by the transformer's adapter (ValueError, one line, when it has none)."""
-    from videocache.adapters import get_adapter
-
-    try:
-        adapter = get_adapter(transformer)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"no videocache adapter for {type(transformer).__name__}, so no parallel plan") from exc
-    make = getattr(adapter, "parallel_plan", None)
-    if make is None:
-        raise ValueError(
-            f"the {type(transformer).__name__} adapter declares no parallel plan; sequence and CFG parallelism "
-            "are not available for it yet"
-        )
-    plan = make(transformer)
-    if isinstance(plan, ParallelPlan):
-        return plan
-    if isinstance(plan.get("axes"), dict):
-        plan = {**plan, "axes": AxesPlan(**plan["axes"])}
-    return ParallelPlan(**plan)

@@ -24,10 +24,12 @@ the same arguments in the same places.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+from videocache.parallel_plan import ParallelPlan
+
+from ..adapter_helpers import denoiser_inputs, empty_prediction
 
 
 def _text(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -35,26 +37,20 @@ def _text(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
 
 
-def hunyuan_parallel_plan(adapter: Any, transformer: torch.nn.Module) -> dict[str, Any]:
-    """`videocache.distributed.plan.ParallelPlan` fields for a HunyuanVideoTransformer3DModel (see the
-    module docstring). `adapter.denoiser_inputs(args, kwargs)` gives a call's (hidden_states, timestep)."""
+def hunyuan_parallel_plan(transformer: torch.nn.Module) -> ParallelPlan:
+    """The plan of a HunyuanVideoTransformer3DModel (see the module docstring)."""
     config = transformer.config
     p, p_t = config.patch_size, config.patch_size_t
     out_channels = config.out_channels or config.in_channels
     first = "transformer_blocks.0" if len(transformer.transformer_blocks) else "single_transformer_blocks.0"
 
     def sequence_length(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
-        _, _, f, h, w = adapter.denoiser_inputs(args, kwargs)[0].shape
+        _, _, f, h, w = denoiser_inputs(args, kwargs)[0].shape
         return (f // p_t) * (h // p) * (w // p)
 
     def token_segments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
         # the refiner keeps the prompt's length, so the text tokens entering the blocks are the prompt's
         return {"video": sequence_length(module, args, kwargs), "text": int(_text(args, kwargs).shape[1])}
-
-    def empty_output(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        hidden = adapter.denoiser_inputs(args, kwargs)[0]
-        b, _, f, h, w = hidden.shape
-        return torch.empty((b, out_channels, f, h, w), dtype=hidden.dtype, device=hidden.device)
 
     rope_table = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
     tokens = ContextParallelInput(split_dim=1, expected_dims=3)
@@ -68,11 +64,11 @@ def hunyuan_parallel_plan(adapter: Any, transformer: torch.nn.Module) -> dict[st
         key_masks["transformer_blocks.*"] = "attention_mask"
     if len(transformer.single_transformer_blocks):
         key_masks["single_transformer_blocks.*"] = "attention_mask"
-    return {
-        "sequence": sequence,
-        "attention_heads": int(config.num_attention_heads),
-        "sequence_length": sequence_length,
-        "token_segments": token_segments,
-        "key_masks": key_masks,
-        "empty_output": empty_output,
-    }
+    return ParallelPlan(
+        sequence=sequence,
+        attention_heads=int(config.num_attention_heads),
+        sequence_length=sequence_length,
+        token_segments=token_segments,
+        key_masks=key_masks,
+        empty_output=lambda module, args, kwargs: empty_prediction(args, kwargs, out_channels),
+    )

@@ -1,4 +1,13 @@
-"""cache-dit on STDiT3: one block list in execution order for cache-dit's block adapter.
+"""What the peer-method wrappers need on Open-Sora 1.2 (STDiT3), whose names diffusers' caches and cache-dit
+do not know: TaylorSeer's module names, PAB's attention kinds and its published window, and for cache-dit one
+block list in execution order.
+
+PAB (VideoSys OpenSoraPABConfig): spatial / temporal / cross attention broadcast inside 450 < t < 930 (t in
+[0, 1000]); 2:4:6 is the paper's setting. Its MLP broadcast (3 timesteps, blocks 0-4) has no counterpart in
+diffusers and is left out. diffusers' PAB attaches to diffusers `Attention` modules only, which STDiT3 has
+not: its hooks go on the adapter's attention components by name.
+
+cache-dit:
 
 cache-dit (1.5.3) caches a transformer by swapping a named block list for one wrapper module that runs the
 whole list in a single call (DBCache: the first Fn blocks, then the rest or their cached residual). STDiT3's
@@ -18,6 +27,8 @@ from typing import Any
 
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from videocache.family import PeerSettings
 
 BLOCK_LIST = "cachedit_blocks"
 
@@ -57,3 +68,20 @@ def block_adapter(pipe: Any) -> Any:
     blocks = attach(pipe.transformer)
     return BlockAdapter(pipe=pipe, transformer=pipe.transformer, blocks=blocks, blocks_name=BLOCK_LIST,
                         forward_pattern=ForwardPattern.Pattern_2, has_separate_cfg=True)
+
+
+OPENSORA_PEERS = PeerSettings(
+    taylorseer_modules={  # diffusers' defaults (`^blocks.*attn`, ...) match none of STDiT3's names
+        "components": ([r"(spatial|temporal)_blocks\.\d+\.(attn|cross_attn|mlp)"], None),
+        "attn": ([r"(spatial|temporal)_blocks\.\d+\.(attn|cross_attn)"], None),
+    },
+    pab_components={"spatial_attn": "spatial", "temporal_attn": "temporal", "cross_attn": "cross"},
+    pab_window=(450, 930),
+    cachedit_blocks=(block_adapter, detach),
+    cannot_attach={
+        "diffusers:fastercache": (
+            "FasterCache's CFG cache needs the cond and uncond branches batched in one call, and OpenSoraPipeline "
+            "runs them as separate calls; its attention hooks attach to diffusers Attention classes only"
+        ),
+    },
+)

@@ -3,7 +3,8 @@
 Each WanTransformerBlock runs `attn1` (self-attention), `attn2` (cross-attention to the text, plus the
 image tokens in I2V) and `ffn`, and multiplies attn1's and ffn's outputs by the step's gates only after
 they return, so caching these module outputs is caching "before the gated residual add".
-Registered on import for `WanTransformer3DModel` (Wan2.1 T2V 1.3B / 14B and the I2V variants).
+Declared by the Wan family (`videocache.pipelines.wan`) for `WanTransformer3DModel` (Wan2.1 T2V 1.3B / 14B
+and the I2V variants).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch
 
-from videocache.adapters import register_adapter
 from videocache.table import COMPONENTS
+
+from ..adapter_helpers import denoiser_inputs, flow_scheduler_sigmas, linear_macs, module_macs
 
 # WanAttnProcessor splits the cross-attention context as [image tokens, 512 text tokens] in I2V models.
 WAN_TEXT_CONTEXT_LENGTH = 512
@@ -26,36 +28,6 @@ def _bind_block_args(args: tuple, kwargs: dict) -> tuple[Any, ...]:
     """(hidden_states, encoder_hidden_states, temb, rotary_emb) of a WanTransformerBlock call."""
     bound = dict(zip(_BLOCK_ARGS, args, strict=False)) | kwargs
     return tuple(bound[name] for name in _BLOCK_ARGS)
-
-
-def _linear_macs(linear: torch.nn.Linear | None) -> int:
-    return 0 if linear is None else linear.in_features * linear.out_features
-
-
-def flow_scheduler_sigmas(pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
-    """Per-step sigmas of a pipeline's (or a scheduler's) current schedule, the trailing terminal sigma
-    dropped; from the timesteps / num_train_timesteps where a scheduler has no sigmas."""
-    scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
-    timesteps = getattr(scheduler, "timesteps", None)
-    n = num_steps if num_steps is not None else (len(timesteps) if timesteps is not None else None)
-    sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is not None and (n is None or len(sigmas) >= n):
-        values = [float(s) for s in sigmas]
-        return values[: n if n is not None else max(len(values) - 1, 1)]
-    if timesteps is None:
-        raise ValueError(f"{type(scheduler).__name__} exposes neither sigmas nor timesteps")
-    total = float(getattr(scheduler.config, "num_train_timesteps", 1000))
-    return [float(t) / total for t in timesteps][:n]
-
-
-def denoiser_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
-    """(hidden_states, timestep) of a diffusers video transformer call, both first in its signature."""
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    if "timestep" in kwargs:
-        timestep = kwargs["timestep"]
-    else:
-        timestep = args[1] if len(args) > 1 else None
-    return hidden, timestep
 
 
 class WanAdapter:
@@ -91,9 +63,7 @@ class WanAdapter:
         if component == "mlp":
             macs = self._mlp_macs.get(module)
             if macs is None:
-                macs = self._mlp_macs[module] = sum(
-                    _linear_macs(m) for m in module.modules() if isinstance(m, torch.nn.Linear)
-                )
+                macs = self._mlp_macs[module] = module_macs(module)
             return 2.0 * batch * tokens * macs
         context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
         image_tokens = 0
@@ -105,11 +75,11 @@ class WanAdapter:
                 image_tokens = kv_tokens - WAN_TEXT_CONTEXT_LENGTH
                 kv_tokens = WAN_TEXT_CONTEXT_LENGTH
         inner = module.to_q.out_features  # heads * head_dim
-        flops = 2.0 * tokens * (_linear_macs(module.to_q) + _linear_macs(module.to_out[0]))
-        flops += 2.0 * kv_tokens * (_linear_macs(module.to_k) + _linear_macs(module.to_v))
+        flops = 2.0 * tokens * (linear_macs(module.to_q) + linear_macs(module.to_out[0]))
+        flops += 2.0 * kv_tokens * (linear_macs(module.to_k) + linear_macs(module.to_v))
         flops += 4.0 * tokens * kv_tokens * inner  # Q K^T and A V
         if image_tokens > 0:
-            flops += 2.0 * image_tokens * (_linear_macs(module.add_k_proj) + _linear_macs(module.add_v_proj))
+            flops += 2.0 * image_tokens * (linear_macs(module.add_k_proj) + linear_macs(module.add_v_proj))
             flops += 4.0 * tokens * image_tokens * inner
         return batch * flops
 
@@ -175,35 +145,6 @@ class WanAdapter:
     def scheduler_sigmas(self, pipe_or_scheduler: Any, num_steps: int | None = None) -> list[float]:
         return flow_scheduler_sigmas(pipe_or_scheduler, num_steps)
 
-    def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
-        """Sequence and CFG parallelism (`videocache.distributed.plan.ParallelPlan` fields, as a plain dict
-        since adapters do not import the parallel machinery): diffusers' own context-parallel plan for Wan
-        (`WanTransformer3DModel._cp_plan`: RoPE tables and the first block's tokens split, the tokens
-        gathered after `proj_out`, Wan2.2's per-token timestep split), the self-attention heads that Ulysses
-        spreads over ranks, the token count of a call, and an empty prediction of a call's shape (the rank
-        that does not compute a CFG branch receives that branch into it)."""
-        config = transformer.config
-        p_t, p_h, p_w = config.patch_size
-        out_channels = config.out_channels or config.in_channels
-
-        def sequence_length(module: torch.nn.Module, args: tuple, kwargs: dict) -> int:
-            _, _, f, h, w = self.denoiser_inputs(args, kwargs)[0].shape
-            return (f // p_t) * (h // p_h) * (w // p_w)
-
-        def empty_output(module: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-            hidden = self.denoiser_inputs(args, kwargs)[0]
-            b, _, f, h, w = hidden.shape
-            return torch.empty((b, out_channels, f, h, w), dtype=hidden.dtype, device=hidden.device)
-
-        return {
-            "sequence": dict(type(transformer)._cp_plan),
-            "attention_heads": int(config.num_attention_heads),
-            "sequence_length": sequence_length,
-            "empty_output": empty_output,
-        }
-
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         return denoiser_inputs(args, kwargs)
 
-
-register_adapter("WanTransformer3DModel", WanAdapter())

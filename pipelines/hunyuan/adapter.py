@@ -29,9 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from videocache.adapters import register_adapter
-
-from .wan import denoiser_inputs, flow_scheduler_sigmas
+from ..adapter_helpers import denoiser_inputs, flow_scheduler_sigmas, linear_macs, module_macs
 
 DUAL = ("attn", "ff", "ff_context")
 SINGLE = ("attn", "mlp")
@@ -53,15 +51,6 @@ def _modulation(norm: torch.nn.Module, temb: torch.Tensor, chunks: int) -> tuple
 
 def _modulate(norm: torch.nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-def _linear_macs(*linears: torch.nn.Linear | None) -> int:
-    """Multiply-adds per token of these linear layers (None: absent)."""
-    return sum(m.in_features * m.out_features for m in linears if m is not None)
-
-
-def _macs(module: torch.nn.Module) -> int:
-    return _linear_macs(*(m for m in module.modules() if isinstance(m, torch.nn.Linear)))
 
 
 class HunyuanVideoAdapter:
@@ -102,7 +91,7 @@ class HunyuanVideoAdapter:
     def _module_macs(self, module: torch.nn.Module) -> int:
         macs = self._macs.get(module)
         if macs is None:
-            macs = self._macs[module] = _macs(module)
+            macs = self._macs[module] = module_macs(module)
         return macs
 
     def block_flops(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[float, ...]:
@@ -112,15 +101,15 @@ class HunyuanVideoAdapter:
         inner = attn.to_q.out_features
         attention = 4.0 * (nv + nt) ** 2 * inner  # Q K^T and A V over the joined tokens
         if hasattr(block, "ff_context"):
-            video = _linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
-            text = _linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out)
+            video = linear_macs(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
+            text = linear_macs(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out)
             return (
                 batch * (2.0 * (nv * video + nt * text) + attention),
                 2.0 * batch * nv * self._module_macs(block.ff),
                 2.0 * batch * nt * self._module_macs(block.ff_context),
             )
         dim = attn.to_q.in_features
-        qkv = _linear_macs(attn.to_q, attn.to_k, attn.to_v)
+        qkv = linear_macs(attn.to_q, attn.to_k, attn.to_v)
         tokens = nv + nt
         mlp_in = block.proj_mlp.out_features
         return (
@@ -135,9 +124,9 @@ class HunyuanVideoAdapter:
         nv, nt = int(hidden.shape[1]), 0 if context is None else int(context.shape[1])
         if component == "attn":
             inner = module.to_q.out_features
-            per_token = _linear_macs(module.to_q, module.to_k, module.to_v)
-            out = 0 if module.to_out is None else _linear_macs(module.to_out[0])
-            add = _linear_macs(module.add_q_proj, module.add_k_proj, module.add_v_proj, module.to_add_out)
+            per_token = linear_macs(module.to_q, module.to_k, module.to_v)
+            out = 0 if module.to_out is None else linear_macs(module.to_out[0])
+            add = linear_macs(module.add_q_proj, module.add_k_proj, module.add_v_proj, module.to_add_out)
             text_macs = add if add else per_token
             return hidden.shape[0] * (2.0 * (nv * (per_token + out) + nt * text_macs) + 4.0 * (nv + nt) ** 2 * inner)
         return 2.0 * hidden.shape[0] * nv * self._module_macs(module)
@@ -216,11 +205,4 @@ class HunyuanVideoAdapter:
     def denoiser_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Any]:
         return denoiser_inputs(args, kwargs)
 
-    def parallel_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
-        """Sequence and CFG parallelism; see `videocache.pipelines.hunyuan_parallel`."""
-        from .hunyuan_parallel import hunyuan_parallel_plan
 
-        return hunyuan_parallel_plan(self, transformer)
-
-
-register_adapter("HunyuanVideoTransformer3DModel", HunyuanVideoAdapter())
