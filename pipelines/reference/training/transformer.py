@@ -1,0 +1,101 @@
+"""Stage `transformer`: the architecture's transformer trained with rectified flow on the normalised latents
+(velocity between noise and x0, times drawn with the sampler's shift, caption dropout, EMA weights)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .architectures import ARCHITECTURES
+from .common import save_checkpoint
+
+
+def transformer_lr(args, step: int) -> float:
+    """Warm-up then cosine decay per phase; the second phase is a warm restart at a lower peak."""
+    begin = 0
+    phases = ((args.steps, args.steps, args.lr, 200), (args.steps2, args.steps2_schedule or args.steps2, args.lr2, 100))
+    for steps, schedule, peak, warmup in phases:
+        if step < begin + steps:
+            local = step - begin
+            return peak * min(1.0, (local + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * local / schedule)))
+        begin += steps
+    raise ValueError(f"step {step} is past the last transformer phase")
+
+
+def train_transformer(args, device, work: Path) -> None:
+    final = work / "transformer_final.pt"
+    if final.exists():
+        return
+    data = torch.load(work / "latents.pt", weights_only=False)
+    mean, std = data["mean"].view(1, -1, 1, 1, 1), data["std"].view(1, -1, 1, 1, 1)
+    latents = ((data["latents"] - mean) / std).to(device)
+    captions = sorted(set(data["captions"]))
+    architecture = ARCHITECTURES[args.architecture]
+    # Every caption (and the empty one, for caption dropout) is encoded once, exactly as the pipeline does.
+    with torch.no_grad():
+        denoise = architecture.conditioning(args, captions, device)
+    index = {c: i for i, c in enumerate(captions)}
+    caption_ids = torch.tensor([index[c] for c in data["captions"]])
+    empty_id = len(captions)
+
+    torch.manual_seed(args.seed)
+    model = architecture.build_transformer(**args.transformer_config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    step = 0
+    ckpt_path = work / "transformer_ckpt.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        ema = ckpt["ema"]
+        step = ckpt["step"]
+    gen = torch.Generator().manual_seed(args.seed + step)
+    noise_gen = torch.Generator(device).manual_seed(args.seed + 1 + step)  # noise is drawn where it is used
+    params = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
+    ema_params = [ema[k] for k, v in model.state_dict().items() if v.dtype.is_floating_point]
+    total = args.steps + args.steps2
+    bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
+    model.train()
+    # The sampler's time distribution, or more (> the sampler's shift) or fewer training times at high noise.
+    shift = architecture.time_shift if args.time_shift is None else args.time_shift
+    running = None
+    while step < total:
+        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        cond = caption_ids[idx].clone()
+        dropped = torch.rand(args.batch, generator=gen) < args.cfg_dropout
+        cond[dropped] = architecture.drop_captions(cond[dropped], empty_id)
+        u = torch.rand(args.batch, generator=gen)
+        sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # same shift as the sampler's schedule
+        noise = torch.randn(x0.shape, generator=noise_gen, device=device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = architecture.velocity_sign * (noise - x0)
+        lr = transformer_lr(args, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # bf16 autocast on a GPU (fp32 master weights); a CPU run stays in fp32.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = denoise(model, xt, sigma * 1000, cond.to(device))
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        bar.update(1)
+        if step % 25 == 0 or step == total:  # reading the loss waits for the device: not every step
+            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
+        if step % args.ckpt_every == 0 or step == total:
+            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
+    bar.close()
+    save_checkpoint(final, model=ema)
