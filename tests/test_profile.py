@@ -123,7 +123,7 @@ def test_wrong_architecture(pipe):
         in msg
     )
     assert vc.get_engine(pipe) is None  # nothing half-applied
-    with pytest.raises(ValueError, match="no adapter for Linear"):
+    with pytest.raises(ValueError, match="no model family for Linear"):
         vc.apply_to_transformer(torch.nn.Linear(2, 2), None, "reference-wan")
 
 

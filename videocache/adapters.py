@@ -18,8 +18,7 @@ from .family import family_of
 @runtime_checkable
 class ModelAdapter(Protocol):
     """The per-architecture knowledge the engine uses. Blocks come in groups (`videocache.BlockGroup`) with
-    component names of their own; a fingerprint without `groups` means one group of `videocache.COMPONENTS`
-    (Wan's self_attn, cross_attn, mlp)."""
+    component names of their own; a fingerprint without `groups` names one group's `components`."""
 
     architecture: str
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")  # Wan's blocks, the default layout
+COMPONENTS: tuple[str, ...] = ("self_attn", "cross_attn", "mlp")  # the default components of one kind of block
 _LETTERS = "CRF"
 
 
@@ -120,10 +120,12 @@ class BlockLayout:
 
     @classmethod
     def from_fingerprint(cls, fingerprint: Mapping) -> BlockLayout:
-        """The layout an adapter fingerprint describes: its `groups`, else one group of Wan's components."""
+        """The layout an adapter fingerprint describes: its `groups`, else one group of its `components`."""
         groups = fingerprint.get("groups")
         if groups is None:
-            return cls.uniform(int(fingerprint["num_blocks"]))
+            if not fingerprint.get("components"):
+                raise ValueError(f"the fingerprint of {fingerprint.get('architecture')} names neither components nor groups")
+            return cls.uniform(int(fingerprint["num_blocks"]), fingerprint["components"])
         return cls(tuple(
             g if isinstance(g, BlockGroup)
             else BlockGroup(g["name"], g["num_blocks"], tuple(g["components"]), g.get("blocks"))

@@ -142,16 +142,13 @@ class ModelSpec:
             object.__setattr__(self, "components", BlockLayout(groups).names)
             return
         comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
-        bad = [c for c in comps if c not in COMPONENTS]
-        if bad or not comps:
-            raise ValueError(
-                f"model.components must be a non-empty subset of {list(COMPONENTS)}; got {list(comps)}"
-            )
+        if not comps or not all(isinstance(c, str) and c for c in comps) or len(set(comps)) != len(comps):
+            raise ValueError(f"model.components must be a non-empty list of distinct component names; got {list(comps)}")
         object.__setattr__(self, "components", comps)
 
     @property
     def layout(self) -> BlockLayout:
-        """The table layout of this model: its groups, or one group of Wan's three components."""
+        """The table layout of this model: its groups, or one group of its components."""
         return BlockLayout.from_fingerprint(self.fingerprint())
 
     def fingerprint(self) -> dict:
