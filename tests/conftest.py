@@ -64,3 +64,14 @@ def tiny_model_dir(tmp_path_factory):
     defaults = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 10, "guidance_scale": 5.0, "fps": 8}
     (folder / "videocache.json").write_text(json.dumps({"generation_defaults": defaults}))
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is 40x faster than two fighting over shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

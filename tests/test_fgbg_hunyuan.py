@@ -9,8 +9,8 @@ import torch
 
 from videocache.fgbg import attention_received
 from videocache.pipelines.attention_capture import SelfAttentionCapture, attention_probe
-
-from .test_hunyuan_adapter import inputs, tiny_hunyuan
+from videocache.pipelines.hunyuan.tiny import tiny_hunyuan
+from videocache.pipelines.hunyuan.tiny import tiny_inputs as inputs
 
 
 @pytest.mark.parametrize("pad", [0, 3])

@@ -293,7 +293,8 @@ def test_taylorseer_modules_on_hunyuanvideo(scope, hooked):
     ff and ff_context, and each single block's proj_out (cached) with its attn and proj_mlp (skipped)."""
     from types import SimpleNamespace
 
-    from .test_hunyuan_adapter import inputs, tiny_hunyuan
+    from videocache.pipelines.hunyuan.tiny import tiny_hunyuan
+    from videocache.pipelines.hunyuan.tiny import tiny_inputs as inputs
 
     method = m.parse_method("diffusers:taylorseer:2" + (":attn" if scope == "attn" else ""))
     assert method.scope == scope and m.parse_method(method.spec) == method

@@ -17,31 +17,14 @@ from videocache.adapters import get_adapter
 from videocache.fgbg import attention_received
 from videocache.pipelines.attention_capture import SelfAttentionCapture, attention_probe
 from videocache.pipelines.opensora.adapter import SPATIAL, TEMPORAL, OpenSoraAdapter
-from videocache.pipelines.opensora.model import STDiT3Model
+from videocache.pipelines.opensora.model.tiny import tiny_inputs as inputs
+from videocache.pipelines.opensora.model.tiny import tiny_transformer as tiny_model
 from videocache.pipelines.opensora.probes import opensora_query_key
 from videocache.profile import Profile, ProfileError
 
 from .test_no_sync import no_host_reads  # noqa: F401 (a fixture)
 
-TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2, "caption_channels": 16, "model_max_length": 8}
 STEPS = 6
-FRAMES, SIZE = 3, 8  # latent (4, 3, 8, 8): T = 3 frames of S = 16 tokens
-
-
-def tiny_model(depth: int = 2, seed: int = 0) -> STDiT3Model:
-    torch.manual_seed(seed)
-    return STDiT3Model(**{**TINY, "depth": depth}).eval()
-
-
-def inputs(seed: int = 1, pad: int = 3) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(1, 8, dtype=torch.long)
-    mask[:, 8 - pad:] = 0
-    return {
-        "hidden_states": torch.randn(1, 4, FRAMES, SIZE, SIZE, generator=g),
-        "encoder_hidden_states": torch.randn(1, 8, 16, generator=g),
-        "encoder_attention_mask": mask,
-    }
 
 
 class _Steps:

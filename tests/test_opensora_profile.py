@@ -3,50 +3,32 @@ Open-Sora adapter reports for the released STDiT3-XL/2 (a meta-device model: not
 profile-vs-model check takes it for that model and refuses it for others; its presets build tables for
 every step count of its step rule (15-60), and save what they promise, from the expanded tables with the
 real size's FLOPs and counted by the engine on a tiny random STDiT3Model with the real block counts (28
-spatial + 28 temporal, interleaved), driven by the pipeline's schedule at 15, 30 and 60 steps."""
+spatial + 28 temporal, interleaved), driven by the pipeline's schedule at 15, 30 and 60 steps (the
+measurement `videocache.pipelines.opensora.presets` reports)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
 import videocache as vc
 from videocache.pipelines.hunyuan.adapter import HunyuanVideoAdapter
+from videocache.pipelines.hunyuan.presets import real_transformer as real_hunyuan
 from videocache.pipelines.opensora.adapter import OpenSoraAdapter
+from videocache.pipelines.opensora.model.tiny import tiny_transformer
+from videocache.pipelines.opensora.presets import (
+    OPENSORA,
+    computed_fractions,
+    opensora_sigmas,
+    real_transformer,
+)
+from videocache.pipelines.stand_in_presets import profile_path, real_size_fraction
 from videocache.profile import ProfileError
 
-from .test_hunyuan_profile import real_transformer as real_hunyuan
-from .test_opensora_adapter import inputs, tiny_model
-from .test_wan_presets import engine_fractions, one_thread  # noqa: F401 (a fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.opensora_presets import OPENSORA, opensora_scheduler, opensora_sigmas, real_transformer  # noqa: E402
-from benchmarks.stand_in_presets import real_size_fraction  # noqa: E402
-
-PROFILE = ROOT / "profiles" / "opensora-1.2.yaml"
+PROFILE = profile_path("opensora-1.2")
 STEPS = (15, 30, 60)
 # the most each preset may compute: the budgets at 30 steps, a little slack at 15 and 60
 LIMITS = {"slow": {15: 0.75, 30: 0.7, 60: 0.75}, "balanced": {15: 0.55, 30: 0.5, 60: 0.55},
           "fast": {15: 0.45, 30: 0.4, 60: 0.45}}
-
-
-def computed_fractions(model: str, presets, steps=STEPS) -> dict[str, dict[int, float]]:
-    """{preset: {steps: computed fraction}} measured by the engine on a tiny random 28 + 28-block STDiT3Model
-    (run it with one torch thread: see `one_thread`)."""
-    assert model == "opensora-1.2"
-    transformer = tiny_model(depth=28)
-    conditions = {k: v for k, v in inputs().items() if k != "hidden_states"}
-
-    def call(x, t):  # the sampler's velocity is the first 4 channels, x0 - noise: the scheduler takes its negative
-        out = transformer(hidden_states=x, timestep=t.expand(1), **conditions, return_dict=False)[0]
-        return -out[:, : x.shape[1]]
-
-    x0 = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    return engine_fractions(transformer, PROFILE, presets, steps, opensora_scheduler, call, x0)
 
 
 def real_fingerprint() -> dict:
@@ -86,7 +68,7 @@ def test_calibration_command_has_the_cli_flags():
 def test_profile_refuses_other_models():
     profile = vc.load_profile("opensora-1.2")
     with pytest.raises(ProfileError, match="STDiT3Model with 56 blocks"):
-        profile.check_model(OpenSoraAdapter().fingerprint(tiny_model(depth=2)))
+        profile.check_model(OpenSoraAdapter().fingerprint(tiny_transformer(depth=2)))
     with pytest.raises(ProfileError, match="STDiT3Model with 56 blocks"):
         profile.check_model(HunyuanVideoAdapter().fingerprint(real_hunyuan()))
     consecutive = real_fingerprint()  # same blocks and components, but the groups one after the other
@@ -126,7 +108,7 @@ def test_tables_at_the_real_size_meet_the_budgets():
 
 @pytest.mark.usefixtures("one_thread")
 def test_engine_counts_the_budgets_on_a_tiny_model():
-    fractions = computed_fractions("opensora-1.2", LIMITS)
+    fractions = computed_fractions(list(LIMITS), STEPS)
     for preset, limits in LIMITS.items():
         for n, limit in limits.items():
             assert limit - 0.1 <= fractions[preset][n] <= limit + 1e-9, (preset, n, fractions[preset][n])

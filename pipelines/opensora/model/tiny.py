@@ -1,5 +1,7 @@
 """Tiny random OpenSoraPipeline for tests (nothing downloads): the real classes at toy sizes, a small T5
-encoder and an offline word-level tokenizer over the reference vocabulary (T5's pad/eos/unk roles)."""
+encoder and an offline word-level tokenizer over the reference vocabulary (T5's pad/eos/unk roles); and a
+tiny STDiT3Model of any depth with its inputs, for adapter tests and for counting what the engine runs
+(`videocache.pipelines.opensora.presets`)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ TINY_SPATIAL_VAE = {
 }
 TINY_TRANSFORMER = {"hidden_size": 32, "depth": 2, "num_heads": 2, "caption_channels": 16}
 TINY_VAE = {"spatial_config": TINY_SPATIAL_VAE, "filters": 8, "num_res_blocks": 1, "num_groups": 4}
+TINY_TEXT = 8  # caption tokens of `tiny_transformer` and `tiny_inputs`
+TINY_FRAMES, TINY_SIZE = 3, 8  # `tiny_inputs`' latent (4, 3, 8, 8): T = 3 frames of S = 16 tokens
 
 
 def tiny_t5(d_model: int = 16, seed: int = 0) -> T5EncoderModel:
@@ -40,3 +44,22 @@ def tiny_pipeline(seed: int = 0) -> OpenSoraPipeline:
                             scheduler=default_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_transformer(depth: int = 2, seed: int = 0) -> STDiT3Model:
+    """TINY_TRANSFORMER with `depth` spatial and `depth` temporal blocks and TINY_TEXT caption tokens."""
+    torch.manual_seed(seed)
+    return STDiT3Model(**{**TINY_TRANSFORMER, "depth": depth, "model_max_length": TINY_TEXT}).eval()
+
+
+def tiny_inputs(seed: int = 1, pad: int = 3) -> dict:
+    """`tiny_transformer`'s call arguments but the timestep: a (1, 4, 3, 8, 8) latent and TINY_TEXT caption
+    tokens of which the last `pad` are masked."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(1, TINY_TEXT, dtype=torch.long)
+    mask[:, TINY_TEXT - pad:] = 0
+    return {
+        "hidden_states": torch.randn(1, 4, TINY_FRAMES, TINY_SIZE, TINY_SIZE, generator=g),
+        "encoder_hidden_states": torch.randn(1, TINY_TEXT, TINY_TRANSFORMER["caption_channels"], generator=g),
+        "encoder_attention_mask": mask,
+    }

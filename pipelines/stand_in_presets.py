@@ -1,9 +1,13 @@
 """Presets of a real model's profile derived without its weights, from published per-step statistics.
 
-Shared by `benchmarks/wan_presets.py` (Wan2.1 T2V 1.3B / 14B), `benchmarks/hunyuan_presets.py`
-(HunyuanVideo) and `benchmarks/opensora_presets.py` (Open-Sora 1.2): each describes its models as a `Model`
-and calls `main`. A profile is written for the model's step count (`Model.steps`: 50, Open-Sora's 30), with
-a step_rule from half to twice that; the 50-step examples below carry over. For a model, videocache's schedule
+Shared by each model family's `presets` module (`videocache.pipelines.wan.presets`: Wan2.1 T2V 1.3B /
+14B, `videocache.pipelines.hunyuan.presets`: HunyuanVideo, `videocache.pipelines.opensora.presets`:
+Open-Sora 1.2): each describes its models as a `Model`, with a `measure` built on `engine_fractions`, and
+calls `main`. They are developer tools, run from a source checkout: the profiles they write are the
+repository's `profiles/` and their results go to its `benchmarks/` (both found from this file, as `ROOT`).
+
+A profile is written for the model's step count (`Model.steps`: 50, Open-Sora's 30), with a step_rule
+from half to twice that; the 50-step examples below carry over. For a model, videocache's schedule
 search (`videocache.schedule_search`) chooses aligned schedules on per-step statistics that stand in for the
 recording `videocache profile` would make on the real model:
 
@@ -32,7 +36,6 @@ least one of any two neighbouring profile steps (except 23 and 24 at 25 steps, s
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import textwrap
@@ -41,14 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
+import videocache as vc
 from videocache import BlockGroup, BlockLayout, Profile, build_table
 from videocache.calibrate import TableSearch, attention_and_mlp
 from videocache.schedule_search import _cell_costs, _shortest_paths
 from videocache.table import Action
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout: profiles/, benchmarks/
 REF_STEPS = 50  # the default step count of MagCache's ratios and of the profiles (a Model's `steps`)
 MIN_STEPS, MAX_STEPS = 25, 100  # the default profiles' step_rule: half to twice `steps`
 KAPPA = 1.0
@@ -64,8 +69,10 @@ class Model:
     where there are two CFG branches; the first step's entries are MagCache's padding, 1); `groups`: the
     adapter fingerprint's block groups (name, blocks, components[, block indices where groups interleave]); `real_flops`: FLOPs of one real-size
     call per (block, cell) of the layout; `sigmas(steps)`: the model's per-step sigmas; `measure(names)`:
-    {preset: {steps: computed fraction}} counted by the engine on a tiny random model with the real blocks;
-    `magcache`: MagCache's published (threshold, K) settings of the model, shown beside our presets."""
+    {preset: {steps: computed fraction}} counted by the engine on a tiny random model with the real blocks
+    (`engine_fractions`); `magcache`: MagCache's published (threshold, K) settings of the model, shown beside
+    our presets; `module`: the generator that writes the profile (run as `python -m`); `results`: where its
+    measurement goes, relative to the checkout, without a suffix (.md and .json are written)."""
 
     name: str
     title: str
@@ -85,11 +92,22 @@ class Model:
     blocks_text: str  # the header's "(ARCHITECTURE, ...)"
     skip_text: str  # the header's note on how a skipped step runs
     feb_text: str  # the header's note on where feb saves little
-    script: str  # the command that writes the profile
+    module: str  # the generator's module, e.g. videocache.pipelines.wan.presets
+    results: str  # its measurement's OUT, e.g. benchmarks/wan_presets
     steps: int = REF_STEPS  # the step count of the ratios and of the profile; its step_rule is half to twice that
     groups_text: str = ""  # how the groups interleave, for the header (empty: consecutive)
     calibrate_args: str = ""  # the calibration command's size arguments (empty: the model's defaults)
     hub_text: str = ""  # what the calibration command's --model is, where it is not a hub id
+
+    @property
+    def script(self) -> str:
+        """The command that writes the profile."""
+        return f"python -m {self.module} --write-profiles"
+
+    @property
+    def source_file(self) -> str:
+        """The generator's file in the checkout (videocache.pipelines is the folder pipelines/)."""
+        return self.module.removeprefix("videocache.").replace(".", "/") + ".py"
 
     @property
     def min_steps(self) -> int:
@@ -294,7 +312,7 @@ def header(model: Model, feb_fraction: float, spread: float, feb_low: float = 1.
         f"Cache profile for {model.title} ({model.blocks_text}), {n} steps ({lo}-{hi} by scaling).\n"
         "NOT CALIBRATED on the real weights: no video made with these presets has been measured against an "
         f"uncached one. {' / '.join(model.presets)} compute {fractions} of the block work at {n} steps (within "
-        f"{spread:.2f} of that at {lo} and {hi} steps; {model.script.split()[1].replace('.py', '.md')}). videocache's schedule "
+        f"{spread:.2f} of that at {lo} and {hi} steps; {model.results}.md). videocache's schedule "
         "search chose them on stand-in statistics: MagCache's published per-step magnitude ratios of this model, "
         "the step sensitivity measured on our reference-wan model, MagCache's retention (first 20% of steps "
         f"computed; 10% for fast) and at most {caps} skipped steps in a row, each skip run after two consecutive "
@@ -333,7 +351,7 @@ def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
             "method": (
                 "videocache.schedule_search's shortest path over compute steps (aligned: one schedule for all "
                 "blocks and components) on stand-in Gram statistics, with retention, a cap on skips in a row and "
-                f"skips only after two consecutive computes ({model.script.split()[1]}, benchmarks/stand_in_presets.py)"
+                f"skips only after two consecutive computes ({model.source_file}, pipelines/stand_in_presets.py)"
             ),
             "source": (
                 f"per-step change: {model.ratio_source}; step sensitivity: profiles/reference-wan.json "
@@ -354,9 +372,14 @@ def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
     }
 
 
+def profile_path(name: str) -> Path:
+    """The checkout's profile of that name (what `write_profile` writes and the measurement reads)."""
+    return ROOT / "profiles" / f"{name}.yaml"
+
+
 def write_profile(model: Model) -> Path:
     data = profile_dict(model, {name: derive(model, *spec) for name, spec in model.presets.items()})
-    path = ROOT / "profiles" / f"{model.name}.yaml"
+    path = profile_path(model.name)
     profile = Profile.from_dict(data, str(path))  # validate before writing
     feb = real_size_fraction(model, profile.preset("feb"), model.steps)
     feb_low = real_size_fraction(model, profile.preset("feb"), model.min_steps)
@@ -368,6 +391,32 @@ def write_profile(model: Model) -> Path:
 
 
 # -- the benchmark ------------------------------------------------------------------------------------
+def engine_fractions(transformer, profile, presets, steps, scheduler_for, call, x0) -> dict[str, dict[int, float]]:
+    """{preset: {steps: computed fraction}} counted by the engine over a denoising loop from `x0` per step
+    count: each preset of `profile` (a name or path) applied to `transformer`, `scheduler_for(n)` the
+    scheduler set for n steps, `call(x, t)` the transformer's output (run under the "cond" context). The
+    count comes from the modules that ran, so it checks the table and the engine alike."""
+    out: dict[str, dict[int, float]] = {}
+    for preset in presets:
+        for n in steps:
+            scheduler = scheduler_for(n)
+            engine = vc.apply_to_transformer(transformer, scheduler, profile, preset, trace=False, num_inference_steps=n)
+            x = x0
+            try:
+                with torch.no_grad():
+                    for t in scheduler.timesteps:
+                        with transformer.cache_context("cond"):
+                            v = call(x, t)
+                        x = scheduler.step(v, t, x).prev_sample
+                calls = engine.stats()["calls"]["transformer"]
+                if calls != n:
+                    raise RuntimeError(f"preset {preset} at {n} steps: the engine saw {calls} transformer calls")
+                out.setdefault(preset, {})[n] = engine.stats()["computed_fraction"]
+            finally:
+                vc.remove(transformer)
+    return out
+
+
 def magcache_schedule(model: Model, threshold: float, max_skips: int, retention: float = 0.2) -> str:
     """MagCache's own decisions at the ratios' step count (R = skip, reusing the residual) on its published ratios: after the
     retention steps, skip while the summed |1 - product of ratios since the last compute| stays under the
@@ -401,13 +450,11 @@ def read_out_range(letters: str, min_steps: int = MIN_STEPS, max_steps: int = MA
 def measure_models(models: list[Model], command: str) -> dict:
     """Every model's presets: counted fractions (tiny model), table fractions at the real size, the read-out
     range over the step_rule's steps, and the predicted errors beside MagCache's own schedules."""
-    import torch
-
     torch.set_num_threads(1)
     result: dict = {"command": command, "models": {}}
     for model in models:
         names = [*model.presets, "feb", "full"]
-        profile = Profile.from_dict(yaml.safe_load((ROOT / "profiles" / f"{model.name}.yaml").read_text()))
+        profile = Profile.from_dict(yaml.safe_load(profile_path(model.name).read_text()))
         steps = model.report_steps
         schedules = {name: profile.metadata["presets"][name][f"schedule_{model.steps}"] for name in model.presets}
         for threshold, k in model.magcache:
@@ -450,9 +497,10 @@ def model_report(model: Model, r: dict, real_note: str) -> list[str]:
     return lines
 
 
-def main(models: list[Model], script: str, out: Path, report: Callable[[dict], str], description: str) -> None:
-    """The command line of a model family's script: optionally rewrite its profiles, then measure them
-    into OUT.md / OUT.json."""
+def main(models: list[Model], report: Callable[[dict], str], description: str) -> None:
+    """The command line of a model family's generator (`python -m MODULE`, the models' `module`): optionally
+    rewrite its profiles, then measure them into OUT.md / OUT.json (default: the models' `results`)."""
+    module, out = models[0].module, ROOT / models[0].results
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--write-profiles", action="store_true", help="derive the presets and rewrite the profiles first")
     p.add_argument("--out", default=str(out), help="writes OUT.md and OUT.json")
@@ -460,13 +508,9 @@ def main(models: list[Model], script: str, out: Path, report: Callable[[dict], s
     if args.write_profiles:
         for model in models:
             print(f"wrote {write_profile(model).relative_to(ROOT)}")
-    result = measure_models(models, f"python {script}" + (" --write-profiles" if args.write_profiles else ""))
+    result = measure_models(models, f"python -m {module}" + (" --write-profiles" if args.write_profiles else ""))
     path = Path(args.out)
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     path.with_suffix(".md").write_text(report(result))
     print(f"wrote {path.with_suffix('.md')}, {path.with_suffix('.json')}")
 
-
-def import_measure(module: str, model: str) -> Callable[[list[str]], dict]:
-    """`module.computed_fractions(model, names)`, imported when called (the tests import torch models)."""
-    return lambda names: importlib.import_module(module).computed_fractions(model, names)

@@ -3,7 +3,8 @@
 No HunyuanVideo weights are needed. The presets of `profiles/hunyuanvideo.yaml` (HunyuanVideo 13B as
 diffusers' HunyuanVideoTransformer3DModel: 20 dual-stream blocks with attn / ff / ff_context, 40
 single-stream blocks with attn / mlp) are chosen by our schedule search on stand-in statistics, the method
-of `benchmarks/stand_in_presets.py` (shared with `benchmarks/wan_presets.py`). HunyuanVideo's own inputs:
+of `videocache.pipelines.stand_in_presets` (shared with the other families' `presets` modules). HunyuanVideo's
+own inputs:
 
 * MagCache's published magnitude ratios for HunyuanVideo at 720p (`MAG_RATIOS` below, from MagCache's
   HunyuanVideo sampler `magcache_sample_video.py`): 50 steps, one transformer call per step (guidance is
@@ -19,22 +20,24 @@ of `benchmarks/stand_in_presets.py` (shared with `benchmarks/wan_presets.py`). H
 * HunyuanVideo has no fused skip (each block's gates are its own linear map of temb), so the engine runs an
   aligned schedule block by block; the table is the same.
 
-    python benchmarks/hunyuan_presets.py --write-profiles   # derive the presets, rewrite the profile
-    python benchmarks/hunyuan_presets.py                    # measure fractions on a tiny 20 + 40-block model
+A developer tool, run from a source checkout (an editable install): it rewrites the checkout's profile and
+writes its results to `benchmarks/hunyuan_presets.md` / `.json`.
+
+    python -m videocache.pipelines.hunyuan.presets --write-profiles  # derive the presets, rewrite the profile
+    python -m videocache.pipelines.hunyuan.presets                   # measure on a tiny 20 + 40-block model
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.stand_in_presets import Model, import_measure, main, model_report  # noqa: E402
+from ..stand_in_presets import Model, engine_fractions, main, model_report, profile_path
+from .adapter import HunyuanVideoAdapter
+from .tiny import tiny_hunyuan, tiny_inputs
 
 MAGCACHE_SOURCE = (
     "MagCache (arXiv 2506.09045), github.com/Zehong-Ma/MagCache, MagCache4HunyuanVideo/magcache_sample_video.py, "
@@ -59,23 +62,22 @@ PRESETS = {  # name -> (computed-fraction budget, share of the first steps alway
     "balanced": (0.5, 0.2, 5),
     "fast": (0.34, 0.1, 7),
 }
-SCRIPT = "python benchmarks/hunyuan_presets.py --write-profiles"
 
 
-def hunyuan_sigmas(steps: int, flow_shift: float = FLOW_SHIFT) -> list[float]:
-    """The per-step sigmas of diffusers' HunyuanVideoPipeline: linspace(1, 0, N + 1)[:-1], shifted."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift)
+def hunyuan_scheduler(steps: int) -> FlowMatchEulerDiscreteScheduler:
+    """HunyuanVideoPipeline's schedule: linspace(1, 0, N + 1)[:-1] through the shift-7 flow-match scheduler."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
-    return [float(s) for s in scheduler.sigmas[:steps]]
+    return scheduler
 
 
-def real_transformer():
+def hunyuan_sigmas(steps: int) -> list[float]:
+    """The per-step sigmas of diffusers' HunyuanVideoPipeline."""
+    return [float(s) for s in hunyuan_scheduler(steps).sigmas[:steps]]
+
+
+def real_transformer() -> HunyuanVideoTransformer3DModel:
     """The real config's HunyuanVideoTransformer3DModel on the meta device (shapes only, nothing allocated)."""
-    import torch
-    from diffusers import HunyuanVideoTransformer3DModel
-
     with torch.device("meta"):
         return HunyuanVideoTransformer3DModel(**CONFIG)
 
@@ -83,10 +85,6 @@ def real_transformer():
 @functools.cache
 def real_flops() -> np.ndarray:
     """(60, 3) FLOPs of one real-size call per (block, cell): the adapter's `block_flops` (absent cells 0)."""
-    import torch
-
-    from videocache.pipelines.hunyuan.adapter import HunyuanVideoAdapter
-
     model, adapter = real_transformer(), HunyuanVideoAdapter()
     dim = CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]
     video, text = torch.empty(1, VIDEO_TOKENS, dim, device="meta"), torch.empty(1, TEXT_TOKENS, dim, device="meta")
@@ -97,18 +95,34 @@ def real_flops() -> np.ndarray:
     return out
 
 
+def computed_fractions(presets, steps=(25, 50, 100)) -> dict[str, dict[int, float]]:
+    """{preset: {steps: computed fraction}} of the hunyuanvideo profile, counted by the engine on a tiny
+    random 20 + 40-block HunyuanVideoTransformer3DModel, one call per step, driven by the pipeline's sigmas
+    (run it with one torch thread: tiny tensors run 40x faster than on two threads fighting over shared
+    cores)."""
+    transformer = tiny_hunyuan(dual=CONFIG["num_layers"], single=CONFIG["num_single_layers"])
+    conditions = {k: v for k, v in tiny_inputs().items() if k != "hidden_states"}
+
+    def call(x, t):
+        return transformer(hidden_states=x, timestep=t.expand(1), **conditions, return_dict=False)[0]
+
+    x0 = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return engine_fractions(transformer, profile_path("hunyuanvideo"), presets, steps, hunyuan_scheduler, call, x0)
+
+
 HUNYUANVIDEO = Model(
     name="hunyuanvideo", title="HunyuanVideo 13B", architecture="HunyuanVideoTransformer3DModel",
     hub="hunyuanvideo-community/HunyuanVideo",
     groups=(("dual", CONFIG["num_layers"], ("attn", "ff", "ff_context")),
             ("single", CONFIG["num_single_layers"], ("attn", "mlp"))),
     ratios=tuple(MAG_RATIOS), branches=1, ratio_source=MAGCACHE_SOURCE, sigmas=hunyuan_sigmas, real_flops=real_flops,
-    measure=import_measure("tests.test_hunyuan_profile", "hunyuanvideo"), flow_shift=FLOW_SHIFT, presets=PRESETS,
+    measure=computed_fractions, flow_shift=FLOW_SHIFT, presets=PRESETS,
     magcache=((0.12, 4), (0.24, 6)),
     skip_cap_source="R0.2; HunyuanVideo's K 4/6 plus one for balanced/fast, Wan's K 2 plus one for slow",
     blocks_text="HunyuanVideoTransformer3DModel, 20 dual-stream + 40 single-stream blocks",
     skip_text="HunyuanVideo has no fused skip: the engine skips block by block",
-    feb_text="attention over 119k tokens holds most of the FLOPs", script=SCRIPT,
+    feb_text="attention over 119k tokens holds most of the FLOPs",
+    module="videocache.pipelines.hunyuan.presets", results="benchmarks/hunyuan_presets",
 )
 
 
@@ -144,4 +158,4 @@ def report(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main([HUNYUANVIDEO], "benchmarks/hunyuan_presets.py", Path(__file__).with_name("hunyuan_presets"), report, __doc__)
+    main([HUNYUANVIDEO], report, __doc__)

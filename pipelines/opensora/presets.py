@@ -3,9 +3,9 @@
 No Open-Sora weights are needed. The presets of `profiles/opensora-1.2.yaml` (Open-Sora 1.2 as our
 `STDiT3Model`, STDiT3-XL/2: 28 spatial blocks with spatial_attn / cross_attn / mlp and 28 temporal blocks
 with temporal_attn / cross_attn / mlp, run interleaved S0, T0, S1, ... as the adapter's two block groups)
-are chosen by our schedule search on stand-in statistics, the method of `benchmarks/stand_in_presets.py`
-(shared with `benchmarks/wan_presets.py` and `benchmarks/hunyuan_presets.py`). Open-Sora's own inputs
-(/work/shared/OPENSORA.md, sections 1.8 and 4.2):
+are chosen by our schedule search on stand-in statistics, the method of
+`videocache.pipelines.stand_in_presets` (shared with the other families' `presets` modules). Open-Sora's own
+inputs (/work/shared/OPENSORA.md, sections 1.8 and 4.2):
 
 * MagCache's calibrated magnitude ratios for Open-Sora 1.2 (`MAGCACHE_RATIOS` below, from MagCache's
   `eval/magcache/experiments/opensora.py`): 29 values for 30 steps, whose square root the code uses. One
@@ -25,23 +25,26 @@ are chosen by our schedule search on stand-in statistics, the method of `benchma
 * Open-Sora has the fused skip (the adapter splits the gates into per-block and shared parts), so the engine
   skips the whole block stack on a skipped step of these aligned presets.
 
-    python benchmarks/opensora_presets.py --write-profiles   # derive the presets, rewrite the profile
-    python benchmarks/opensora_presets.py                    # measure fractions on a tiny 28 + 28-block model
+A developer tool, run from a source checkout (an editable install): it rewrites the checkout's profile and
+writes its results to `benchmarks/opensora_presets.md` / `.json`.
+
+    python -m videocache.pipelines.opensora.presets --write-profiles  # derive the presets, rewrite the profile
+    python -m videocache.pipelines.opensora.presets                   # measure on a tiny 28 + 28-block model
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.stand_in_presets import Model, import_measure, main, model_report  # noqa: E402
+from ..stand_in_presets import Model, engine_fractions, main, model_report, profile_path
+from .adapter import OpenSoraAdapter
+from .model import STDiT3Model
+from .model.schedule import default_scheduler, set_opensora_timesteps, shift_ratio
+from .model.tiny import tiny_inputs, tiny_transformer
 
 MAGCACHE_SOURCE = (
     "MagCache (arXiv 2506.09045), github.com/Zehong-Ma/MagCache, eval/magcache/experiments/opensora.py, "
@@ -63,20 +66,15 @@ PRESETS = {  # name -> (computed-fraction budget, share of the first steps alway
     "balanced": (0.5, 0.2, 4),
     "fast": (0.4, 0.1, 4),
 }
-SCRIPT = "python benchmarks/opensora_presets.py --write-profiles"
 
 
 def flow_shift() -> float:
     """The size/length shift of the benchmark setting (float math, as the official sampler in float32)."""
-    from videocache.pipelines.opensora.model.schedule import shift_ratio
-
     return shift_ratio(HEIGHT, WIDTH, FRAMES)
 
 
 def opensora_scheduler(steps: int):
     """A FlowMatchEulerDiscreteScheduler set as OpenSoraPipeline sets it for the benchmark setting."""
-    from videocache.pipelines.opensora.model.schedule import default_scheduler, set_opensora_timesteps
-
     scheduler = default_scheduler()
     set_opensora_timesteps(scheduler, steps, HEIGHT, WIDTH, FRAMES)
     return scheduler
@@ -86,12 +84,8 @@ def opensora_sigmas(steps: int) -> list[float]:
     return [float(s) for s in opensora_scheduler(steps).sigmas[:steps]]
 
 
-def real_transformer():
+def real_transformer() -> STDiT3Model:
     """The released STDiT3-XL/2 (`STDiT3Model` defaults) on the meta device (shapes only, nothing allocated)."""
-    import torch
-
-    from videocache.pipelines.opensora.model import STDiT3Model
-
     with torch.device("meta"):
         return STDiT3Model()
 
@@ -100,10 +94,6 @@ def real_transformer():
 def real_flops() -> np.ndarray:
     """(56, 3) FLOPs of one real-size call (one CFG branch) per (block, cell) in execution order: the
     adapter's `block_flops`."""
-    import torch
-
-    from videocache.pipelines.opensora.adapter import OpenSoraAdapter
-
     model, adapter = real_transformer(), OpenSoraAdapter()
     _, frames, height, width = LATENT
     tokens = frames * (height // 2) * (width // 2)
@@ -119,21 +109,35 @@ def real_flops() -> np.ndarray:
 
 def _real_groups() -> tuple:
     """The adapter's fingerprint groups of the released config: (name, blocks, components, block indices)."""
-    from videocache.pipelines.opensora.adapter import OpenSoraAdapter
-
     return tuple((g["name"], g["num_blocks"], tuple(g["components"]), tuple(g["blocks"]))
                  for g in OpenSoraAdapter().fingerprint(real_transformer())["groups"])
+
+
+def computed_fractions(presets, steps=(15, 30, 60)) -> dict[str, dict[int, float]]:
+    """{preset: {steps: computed fraction}} of the opensora-1.2 profile, counted by the engine on a tiny
+    random 28 + 28-block STDiT3Model, one call per step, driven by the pipeline's schedule (run it with one
+    torch thread: tiny tensors run 40x faster than on two threads fighting over shared cores)."""
+    transformer = tiny_transformer(depth=28)
+    conditions = {k: v for k, v in tiny_inputs().items() if k != "hidden_states"}
+
+    def call(x, t):  # the sampler's velocity is the first 4 channels, x0 - noise: the scheduler takes its negative
+        out = transformer(hidden_states=x, timestep=t.expand(1), **conditions, return_dict=False)[0]
+        return -out[:, : x.shape[1]]
+
+    x0 = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return engine_fractions(transformer, profile_path("opensora-1.2"), presets, steps, opensora_scheduler, call, x0)
 
 
 OPENSORA = Model(
     name="opensora-1.2", title="Open-Sora 1.2", architecture="STDiT3Model", hub="OPENSORA_FOLDER",
     groups=_real_groups(), ratios=tuple(MAG_RATIOS), branches=1, ratio_source=MAGCACHE_SOURCE,
-    sigmas=opensora_sigmas, real_flops=real_flops, measure=import_measure("tests.test_opensora_profile", "opensora-1.2"),
+    sigmas=opensora_sigmas, real_flops=real_flops, measure=computed_fractions,
     flow_shift=round(flow_shift(), 4), presets=PRESETS, magcache=((0.12, 3),),
     skip_cap_source="R0.2; Open-Sora's K 3 plus one for balanced/fast, one less for slow",
     blocks_text="STDiT3Model, STDiT3-XL/2: 28 spatial + 28 temporal blocks",
     skip_text="Open-Sora has the fused skip: the engine skips the whole block stack on a skipped step",
-    feb_text="the MLPs hold half of the FLOPs, self-attention a third", script=SCRIPT, steps=STEPS,
+    feb_text="the MLPs hold half of the FLOPs, self-attention a third",
+    module="videocache.pipelines.opensora.presets", results="benchmarks/opensora_presets", steps=STEPS,
     groups_text=("The blocks run interleaved (S0, T0, S1, ...): the groups spatial (the even blocks) and temporal "
                  "(the odd ones) list their block indices, as the Open-Sora adapter's fingerprint does."),
     calibrate_args=f"--frames {FRAMES} --height {HEIGHT} --width {WIDTH}",
@@ -174,4 +178,4 @@ def report(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main([OPENSORA], "benchmarks/opensora_presets.py", Path(__file__).with_name("opensora_presets"), report, __doc__)
+    main([OPENSORA], report, __doc__)

@@ -1,8 +1,8 @@
 """Wan2.1 T2V presets from published per-step statistics, and their computed fractions at 25/50/100 steps.
 
 No Wan2.1 weights are needed. The presets of `profiles/wan2.1-t2v-1.3b.yaml` and `profiles/wan2.1-t2v-14b.yaml`
-are chosen by our schedule search on stand-in statistics (`benchmarks/stand_in_presets.py` has the method,
-shared with HunyuanVideo's `benchmarks/hunyuan_presets.py`). Wan's own inputs:
+are chosen by our schedule search on stand-in statistics (`videocache.pipelines.stand_in_presets` has the
+method, shared with the other families' `presets` modules). Wan's own inputs:
 
 * MagCache's published magnitude ratios for Wan2.1 T2V 1.3B and 14B (`MAG_RATIOS` below, copied from
   MagCache's `magcache_generate.py`; calibrated by the MagCache authors with Wan's own sampler: UniPC, 50
@@ -12,23 +12,25 @@ shared with HunyuanVideo's `benchmarks/hunyuan_presets.py`). Wan's own inputs:
 * The engine runs these aligned schedules as a fused skip of the whole block stack; the calibrated
   reference-wan presets came out aligned at all three budgets.
 
-    python benchmarks/wan_presets.py --write-profiles   # derive the presets, rewrite the two profiles
-    python benchmarks/wan_presets.py                    # measure fractions on tiny 30/40-block models
+A developer tool, run from a source checkout (an editable install): it rewrites the checkout's profiles and
+writes its results to `benchmarks/wan_presets.md` / `.json`.
+
+    python -m videocache.pipelines.wan.presets --write-profiles  # derive the presets, rewrite both profiles
+    python -m videocache.pipelines.wan.presets                   # measure fractions on tiny 30/40-block Wans
 """
 
 from __future__ import annotations
 
-import sys
 from functools import partial
-from pathlib import Path
 
 import numpy as np
+import torch
+from diffusers import UniPCMultistepScheduler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from videocache import COMPONENTS
 
-from benchmarks.stand_in_presets import Model, import_measure, main, model_report  # noqa: E402
-from videocache import COMPONENTS  # noqa: E402
+from ..reference.build import tiny_wan_transformer
+from ..stand_in_presets import Model, engine_fractions, main, model_report, profile_path
 
 MAGCACHE_SOURCE = (
     "MagCache (arXiv 2506.09045), github.com/Zehong-Ma/MagCache, MagCache4Wan2.1/magcache_generate.py, "
@@ -66,13 +68,15 @@ PRESETS = {  # name -> (computed-fraction budget, share of the first steps alway
     "balanced": (0.5, 0.2, 5),
     "fast": (0.34, 0.1, 7),
 }
-SCRIPT = "python benchmarks/wan_presets.py --write-profiles"
+
+
+def wan_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+    """Wan's diffusers scheduler: UniPC on flow sigmas."""
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
 
 
 def wan_sigmas(steps: int, flow_shift: float) -> list[float]:
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
+    scheduler = wan_scheduler(flow_shift)
     scheduler.set_timesteps(steps)
     return [float(s) for s in scheduler.sigmas[:steps]]
 
@@ -85,15 +89,36 @@ def real_flops(name: str, blocks: int) -> np.ndarray:
     return np.tile(np.asarray(per, dtype=np.float64), (blocks, 1))
 
 
+def computed_fractions(name: str, blocks: int, flow_shift: float, presets,
+                       steps=(25, 50, 100)) -> dict[str, dict[int, float]]:
+    """{preset: {steps: computed fraction}} of profile `name`, counted by the engine on a tiny random
+    WanTransformer3DModel with the real block count, driven by Wan's scheduler with the released
+    checkpoint's flow_shift (run it with one torch thread: tiny tensors run 40x faster than on two threads
+    fighting over shared cores)."""
+    transformer, scheduler = tiny_wan_transformer(blocks), wan_scheduler(flow_shift)
+    g = torch.Generator().manual_seed(0)
+    x0, text = torch.randn(1, 4, 1, 4, 4, generator=g), torch.randn(1, 4, 16, generator=g)
+
+    def scheduler_for(n: int) -> UniPCMultistepScheduler:
+        scheduler.set_timesteps(n)
+        return scheduler
+
+    def call(x, t):
+        return transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=text, return_dict=False)[0]
+
+    return engine_fractions(transformer, profile_path(name), presets, steps, scheduler_for, call, x0)
+
+
 def wan(name: str, title: str, blocks: int, shift: float, hub: str) -> Model:
     return Model(
         name=name, title=title, architecture="WanTransformer3DModel", hub=hub,
         groups=(("blocks", blocks, tuple(COMPONENTS)),), ratios=tuple(MAG_RATIOS[name]), branches=2,
         ratio_source=MAGCACHE_SOURCE, sigmas=partial(wan_sigmas, flow_shift=shift),
-        real_flops=partial(real_flops, name, blocks), measure=import_measure("tests.test_wan_presets", name),
+        real_flops=partial(real_flops, name, blocks), measure=partial(computed_fractions, name, blocks, shift),
         flow_shift=shift, presets=PRESETS, magcache=((0.12, 2), (0.24, 6)), skip_cap_source="R0.2; K 2/4/6, here plus one",
         blocks_text=f"WanTransformer3DModel, {blocks} blocks", skip_text="the engine skips the whole block stack on a skipped step",
-        feb_text="self-attention holds most of the FLOPs", script=SCRIPT,
+        feb_text="self-attention holds most of the FLOPs", module="videocache.pipelines.wan.presets",
+        results="benchmarks/wan_presets",
     )
 
 
@@ -128,4 +153,4 @@ def report(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(list(MODELS.values()), "benchmarks/wan_presets.py", Path(__file__).with_name("wan_presets"), report, __doc__)
+    main(list(MODELS.values()), report, __doc__)
