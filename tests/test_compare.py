@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from videocache.cli import main
-from videocache.eval_vbench.compare import group_methods, read_prompts
-from videocache.eval_vbench.methods import parse_methods
-from videocache.eval_vbench.report import render_markdown
-from videocache.eval_vbench.run_store import Item, RunSettings, RunStore, read_json, write_json
+from videocache.eval_vbench.comparison.compare import group_methods, read_prompts
+from videocache.eval_vbench.comparison.report import render_markdown
+from videocache.eval_vbench.comparison.run_store import Item, RunSettings, RunStore, read_json, write_json
+from videocache.eval_vbench.peers.spec import parse_methods
 from videocache.profile import PROFILES_DIR
 
 PROMPTS = "# two held-out style prompts\na red circle moving left on a black background\n\na blue square moving up on a white background\n"

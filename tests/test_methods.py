@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.cache_memory import tensor_bytes
-from videocache.eval_vbench.flops import (
+import videocache.eval_vbench.peers.spec as m
+from videocache.eval_vbench.comparison.report import pareto_front
+from videocache.eval_vbench.comparison.run_store import Item, RunSettings, RunStore
+from videocache.eval_vbench.comparison.worker import GroupRunner, frames_digest
+from videocache.eval_vbench.metrics.cache_memory import tensor_bytes
+from videocache.eval_vbench.metrics.flops import (
     ComponentCounter,
     cross_attention_flops,
     feed_forward_flops,
     self_attention_flops,
 )
-from videocache.eval_vbench.report import pareto_front
-from videocache.eval_vbench.run_store import Item, RunSettings, RunStore
-from videocache.eval_vbench.worker import GroupRunner, frames_digest
 
 
 # -- parsing -------------------------------------------------------------------------------------------

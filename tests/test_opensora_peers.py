@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.cache_memory import CachePeakProbe
-from videocache.eval_vbench.flops import ComponentCounter
+import videocache.eval_vbench.peers.spec as m
+from videocache.eval_vbench.metrics.cache_memory import CachePeakProbe
+from videocache.eval_vbench.metrics.flops import ComponentCounter
 from videocache.pipelines.opensora.tiny import TINY_TRANSFORMER, tiny_pipeline
 from videocache.pipelines.opensora.transformer import STDiT3Block
 
@@ -207,8 +207,8 @@ def test_one_block_list_for_cachedit_runs_the_model_bit_for_bit_and_detaches(pip
 
 CACHEDIT_RUN = """
 import json, sys, torch
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.flops import ComponentCounter
+import videocache.eval_vbench.peers.spec as m
+from videocache.eval_vbench.metrics.flops import ComponentCounter
 from tests.test_opensora_peers import STEPS, generate
 from videocache.pipelines.opensora.tiny import tiny_pipeline
 pipe = tiny_pipeline()

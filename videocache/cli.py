@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import os
 
-    from videocache.eval_vbench.compare import config_from_args, format_summary, run_compare
+    from videocache.eval_vbench.comparison.compare import config_from_args, format_summary, run_compare
 
     try:
         config = config_from_args(args)
@@ -204,8 +204,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import os
 
-    from videocache.eval_vbench.eval import config_from_args, format_summary, run_eval
-    from videocache.eval_vbench.vbench_env import VBenchUnavailable
+    from videocache.eval_vbench.scoring.eval import config_from_args, format_summary, run_eval
+    from videocache.eval_vbench.scoring.vbench_env import VBenchUnavailable
 
     try:
         result = run_eval(config_from_args(args))
@@ -250,7 +250,7 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     import shlex
 
-    from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
+    from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
     from videocache.pipelines.loader import (
         KNOWN_MODELS,
@@ -313,12 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one video (reference pipeline by default)")
     add_generation_arguments(gen)
     gen.set_defaults(func=cmd_generate)
-    from videocache.eval_vbench.compare import add_compare_arguments
+    from videocache.eval_vbench.comparison.compare import add_compare_arguments
 
     cmp_ = sub.add_parser("compare", help="compare cache methods side by side (speed, computed fraction, PSNR/SSIM)")
     add_compare_arguments(cmp_)
     cmp_.set_defaults(func=cmd_compare)
-    from videocache.eval_vbench.eval import add_eval_arguments
+    from videocache.eval_vbench.scoring.eval import add_eval_arguments
 
     ev = sub.add_parser("eval", help="VBench scores of every preset (real vbench, own environment), fidelity and speed, resumable")
     add_eval_arguments(ev)

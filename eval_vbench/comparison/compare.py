@@ -27,7 +27,7 @@ from typing import Any
 
 from videocache.pipelines.generation import read_prompts
 
-from .methods import VALID_FORMS, Method, parse_methods
+from ..peers.spec import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
 
 MAIN_PROCESS = "main"
@@ -458,7 +458,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 
 def format_summary(result: CompareResult) -> str:
-    from .fidelity import format_db
+    from ..metrics.fidelity import format_db
 
     lines = [f"ran {result.ran} runs ({result.skipped} already done); wrote {result.paths['md']}"]
     for e in sorted(result.report["methods"], key=lambda e: -(e.get("computed_fraction") or 0)):

@@ -12,7 +12,7 @@ Generation is `videocache compare`'s (run_compare): atomic records, an interrupt
 a preset whose profile changed reruns. Under `accelerate launch --multi_gpu --num_processes N -m videocache.cli
 eval ...` every process generates its share of the (prompt, sample) items (data parallel, one GPU per process);
 process 0 then scores and writes the report. Scoring runs VBench's own evaluation in its own environment
-(vbench_env.py); the reference pipeline also gets its offline prompt accuracy (prompt_accuracy.py).
+(vbench_env.py); the reference pipeline also gets its offline prompt accuracy (metrics/prompt_accuracy.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareConfig, CompareResult, run_compare
-from .methods import Method, NoCache, parse_method
-from .run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
+from ..comparison.compare import CompareConfig, CompareResult, run_compare
+from ..comparison.run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
+from ..peers.spec import Method, NoCache, parse_method
 from .vbench_score import QUALITY_DIMENSIONS, aggregate, normalized
 from .vbench_suite import Suite, build_suite
 
@@ -146,7 +146,7 @@ def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
     if world > 1:
         _barrier()
         if rank == 0:  # every process wrote compare's report for its own share: rewrite it for all items
-            from .report import build_report, write_report
+            from ..comparison.report import build_report, write_report
 
             store = RunStore(config.out / "generation")
             write_report(store, build_report(store, config.settings, list(config.methods), items, errors))
@@ -215,7 +215,7 @@ def score_vbench(config: EvalConfig, method: Method, folder: Path, rows: list[di
 
 def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
     """The reference checker on every video whose prompt is a reference caption, by (prompt, seed)."""
-    from . import prompt_accuracy as pa
+    from ..metrics import prompt_accuracy as pa
 
     checks = {}
     for row in rows:
@@ -226,7 +226,7 @@ def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
 
 
 def prompt_accuracy(checks: dict[tuple[str, int], Any], reference: dict[tuple[str, int], Any]) -> dict[str, Any] | None:
-    from . import prompt_accuracy as pa
+    from ..metrics import prompt_accuracy as pa
 
     summary = pa.summarize(list(checks.values()))
     if summary is not None:
@@ -247,7 +247,7 @@ def lpips_status() -> str:
 
 # -- report ------------------------------------------------------------------------------------------------
 def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, Any]:
-    from .report import summarize
+    from ..comparison.report import summarize
     from .vbench_env import VBenchUnavailable, ensure
 
     store = RunStore(config.out / "generation")
@@ -321,8 +321,8 @@ def _pct(value: float | None, digits: int = 2) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from .fidelity import format_db
-    from .report import _fmt
+    from ..comparison.report import _fmt
+    from ..metrics.fidelity import format_db
 
     s, suite = report["settings"], report["suite"]
     dims = suite["dimensions"]
@@ -386,7 +386,7 @@ def plot_radar(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .report import MARKERS
+    from ..comparison.report import MARKERS
 
     axes: list[str] = []
     for e in report["methods"]:
@@ -427,7 +427,7 @@ def plot_quality_speedup(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import MARKERS, _place_labels
+    from ..comparison.report import MARKERS, _place_labels
 
     full = all(e["vbench"]["quality_score"] is not None for e in report["methods"])
     key = "quality_score" if full else "quality_partial"
@@ -550,7 +550,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def format_summary(result: EvalResult) -> str:
-    from .fidelity import format_db
+    from ..metrics.fidelity import format_db
 
     lines = [f"generated {result.ran} videos ({result.skipped} already done); wrote {result.paths['md']}"]
     for e in result.report["methods"]:

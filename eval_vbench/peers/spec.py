@@ -305,7 +305,7 @@ def _diffusers_applied(pipe: Any, config: Any, info: dict[str, Any] | None = Non
 
 def _diffusers_applied_hooked(transformer: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
     """The AppliedMethod of a diffusers cache already enabled on `transformer`."""
-    from .cache_memory import diffusers_hook_roots, tensor_bytes
+    from ..metrics.cache_memory import diffusers_hook_roots, tensor_bytes
 
     return AppliedMethod(
         remove=transformer.disable_cache,
@@ -680,7 +680,7 @@ class CacheDitDBCacheMethod(Method):
         config = self._config(pipe, setup)
         import cache_dit
 
-        from .cache_memory import cachedit_roots, tensor_bytes
+        from ..metrics.cache_memory import cachedit_roots, tensor_bytes
 
         calibrator = None
         if self.taylorseer_order is not None:

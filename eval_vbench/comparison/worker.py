@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import psnr, ssim
-from .flops import ComponentCounter, ComponentCounts, computed_fraction
-from .methods import AppliedMethod, Method, MethodSetup, NoCache, family_of, parse_method
+from ..metrics.fidelity import psnr, ssim
+from ..metrics.flops import ComponentCounter, ComponentCounts, computed_fraction
+from ..peers.spec import AppliedMethod, Method, MethodSetup, NoCache, family_of, parse_method
 from .run_store import Item, RunSettings, RunStore
 
 
@@ -159,7 +159,7 @@ class GroupRunner:
         return result, counter.counts
 
     def _run_method(self, method: Method, item: Item) -> tuple[Any, ComponentCounts, int | None, dict, dict]:
-        from .cache_memory import CachePeakProbe
+        from ..metrics.cache_memory import CachePeakProbe
 
         applied: AppliedMethod = method.apply(self.pipe, self.setup)
         probe = None
@@ -291,7 +291,7 @@ class GroupRunner:
         outcome, with "error" (one line) when it failed."""
         from videocache.distributed import parallelize
 
-        from .cache_memory import CachePeakProbe
+        from ..metrics.cache_memory import CachePeakProbe
 
         applied: AppliedMethod | None = None
         par = probe = None
