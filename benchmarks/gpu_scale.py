@@ -97,7 +97,7 @@ class RowSpec:
     preset: str | None = None
     fused: bool = True
     low_precision: bool = False  # int8 storage (scale per 64 channels), offloaded beyond 8 GiB on the device
-    peer: str | None = None  # an eval_vbench.peers.spec spec
+    peer: str | None = None  # a method spec (eval_vbench.peers.spec.parse_method)
     guess: float = 1.0  # rough share of the uncached time, for the budget only
 
 

@@ -1,3 +1,4 @@
-"""The methods a comparison runs (diffusers' caches, cache-dit, videocache's own engine): spec parsing, and
-how each method is switched on and off a pipeline (spec).
+"""The methods a comparison runs, one module per library: diffusers' caches (diffusers_caches), cache-dit
+(cachedit) and videocache's own engine with a profile's preset (videocache_engine); the spec parsing and the
+base classes they share are in spec.
 """
