@@ -181,18 +181,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import os
-
+    from videocache.distributed.state import launch_rank
     from videocache.eval_vbench.comparison.compare import config_from_args, format_summary, run_compare
 
     try:
         config = config_from_args(args)
         result = run_compare(config)
     except USER_ERRORS:
-        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+        if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
-    if config.settings.parallel and int(os.environ.get("RANK", "0")) != 0:
+    if config.settings.parallel and launch_rank() != 0:
         return 2 if result.errors else 0
     print(format_summary(result))
     if result.errors:
@@ -202,8 +201,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import os
-
+    from videocache.distributed.state import launch_rank
     from videocache.eval_vbench.scoring.eval import config_from_args, format_summary, run_eval
     from videocache.eval_vbench.scoring.vbench_env import VBenchUnavailable
 
@@ -212,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except VBenchUnavailable as exc:
         raise ValueError(str(exc)) from None
     except USER_ERRORS:
-        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+        if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
     if result is None:  # another process of a data-parallel run: process 0 scores and reports

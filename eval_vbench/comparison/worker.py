@@ -553,10 +553,12 @@ def worker_main(
 ) -> None:
     """Spawned-process loop: load the pipeline, then answer {"type": "item"} messages until "stop".
     `env`: a parallel comparison's launcher variables for this worker (its rank, the agreed port)."""
+    from videocache.distributed.state import launch_rank
+
     if env:
         os.environ.update(env)
     store = RunStore(out)
-    rank = int(os.environ.get("RANK", "0")) if env else 0
+    rank = launch_rank() if env else 0
     _redirect_output(store.log_path(process, rank))
     try:
         import torch

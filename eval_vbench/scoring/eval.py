@@ -103,10 +103,6 @@ def preset_methods(profile: str | None, presets: list[str], extra: list[str]) ->
 
 
 # -- data parallel generation --------------------------------------------------------------------------
-def _ranks() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _barrier() -> None:
     from videocache.distributed.state import process_state
 
@@ -116,17 +112,19 @@ def _barrier() -> None:
 def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
     """Run what is missing (this process's share of the items under accelerate launch); returns the errors and
     the numbers of runs made and found done (this process's)."""
-    rank, world = _ranks()
+    from videocache.distributed.state import launch_local_rank, launch_rank, launched_world
+
+    rank, world = launch_rank(), launched_world()
     items = config.items
     mine = tuple(items[rank::world])
     if world > 1:
         from videocache.distributed.state import process_state
 
         process_state()  # join the launched processes first, while this process still sees every GPU
-        local = os.environ.get("LOCAL_RANK")
+        local = launch_local_rank()
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if local is not None:  # the workers this process spawns see one GPU: its own
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(local)] if int(local) < len(visible) else local
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[local] if local < len(visible) else str(local)
     errors: dict[str, str] = {}
     ran = skipped = 0
     if mine:
@@ -467,8 +465,10 @@ EvalResult = CompareResult  # report, paths, errors, runs made and found done
 
 def run_eval(config: EvalConfig) -> EvalResult | None:
     """Generate what is missing, then (process 0) score and write the report; None on other processes."""
+    from videocache.distributed.state import launch_rank
+
     errors, ran, skipped = generate(config)
-    if _ranks()[0] != 0:
+    if launch_rank() != 0:
         return None
     report = build_eval_report(config, errors)
     return EvalResult(report, write_eval_report(config.out, report), errors, ran, skipped)
