@@ -30,7 +30,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 import videocache
-from videocache.eval_vbench.fidelity import psnr
+from videocache.eval_vbench.metrics.fidelity import psnr
 from videocache.pipelines.generation import generate
 from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.build import tiny_wan_transformer

@@ -19,7 +19,7 @@ Rows, all in one run (`--rows` picks a subset by name or group: eager, compiled,
 Transformer time is `generate`'s transformer_s: perf_counter around every transformer call with
 torch.cuda.synchronize on both sides. Computed fraction: videocache's own count (engine.stats()); for
 diffusers' caches the FLOP-weighted share of block components that ran, counted by forward hooks on
-the components' first projections (eval_vbench/flops.py) in the eager run, never inside a compiled one.
+the components' first projections (eval_vbench/metrics/flops.py) in the eager run, never inside a compiled one.
 Efficiency = speedup x computed fraction (1.0: every skipped FLOP saved its time, nothing else cost).
 Peak memory is torch.cuda.max_memory_allocated over the generation; cache bytes are the most the method
 held (videocache: cache_peak_bytes / cache_peak_host_bytes; diffusers: its hooks' tensors, sampled before
@@ -55,8 +55,8 @@ from diffusers import WanTransformer3DModel
 from torch._dynamo.utils import counters
 
 import videocache
-from videocache.eval_vbench.flops import ComponentCounter, computed_fraction
-from videocache.eval_vbench.methods import MethodSetup, parse_method
+from videocache.eval_vbench.metrics.flops import ComponentCounter, computed_fraction
+from videocache.eval_vbench.peers import MethodSetup, parse_method
 from videocache.pipelines.generation import generate
 from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.build import TEXT_DIM, Z_DIM
@@ -97,7 +97,7 @@ class RowSpec:
     preset: str | None = None
     fused: bool = True
     low_precision: bool = False  # int8 storage (scale per 64 channels), offloaded beyond 8 GiB on the device
-    peer: str | None = None  # an eval_vbench.methods spec
+    peer: str | None = None  # a method spec (eval_vbench.peers.spec.parse_method)
     guess: float = 1.0  # rough share of the uncached time, for the budget only
 
 

@@ -1,6 +1,6 @@
 """What `videocache profile` needs at Wan2.1-T2V-1.3B's size, estimated from the code and a small CPU run.
 
-No GPU: the real calibration (`eval_vbench.calibration.calibrate`, as `videocache profile` calls it) runs on
+No GPU: the real calibration (`eval_vbench.calibration.runs.calibrate`, as `videocache profile` calls it) runs on
 a random WanTransformer3DModel with Wan2.1-1.3B's 30 blocks but a tiny width (2 heads x 16, FFN 64), in
 bfloat16, inside the reference pipeline (its tiny text encoder and VAE) with Wan's scheduler
 (UniPCMultistepScheduler, flow sigmas, flow_shift 3.0), 50 steps, CFG 5, 4 prompts, budgets 0.6 / 0.5 / 0.33
@@ -144,7 +144,7 @@ class Counter:
 def run_calibration(args: argparse.Namespace) -> dict:
     """The calibration on the small model, counted per stage."""
     import videocache
-    import videocache.eval_vbench.calibration as cal
+    import videocache.eval_vbench.calibration.runs as cal
     from videocache.fgbg import FgBgProfile
     from videocache.pipelines.attention_capture import default_profile_steps, profile_pipeline
 

@@ -25,7 +25,7 @@ default process group has more than one rank. It cannot run under videocache's p
 replaces the transformer's block loop with its own `CachedBlocks`, which keeps the full-sequence input
 while the split hook on `blocks.0` hands the first block a shard (a shape error on the first call). With
 its own context parallelism (`ParallelismConfig(ulysses_size=...)`) it runs on gloo, see
-`videocache.eval_vbench.methods.CacheDitDBCacheMethod`.
+`videocache.eval_vbench.peers.cachedit.CacheDitDBCacheMethod`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The one process-state object every entry point uses.
+"""The one process-state object every entry point uses, and the one way to read the launcher's rank.
+
+`launch_rank`, `launched_world` and `launch_local_rank` read what `accelerate launch` or torchrun put in
+the environment (RANK, WORLD_SIZE, LOCAL_RANK) without starting torch.distributed: for what is decided
+before or without a process group (which process prints an error, which share of a data-parallel run is
+this one's). `process_state` joins the group.
 
 accelerate's `PartialState()` reports a single process on a machine without CUDA even when
 `accelerate launch` started several (WORLD_SIZE > 1); asking for the CPU backend there gives the
@@ -7,8 +12,26 @@ real multi-process state over gloo. With CUDA it is the usual NCCL state.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import PartialState
+
+
+def launch_rank() -> int:
+    """This process's rank among the launched processes (RANK); 0 when it was not launched by one."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_world() -> int:
+    """How many processes the launcher started (WORLD_SIZE); 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_local_rank() -> int | None:
+    """This process's rank on its machine (LOCAL_RANK: which GPU is its own); None when not launched."""
+    local = os.environ.get("LOCAL_RANK")
+    return None if local is None else int(local)
 
 
 def process_state(**kwargs) -> PartialState:

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models import attention_dispatch
 
 from videocache.cli import main
-from videocache.eval_vbench.run_store import read_json
+from videocache.eval_vbench.comparison.run_store import read_json
 from videocache.pipelines.attention_backend import (
     NEEDS_BF16,
     NEEDS_CUDA,
@@ -171,7 +171,7 @@ def test_profile_calibrates_on_the_backend_and_records_it(tiny_model_dir, tmp_pa
     """The calibration itself is stubbed (test_calibration runs it): the pipeline it gets runs on the backend."""
     import types
 
-    import videocache.eval_vbench.calibration as calibration
+    import videocache.eval_vbench.calibration.runs as calibration
 
     seen = {}
 

@@ -12,7 +12,7 @@ import yaml
 import videocache as vc
 from videocache.calibrate import GramRecorder, SearchOptions, TableSearch, step_proxy_errors
 from videocache.cli import main
-from videocache.eval_vbench.calibration import CalibrationSettings, measure, record
+from videocache.eval_vbench.calibration.runs import CalibrationSettings, measure, record
 
 SETTINGS = CalibrationSettings(steps=6, frames=5, height=32, width=32, guidance_scale=5.0)
 PROMPTS = ["a red circle moving left on a black background", "a blue square moving up on a white background"]
@@ -93,7 +93,7 @@ def test_unreachable_budget_is_a_clear_error(recording):
 def test_exposure_bias_stage_without_an_earlier_table_is_skipped(recording):
     """+eb adds scaling to the best table so far; when no earlier stage met the budget it is skipped with
     a logged reason (a ValueError, as for a rule stage that cannot meet it), not a TypeError."""
-    from videocache.eval_vbench.calibration import _stage_trials
+    from videocache.eval_vbench.calibration.runs import _stage_trials
 
     search = TableSearch(recording.grams, recording.flops, recording.sigmas)
     with pytest.raises(ValueError, match="no earlier stage met the budget"):

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from videocache.cli import main
-from videocache.eval_vbench.compare import group_methods, read_prompts
-from videocache.eval_vbench.methods import parse_methods
-from videocache.eval_vbench.report import render_markdown
-from videocache.eval_vbench.run_store import Item, RunSettings, RunStore, read_json, write_json
+from videocache.eval_vbench.comparison.compare import group_methods, read_prompts
+from videocache.eval_vbench.comparison.report import render_markdown
+from videocache.eval_vbench.comparison.run_store import Item, RunSettings, RunStore, read_json, write_json
+from videocache.eval_vbench.peers import parse_methods
 from videocache.profile import PROFILES_DIR
 
 PROMPTS = "# two held-out style prompts\na red circle moving left on a black background\n\na blue square moving up on a white background\n"
@@ -104,6 +104,31 @@ def test_bad_method_spec_is_a_one_line_error_before_anything_runs(tmp_path, caps
     assert rc == 2
     assert err.startswith("videocache: error: ") and fragment in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_launched_processes_without_degrees_error_once_from_rank_0(tmp_path, capsys, monkeypatch, rank):
+    """The launcher's RANK / WORLD_SIZE (distributed.state.launch_rank, launched_world) are read without a
+    process group: rank 0 prints the one-line error, the others exit 2 silently."""
+    from videocache.distributed.state import launch_local_rank, launch_rank, launched_world
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (launch_rank(), launched_world(), launch_local_rank()) == (rank, 2, None)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPTS)
+    argv = ["compare", "--model", "reference-wan", "--prompts", str(prompts), "--out", str(tmp_path / "out")]
+    if rank == 0:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("videocache: error: videocache compare was launched as 2 processes without")
+        assert err.count("\n") == 1
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_prompts_file_is_a_one_line_error(tmp_path, capsys):

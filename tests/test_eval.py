@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from videocache.cli import main
-from videocache.eval_vbench import vbench_env
-from videocache.eval_vbench.run_store import read_json
+from videocache.eval_vbench.comparison.run_store import read_json
+from videocache.eval_vbench.scoring import vbench_env
 from videocache.profile import PROFILES_DIR
 
 from .conftest import requires_reference
@@ -196,7 +196,7 @@ def test_runner_turns_downloads_into_one_line_errors(tmp_path):
     import subprocess
     import urllib.request
 
-    from videocache.eval_vbench import vbench_runner
+    from videocache.eval_vbench.scoring import vbench_runner
 
     real_run, real_retrieve = subprocess.run, urllib.request.urlretrieve
     try:
@@ -221,7 +221,7 @@ def test_venv_location_and_install_steps(tmp_path, monkeypatch):
     steps = vbench_env.install_steps(tmp_path / "v", "torch==2.13.0")
     assert steps[1][-1] == "torch==2.13.0"  # torch first, pinned
     assert steps[2][-2:] == ["torch==2.13.0", vbench_env.VBENCH_REQUIREMENT]  # and kept pinned with vbench
-    with pytest.raises(vbench_env.VBenchUnavailable, match="create it with: python -m videocache.eval_vbench.vbench_env create"):
+    with pytest.raises(vbench_env.VBenchUnavailable, match="create it with: python -m videocache.eval_vbench.scoring.vbench_env create"):
         vbench_env.package(tmp_path / "v")
 
 
@@ -229,7 +229,7 @@ REAL_VENV = vbench_env.venv_dir()
 
 
 @pytest.mark.skipif(not vbench_env.venv_python(REAL_VENV).is_file(), reason=f"no VBench environment at {REAL_VENV} "
-                    "(python -m videocache.eval_vbench.vbench_env create)")
+                    "(python -m videocache.eval_vbench.scoring.vbench_env create)")
 def test_real_vbench_temporal_flickering_and_missing_weights(tmp_path):
     from videocache.video_io import write_video
 

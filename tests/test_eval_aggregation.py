@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from videocache.eval_vbench.vbench_score import (
+from videocache.eval_vbench.scoring.vbench_score import (
     ALL_DIMENSIONS,
     QUALITY_DIMENSIONS,
     aggregate,

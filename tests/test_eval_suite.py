@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from videocache.eval_vbench import prompt_accuracy
-from videocache.eval_vbench.vbench_suite import (
+from videocache.eval_vbench.metrics import prompt_accuracy
+from videocache.eval_vbench.scoring.vbench_suite import (
     CUSTOM_INPUT_DIMENSIONS,
     TEMPORAL_FLICKERING_SAMPLES,
     build_suite,

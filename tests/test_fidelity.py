@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from videocache.eval_vbench.fidelity import format_db, gaussian_window, psnr, ssim, ssim_maps_mean
-from videocache.eval_vbench.run_store import decode_json, encode_json
+from videocache.eval_vbench.comparison.run_store import decode_json, encode_json
+from videocache.eval_vbench.metrics.fidelity import format_db, gaussian_window, psnr, ssim, ssim_maps_mean
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 

@@ -192,7 +192,7 @@ def test_block_runs_carry_video_and_text():
 def test_comparison_flop_counter_agrees_with_the_adapter():
     """The comparison's FLOP counter (probes inside each component, whatever cache runs) counts an
     uncached HunyuanVideo call as the adapter's block_flops do, and a split-cached run as the engine does."""
-    from videocache.eval_vbench.flops import ComponentCounter
+    from videocache.eval_vbench.metrics.flops import ComponentCounter
 
     model = tiny_hunyuan()
     adapter = HunyuanVideoAdapter()

@@ -7,17 +7,26 @@ import math
 import pytest
 import torch
 
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.cache_memory import tensor_bytes
-from videocache.eval_vbench.flops import (
+import videocache.eval_vbench.peers as m
+from videocache.eval_vbench.comparison.report import pareto_front
+from videocache.eval_vbench.comparison.run_store import Item, RunSettings, RunStore
+from videocache.eval_vbench.comparison.worker import GroupRunner, frames_digest
+from videocache.eval_vbench.metrics.cache_memory import tensor_bytes
+from videocache.eval_vbench.metrics.flops import (
     ComponentCounter,
     cross_attention_flops,
     feed_forward_flops,
     self_attention_flops,
 )
-from videocache.eval_vbench.report import pareto_front
-from videocache.eval_vbench.run_store import Item, RunSettings, RunStore
-from videocache.eval_vbench.worker import GroupRunner, frames_digest
+from videocache.eval_vbench.peers.cachedit import CacheDitDBCacheMethod
+from videocache.eval_vbench.peers.diffusers_caches import (
+    FBCacheMethod,
+    MagCacheMethod,
+    PABMethod,
+    TaylorSeerMethod,
+    parse_mag_ratios,
+)
+from videocache.eval_vbench.peers.videocache_engine import VideocacheMethod
 
 
 # -- parsing -------------------------------------------------------------------------------------------
@@ -26,25 +35,25 @@ from videocache.eval_vbench.worker import GroupRunner, frames_digest
     [
         ("none", m.NoCache(), "none"),
         (" NONE ", m.NoCache(), "none"),
-        ("videocache:reference-wan", m.VideocacheMethod("reference-wan"), "videocache:reference-wan"),
+        ("videocache:reference-wan", VideocacheMethod("reference-wan"), "videocache:reference-wan"),
         (
             "videocache:reference-wan:fast",
-            m.VideocacheMethod("reference-wan", "fast"),
+            VideocacheMethod("reference-wan", "fast"),
             "videocache:reference-wan:fast",
         ),
-        ("diffusers:fbcache:0.05", m.FBCacheMethod(0.05), "diffusers:fbcache:0.05"),
-        ("diffusers:taylorseer:3", m.TaylorSeerMethod(3), "diffusers:taylorseer:3"),
-        ("diffusers:magcache:0.060", m.MagCacheMethod(0.06), "diffusers:magcache:0.06"),
-        ("diffusers:pab:2", m.PABMethod(2), "diffusers:pab:2"),
-        ("cachedit:dbcache:1:0:0.08", m.CacheDitDBCacheMethod(1, 0, 0.08), "cachedit:dbcache:1:0:0.08"),
+        ("diffusers:fbcache:0.05", FBCacheMethod(0.05), "diffusers:fbcache:0.05"),
+        ("diffusers:taylorseer:3", TaylorSeerMethod(3), "diffusers:taylorseer:3"),
+        ("diffusers:magcache:0.060", MagCacheMethod(0.06), "diffusers:magcache:0.06"),
+        ("diffusers:pab:2", PABMethod(2), "diffusers:pab:2"),
+        ("cachedit:dbcache:1:0:0.08", CacheDitDBCacheMethod(1, 0, 0.08), "cachedit:dbcache:1:0:0.08"),
         (
             "cachedit:dbcache-taylorseer:2:1:0.1",
-            m.CacheDitDBCacheMethod(2, 1, 0.1, 1),
+            CacheDitDBCacheMethod(2, 1, 0.1, 1),
             "cachedit:dbcache-taylorseer:2:1:0.1:1",
         ),
         (
             "cachedit:dbcache-taylorseer:1:0:0.1:2",
-            m.CacheDitDBCacheMethod(1, 0, 0.1, 2),
+            CacheDitDBCacheMethod(1, 0, 0.1, 2),
             "cachedit:dbcache-taylorseer:1:0:0.1:2",
         ),
     ],
@@ -106,9 +115,9 @@ def test_parse_mag_ratios_averages_the_printed_contexts():
         "[1.0, 0.9, 1.1]\n\n\n[MagCache] Calibration Complete. Copy these values to MagCacheConfig(mag_ratios=...):\n"
         "[1.0, 0.7, 1.3]\n\n"
     )
-    assert m.parse_mag_ratios(printed) == pytest.approx([1.0, 0.8, 1.2])
+    assert parse_mag_ratios(printed) == pytest.approx([1.0, 0.8, 1.2])
     with pytest.raises(RuntimeError, match="printed no ratios"):
-        m.parse_mag_ratios("nothing here")
+        parse_mag_ratios("nothing here")
 
 
 # -- FLOPs, memory, Pareto -----------------------------------------------------------------------------

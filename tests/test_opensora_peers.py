@@ -15,9 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.cache_memory import CachePeakProbe
-from videocache.eval_vbench.flops import ComponentCounter
+import videocache.eval_vbench.peers as m
+from videocache.eval_vbench.metrics.cache_memory import CachePeakProbe
+from videocache.eval_vbench.metrics.flops import ComponentCounter
+from videocache.eval_vbench.peers.diffusers_caches import (
+    FBCacheMethod,
+    PABMethod,
+    TaylorSeerMethod,
+    _diffusers_finds_blocks,
+)
 from videocache.pipelines.opensora.model.tiny import TINY_TRANSFORMER, tiny_pipeline
 from videocache.pipelines.opensora.model.transformer import STDiT3Block
 
@@ -97,7 +103,7 @@ def test_diffusers_does_not_find_stdit3_blocks_by_name(pipe):
     `transformer_blocks`, ..., and plain enable_cache fails on STDiT3 (when this changes, re-check)."""
     from diffusers import FirstBlockCacheConfig
 
-    assert not m._diffusers_finds_blocks(pipe.transformer)
+    assert not _diffusers_finds_blocks(pipe.transformer)
     with pytest.raises(IndexError):
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     pipe.transformer.disable_cache()  # not enabled: a warning only
@@ -130,7 +136,7 @@ def test_first_block_cache_head_and_tail_in_execution_order(pipe):
     from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
 
     t = pipe.transformer
-    applied = m.FBCacheMethod(1e6).apply(pipe, m.MethodSetup(num_inference_steps=STEPS))
+    applied = FBCacheMethod(1e6).apply(pipe, m.MethodSetup(num_inference_steps=STEPS))
     try:
         assert t.spatial_blocks[0]._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) is not None
         assert t.temporal_blocks[-1]._diffusers_hook.get_hook(_FBC_BLOCK_HOOK).is_tail
@@ -157,8 +163,8 @@ def test_taylorseer_hooks_every_component_or_the_attentions(pipe):
             applied.remove()
 
     blocks = 2 * TINY_TRANSFORMER["depth"]
-    assert hooked(m.TaylorSeerMethod(2)) == sorted(["attn", "cross_attn", "mlp"] * blocks)
-    assert hooked(m.TaylorSeerMethod(2, scope="attn")) == sorted(["attn", "cross_attn"] * blocks)
+    assert hooked(TaylorSeerMethod(2)) == sorted(["attn", "cross_attn", "mlp"] * blocks)
+    assert hooked(TaylorSeerMethod(2, scope="attn")) == sorted(["attn", "cross_attn"] * blocks)
 
 
 def test_pab_pyramid_hooks_each_attention_kind_with_its_range_and_keeps_the_branches_apart(pipe):
@@ -207,8 +213,8 @@ def test_one_block_list_for_cachedit_runs_the_model_bit_for_bit_and_detaches(pip
 
 CACHEDIT_RUN = """
 import json, sys, torch
-import videocache.eval_vbench.methods as m
-from videocache.eval_vbench.flops import ComponentCounter
+import videocache.eval_vbench.peers as m
+from videocache.eval_vbench.metrics.flops import ComponentCounter
 from tests.test_opensora_peers import STEPS, generate
 from videocache.pipelines.opensora.model.tiny import tiny_pipeline
 pipe = tiny_pipeline()
@@ -257,8 +263,8 @@ def test_cachedit_parallelism_refuses_stdit3_in_one_line(pipe):
 # -- specs and the benchmark's method list -------------------------------------------------------------------
 def test_pab_pyramid_spec():
     method = m.parse_method("diffusers:pab:2:4:6")
-    assert method == m.PABMethod(2, 4, 6) and method.spec == "diffusers:pab:2:4:6"
-    assert m.parse_method("diffusers:pab:3") == m.PABMethod(3)
+    assert method == PABMethod(2, 4, 6) and method.spec == "diffusers:pab:2:4:6"
+    assert m.parse_method("diffusers:pab:3") == PABMethod(3)
     for bad, fragment in (("diffusers:pab:2:1:6", "TEMPORAL must be an integer >= 2"),
                           ("diffusers:pab:2:4", "expected diffusers:pab")):
         with pytest.raises(m.MethodSpecError, match=fragment):

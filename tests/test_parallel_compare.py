@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from videocache.cli import main
-from videocache.eval_vbench.run_store import read_json
+from videocache.eval_vbench.comparison.run_store import read_json
 
 from .test_parallel import SPAWN_TIMEOUT_S, _free_port
 

@@ -144,6 +144,15 @@ def test_wheel_carries_every_reference_pipeline(wheel):
         assert folder + "model_index.json" in names, model
 
 
+def test_wheel_carries_every_eval_module(wheel):
+    """eval_vbench's subpackages are listed in pyproject.toml one by one: a missing one would leave the wheel
+    without it (scoring/vbench_runner.py is run as a script by the VBench environment)."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = sorted(p.relative_to(ROOT / "eval_vbench").as_posix() for p in (ROOT / "eval_vbench").rglob("*.py"))
+    assert "scoring/vbench_runner.py" in modules
+    assert [m for m in modules if f"videocache/eval_vbench/{m}" not in names] == []
+
+
 def test_installed_wheel_finds_profiles_by_name(wheel, tmp_path):
     target = tmp_path / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",

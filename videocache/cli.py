@@ -204,18 +204,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import os
-
-    from videocache.eval_vbench.compare import config_from_args, format_summary, run_compare
+    from videocache.distributed.state import launch_rank
+    from videocache.eval_vbench.comparison.compare import config_from_args, format_summary, run_compare
 
     try:
         config = config_from_args(args)
         result = run_compare(config)
     except USER_ERRORS:
-        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+        if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
-    if config.settings.parallel and int(os.environ.get("RANK", "0")) != 0:
+    if config.settings.parallel and launch_rank() != 0:
         return 2 if result.errors else 0
     print(format_summary(result))
     if result.errors:
@@ -225,17 +224,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import os
-
-    from videocache.eval_vbench.eval import config_from_args, format_summary, run_eval
-    from videocache.eval_vbench.vbench_env import VBenchUnavailable
+    from videocache.distributed.state import launch_rank
+    from videocache.eval_vbench.scoring.eval import config_from_args, format_summary, run_eval
+    from videocache.eval_vbench.scoring.vbench_env import VBenchUnavailable
 
     try:
         result = run_eval(config_from_args(args))
     except VBenchUnavailable as exc:
         raise ValueError(str(exc)) from None
     except USER_ERRORS:
-        if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch rank 0 prints the one-line error
+        if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
     if result is None:  # another process of a data-parallel run: process 0 scores and reports
@@ -273,7 +271,7 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     import shlex
 
-    from videocache.eval_vbench.calibration import CalibrationSettings, calibrate
+    from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
     from videocache.pipelines.loader import (
         attention_backend_of,
@@ -341,12 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one video (reference pipeline by default)")
     add_generation_arguments(gen)
     gen.set_defaults(func=cmd_generate)
-    from videocache.eval_vbench.compare import add_compare_arguments
+    from videocache.eval_vbench.comparison.compare import add_compare_arguments
 
     cmp_ = sub.add_parser("compare", help="compare cache methods side by side (speed, computed fraction, PSNR/SSIM)")
     add_compare_arguments(cmp_)
     cmp_.set_defaults(func=cmd_compare)
-    from videocache.eval_vbench.eval import add_eval_arguments
+    from videocache.eval_vbench.scoring.eval import add_eval_arguments
 
     ev = sub.add_parser("eval", help="VBench scores of every preset (real vbench, own environment), fidelity and speed, resumable")
     add_eval_arguments(ev)

@@ -272,7 +272,7 @@ def _rank_main(rank: int, world: int, port: int, settings: dict[str, Any], out_p
 
 
 def _results(s, prompts, frames, times, comm, fractions) -> dict[str, Any]:
-    from videocache.eval_vbench.fidelity import psnr
+    from videocache.eval_vbench.metrics.fidelity import psnr
 
     def mean_db(values: list[float]) -> float | str:
         if all(math.isinf(v) for v in values):

@@ -24,7 +24,7 @@ OFFICIAL_1GPU_S, OFFICIAL_8GPU_S = 1838.0, 288.0  # Wan2.1 README, 14B T2V 720p,
 
 
 def layer_flops(n: int, d: int, f: int, m: int) -> dict[str, float]:
-    """FLOPs of one block call over n video tokens (the same formulas as eval_vbench/flops.py)."""
+    """FLOPs of one block call over n video tokens (the same formulas as eval_vbench/metrics/flops.py)."""
     return {
         "self-attention projections (q, k, v, out)": 2 * 4 * n * d * d,
         "self-attention core (QK^T, PV)": 2 * 2 * n * n * d,

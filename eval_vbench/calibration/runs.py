@@ -35,13 +35,13 @@ from videocache.calibrate import (
 )
 from videocache.exposure_bias import ExposureBiasConfig
 from videocache.fgbg import FgBgProfile
+from videocache.pipelines.attention_capture import default_profile_steps, profile_pipeline
+from videocache.pipelines.generation import generate
 from videocache.profile import Profile
 from videocache.schedule_search import schedule_preset
 from videocache.table import CacheTable
 
-from ..pipelines.attention_capture import default_profile_steps, profile_pipeline
-from ..pipelines.generation import generate
-from .fidelity import psnr, ssim
+from ..metrics.fidelity import psnr, ssim
 
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)

@@ -27,7 +27,7 @@ from typing import Any
 
 from videocache.pipelines.generation import read_prompts
 
-from .methods import VALID_FORMS, Method, parse_methods
+from ..peers import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
 
 MAIN_PROCESS = "main"
@@ -192,12 +192,15 @@ class ParentRanks:
         import os
         import socket
 
+        from videocache.distributed.state import launch_local_rank
+
         port = None
         if self.is_main:
             with socket.socket() as sock:
                 sock.bind(("", 0))
                 port = sock.getsockname()[1]
         port = self.broadcast(port)
+        local = launch_local_rank()
         from .worker import PARALLEL_TIMEOUT_ENV
 
         return {
@@ -205,7 +208,7 @@ class ParentRanks:
             "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
             "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size),
-            "LOCAL_RANK": os.environ.get("LOCAL_RANK", str(self.rank)),
+            "LOCAL_RANK": str(self.rank if local is None else local),
             # under torchrun / accelerate launch the launcher's agent hosts the store of MASTER_PORT; the workers'
             # store is new, hosted by rank 0's worker
             "TORCHELASTIC_USE_AGENT_STORE": "False",
@@ -391,9 +394,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     """Validate the command line (one-line ValueError / FileNotFoundError) before anything is spawned."""
-    import os
-
     from videocache.distributed.generation import settings_from_args
+    from videocache.distributed.state import launched_world
     from videocache.pipelines.loader import (
         check_attention_backend,
         known_defaults,
@@ -404,9 +406,9 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     )
 
     degrees = settings_from_args(args)
-    if not degrees.enabled and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not degrees.enabled and launched_world() > 1:
         raise ValueError(
-            f"videocache compare was launched as {os.environ['WORLD_SIZE']} processes without --ulysses / --ring / "
+            f"videocache compare was launched as {launched_world()} processes without --ulysses / --ring / "
             "--cfg-parallel: give the degrees (their product is the process count) or launch one process"
         )
     methods = parse_methods(list(args.methods))
@@ -461,7 +463,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 
 def format_summary(result: CompareResult) -> str:
-    from .fidelity import format_db
+    from ..metrics.fidelity import format_db
 
     lines = [f"ran {result.ran} runs ({result.skipped} already done); wrote {result.paths['md']}"]
     for e in sorted(result.report["methods"], key=lambda e: -(e.get("computed_fraction") or 0)):

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import psnr, ssim
-from .flops import ComponentCounter, ComponentCounts, computed_fraction
-from .methods import AppliedMethod, Method, MethodSetup, NoCache, family_of, parse_method
+from ..metrics.fidelity import psnr, ssim
+from ..metrics.flops import ComponentCounter, ComponentCounts, computed_fraction
+from ..peers import AppliedMethod, Method, MethodSetup, NoCache, family_of, parse_method
 from .run_store import Item, RunSettings, RunStore
 
 
@@ -159,7 +159,7 @@ class GroupRunner:
         return result, counter.counts
 
     def _run_method(self, method: Method, item: Item) -> tuple[Any, ComponentCounts, int | None, dict, dict]:
-        from .cache_memory import CachePeakProbe
+        from ..metrics.cache_memory import CachePeakProbe
 
         applied: AppliedMethod = method.apply(self.pipe, self.setup)
         probe = None
@@ -291,7 +291,7 @@ class GroupRunner:
         outcome, with "error" (one line) when it failed."""
         from videocache.distributed import parallelize
 
-        from .cache_memory import CachePeakProbe
+        from ..metrics.cache_memory import CachePeakProbe
 
         applied: AppliedMethod | None = None
         par = probe = None
@@ -553,10 +553,12 @@ def worker_main(
 ) -> None:
     """Spawned-process loop: load the pipeline, then answer {"type": "item"} messages until "stop".
     `env`: a parallel comparison's launcher variables for this worker (its rank, the agreed port)."""
+    from videocache.distributed.state import launch_rank
+
     if env:
         os.environ.update(env)
     store = RunStore(out)
-    rank = int(os.environ.get("RANK", "0")) if env else 0
+    rank = launch_rank() if env else 0
     _redirect_output(store.log_path(process, rank))
     try:
         import torch

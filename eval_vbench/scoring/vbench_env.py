@@ -3,7 +3,7 @@
 vbench 0.1.5 pins transformers==4.33.2, numpy<2 and timm<=1.0.12, which cannot share an environment with
 diffusers 0.42, so `videocache eval` creates (once) and reuses a virtual environment of its own:
 
-    python -m videocache.eval_vbench.vbench_env create          # or: videocache eval ... (creates it when absent)
+    python -m videocache.eval_vbench.scoring.vbench_env create  # or: videocache eval ... (creates it when absent)
 
 Where: `--vbench-venv DIR`, else `$VIDEOCACHE_VBENCH_VENV`, else `~/.cache/videocache/vbench-venv`. torch is
 installed first and pinned together with a matching torchvision (`$VIDEOCACHE_VBENCH_TORCH`, default
@@ -51,7 +51,7 @@ def venv_python(venv: Path) -> Path:
 
 
 def create_command(venv: Path) -> str:
-    return f"python -m videocache.eval_vbench.vbench_env create --venv {shlex.quote(str(venv))}"
+    return f"python -m videocache.eval_vbench.scoring.vbench_env create --venv {shlex.quote(str(venv))}"
 
 
 def install_steps(venv: Path, torch_spec: str | None = None) -> list[list[str]]:
@@ -163,7 +163,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m videocache.eval_vbench.vbench_env", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m videocache.eval_vbench.scoring.vbench_env", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["create", "where", "commands"])
     p.add_argument("--venv", default=None, help=f"default ${VENV_ENV} or ~/.cache/videocache/vbench-venv")
     p.add_argument("--torch", default=None, help=f"torch requirement(s) installed first (default ${TORCH_ENV} or '{DEFAULT_TORCH}')")

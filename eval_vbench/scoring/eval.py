@@ -12,7 +12,7 @@ Generation is `videocache compare`'s (run_compare): atomic records, an interrupt
 a preset whose profile changed reruns. Under `accelerate launch --multi_gpu --num_processes N -m videocache.cli
 eval ...` every process generates its share of the (prompt, sample) items (data parallel, one GPU per process);
 process 0 then scores and writes the report. Scoring runs VBench's own evaluation in its own environment
-(vbench_env.py); the reference pipeline also gets its offline prompt accuracy (prompt_accuracy.py).
+(vbench_env.py); the reference pipeline also gets its offline prompt accuracy (metrics/prompt_accuracy.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareConfig, CompareResult, run_compare
-from .methods import Method, NoCache, parse_method
-from .run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
+from ..comparison.compare import CompareConfig, CompareResult, run_compare
+from ..comparison.run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
+from ..peers import Method, NoCache, parse_method
 from .vbench_score import QUALITY_DIMENSIONS, aggregate, normalized
 from .vbench_suite import Suite, build_suite
 
@@ -103,10 +103,6 @@ def preset_methods(profile: str | None, presets: list[str], extra: list[str]) ->
 
 
 # -- data parallel generation --------------------------------------------------------------------------
-def _ranks() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _barrier() -> None:
     from videocache.distributed.state import process_state
 
@@ -116,17 +112,19 @@ def _barrier() -> None:
 def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
     """Run what is missing (this process's share of the items under accelerate launch); returns the errors and
     the numbers of runs made and found done (this process's)."""
-    rank, world = _ranks()
+    from videocache.distributed.state import launch_local_rank, launch_rank, launched_world
+
+    rank, world = launch_rank(), launched_world()
     items = config.items
     mine = tuple(items[rank::world])
     if world > 1:
         from videocache.distributed.state import process_state
 
         process_state()  # join the launched processes first, while this process still sees every GPU
-        local = os.environ.get("LOCAL_RANK")
+        local = launch_local_rank()
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if local is not None:  # the workers this process spawns see one GPU: its own
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(local)] if int(local) < len(visible) else local
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible[local] if local < len(visible) else str(local)
     errors: dict[str, str] = {}
     ran = skipped = 0
     if mine:
@@ -146,7 +144,7 @@ def generate(config: EvalConfig) -> tuple[dict[str, str], int, int]:
     if world > 1:
         _barrier()
         if rank == 0:  # every process wrote compare's report for its own share: rewrite it for all items
-            from .report import build_report, write_report
+            from ..comparison.report import build_report, write_report
 
             store = RunStore(config.out / "generation")
             write_report(store, build_report(store, config.settings, list(config.methods), items, errors))
@@ -215,7 +213,7 @@ def score_vbench(config: EvalConfig, method: Method, folder: Path, rows: list[di
 
 def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
     """The reference checker on every video whose prompt is a reference caption, by (prompt, seed)."""
-    from . import prompt_accuracy as pa
+    from ..metrics import prompt_accuracy as pa
 
     checks = {}
     for row in rows:
@@ -226,7 +224,7 @@ def prompt_checks(rows: list[dict[str, Any]]) -> dict[tuple[str, int], Any]:
 
 
 def prompt_accuracy(checks: dict[tuple[str, int], Any], reference: dict[tuple[str, int], Any]) -> dict[str, Any] | None:
-    from . import prompt_accuracy as pa
+    from ..metrics import prompt_accuracy as pa
 
     summary = pa.summarize(list(checks.values()))
     if summary is not None:
@@ -247,7 +245,7 @@ def lpips_status() -> str:
 
 # -- report ------------------------------------------------------------------------------------------------
 def build_eval_report(config: EvalConfig, errors: dict[str, str]) -> dict[str, Any]:
-    from .report import summarize
+    from ..comparison.report import summarize
     from .vbench_env import VBenchUnavailable, ensure
 
     store = RunStore(config.out / "generation")
@@ -321,8 +319,8 @@ def _pct(value: float | None, digits: int = 2) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    from .fidelity import format_db
-    from .report import _fmt
+    from ..comparison.report import _fmt
+    from ..metrics.fidelity import format_db
 
     s, suite = report["settings"], report["suite"]
     dims = suite["dimensions"]
@@ -386,7 +384,7 @@ def plot_radar(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .report import MARKERS
+    from ..comparison.report import MARKERS
 
     axes: list[str] = []
     for e in report["methods"]:
@@ -427,7 +425,7 @@ def plot_quality_speedup(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import MARKERS, _place_labels
+    from ..comparison.report import MARKERS, _place_labels
 
     full = all(e["vbench"]["quality_score"] is not None for e in report["methods"])
     key = "quality_score" if full else "quality_partial"
@@ -467,8 +465,10 @@ EvalResult = CompareResult  # report, paths, errors, runs made and found done
 
 def run_eval(config: EvalConfig) -> EvalResult | None:
     """Generate what is missing, then (process 0) score and write the report; None on other processes."""
+    from videocache.distributed.state import launch_rank
+
     errors, ran, skipped = generate(config)
-    if _ranks()[0] != 0:
+    if launch_rank() != 0:
         return None
     report = build_eval_report(config, errors)
     return EvalResult(report, write_eval_report(config.out, report), errors, ran, skipped)
@@ -550,7 +550,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def format_summary(result: EvalResult) -> str:
-    from .fidelity import format_db
+    from ..metrics.fidelity import format_db
 
     lines = [f"generated {result.ran} videos ({result.skipped} already done); wrote {result.paths['md']}"]
     for e in result.report["methods"]:

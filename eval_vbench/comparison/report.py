@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fidelity import format_db
-from .methods import Method, family_of
+from ..metrics.fidelity import format_db
+from ..peers.spec import Method, family_of
 from .run_store import Item, RunSettings, RunStore, write_json
 
 MARKERS = {
