@@ -307,6 +307,21 @@ def test_accelerate_configs_ship_for_1_2_4_8_processes():
         assert cfg["distributed_type"] == ("NO" if n == 1 else "MULTI_GPU")  # MULTI_GPU also starts CPU processes
 
 
+def test_cpu_and_cpu0_load_the_same_weights_into_the_same_memory_layout():
+    """The ranks load on accelerate's 'cpu:0', one process on 'cpu'. Moving the weights to 'cpu:0' used to copy
+    them out of their safetensors memory map (addresses 40 mod 64 there) into 64-byte-aligned memory, and on
+    an AVX512 CPU MKL's float32 matmuls round differently for the two: the first transformer call differed
+    by 2.6e-6, the latents by 4e-6 of their scale, the H.264 videos by up to 11 levels."""
+    from videocache.pipelines.loader import load_pipeline
+
+    cpu, cpu0 = load_pipeline("reference-wan", device="cpu"), load_pipeline("reference-wan", device="cpu:0")
+    layout = [[p.data_ptr() % 64 for p in pipe.transformer.parameters()] for pipe in (cpu, cpu0)]
+    assert layout[0] == layout[1]
+    inputs = _odd_inputs(16, 64, TINY_LATENT)
+    with torch.no_grad():
+        assert torch.equal(cpu.transformer(**inputs)[0], cpu0.transformer(**inputs)[0])
+
+
 # -- end to end: accelerate launch of scripts/generate.py ---------------------------------------------
 E2E = ["--profile", "reference-wan", "--preset", "fast", "--steps", str(CACHED_STEPS), "--prompt", PROMPT, "--no-progress"]
 
