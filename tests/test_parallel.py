@@ -14,6 +14,8 @@ its scale, the latents after 4-10 sampling steps by 2.5e-5 (about 1e-5 of their 
 1e-4 of the scale. The videos written by scripts/generate.py under accelerate launch are identical for
 Ulysses and CFG; ring's differ in 2.6 % of the values (H.264 takes some other block decisions for the
 slightly different frames; 59.3 dB PSNR, at most 8 grey levels), which the test accepts at >= 40 dB.
+Bit identity also needs the weights at the same memory alignment in every process: on an AVX512 CPU MKL's
+float32 matmuls round by alignment (see test_cpu_and_cpu0_load_the_same_weights_into_the_same_memory_layout).
 """
 
 from __future__ import annotations
