@@ -21,8 +21,10 @@ by the small model's FLOP shares, as the real calibration chooses its own by the
 
 `--part memory` (seconds): weights and peak live activations at the real size on the meta device (shapes
 only), and the Gram recorder's bytes. `gpu_time_estimate` combines the counts with the H100 baseline
-(uncached Wan2.1-1.3B-sized generation, 480p x 81 frames, CFG 5: 31.1 s of transformer time at 25 steps)
-and bandwidth / FLOP-rate estimates of the capture and recorder overheads (constants below, not measured).
+(uncached Wan2.1-1.3B-sized generation, 480p x 81 frames, CFG 5: 31.1 s of transformer time at 25 steps; a
+figure from ../shared/GPU.md, one run measured outside this project, cited until benchmarks/gpu_scale.py has
+run on a GPU) and bandwidth / FLOP-rate estimates of the capture and recorder overheads (constants below,
+not measured). `--part memory` reruns only the memory part (seconds) and recomputes the estimate.
 
     python benchmarks/profile_at_scale.py            # about 30 minutes on one CPU thread; writes the JSON
 """
@@ -55,8 +57,10 @@ PROMPTS = [  # four prompts, as `videocache profile` uses for reference-wan (any
     "a blue square moving up on a green background",
     "a yellow triangle moving left on a white background",
 ]
-# H100 figures for the estimates: measured uncached transformer time, and assumed effective rates
-BASELINE_S_PER_STEP = 31.1 / 25  # benchmarks/gpu_scale.py, uncached, CFG (2 calls per step)
+# H100 figures for the estimates: an uncached transformer time measured outside this project, and assumed rates
+BASELINE_S_PER_STEP = 31.1 / 25  # uncached, CFG (2 calls per step)
+BASELINE_SOURCE = ("../shared/GPU.md: one H100 run measured outside this project (31.1 s at 25 steps); "
+                   "benchmarks/gpu_scale.py has not run on a GPU yet")
 FP32_FLOPS = 50e12  # sustained non-tensor-core float32 (67 TFLOPS peak; torch's default: no TF32 matmuls)
 HBM_BYTES_S = 2.5e12  # sustained device memory bandwidth (3.35 TB/s peak)
 SKETCH_COPY_RATIO = (3.5, 12.0)  # sketching one output costs this many bf16 -> fp32 copies of it (CPU; GPU atomics)
@@ -277,7 +281,7 @@ def live_peaks() -> dict:
     from transformers import UMT5Config, UMT5EncoderModel
 
     import videocache
-    from videocache.pipelines.attention_capture import WanSelfAttentionCapture
+    from videocache.pipelines.attention_capture import SelfAttentionCapture
 
     gib = 2**30
     with torch.device("meta"):
@@ -309,7 +313,7 @@ def live_peaks() -> dict:
         calls = {"plain": call()}
         for label, bound in (("fgbg capture (1 GiB chunks)", "default"), ("fgbg capture (chunk 1024, before)", None)):
             kwargs = {} if bound == "default" else {"max_chunk_bytes": None}
-            with WanSelfAttentionCapture(transformer, **kwargs) as capture:
+            with SelfAttentionCapture(transformer, **kwargs) as capture:
                 capture.armed = True
                 calls[label] = call()
                 calls[label.split(" (")[0] + " chunk" + (" before" if bound is None else "")] = capture.chunk_for(
@@ -368,7 +372,7 @@ def gpu_time_estimate(result: dict) -> dict:
     copy_s = n * d * (2 + 4) / HBM_BYTES_S
     outputs = result["generations"]["record"] * STEPS * 2 * BLOCKS * 3
     engines = result["engines"]
-    out = {"uncached_generation_s": per_gen, "capture_s_per_block": capture_block,
+    out = {"uncached_generation_s": per_gen, "baseline_source": BASELINE_SOURCE, "capture_s_per_block": capture_block,
            "sketch_ms_per_output": [1e3 * r * copy_s for r in SKETCH_COPY_RATIO]}
     stages = {
         "fgbg": {"generations": result["generations"]["fgbg"], "transformer_s": result["generations"]["fgbg"] * per_gen,

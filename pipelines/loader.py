@@ -230,7 +230,13 @@ def load_pipeline(
     except errors as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load {model!r}: {first}") from exc
-    pipe = pipe.to(resolve_device(device))
+    target = torch.device(resolve_device(device))
+    if target.type == "cpu":
+        # 'cpu:0' (what accelerate's process state names the CPU) is 'cpu', but .to('cpu:0') copies every weight
+        # out of its safetensors memory map into freshly aligned memory; on an AVX512 CPU MKL's float32 matmuls
+        # round differently for the two alignments, so the parallel ranks' video differed from one process's.
+        target = torch.device("cpu")
+    pipe = pipe.to(target)
     if attention_backend is not None:
         set_attention_backend(pipe, attention_backend)
     return pipe

@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -245,4 +244,5 @@ def test_real_vbench_temporal_flickering_and_missing_weights(tmp_path):
     amt = os.path.join(result.get("cache_dir", os.path.expanduser("~/.cache/vbench")), "amt_model", "amt-s.pth")
     if not os.path.isfile(amt):
         assert "amt-s.pth" in result["errors"]["motion_smoothness"] and "\n" not in result["errors"]["motion_smoothness"]
-    assert textwrap.dedent("x") == "x"
+    else:  # with its weights present, motion smoothness is scored rather than reported as an error
+        assert "motion_smoothness" not in result["errors"] and "motion_smoothness" in result["scores"], result["errors"]

@@ -230,16 +230,6 @@ def test_cachedit_rejects_fn_bn_covering_every_block(tiny_random_pipe):
         method.apply(tiny_random_pipe, m.MethodSetup(num_inference_steps=6))
 
 
-def _engine_ready() -> bool:
-    try:
-        import videocache
-
-        return hasattr(videocache, "apply") and "reference-wan" in videocache.available_profiles()
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _engine_ready(), reason="engine not merged yet")
 def test_videocache_method_is_cross_checked_with_the_counter(tiny_random_pipe, tmp_path):
     runner, item = _runner(tiny_random_pipe, tmp_path, steps=10)  # the reference profile covers 10-100 steps
     runner.run_item(item, [m.NoCache(), m.parse_method("videocache:reference-wan:fast")])

@@ -182,18 +182,35 @@ def test_step_callback_can_replace_latents(pipe):
     assert torch.equal(out.frames, torch.zeros_like(out.frames))
 
 
-def test_attention_backend_is_used_by_the_model(pipe):
-    """The model's attention goes through diffusers' dispatch: another backend is selected and used."""
+def test_attention_backend_is_used_by_the_model(pipe, monkeypatch):
+    """The model's attention goes through diffusers' dispatch: another backend is selected and used (its
+    kernel, counted through diffusers' registry, runs every self-attention; native runs none)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
     from videocache.pipelines.loader import attention_backend_of, set_attention_backend
 
+    calls = {AttentionBackendName.NATIVE: 0, AttentionBackendName._NATIVE_MATH: 0}
+
+    def counting(name, kernel):
+        def counted(**kwargs):
+            calls[name] += 1
+            return kernel(**kwargs)
+        return counted
+
+    for name in calls:
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, name, counting(name, _AttentionBackendRegistry._backends[name]))
     args = dict(output_type="latent", guidance_scale=1.0, **SMALL)
     base = pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).frames
     try:
         set_attention_backend(pipe, "_native_math")
         assert attention_backend_of(pipe) == "_native_math"
+        calls.update(dict.fromkeys(calls, 0))  # the selection's probe call is not the model's
         other = pipe("a red circle", generator=torch.Generator().manual_seed(0), **args).frames
+        during_the_run = dict(calls)
     finally:
         set_attention_backend(pipe, "native")
+    self_attentions = SMALL["num_inference_steps"] * 2 * pipe.transformer.config.depth
+    assert during_the_run == {AttentionBackendName.NATIVE: 0, AttentionBackendName._NATIVE_MATH: self_attentions}
     assert (other - base).abs().max() < 1e-4
 
 

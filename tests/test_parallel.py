@@ -14,6 +14,8 @@ its scale, the latents after 4-10 sampling steps by 2.5e-5 (about 1e-5 of their 
 1e-4 of the scale. The videos written by scripts/generate.py under accelerate launch are identical for
 Ulysses and CFG; ring's differ in 2.6 % of the values (H.264 takes some other block decisions for the
 slightly different frames; 59.3 dB PSNR, at most 8 grey levels), which the test accepts at >= 40 dB.
+Bit identity also needs the weights at the same memory alignment in every process: on an AVX512 CPU MKL's
+float32 matmuls round by alignment (see test_cpu_and_cpu0_load_the_same_weights_into_the_same_memory_layout).
 """
 
 from __future__ import annotations
@@ -305,6 +307,21 @@ def test_accelerate_configs_ship_for_1_2_4_8_processes():
         cfg = yaml.safe_load((ROOT / "distributed" / f"accelerate_{n}proc.yaml").read_text())
         assert cfg["num_processes"] == n and cfg["num_machines"] == 1
         assert cfg["distributed_type"] == ("NO" if n == 1 else "MULTI_GPU")  # MULTI_GPU also starts CPU processes
+
+
+def test_cpu_and_cpu0_load_the_same_weights_into_the_same_memory_layout():
+    """The ranks load on accelerate's 'cpu:0', one process on 'cpu'. Moving the weights to 'cpu:0' used to copy
+    them out of their safetensors memory map (addresses 40 mod 64 there) into 64-byte-aligned memory, and on
+    an AVX512 CPU MKL's float32 matmuls round differently for the two: the first transformer call differed
+    by 2.6e-6, the latents by 4e-6 of their scale, the H.264 videos by up to 11 levels."""
+    from videocache.pipelines.loader import load_pipeline
+
+    cpu, cpu0 = load_pipeline("reference-wan", device="cpu"), load_pipeline("reference-wan", device="cpu:0")
+    layout = [[p.data_ptr() % 64 for p in pipe.transformer.parameters()] for pipe in (cpu, cpu0)]
+    assert layout[0] == layout[1]
+    inputs = _odd_inputs(16, 64, TINY_LATENT)
+    with torch.no_grad():
+        assert torch.equal(cpu.transformer(**inputs)[0], cpu0.transformer(**inputs)[0])
 
 
 # -- end to end: accelerate launch of scripts/generate.py ---------------------------------------------
