@@ -7,7 +7,7 @@ A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 25 steps, 2 timed repeats (the minimum counts), the uncached pipeline as reference, and every peer at
 two or more settings. Results (report.json, report.md, pareto.png, per-run records) go to --out;
 rerunning resumes what is missing (and reruns a preset whose profile changed). Expect about an hour
-on the 2-core CPU.
+on the 2-core CPU. The per-run records (runs/) and logs are not committed (.gitignore).
 
     python benchmarks/compare_reference.py                       # the committed results
     python benchmarks/compare_reference.py --model reference-hunyuan    # HunyuanVideo's
