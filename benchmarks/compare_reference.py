@@ -23,6 +23,9 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import held_out_prompts  # noqa: E402
+
 DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline's profile has its name)
     "videocache:{profile}:full",  # computes everything: must reproduce the uncached video bit-exactly
     "videocache:{profile}:slow",  # calibrated presets (videocache profile), budgets 0.6 / 0.5 / 0.33
@@ -65,16 +68,6 @@ def default_methods(model: str) -> list[str]:
     return [*(m.format(profile=model) for m in DEFAULT_METHODS), *EXTRA_METHODS.get(model, ())]
 
 
-def held_out_prompts(count: int) -> list[str]:
-    """The first `count` held-out captions of the reference data (there are 20)."""
-    from videocache.pipelines.reference.data import split_captions
-
-    held_out = split_captions()[1]
-    if not 1 <= count <= len(held_out):
-        raise SystemExit(f"compare_reference: --prompts-count must be 1-{len(held_out)}, got {count}")
-    return [caption.text for caption in held_out[:count]]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = out / "prompts.txt"
     prompts.write_text(
         "# held-out reference prompts (videocache.pipelines.reference.data.split_captions()[1])\n"
-        + "\n".join(held_out_prompts(args.prompts_count))
+        + "\n".join(held_out_prompts(args.prompts_count, "--prompts-count"))
         + "\n"
     )
     ablation = args.ablation and report_path.is_file()

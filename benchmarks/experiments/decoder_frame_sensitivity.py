@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
 from videocache.pipelines.reference.mask_validation import video_to_latents
-from videocache.pipelines.reference.shared import decode_wan_latents, decoded_frames, load_vae_weights
+from videocache.pipelines.reference.shared import decode_wan_latents, decoded_frames
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.common
+from benchmarks.common import environment, markdown_table, reference_pipeline, repo_path, write_results  # noqa: E402
 
 NOISE_LEVELS = (0.1, 0.2, 0.4)
 
@@ -43,9 +46,7 @@ def main() -> None:
     p.add_argument("--vae-weights", default=None,
                    help="a VAE checkpoint of scripts/train_reference.py to measure instead of the shipped VAE")
     args = p.parse_args()
-    pipe = load_pipeline("reference-wan", device="cpu")
-    if args.vae_weights:
-        load_vae_weights(pipe.vae, args.vae_weights)
+    pipe = reference_pipeline(args.vae_weights)
     vae = pipe.vae
     _, held_out = split_captions()
     captions = held_out[: args.clips]
@@ -68,7 +69,7 @@ def main() -> None:
     result = {
         "benchmark": "shared reference VAE: share of image frames whose shape colour changes when one latent "
                      "frame gets Gaussian noise (normalised latent units)",
-        "command": "python benchmarks/experiments/decoder_frame_sensitivity.py"
+        "command": f"python {repo_path(__file__)}"
                    + (f" --clips {args.clips}" if args.clips != 10 else "") + (f" --draws {args.draws}" if args.draws != 3 else "")
                    + (f" --vae-weights {args.vae_weights}" if args.vae_weights else "")
                    + (f" --out {args.out}" if args.out != default_out else ""),
@@ -76,24 +77,26 @@ def main() -> None:
         "draws": args.draws,
         "clean_round_trip_wrong_frames": round(clean_wrong / len(captions), 4),
         "wrong_colour_share": {str(level): [round(v / runs, 3) for v in row] for level, row in wrong.items()},
+        "environment": environment(),
     }
     print(json.dumps(result, indent=2))
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     latent_frames = len(next(iter(wrong.values())))
     spans = [image_frames(k) for k in range(latent_frames)]
-    header = "| noise std | " + " | ".join(
-        f"latent frame {k} (image {f[0]}{'' if len(f) == 1 else f'-{f[-1]}'})" for k, f in enumerate(spans)) + " |"
-    rows = "\n".join(f"| {level} | " + " | ".join(f"{v:.0%}" for v in shares) + " |"
-                     for level, shares in result["wrong_colour_share"].items())
-    Path(args.out + ".md").write_text(
+    header = ["noise std", *(f"latent frame {k} (image {f[0]}{'' if len(f) == 1 else f'-{f[-1]}'})"
+                             for k, f in enumerate(spans))]
+    write_results(args.out, result, [
         f"# Decoder sensitivity per latent frame ({'VAE ' + args.vae_weights if args.vae_weights else 'shared reference VAE'}, "
-        f"{len(captions)} held-out clips, "
-        f"{args.draws} noise draws)\n\n`{result['command']}`\n\n"
+        f"{len(captions)} held-out clips, {args.draws} noise draws)",
+        "",
+        f"`{result['command']}`",
+        "",
         "Share of image frames whose shape colour changes when Gaussian noise of the given standard deviation "
         "(normalised latent units) is added to one latent frame. Clean round trip: "
-        f"{result['clean_round_trip_wrong_frames']:.0%} of frames wrong.\n\n"
-        + header + "\n|---|" + "---:|" * latent_frames + "\n" + rows + "\n"
-    )
+        f"{result['clean_round_trip_wrong_frames']:.0%} of frames wrong.",
+        "",
+        *markdown_table(header, ([level, *(f"{v:.0%}" for v in shares)]
+                                 for level, shares in result["wrong_colour_share"].items()), "l" + "r" * latent_frames),
+    ])
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ The background/foreground sets are read from a `scripts/profile_fgbg.py` result.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,9 +21,11 @@ import torch
 import yaml
 
 import videocache as vc
-from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.mask_validation import default_captions
 from videocache.profile import Profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.common
+from benchmarks.common import REFERENCE_VIDEO, command, environment, reference_pipeline, write_json  # noqa: E402
 
 
 def block_sets(fgbg: dict, num_blocks: int) -> dict[str, list[int]]:
@@ -53,23 +53,14 @@ def main() -> None:
     p.add_argument("--t-min", type=int, default=2)
     p.add_argument("--out", default=os.path.join(here, "block_choice.json"))
     args = p.parse_args()
-    pipe = load_pipeline("reference-wan", device="cpu")
+    pipe = reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
     num_blocks = len(pipe.transformer.blocks)
     fgbg = yaml.safe_load(Path(args.fgbg).read_text())
     prompts = [c.text for c in default_captions(20)[-args.prompts :]]
 
     def generate(prompt: str) -> np.ndarray:
-        out = pipe(
-            prompt=prompt,
-            num_frames=17,
-            height=64,
-            width=64,
-            num_inference_steps=25,
-            guidance_scale=5.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        )
+        out = pipe(prompt=prompt, **REFERENCE_VIDEO, generator=torch.Generator().manual_seed(0), output_type="np")
         return np.asarray(out.frames[0], dtype=np.float64)
 
     base = {q: generate(q) for q in prompts}
@@ -99,13 +90,13 @@ def main() -> None:
         print(name, results[name])
     record = {
         "benchmark": "fgbg block choice, reference-wan 17x64x64, 25 steps, CFG 5.0",
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        "command": command(__file__),
         "schedule": vars(args),
         "prompts": prompts,
         "results": results,
+        "environment": environment(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,18 @@ in some frame (the per-frame gate's question, with no transformer involved).
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.checker import check_video
 from videocache.pipelines.reference.data import render_clip, split_captions
-from videocache.pipelines.reference.shared import load_vae_weights, vae_round_trip
+from videocache.pipelines.reference.shared import vae_round_trip
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.common
+from benchmarks.common import command, environment, markdown_table, reference_pipeline, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     p.add_argument("--vae-weights", default=None, help="a decoder checkpoint to measure instead of the shipped one")
     p.add_argument("--out", default=str(Path(__file__).with_name("vae_colour_roundtrip")))
     args = p.parse_args()
-    vae = load_pipeline("reference-wan", device="cpu").vae
-    if args.vae_weights:
-        load_vae_weights(vae, args.vae_weights)
+    vae = reference_pipeline(args.vae_weights).vae
     groups = defaultdict(list)
     for caption in split_captions()[0]:
         groups[(caption.colour, caption.background)].append(caption)
@@ -47,23 +45,20 @@ def main() -> None:
                 wrong_first += wrong[0]
         rows.append({"colour": colour, "background": background, "videos": videos,
                      "videos_with_a_wrong_frame": wrong_video, "first_frame_wrong": wrong_first})
-    result = {"command": "python " + shlex.join(sys.argv), "captions": args.captions, "seeds": args.seeds,
-              "rows": rows}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"command": command(__file__), "captions": args.captions, "seeds": args.seeds, "rows": rows,
+              "environment": environment()}
     lines = [
         "# Per-frame colour through the shared reference VAE alone (encode -> decode of rendered clips)",
         "",
         f"`{result['command']}`: up to {args.captions} training captions per shape colour and background, seeds "
         f"0-{args.seeds - 1}; the checker's colour per frame against the caption's.",
         "",
-        "| colour | background | videos | with a wrong frame | first frame wrong |",
-        "|---|---|---:|---:|---:|",
-        *(f"| {r['colour']} | {r['background']} | {r['videos']} | {r['videos_with_a_wrong_frame']} | "
-          f"{r['first_frame_wrong']} |" for r in rows),
+        *markdown_table(["colour", "background", "videos", "with a wrong frame", "first frame wrong"],
+                        ([r["colour"], r["background"], r["videos"], r["videos_with_a_wrong_frame"],
+                          r["first_frame_wrong"]] for r in rows), "llrrr"),
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    json_path, md_path = write_results(args.out, result, lines)
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":
