@@ -20,8 +20,6 @@ keeps one tensor per block, component, CFG branch and forecast point. Two parts:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -31,31 +29,37 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 import videocache
 from videocache.eval_vbench.metrics.fidelity import psnr
-from videocache.pipelines.generation import generate
-from videocache.pipelines.loader import load_pipeline
 from videocache.pipelines.reference.build import tiny_wan_transformer
-from videocache.pipelines.reference.data import split_captions
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    WAN_1_3B_HIDDEN,
+    WAN_480P_81_TOKENS,
+    command,
+    environment,
+    generate_with,
+    held_out_prompts,
+    markdown_table,
+    reference_pipeline,
+    write_results,
+)
 
 FORMATS = {"as produced": None, "bfloat16": torch.bfloat16, "float8 e4m3 + row scale": torch.float8_e4m3fn,
            "int8 + scale per 64 channels": torch.int8}
-REAL_TOKENS, REAL_HIDDEN = 32_760, 1536
+REAL_TOKENS, REAL_HIDDEN = WAN_480P_81_TOKENS, WAN_1_3B_HIDDEN
 BUDGET = 8 * 2**30
 GIB = 2**30
 
 
 def fidelity(prompts: list[str], preset: str) -> list[dict]:
-    pipe = load_pipeline("reference-wan", device="cpu")
-    settings = dict(num_inference_steps=25, num_frames=17, height=64, width=64, guidance_scale=5.0, progress=False)
+    pipe = reference_pipeline()
     rows = {name: {"format": name, "psnr": [], "cache_peak_bytes": 0, "computed_fraction": None} for name in FORMATS}
     for i, prompt in enumerate(prompts):
-        reference = generate(pipe, prompt, seed=i, **settings).frames
+        reference = generate_with(pipe, prompt, seed=i)[0].frames
         for name, dtype in FORMATS.items():
-            engine = videocache.apply(pipe, "reference-wan", preset, fuse_skipped_steps=False, cache_dtype=dtype)
-            try:
-                frames = generate(pipe, prompt, seed=i, **settings).frames
-                stats = engine.stats()
-            finally:
-                videocache.remove(pipe)
+            result, stats = generate_with(pipe, prompt, preset, seed=i, fuse_skipped_steps=False, cache_dtype=dtype)
+            frames = result.frames
             row = rows[name]
             row["psnr"].append(psnr(np.asarray(reference), np.asarray(frames)))
             row["cache_peak_bytes"] = max(row["cache_peak_bytes"], stats["cache_peak_bytes"])
@@ -114,7 +118,7 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).with_name("cache_storage")))
     args = p.parse_args()
     torch.set_num_threads(2)
-    prompts = [c.text for c in split_captions()[1][: args.prompts]]
+    prompts = held_out_prompts(args.prompts)
     real = []
     prof = videocache.load_profile(args.real_profile)
     for preset in prof.presets:
@@ -127,29 +131,25 @@ def main() -> None:
     result = {
         "benchmark": "kept-output storage formats: fidelity on the reference pipeline (blockwise), bytes at "
                      "Wan2.1-1.3B 480p x 81 frames",
-        "command": "python benchmarks/cache_storage.py " + " ".join(sys.argv[1:]),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "command": command(__file__),
+        "environment": environment(),
         "fidelity": {"model": "reference-wan", "preset": f"{args.preset} (blockwise)", "prompts": prompts,
                      "settings": "25 steps, 17 frames 64x64, CFG 5, seed = prompt index", "rows": rows},
         "real_size": {"tokens": REAL_TOKENS, "hidden": REAL_HIDDEN, "device_budget_gib": BUDGET / GIB,
                       "presets": real},
     }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    env = result["environment"]
     lines = [
         "# Kept-output storage: fidelity and memory",
         "",
-        f"`{result['command']}` ({result['machine']}, torch {result['torch']})",
+        f"`{result['command']}` ({env['machine']}, torch {env['torch']})",
         "",
         f"## Fidelity: reference-wan `{args.preset}` blockwise, {len(prompts)} held-out prompts",
         "",
-        "| storage | computed fraction | cache peak | mean PSNR vs uncached | loss vs as produced |",
-        "|---|---:|---:|---:|---:|",
+        *markdown_table(["storage", "computed fraction", "cache peak", "mean PSNR vs uncached", "loss vs as produced"],
+                        ([r["format"], f"{r['computed_fraction']:.3f}", f"{r['cache_peak_bytes'] / 2**20:.2f} MiB",
+                          f"{r['mean_psnr']:.2f} dB", f"{r['psnr_loss_db']:+.2f} dB"] for r in rows), "lrrrr"),
     ]
-    for r in rows:
-        lines.append(f"| {r['format']} | {r['computed_fraction']:.3f} | {r['cache_peak_bytes'] / 2**20:.2f} MiB | "
-                     f"{r['mean_psnr']:.2f} dB | {r['psnr_loss_db']:+.2f} dB |")
     lines += [
         "",
         f"## Memory at {REAL_TOKENS:,} tokens x {REAL_HIDDEN} (Wan2.1-1.3B, 480p x 81 frames, CFG), blockwise",
@@ -158,15 +158,13 @@ def main() -> None:
         "follow exactly (each kept tensor is tokens x hidden). With an 8 GiB device budget and "
         "`offload_to_cpu=True`, what does not fit spills to pinned host memory.",
         "",
-        "| preset | computed fraction | kept tensors at peak | storage | total | on the device | on the host |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        *markdown_table(
+            ["preset", "computed fraction", "kept tensors at peak", "storage", "total", "on the device", "on the host"],
+            ([r["preset"], f"{r['computed_fraction']:.3f}", r["peak_kept_tensors"], s["format"], f"{s['total_gib']:.2f} GiB",
+              f"{s['device_gib_with_8gib_budget_and_offload']:.2f} GiB", f"{s['host_gib']:.2f} GiB"]
+             for r in real for s in r["at_32760_tokens"]), "lrrlrrr"),
     ]
-    for r in real:
-        for s in r["at_32760_tokens"]:
-            lines.append(f"| {r['preset']} | {r['computed_fraction']:.3f} | {r['peak_kept_tensors']} | {s['format']} | "
-                         f"{s['total_gib']:.2f} GiB | {s['device_gib_with_8gib_budget_and_offload']:.2f} GiB | "
-                         f"{s['host_gib']:.2f} GiB |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, result, lines)
     print("\n".join(lines))
 
 

@@ -7,7 +7,7 @@ A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 25 steps, 2 timed repeats (the minimum counts), the uncached pipeline as reference, and every peer at
 two or more settings. Results (report.json, report.md, pareto.png, per-run records) go to --out;
 rerunning resumes what is missing (and reruns a preset whose profile changed). Expect about an hour
-on the 2-core CPU.
+on the 2-core CPU. The per-run records (runs/) and logs are not committed (.gitignore).
 
     python benchmarks/compare_reference.py                       # the committed results
     python benchmarks/compare_reference.py --model reference-hunyuan    # HunyuanVideo's
@@ -22,6 +22,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import held_out_prompts  # noqa: E402
 
 DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline's profile has its name)
     "videocache:{profile}:full",  # computes everything: must reproduce the uncached video bit-exactly
@@ -65,16 +68,6 @@ def default_methods(model: str) -> list[str]:
     return [*(m.format(profile=model) for m in DEFAULT_METHODS), *EXTRA_METHODS.get(model, ())]
 
 
-def held_out_prompts(count: int) -> list[str]:
-    """The first `count` held-out captions of the reference data (there are 20)."""
-    from videocache.pipelines.reference.data import split_captions
-
-    held_out = split_captions()[1]
-    if not 1 <= count <= len(held_out):
-        raise SystemExit(f"compare_reference: --prompts-count must be 1-{len(held_out)}, got {count}")
-    return [caption.text for caption in held_out[:count]]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="reference-wan")
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = out / "prompts.txt"
     prompts.write_text(
         "# held-out reference prompts (videocache.pipelines.reference.data.split_captions()[1])\n"
-        + "\n".join(held_out_prompts(args.prompts_count))
+        + "\n".join(held_out_prompts(args.prompts_count, "--prompts-count"))
         + "\n"
     )
     ablation = args.ablation and report_path.is_file()

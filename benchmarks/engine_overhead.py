@@ -33,37 +33,41 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
-import platform
 import pstats
 import sys
 import time
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, MagCacheConfig, WanTransformer3DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, MagCacheConfig
 
 import videocache
 from videocache import Action, CacheTable
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    TINY_WIDTH,
+    WAN_1_3B_BLOCKS,
+    command,
+    environment,
+    markdown_table,
+    wan_transformer,
+    write_results,
+)
+
 STEPS = 25
-BLOCKS = 30
+BLOCKS = WAN_1_3B_BLOCKS
 COMPUTE_STEPS = (0, 1, 2, 3, 5, 8, 11, 14, 17, 20, 22, 24)
 CONTEXTS = ("cond", "uncond")
 GUIDANCE = 5.0
-REPO = Path(__file__).resolve().parents[1]
 
 
-def make_transformer() -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=BLOCKS, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()
+def make_transformer():
+    """Tiny width, 30 blocks, 4 latent and 32 text channels (its own inputs, no pipeline around it)."""
+    return wan_transformer(BLOCKS, TINY_WIDTH, in_channels=4, out_channels=4, text_dim=32, rope_max_seq_len=32)
 
 
 def tables() -> dict[str, tuple[CacheTable, np.ndarray]]:
@@ -347,21 +351,16 @@ def main() -> None:
         })
     by = {r["row"]: r for r in results}
     mag_steps = sorted({int(i) for i in np.argwhere(mag.skip.all(axis=1)).ravel()})
-    command = "python benchmarks/engine_overhead.py " + " ".join(sys.argv[1:])
     result = {
         "benchmark": (f"engine cost of a skipped call: tiny-width {BLOCKS}-block WanTransformer3DModel (2 heads x 16, "
                       f"FFN 64, latents (1,4,3,8,8), text (1,8,32)), {STEPS} steps FlowMatchEuler shift 3, CFG "
                       "(2 calls per step) inside cache_context as WanPipeline; per-call ms, median over calls of "
                       "min over repeats, median over rounds"),
-        "command": command.strip(),
+        "command": command(__file__),
         "rounds": args.rounds,
         "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
+        "environment": environment(),
         "load_average_1min": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # at start and end
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
         "compute_steps": list(COMPUTE_STEPS),
         "magcache_skipped_steps": mag_steps,
         "uncached_ms": by[uncached.name]["compute_ms"],
@@ -371,8 +370,7 @@ def main() -> None:
         "profiles": profiles,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    env = result["environment"]
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -380,30 +378,29 @@ def main() -> None:
     lines = [
         "# Engine cost of a skipped call (CPU proxy)",
         "",
-        f"`{result['command']}` ({result['torch_threads']} torch thread, {result['cpus']} CPUs, torch {torch.__version__}, "
-        f"diffusers {diffusers.__version__}, 1-minute load average {result['load_average_1min'][0]:.1f} at the start and "
+        f"`{result['command']}` ({env['torch_threads']} torch thread, {env['cpu_count']} CPUs, torch {env['torch']}, "
+        f"diffusers {env['diffusers']}, 1-minute load average {result['load_average_1min'][0]:.1f} at the start and "
         f"{result['load_average_1min'][1]:.1f} at the end, in {result['seconds']:.0f} s). {result['benchmark']}.",
         "",
         f"Uncached: {result['uncached_ms']:.3f} ms per call; outside the blocks (blocks emptied): "
         f"{result['outside_blocks_ms']:.3f} ms; MagCache on its skipped steps {mag_steps}: "
         f"{result['magcache_skip_ms']:.3f} ms. videocache computes at steps {list(COMPUTE_STEPS)}.",
         "",
-        "| row | skip ms/call | above floor ms | x MagCache skip | above floor x MagCache's | compute ms/call | "
-        "uncached next to it | compute overhead vs uncached |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
+
+    def cells(r: dict) -> list[str]:
         if r["kind"] in ("uncached", "outside_blocks"):
-            lines.append(f"| {r['row']} | | | | | {f(r['compute_ms'], '.3f')} | | |")
-            continue
+            return [r["row"], "", "", "", "", f(r["compute_ms"], ".3f"), "", ""]
         skip = f(r["skip_ms"], ".3f")
         if r["partial_calls"]:
             skip += f" (partial step, {r['partial_vs_uncached']:.2f}x uncached)"
-        lines.append(
-            f"| {r['row']} | {skip} | {f(r['above_floor_ms'], '+.3f')} | {f(r['vs_magcache_skip'], '.2f')} | "
-            f"{f(r['above_floor_vs_magcache'], '.2f')} | {f(r['compute_ms'], '.3f')} | {f(r['paired_uncached_ms'], '.3f')} | "
-            f"{f(r['compute_overhead_ms'], '+.3f')} ms ({f(r['compute_overhead_pct'], '+.1f')} %) |"
-        )
+        return [r["row"], skip, f(r["above_floor_ms"], "+.3f"), f(r["vs_magcache_skip"], ".2f"),
+                f(r["above_floor_vs_magcache"], ".2f"), f(r["compute_ms"], ".3f"), f(r["paired_uncached_ms"], ".3f"),
+                f"{f(r['compute_overhead_ms'], '+.3f')} ms ({f(r['compute_overhead_pct'], '+.1f')} %)"]
+
+    lines += markdown_table(["row", "skip ms/call", "above floor ms", "x MagCache skip", "above floor x MagCache's",
+                             "compute ms/call", "uncached next to it", "compute overhead vs uncached"],
+                            map(cells, results), "lrrrrrrr")
     lines += [
         "",
         "Floor: the same model with `blocks = ModuleList()`, which still runs the text projection and RoPE that "
@@ -418,14 +415,14 @@ def main() -> None:
             f"## cProfile, {prof['row']}: {prof['skipped_calls']} skipped calls profiled one by one, "
             f"{prof['profiled_ms_per_skip']:.3f} ms per call under the profiler; medians over the calls",
             "",
-            "| function | calls per skipped call | cumulative us per skipped call | own us per skipped call |",
-            "|---|---:|---:|---:|",
-            *(f"| `{e['function']}` | {e['calls_per_skip']:g} | {e['cum_us_per_skip']:.1f} | {e['own_us_per_skip']:.1f} |"
-              for e in prof["top"]),
+            *markdown_table(["function", "calls per skipped call", "cumulative us per skipped call",
+                             "own us per skipped call"],
+                            ([f"`{e['function']}`", f"{e['calls_per_skip']:g}", f"{e['cum_us_per_skip']:.1f}",
+                              f"{e['own_us_per_skip']:.1f}"] for e in prof["top"]), "lrrr"),
         ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    json_path, md_path = write_results(args.out, result, lines)
     print("\n".join(lines))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {result['seconds']} s")
+    print(f"wrote {json_path} and {md_path} in {result['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -49,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import WanTransformer3DModel
 from torch._dynamo.utils import counters
@@ -58,8 +56,21 @@ import videocache
 from videocache.eval_vbench.metrics.flops import ComponentCounter, computed_fraction
 from videocache.eval_vbench.peers import MethodSetup, parse_method
 from videocache.pipelines.generation import generate
-from videocache.pipelines.loader import load_pipeline
-from videocache.pipelines.reference.build import TEXT_DIM, Z_DIM
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    WAN_1_3B,
+    WAN_1_3B_BLOCKS,
+    cast_keeping_fp32_modules,  # noqa: F401 (wan_transformer's cast; tests check it here)
+    environment,
+    fail,
+    markdown_table,
+    reference_pipeline,
+    repo_path,
+    write_results,
+)
+from benchmarks.common import wan_transformer as stand_in_wan  # noqa: E402
 
 PROMPT = "a green circle moving right on a gray background"
 PROFILE = "wan2.1-t2v-1.3b"
@@ -81,8 +92,9 @@ class Size:
     dtype: torch.dtype
 
 
-FULL = Size(blocks=30, heads=12, head_dim=128, ffn=8960, freq_dim=256, frames=81, height=240, width=416,
-            steps=25, guidance=5.0, dtype=torch.bfloat16)
+FULL = Size(blocks=WAN_1_3B_BLOCKS, heads=WAN_1_3B["num_attention_heads"], head_dim=WAN_1_3B["attention_head_dim"],
+            ffn=WAN_1_3B["ffn_dim"], freq_dim=WAN_1_3B["freq_dim"], frames=81, height=240, width=416, steps=25,
+            guidance=5.0, dtype=torch.bfloat16)
 # 30 blocks and 25 steps so that the wan2.1-t2v-1.3b profile and its presets apply as at full size
 SMOKE = Size(blocks=30, heads=2, head_dim=32, ffn=256, freq_dim=64, frames=5, height=32, width=32,
              steps=25, guidance=5.0, dtype=torch.float32)
@@ -131,34 +143,13 @@ GROUPS = {"all": [r.name for r in ROWS], "eager": [r.name for r in ROWS if r.gro
 SMOKE_ROWS = "uncached,vc-fast,vc-fast-blockwise,taylorseer-2,compiled-vc-fast"
 
 
-def fail(message: str) -> None:
-    print(f"videocache: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 # -- the model --------------------------------------------------------------------------------------
-def cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast floating parameters to `dtype` except those of the modules the class keeps in float32
-    (`_keep_in_fp32_modules`), by the rule from_pretrained(torch_dtype=...) applies to each parameter
-    name; buffers (RoPE tables) stay as built. `.to(dtype)` on the whole model would cast those too."""
-    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not any(k in name.split(".") for k in keep):
-            param.data = param.data.to(dtype)
-    return model
-
-
 def wan_transformer(size: Size, device: str, seed: int = 0) -> WanTransformer3DModel:
-    """Random WanTransformer3DModel of `size`, built and initialised on `device` in float32, then cast."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=size.heads, attention_head_dim=size.head_dim,
-            in_channels=Z_DIM, out_channels=Z_DIM, text_dim=TEXT_DIM, freq_dim=size.freq_dim, ffn_dim=size.ffn,
-            num_layers=size.blocks, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-            rope_max_seq_len=1024,
-        )
-    return cast_keeping_fp32_modules(model, size.dtype).eval().requires_grad_(False)
+    """Random WanTransformer3DModel of `size`, built and initialised on `device` in float32, then cast as
+    from_pretrained(torch_dtype=size.dtype) casts (cast_keeping_fp32_modules)."""
+    sizes = {"num_attention_heads": size.heads, "attention_head_dim": size.head_dim, "ffn_dim": size.ffn,
+             "freq_dim": size.freq_dim}
+    return stand_in_wan(size.blocks, sizes, seed=seed, device=device, dtype=size.dtype, rope_max_seq_len=1024)
 
 
 def video_tokens(pipe: Any, size: Size) -> int:
@@ -184,7 +175,7 @@ class Bench:
         self.args, self.size, self.device = args, size, device
         self.cuda = device.startswith("cuda")
         self.t0 = time.perf_counter()
-        self.pipe = load_pipeline("reference-wan", device=device)
+        self.pipe = reference_pipeline(device=device)
         self.pipe.transformer = wan_transformer(size, device)
         self.pipe.set_progress_bar_config(disable=True)
         self.settings = dict(num_inference_steps=size.steps, num_frames=size.frames, height=size.height,
@@ -197,6 +188,7 @@ class Bench:
         self.base_guess: float | None = None  # seconds of one uncached generation, for the budget
         self.kept: dict[str, dict] = {}  # rows of an earlier run (--merge)
         self.profile = videocache.load_profile(PROFILE)
+        self.environment = environment(device)
 
     # timing -------------------------------------------------------------------------------------
     def generate(self, steps: int | None = None) -> dict:
@@ -431,11 +423,7 @@ class Bench:
             "command": self.args.command,
             "device": (torch.cuda.get_device_name(self.device) if self.cuda
                        else platform.processor() or platform.machine()),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
+            "environment": self.environment,
             "setup": {
                 "blocks": size.blocks, "heads": size.heads, "head_dim": size.head_dim,
                 "hidden": size.heads * size.head_dim, "ffn": size.ffn, "dtype": str(size.dtype).replace("torch.", ""),
@@ -456,13 +444,7 @@ class Bench:
 
     def write(self) -> None:
         result = self.result()
-        out = Path(self.args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
-            path = out.with_suffix(suffix)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_results(self.args.out, result, markdown(result))
 
     def print_row(self, row: dict) -> None:
         if "error" in row:
@@ -490,34 +472,32 @@ def size_text(n: int | None) -> str:
 
 
 def markdown(result: dict) -> str:
-    s = result["setup"]
+    s, env = result["setup"], result["environment"]
     title = "GPU scale benchmark" + (" (SMOKE: tiny model on the CPU, timings meaningless)" if result["smoke"] else "")
-    lines = [
-        f"# {title}", "",
-        f"`{result['command']}` on {result['device']} (torch {result['torch']}, diffusers {result['diffusers']}). "
-        f"{result['benchmark']}: {s['blocks']} blocks, {s['heads']} heads x {s['head_dim']} = {s['hidden']} hidden, "
-        f"FFN {s['ffn']}, {s['dtype']}; {s['frames']} frames {s['height']}x{s['width']} = {s['video_tokens']:,} video "
-        f"tokens, {s['steps']} steps, CFG {s['guidance_scale']:g}. Eager rows are compared with the median of the "
-        "eager uncached runs, compiled rows with the compiled uncached run. Efficiency = speedup x computed "
-        f"fraction. Peak memory: {result['peak_memory']}.", "",
-        "| method | computed fraction | transformer s | speedup | efficiency | peak memory | cache device / host "
-        "| recompiles after warm-up |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
+
+    def cells(r: dict) -> list[str]:
         if "error" in r:
-            lines.append(f"| {r['method']} | error: {r['error']} | | | | | | |")
-            continue
+            return [r["method"], f"error: {r['error']}", "", "", "", "", "", ""]
         t = f"{r['transformer_s']:.2f}"
         if r["name"] == "uncached" and len(r.get("runs_s", [])) > 1:
             t += " (" + " / ".join(f"{x:.2f}" for x in r["runs_s"]) + ")"
         cache = (f"{size_text(r.get('cache_peak_bytes'))} / {size_text(r.get('cache_peak_host_bytes'))}"
                  if r.get("cache_peak_bytes") is not None else "-")
-        lines.append(
-            f"| {r['method']} | {fmt(r.get('computed_fraction'), '.3f')} | {t} | {fmt(r.get('speedup'), '.2f', 'x')} "
-            f"| {fmt(r.get('efficiency'), '.2f')} | {size_text(r.get('peak_mem_bytes'))} | {cache} "
-            f"| {fmt(r.get('recompiles_after_warmup'), 'd')} |"
-        )
+        return [r["method"], fmt(r.get("computed_fraction"), ".3f"), t, fmt(r.get("speedup"), ".2f", "x"),
+                fmt(r.get("efficiency"), ".2f"), size_text(r.get("peak_mem_bytes")), cache,
+                fmt(r.get("recompiles_after_warmup"), "d")]
+
+    lines = [
+        f"# {title}", "",
+        f"`{result['command']}` on {result['device']} (torch {env['torch']}, diffusers {env['diffusers']}). "
+        f"{result['benchmark']}: {s['blocks']} blocks, {s['heads']} heads x {s['head_dim']} = {s['hidden']} hidden, "
+        f"FFN {s['ffn']}, {s['dtype']}; {s['frames']} frames {s['height']}x{s['width']} = {s['video_tokens']:,} video "
+        f"tokens, {s['steps']} steps, CFG {s['guidance_scale']:g}. Eager rows are compared with the median of the "
+        "eager uncached runs, compiled rows with the compiled uncached run. Efficiency = speedup x computed "
+        f"fraction. Peak memory: {result['peak_memory']}.", "",
+        *markdown_table(["method", "computed fraction", "transformer s", "speedup", "efficiency", "peak memory",
+                         "cache device / host", "recompiles after warm-up"], map(cells, result["rows"]), "lrrrrrrr"),
+    ]
     compiled = next((r for r in result["rows"] if r["name"] == "compiled-uncached"), {})
     if compiled.get("speedup_vs_eager_uncached"):
         lines += ["", f"compile_repeated_blocks() alone, uncached: speedup {compiled['speedup_vs_eager_uncached']:.2f}x over "
@@ -563,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    script = os.path.relpath(__file__) if not os.path.isabs(sys.argv[0]) else f"benchmarks/{Path(__file__).name}"
+    script = repo_path(__file__)
     args.command = shlex.join(["python", script, *argv])
     args.argv_base = ["python", script, *_without(argv, ("--rows", "--budget-s"), ("--merge",))]
     size = SMOKE if args.smoke else FULL

@@ -14,29 +14,30 @@ runs interleaved with it; the minimum over repeats counts.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 from pathlib import Path
 
-import torch
-from diffusers import WanTransformer3DModel
-
-import videocache
-from videocache.pipelines.generation import generate
-from videocache.pipelines.loader import load_pipeline
-from videocache.pipelines.reference.build import TEXT_DIM, Z_DIM
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    REFERENCE_VIDEO,
+    WAN_1_3B,
+    command,
+    environment,
+    generate_with,
+    markdown_table,
+    reference_pipeline,
+    wan_transformer,
+    write_results,
+)
 
 PROMPT = "a green circle moving right on a gray background"
 PRESETS = ("slow", "balanced", "fast")
 
 
-def wide_transformer(seed: int = 0) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=Z_DIM,
-        out_channels=Z_DIM, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=8960, num_layers=8, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).eval()
+def wide_transformer(seed: int = 0):
+    """Wan2.1-1.3B's block sizes, 8 blocks (the reference-wan profile's), the reference pipeline's channels."""
+    return wan_transformer(8, WAN_1_3B, seed=seed)
 
 
 def main() -> None:
@@ -45,19 +46,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--out", default=str(Path(__file__).with_name("overhead_wide")))
     args = p.parse_args()
-    pipe = load_pipeline("reference-wan", device="cpu")
+    pipe = reference_pipeline()
     pipe.transformer = wide_transformer()
-    settings = dict(num_inference_steps=args.steps, num_frames=17, height=64, width=64, guidance_scale=5.0,
-                    progress=False)
+    settings = {**REFERENCE_VIDEO, "num_inference_steps": args.steps}
 
     def transformer_s(preset: str | None) -> tuple[float, float | None]:
-        engine = videocache.apply(pipe, "reference-wan", preset=preset) if preset else None
-        try:
-            seconds = generate(pipe, PROMPT, seed=0, **settings).summary["transformer_s"]
-            return seconds, engine.stats()["computed_fraction"] if engine else None
-        finally:
-            if engine:
-                videocache.remove(pipe)
+        result, stats = generate_with(pipe, PROMPT, preset, settings=settings)
+        return result.summary["transformer_s"], stats["computed_fraction"] if stats else None
 
     transformer_s(None)  # warm-up
     rows = []
@@ -75,25 +70,22 @@ def main() -> None:
     result = {
         "benchmark": "reference-wan presets on a transformer with Wan2.1-1.3B block sizes (8 blocks, random "
                      f"weights), 17 frames 64x64, {args.steps} steps, CFG 5.0, transformer time",
-        "command": f"python benchmarks/overhead_wide.py --repeats {args.repeats}",
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "command": command(__file__, ["--repeats", str(args.repeats)]
+                           + (["--steps", str(args.steps)] if args.steps != REFERENCE_VIDEO["num_inference_steps"] else [])),
+        "environment": environment(),
         "presets": rows,
     }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Engine overhead with Wan2.1-1.3B-sized blocks",
         "",
-        f"`{result['command']}` ({result['torch_threads']} torch threads). {result['benchmark']}.",
+        f"`{result['command']}` ({result['environment']['torch_threads']} torch threads). {result['benchmark']}.",
         "",
-        "| preset | computed fraction | transformer speedup | target 0.9 / fraction | |",
-        "|---|---:|---:|---:|---|",
-        *(f"| {r['preset']} | {r['computed_fraction']:.3f} | {r['transformer_speedup']:.2f}x | {r['target']:.2f}x | "
-          f"{'met' if r['met'] else 'NOT met'} |" for r in rows),
+        *markdown_table(["preset", "computed fraction", "transformer speedup", "target 0.9 / fraction", ""],
+                        ([r["preset"], f"{r['computed_fraction']:.3f}", f"{r['transformer_speedup']:.2f}x",
+                          f"{r['target']:.2f}x", "met" if r["met"] else "NOT met"] for r in rows), "lrrrl"),
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    json_path, md_path = write_results(args.out, result, lines)
+    print(f"wrote {json_path} and {md_path}")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -47,9 +45,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    TINY_WIDTH,
+    WAN_1_3B,
+    WAN_1_3B_BLOCKS,
+    WAN_1_3B_HIDDEN,
+    WAN_480P_81_TOKENS,
+    WAN_TEXT_DIM,
+    WAN_TEXT_TOKENS,
+    environment,
+    wan_transformer,
+    write_json,
+)
 
-STEPS, BLOCKS, FRAMES, HEIGHT, WIDTH, GUIDANCE = 50, 30, 5, 32, 32, 5.0
-HEADS, HEAD_DIM, FFN = 2, 16, 64
+STEPS, BLOCKS, FRAMES, HEIGHT, WIDTH, GUIDANCE = 50, WAN_1_3B_BLOCKS, 5, 32, 32, 5.0
+HEADS, HEAD_DIM, FFN = TINY_WIDTH["num_attention_heads"], TINY_WIDTH["attention_head_dim"], TINY_WIDTH["ffn_dim"]
 BUDGETS, NAMES = (0.6, 0.5, 0.33), ("slow", "balanced", "fast")
 PROMPTS = [  # four prompts, as `videocache profile` uses for reference-wan (any other model: --prompts FILE)
     "a red circle moving left on a black background",
@@ -65,7 +76,7 @@ FP32_FLOPS = 50e12  # sustained non-tensor-core float32 (67 TFLOPS peak; torch's
 HBM_BYTES_S = 2.5e12  # sustained device memory bandwidth (3.35 TB/s peak)
 SKETCH_COPY_RATIO = (3.5, 12.0)  # sketching one output costs this many bf16 -> fp32 copies of it (CPU; GPU atomics)
 # Wan2.1-T2V-1.3B at 480p x 81 frames: 21 x 30 x 52 video tokens, hidden 1536, FFN 8960, 512 text tokens
-REAL_TOKENS, REAL_HIDDEN, REAL_FFN, TEXT_TOKENS = 32760, 1536, 8960, 512
+REAL_TOKENS, REAL_HIDDEN, REAL_FFN, TEXT_TOKENS = WAN_480P_81_TOKENS, WAN_1_3B_HIDDEN, WAN_1_3B["ffn_dim"], WAN_TEXT_TOKENS
 
 
 def real_flops() -> np.ndarray:
@@ -87,22 +98,12 @@ def real_fraction(table) -> float:
 
 
 def build_pipe():
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import UniPCMultistepScheduler
 
-    from videocache.pipelines.reference.build import TEXT_DIM, Z_DIM, build_pipeline
+    from videocache.pipelines.reference.build import build_pipeline
 
     pipe = build_pipeline(seed=0, with_transformer=False)
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=Z_DIM,
-        out_channels=Z_DIM, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=FFN, num_layers=BLOCKS, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64,
-    )
-    keep = list(transformer._keep_in_fp32_modules or [])  # as from_pretrained(torch_dtype=bfloat16) casts
-    for name, param in transformer.named_parameters():
-        if not any(k in name.split(".") for k in keep):
-            param.data = param.data.to(torch.bfloat16)
-    pipe.transformer = transformer.eval().requires_grad_(False)
+    pipe.transformer = wan_transformer(BLOCKS, TINY_WIDTH, dtype=torch.bfloat16)  # seed 0, as from_pretrained casts
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -228,8 +229,7 @@ def run_calibration(args: argparse.Namespace) -> dict:
         "report": {"budgets": [{"budget": b["budget"], "stages": [
             {k: s[k] for k in ("stage", "predicted_fraction", "computed_fraction", "psnr", "kept")}
             for s in b["stages"]]} for b in report["budgets"]]},
-        "environment": {"torch": torch.__version__, "diffusers": diffusers.__version__, "threads": args.threads,
-                        "python": sys.version.split()[0], "machine": platform.machine()},
+        "environment": environment(),
     }
     print(json.dumps({k: result[k] for k in ("generations", "transformer_calls", "cpu_seconds")}, indent=2))
     for stage, row in stages.items():
@@ -277,29 +277,23 @@ def live_peaks() -> dict:
     with an observer, with the fg/bg capture armed before and after the chunk bound) and of one VAE
     decode of 81 frames at 480 x 832, in bfloat16 on the meta device (shapes only, no compute). Attention
     is taken as a fused kernel (torch SDPA's flash / efficient backends on CUDA)."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
     import videocache
     from videocache.pipelines.attention_capture import SelfAttentionCapture
 
     gib = 2**30
+    transformer = wan_transformer(BLOCKS, WAN_1_3B, seed=None, device="meta", dtype=torch.bfloat16, in_channels=16,
+                                  out_channels=16, text_dim=WAN_TEXT_DIM, rope_max_seq_len=1024)
     with torch.device("meta"):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=4096, freq_dim=256, ffn_dim=REAL_FFN, num_layers=BLOCKS, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
         vae = AutoencoderKLWan().to(torch.bfloat16)
         t5 = UMT5EncoderModel(UMT5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
                                          vocab_size=256384, feed_forward_proj="gated-gelu")).to(torch.bfloat16)
-    keep = list(transformer._keep_in_fp32_modules or [])
-    for name, param in transformer.named_parameters():
-        if not any(k in name.split(".") for k in keep):
-            param.data = param.data.to(torch.bfloat16)
     out: dict = {"weights_gib": {"transformer": _param_bytes(transformer) / gib, "text_encoder": _param_bytes(t5) / gib,
                                  "vae": _param_bytes(vae) / gib}}
     x = torch.zeros(1, 16, 21, 60, 104, device="meta", dtype=torch.bfloat16)
-    text = torch.zeros(1, TEXT_TOKENS, 4096, device="meta", dtype=torch.bfloat16)
+    text = torch.zeros(1, TEXT_TOKENS, WAN_TEXT_DIM, device="meta", dtype=torch.bfloat16)
     t = torch.zeros(1, device="meta")
 
     def call() -> float:
@@ -417,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     if "generations" in result:
         result["gpu_time_estimate"] = gpu_time_estimate(result)
         print(json.dumps(result["gpu_time_estimate"], indent=2))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 from pathlib import Path
 
-import torch
-
-from videocache.pipelines.generation import generate
-from videocache.pipelines.loader import load_pipeline
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.common
+from benchmarks.common import (  # noqa: E402
+    REFERENCE_VIDEO,
+    environment,
+    generate_with,
+    markdown_table,
+    reference_pipeline,
+    write_results,
+)
 
 PROMPT = "a green circle moving right on a gray background"
 
@@ -26,10 +32,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).with_name("reference_generate")))
     args = p.parse_args()
-    pipe = load_pipeline("reference-wan", device="cpu")
-    settings = dict(num_inference_steps=25, num_frames=17, height=64, width=64, guidance_scale=5.0, progress=False)
-    generate(pipe, PROMPT, seed=0, **settings)  # warm-up
-    runs = [generate(pipe, PROMPT, seed=i, **settings).summary for i in range(args.runs)]
+    pipe = reference_pipeline()
+    generate_with(pipe, PROMPT)  # warm-up
+    runs = [generate_with(pipe, PROMPT, seed=i)[0].summary for i in range(args.runs)]
     wall = [r["wall_s"] for r in runs]
     transformer = [r["transformer_s"] for r in runs]
     result = {
@@ -43,17 +48,22 @@ def main() -> None:
         "transformer_calls_per_video": runs[0]["transformer_calls"],
         "target_wall_s": 10.0,
         "meets_target": statistics.median(wall) <= 10.0,
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "environment": environment(),
     }
-    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out + ".md").write_text(
-        "# Reference pipeline generation speed\n\n"
-        f"`{result['command']}` on {result['machine']['cpu']} ({result['machine']['torch_threads']} torch threads).\n\n"
-        "| video | steps | runs | median wall s | median transformer s | target |\n|---|---|---|---|---|---|\n"
-        f"| 17x64x64, CFG 5.0 | 25 | {args.runs} | {result['median_wall_s']:.2f} | {result['median_transformer_s']:.2f} | <= 10 s: "
-        f"{'met' if result['meets_target'] else 'NOT met'} |\n"
-    )
+    env = result["environment"]
+    video = f"{REFERENCE_VIDEO['num_frames']}x{REFERENCE_VIDEO['height']}x{REFERENCE_VIDEO['width']}"
+    lines = [
+        "# Reference pipeline generation speed",
+        "",
+        f"`{result['command']}` on {env['machine']} ({env['torch_threads']} torch threads).",
+        "",
+        *markdown_table(
+            ["video", "steps", "runs", "median wall s", "median transformer s", "target"],
+            [[f"{video}, CFG {REFERENCE_VIDEO['guidance_scale']}", REFERENCE_VIDEO["num_inference_steps"], args.runs,
+              f"{result['median_wall_s']:.2f}", f"{result['median_transformer_s']:.2f}",
+              f"<= 10 s: {'met' if result['meets_target'] else 'NOT met'}"]]),
+    ]
+    write_results(args.out, result, lines)
     print(json.dumps({k: result[k] for k in ("median_wall_s", "median_transformer_s", "meets_target")}))
 
 

@@ -67,8 +67,9 @@ def check_rows(result: dict, names: set[str]) -> dict[str, dict]:
 @requires_reference
 def test_smoke_default_rows(tmp_path):
     result = run_smoke(tmp_path / "smoke", timeout=240)
-    assert result["smoke"] and result["device"] and result["torch"] == torch.__version__
-    assert result["diffusers"] and result["command"].startswith("python benchmarks/gpu_scale.py --smoke")
+    env = result["environment"]  # benchmarks/common.py's record
+    assert result["smoke"] and result["device"] and env["torch"] == torch.__version__ and "git_commit" in env
+    assert env["diffusers"] and result["command"].startswith("python benchmarks/gpu_scale.py --smoke")
     setup = result["setup"]
     assert (setup["blocks"], setup["hidden"], setup["video_tokens"], setup["steps"]) == (30, 64, 32, 25)
     rows = check_rows(result, {"uncached", "vc-fast", "vc-fast-blockwise", "taylorseer-2", "compiled-uncached",

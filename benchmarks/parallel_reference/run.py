@@ -37,6 +37,17 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # benchmarks.common (also in the spawned ranks)
+from benchmarks.common import (  # noqa: E402
+    REFERENCE_VIDEO,
+    command,
+    environment,
+    held_out_prompts,
+    markdown_table,
+    write_json,
+    write_results,
+)
+
 MODES = {"ulysses": {"ulysses": 2}, "ring": {"ring": 2}, "cfg": {"cfg": 2}}
 MODE_LABELS = {"one": "one process", "ulysses": "Ulysses 2", "ring": "ring 2", "cfg": "CFG-parallel 2"}
 PRESETS = ("uncached", "slow", "balanced", "fast")
@@ -177,12 +188,6 @@ class CommCounter:
 
 
 # -- the two ranks ---------------------------------------------------------------------------------------
-def _prompts(count: int) -> list[str]:
-    from videocache.pipelines.reference.data import split_captions
-
-    return [c.text for c in split_captions()[1][:count]]
-
-
 def _rank_main(rank: int, world: int, port: int, settings: dict[str, Any], out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
@@ -205,7 +210,7 @@ def _rank_main(rank: int, world: int, port: int, settings: dict[str, Any], out_p
     pipe = load_pipeline("reference-wan", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     s = settings
-    prompts = _prompts(s["prompts"])
+    prompts = held_out_prompts(s["prompts"])
 
     def run(prompt: str, preset: str, mode: str | None, count: bool = True):
         engine = None
@@ -267,7 +272,7 @@ def _rank_main(rank: int, world: int, port: int, settings: dict[str, Any], out_p
                 print(f"repeat {repeat + 1}/{s['repeats']} prompt {p + 1}/{len(prompts)}: {time.time() - started:.0f} s",
                       flush=True)
     if rank == 0:
-        Path(out_path).write_text(json.dumps(_results(s, prompts, frames, times, comm, fractions), indent=2) + "\n")
+        write_json(out_path, _results(s, prompts, frames, times, comm, fractions))
     dist.barrier()
 
 
@@ -317,23 +322,13 @@ def _results(s, prompts, frames, times, comm, fractions) -> dict[str, Any]:
             rows.append(row)
     return {
         "benchmark": "parallel_reference",
-        "command": " ".join(["python benchmarks/parallel_reference/run.py", *s["argv"]]),
+        "command": command(__file__, s["argv"]),
         "settings": {k: v for k, v in s.items() if k != "argv"},
         "tokens": s["tokens"],
         "prompts": prompts,
-        "environment": _environment(),
+        "environment": {**environment(), "backend": "gloo", "threads_per_process": 1},
         "rows": rows,
     }
-
-
-def _environment() -> dict[str, Any]:
-    import platform
-
-    import diffusers
-    import torch
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "backend": "gloo", "threads_per_process": 1}
 
 
 # -- the markdown ----------------------------------------------------------------------------------------
@@ -360,34 +355,26 @@ def render(results: dict[str, Any]) -> str:
         "same on both ranks where 'agree' says yes. Bytes: what one rank sends per denoising step through "
         "torch.distributed (both ranks send the same).",
         "",
-        "| mode | cache | transformer s | vs 1 process uncached | vs 1 process same preset | PSNR vs uncached (dB) "
-        "| PSNR vs same preset (dB) | computed fraction | agree | MB sent per step per rank | collectives per step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
-    ]
-    for r in results["rows"]:
-        sent = "-" if r["mode"] == "one" else _mb(r["sent_bytes_per_step"])
-        calls = "-" if r["mode"] == "one" else f"{r['collectives_per_step']:.1f}"
-        lines.append(
-            f"| {MODE_LABELS[r['mode']]} | {r['preset']} | {r['transformer_s']:.2f} | "
-            f"{r['speedup_vs_one_process_uncached']:.2f}x | {r['speedup_vs_one_process_same_preset']:.2f}x | "
-            f"{r['psnr_vs_one_process_uncached']} | {r['psnr_vs_one_process_same_preset']} | "
-            f"{r['computed_fraction']:.3f} | {'yes' if r['ranks_agree'] else 'NO'} | {sent} | {calls} |"
-        )
-    lines += [
+        *markdown_table(
+            ["mode", "cache", "transformer s", "vs 1 process uncached", "vs 1 process same preset",
+             "PSNR vs uncached (dB)", "PSNR vs same preset (dB)", "computed fraction", "agree",
+             "MB sent per step per rank", "collectives per step"],
+            ([MODE_LABELS[r["mode"]], r["preset"], f"{r['transformer_s']:.2f}",
+              f"{r['speedup_vs_one_process_uncached']:.2f}x", f"{r['speedup_vs_one_process_same_preset']:.2f}x",
+              r["psnr_vs_one_process_uncached"], r["psnr_vs_one_process_same_preset"], f"{r['computed_fraction']:.3f}",
+              "yes" if r["ranks_agree"] else "NO", "-" if r["mode"] == "one" else _mb(r["sent_bytes_per_step"]),
+              "-" if r["mode"] == "one" else f"{r['collectives_per_step']:.1f}"] for r in results["rows"]),
+            "llrrrrrrcrr"),
         "",
         "Bytes per step per rank by what sent them (uncached and fast):",
         "",
-        "| mode | cache | what | collectives per step | MB sent per step | MB handed in per step |",
-        "|---|---|---|---:|---:|---:|",
+        *markdown_table(
+            ["mode", "cache", "what", "collectives per step", "MB sent per step", "MB handed in per step"],
+            ([MODE_LABELS[r["mode"]], r["preset"], cat, f"{v['calls']:.1f}", _mb(v["sent_bytes"]), _mb(v["payload_bytes"])]
+             for r in results["rows"] if r["mode"] != "one" and r["preset"] in ("uncached", "fast")
+             for cat, v in r["comm_per_step"].items()),
+            "lllrrr"),
     ]
-    for r in results["rows"]:
-        if r["mode"] == "one" or r["preset"] not in ("uncached", "fast"):
-            continue
-        for cat, v in r["comm_per_step"].items():
-            lines.append(
-                f"| {MODE_LABELS[r['mode']]} | {r['preset']} | {cat} | {v['calls']:.1f} | {_mb(v['sent_bytes'])} "
-                f"| {_mb(v['payload_bytes'])} |"
-            )
     rows = {(r["mode"], r["preset"]): r for r in results["rows"]}
     one = rows[("one", "uncached")]["transformer_s"]
     runs = len(results["prompts"]) * s["steps"]
@@ -444,18 +431,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=2, help="held-out prompts (default 2)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats; the minimum counts (default 2)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=REFERENCE_VIDEO["num_inference_steps"])
+    parser.add_argument("--frames", type=int, default=REFERENCE_VIDEO["num_frames"])
+    parser.add_argument("--height", type=int, default=REFERENCE_VIDEO["height"])
+    parser.add_argument("--width", type=int, default=REFERENCE_VIDEO["width"])
+    parser.add_argument("--guidance-scale", type=float, default=REFERENCE_VIDEO["guidance_scale"])
     parser.add_argument("--out", default=str(HERE), help="folder for results.json and results.md")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the ranks are stopped")
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     args = parser.parse_args(argv)
     if args.render_only:
         results = json.loads((Path(args.out) / "results.json").read_text())
-        (Path(args.out) / "results.md").write_text(render(results))
+        write_results(Path(args.out) / "results", results, render(results))
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
 
@@ -484,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             if p.is_alive():
                 p.kill()
     results = json.loads(raw.read_text())
-    (out / "results.md").write_text(render(results))
+    write_results(out / "results", results, render(results))
     print(f"wrote {raw} and {out / 'results.md'}")
     return 0
 

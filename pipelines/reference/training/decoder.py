@@ -76,8 +76,8 @@ def train_decoder(args, device, work: Path) -> None:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mode()
             # The causal decoder renders latent frame 0 alone, and small errors there (a transformer's) change
-            # image frame 0's colour (benchmarks/decoder_frame_sensitivity.md): train it to decode noisy latents
-            # into the clean clip. Noise std uniform in [0, max) per clip, normalised latent units.
+            # image frame 0's colour (benchmarks/experiments/decoder_frame_sensitivity.md): train it to decode
+            # noisy latents into the clean clip. Noise std uniform in [0, max) per clip, normalised latent units.
             for frames, largest in ((slice(None), args.decoder_noise), (slice(0, 1), args.decoder_frame0_noise)):
                 if largest > 0:
                     sigma = largest * torch.rand(len(z), 1, 1, 1, 1, generator=noise_gen, device=device)
@@ -89,8 +89,8 @@ def train_decoder(args, device, work: Path) -> None:
         recon = decode_unclamped(vae, z)
         if args.decoder_weigh_halos:
             # A colour fringe the decoder paints around the shape (a red square on white rendered with an orange
-            # rim: benchmarks/vae_colour_roundtrip.md) lies on background pixels, weighted 1: weigh every pixel
-            # the reconstruction moves off the background like a shape pixel.
+            # rim: benchmarks/experiments/vae_colour_roundtrip.md) lies on background pixels, weighted 1: weigh
+            # every pixel the reconstruction moves off the background like a shape pixel.
             background = torch.stack(backgrounds).to(device).view(-1, 3, 1, 1, 1)
             halo = (recon.detach() - background).norm(dim=1, keepdim=True) > SHAPE_DISTANCE / 127.5
             w = torch.maximum(w, 1.0 + (args.decoder_fg_weight - 1.0) * halo.float())
