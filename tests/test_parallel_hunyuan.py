@@ -132,8 +132,10 @@ def _single_process() -> dict:
 # -- the spawned ranks ------------------------------------------------------------------------------
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     _init_rank(rank, world, port)
-    from videocache.adapters import get_adapter
+    import dataclasses
+
     from videocache.distributed import ParallelConfigError, parallelize, process_state
+    from videocache.family import family_of, register_family, unregister_family
 
     state = process_state()
     model = tiny_hunyuan()
@@ -154,16 +156,16 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         finally:
             par.remove()
         # the plan without its key mask: diffusers' plan format alone
-        adapter = get_adapter(model)
-        plan = adapter.parallel_plan
-        adapter.parallel_plan = lambda t: {**plan(t), "key_masks": {}}
+        family = family_of(model)
+        register_family(dataclasses.replace(  # in this process, over the entry point's
+            family, parallel_plan=lambda t: dataclasses.replace(family.parallel_plan(t), key_masks={})))
         par = parallelize(model, ulysses=2)
         try:
             for case in ("full", "padded"):
                 res[f"no_key_mask/{case}"] = model(**_inputs(case))[0]
         finally:
             par.remove()
-            del adapter.parallel_plan
+            unregister_family(family.name)
         par = parallelize(model, cfg=2)
         try:
             res["cfg"] = _cfg_steps(model)

@@ -149,8 +149,10 @@ def _single_process(folder: Path) -> dict:
 # -- the spawned ranks ------------------------------------------------------------------------------
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     _init_rank(rank, world, port)
-    from videocache.adapters import get_adapter
+    import dataclasses
+
     from videocache.distributed import ParallelConfigError, parallelize, process_state
+    from videocache.family import family_of, register_family, unregister_family
 
     state = process_state()
     folder = Path(out_dir) / f"work{rank}"
@@ -175,15 +177,16 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         except ParallelConfigError as exc:
             res["ring_error"] = str(exc)
         # the plan without its all-to-alls: temporal attention over the rank's own frames only
-        adapter = get_adapter(model)
-        plan = adapter.parallel_plan
-        adapter.parallel_plan = lambda t: {**plan(t), "axes": {**plan(t)["axes"], "switch": {}}}
+        family = family_of(model)
+        no_switch = lambda t: dataclasses.replace(  # noqa: E731
+            family.parallel_plan(t), axes=dataclasses.replace(family.parallel_plan(t).axes, switch={}))
+        register_family(dataclasses.replace(family, parallel_plan=no_switch))  # in this process only
         par = parallelize(model, ulysses=2)
         try:
             res["no_switch/even"] = model(**_inputs("even"))[0]
         finally:
             par.remove()
-            del adapter.parallel_plan
+            unregister_family(family.name)
     pipe = _pipe()
     for mode, kw in (("dsp", {"ulysses": 2}), ("cfg", {"cfg": 2})):
         for size in SIZES:
