@@ -153,7 +153,7 @@ def test_wheel_carries_every_eval_module(wheel):
     assert [m for m in modules if f"videocache/eval_vbench/{m}" not in names] == []
 
 
-def test_installed_wheel_finds_profiles_by_name(wheel, tmp_path):
+def test_installed_wheel_finds_profiles_and_families_by_name(wheel, tmp_path):
     target = tmp_path / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
            "-q", "--target", str(target), str(wheel)]
@@ -166,12 +166,13 @@ def test_installed_wheel_finds_profiles_by_name(wheel, tmp_path):
     code = (
         "import videocache, videocache.profile as vp; from videocache.profile import load_profile; "
         "p = load_profile('reference-wan'); print(p.name); print(p.source); print(videocache.__file__); "
-        "print(vp.PROFILES_DIR); print(','.join(vp.available_profiles()))"
+        "print(vp.PROFILES_DIR); print(','.join(vp.available_profiles())); "
+        "f = videocache.families(); print(','.join(sorted(f))); print(f['wan'].models['reference-wan'])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=outside, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    name, source, module, shipped, avail = proc.stdout.strip().splitlines()[-5:]
+    name, source, module, shipped, avail, families, reference = proc.stdout.strip().splitlines()[-7:]
     assert name == "reference-wan"
     installed = target.resolve() / "videocache"
     assert Path(module).resolve().parent == installed  # the installed package, not the source tree
@@ -179,3 +180,6 @@ def test_installed_wheel_finds_profiles_by_name(wheel, tmp_path):
     assert Path(source).resolve() == installed / "profiles" / "reference-wan.yaml"
     assert ROOT not in Path(source).resolve().parents
     assert set(avail.split(",")) >= {Path(n).stem for n in SHIPPED_YAML}
+    # the model families come from the wheel's entry points, and their named models from the wheel
+    assert families == "hunyuan,opensora,wan"
+    assert Path(reference).resolve() == installed / "pipelines" / "reference" / "reference-wan"

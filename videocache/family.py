@@ -36,6 +36,8 @@ import torch
 
 ENTRY_POINT_GROUP = "videocache.families"
 FORMULAS = ("self_attention", "grouped_attention", "cross_attention", "joint_attention", "feed_forward")
+# what every adapter provides (videocache.adapters.ModelAdapter)
+ADAPTER_METHODS = ("blocks", "component_modules", "fingerprint", "component_flops", "scheduler_sigmas", "denoiser_inputs")
 
 
 class FamilyError(ValueError):
@@ -150,9 +152,6 @@ class ModelFamily:
             )
         return value
 
-
-# what every adapter provides (videocache.adapters.ModelAdapter)
-ADAPTER_METHODS = ("blocks", "component_modules", "fingerprint", "component_flops", "scheduler_sigmas", "denoiser_inputs")
 
 _REGISTERED: dict[str, ModelFamily] = {}  # in-process registrations, by name
 _DISCOVERED: dict[str, ModelFamily] | None = None  # entry points, loaded once
