@@ -104,14 +104,12 @@ class PeerSettings:
     defaults. `pab_components`: adapter component name -> PAB attention kind ("spatial", "temporal",
     "cross"), for a transformer without diffusers `Attention` modules; `pab_window`: the (low, high)
     timestep window of the SPATIAL:TEMPORAL:CROSS form. `cachedit_blocks`: (attach(pipe) -> cache-dit
-    BlockAdapter, detach(transformer)) where cache-dit cannot wrap the block lists as they are.
-    `cannot_attach`: peer -> why it cannot run on this family."""
+    BlockAdapter, detach(transformer)) where cache-dit cannot wrap the block lists as they are."""
 
     taylorseer_modules: Mapping[str, tuple[list[str] | None, list[str] | None]] = field(default_factory=dict)
     pab_components: Mapping[str, str] = field(default_factory=dict)
     pab_window: tuple[int, int] | None = None
     cachedit_blocks: tuple[Callable[[Any], Any], Callable[[torch.nn.Module], None]] | None = None
-    cannot_attach: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -191,13 +189,6 @@ def families(refresh: bool = False) -> dict[str, ModelFamily]:
     if _DISCOVERED is None or refresh:
         _DISCOVERED = _discover()
     return {**_DISCOVERED, **_REGISTERED}
-
-
-def get_family(name: str) -> ModelFamily:
-    known = families()
-    if name not in known:
-        raise FamilyError(f"no model family named {name!r} (known: {', '.join(sorted(known)) or 'none'})")
-    return known[name]
 
 
 def family_for_class(class_names: Sequence[str]) -> ModelFamily | None:

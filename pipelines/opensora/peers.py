@@ -5,7 +5,9 @@ block list in execution order.
 PAB (VideoSys OpenSoraPABConfig): spatial / temporal / cross attention broadcast inside 450 < t < 930 (t in
 [0, 1000]); 2:4:6 is the paper's setting. Its MLP broadcast (3 timesteps, blocks 0-4) has no counterpart in
 diffusers and is left out. diffusers' PAB attaches to diffusers `Attention` modules only, which STDiT3 has
-not: its hooks go on the adapter's attention components by name.
+not: its hooks go on the adapter's attention components by name. FasterCache cannot attach at all: its CFG
+cache needs the cond and uncond branches batched in one call, and OpenSoraPipeline runs them as separate
+calls; its attention hooks attach to diffusers Attention classes only.
 
 cache-dit:
 
@@ -78,10 +80,4 @@ OPENSORA_PEERS = PeerSettings(
     pab_components={"spatial_attn": "spatial", "temporal_attn": "temporal", "cross_attn": "cross"},
     pab_window=(450, 930),
     cachedit_blocks=(block_adapter, detach),
-    cannot_attach={
-        "diffusers:fastercache": (
-            "FasterCache's CFG cache needs the cond and uncond branches batched in one call, and OpenSoraPipeline "
-            "runs them as separate calls; its attention hooks attach to diffusers Attention classes only"
-        ),
-    },
 )
