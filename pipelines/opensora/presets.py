@@ -143,7 +143,7 @@ OPENSORA = Model(
     calibrate_args=f"--frames {FRAMES} --height {HEIGHT} --width {WIDTH}",
     hub_text=("OPENSORA_FOLDER: a folder laid out like the official hub repos, with model_index.json "
               "and transformer/ (hpcai-tech/OpenSora-STDiT-v3), vae/ (hpcai-tech/OpenSora-VAE-v1.2), text_encoder/ "
-              "(DeepFloyd/t5-v1_1-xxl); see the README's Open-Sora section"),
+              "(DeepFloyd/t5-v1_1-xxl); see pipelines/opensora/README.md"),
 )
 
 
