@@ -203,8 +203,15 @@ def defaults_of(pipe: Any, source: str) -> GenerationDefaults:
 
 
 def resolve_device(device: str | None = None) -> str:
-    """The device a pipeline is loaded on: `device`, else CUDA when present, else CPU."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device a pipeline is loaded on: `device`, else CUDA when present, else CPU (ModelLoadError, one
+    line, for a name torch does not know)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"--device {device!r} is not a device: use cpu, cuda, cuda:1, ...") from None
+    return device
 
 
 def load_pipeline(

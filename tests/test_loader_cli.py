@@ -49,3 +49,9 @@ def test_generate_writes_video_and_summary(tmp_path):
 def test_bad_step_count_is_a_one_line_error(capsys):
     assert main(["generate", "--prompt", "a red circle moving left on a black background", "--steps", "0"]) == 2
     assert "--steps must be positive" in capsys.readouterr().err
+
+
+def test_an_unknown_device_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["generate", "--device", "foo", "--prompt", "x", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--device 'foo' is not a device" in err
