@@ -24,13 +24,10 @@ recording `videocache profile` would make on the real model:
 * MagCache's published safeguards: the first 20 % of steps always computed (its retention ratio; 10 % for
   `fast`) and a cap on skipped steps in a row (the model's `max_skips`).
 
-One schedule for the whole model ("aligned": all components of all blocks compute at the same steps). A
-profile's explicit step lists are written for 50 steps and read at other step counts through the nearest
-profile step, so a run of N < 50 steps never reads some profile steps: a lone compute step can vanish
-(without the rule below, a Wan balanced schedule the search found skipped 12-13 steps in a row when read
-at 31 or 40 steps). So a skip may only follow two consecutive computes: every run of 25-100 steps reads at
-least one of any two neighbouring profile steps (except 23 and 24 at 25 steps, so no compute block ends at
-24), and keeps every refresh. Forecasts then extrapolate from two neighbouring steps.
+One schedule for the whole model ("aligned": all components of all blocks compute at the same steps). A skip
+may only follow two consecutive computes, so that forecasts extrapolate from two neighbouring steps. A
+profile's explicit step lists are written for 50 steps (Open-Sora's 30) and resampled at other step counts
+(`videocache.profile.StepPlan.resample`): the same share of compute steps where the schedule puts them.
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ import yaml
 import videocache as vc
 from videocache import BlockGroup, BlockLayout, Profile, build_table
 from videocache.calibrate import TableSearch, attention_and_mlp
+from videocache.profile import StepPlan
 from videocache.schedule_search import _cell_costs, _shortest_paths
 from videocache.table import Action
 
@@ -188,20 +186,15 @@ def stand_in_search(model: Model, steps: int, kappa: float = KAPPA) -> TableSear
 
 
 # -- the search -------------------------------------------------------------------------------------
-def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: set[int] = frozenset(),
-                     ends: set[int] | None = None) -> str:
+def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: set[int] = frozenset()) -> str:
     """The least-error aligned schedule with `computes` compute steps as C/R/F letters (R reuse, F forecast):
     every step in `must` computed, at most `max_skips` skipped steps in a row, a skip only right after two
-    consecutive computes (see the module docstring), and no compute block ending at a step in `ends`
-    (default: `unread_ends` of a 50-step profile). A cell that breaks a rule costs BIG."""
-    if ends is None:
-        ends = unread_ends(search.num_steps) if search.num_steps == REF_STEPS else set()
+    consecutive computes (see the module docstring). A cell that breaks a rule costs BIG."""
     cost, forecast = _cell_costs(search, [tuple(int(i) for i in cell) for cell in np.argwhere(search.layout.present)])
     steps = np.arange(search.num_steps)
     prev = np.arange(-1, search.num_steps)[:, None, None]  # cost[p + 1, l, t]: p, l the last two computes
     last, skipped = steps[None, :, None], steps[None, None, :]
     broken = (skipped - last > max_skips) | (prev != last - 1) | np.isin(skipped, sorted(must))
-    broken |= np.isin(last, sorted(ends)) & (skipped > last)
     cost = np.where(np.isfinite(cost) & broken, BIG, cost)
     schedule = _shortest_paths(cost, forecast)
     if not schedule.errors[computes] < BIG:
@@ -210,33 +203,18 @@ def aligned_schedule(search: TableSearch, computes: int, max_skips: int, must: s
     return "".join("C" if t in chosen else "F" if t in forecasts else "R" for t in range(search.num_steps))
 
 
-def unread_ends(num_steps: int, min_steps: int | None = None, max_steps: int | None = None) -> set[int]:
-    """Profile steps (of a `num_steps`-step profile) a compute block must not end at: the second of two steps
-    that a run of `min_steps` to `max_steps` steps (default half to twice `num_steps`) both skips when it
-    reads the profile (50 steps read at 25: 23 and 24, read as 22 then 25). A block of two computes there
-    would vanish from that run."""
-    ends = set()
-    for n in range(min_steps or num_steps // 2, (max_steps or 2 * num_steps) + 1):
-        reads = sorted({profile_step(i, n, num_steps) for i in range(n)})
-        ends |= {b - 1 for a, b in zip(reads, reads[1:], strict=False) if b - a > 2}
-    return ends
-
-
-def profile_step(step: int, steps: int, ref_steps: int = REF_STEPS) -> int:
-    """The step of a `ref_steps`-step profile that a run step reads (as `videocache.profile.StepPlan.reference_step`)."""
-    return int(math.floor(step * (ref_steps - 1) / (steps - 1) + 0.5))
-
-
 def derive(model: Model, budget: float, retention: float, max_skips: int, kappa: float = KAPPA) -> str:
     """The schedule of one preset at the profile's step count (C/R/F letters)."""
     n = model.steps
     return aligned_schedule(stand_in_search(model, n, kappa), math.floor(budget * n + 1e-9), max_skips,
-                            must=set(range(math.ceil(retention * n))), ends=unread_ends(n, model.min_steps, model.max_steps))
+                            must=set(range(math.ceil(retention * n))))
 
 
-def read_at(letters: str, steps: int) -> str:
-    """The letters a `steps`-step run reads from a profile's schedule (one letter per profile step)."""
-    return "".join(letters[profile_step(i, steps, len(letters))] for i in range(steps))
+def read_at(letters: str, steps: int) -> tuple[str, float]:
+    """The schedule a `steps`-step run makes of a profile's schedule (one letter per profile step), and its
+    computed fraction (a partial compute step counts its share; its letter is the skip)."""
+    actions, partial = StepPlan(steps, len(letters)).resample(["CRF".index(c) for c in letters])
+    return "".join("CRF"[a] for a in actions), (actions.count(0) + sum(partial.values())) / steps
 
 
 def preset_from_letters(letters: str, components) -> dict:
@@ -316,7 +294,7 @@ def header(model: Model, feb_fraction: float, spread: float, feb_low: float = 1.
         "search chose them on stand-in statistics: MagCache's published per-step magnitude ratios of this model, "
         "the step sensitivity measured on our reference-wan model, MagCache's retention (first 20% of steps "
         f"computed; 10% for fast) and at most {caps} skipped steps in a row, each skip run after two consecutive "
-        "computes (so that runs of other step counts read every refresh). Each is one schedule for all blocks and "
+        "computes (so that forecasts extrapolate from two neighbouring steps). Each is one schedule for all blocks and "
         f"components ({model.skip_text}); skipped steps forecast (order 1), or reuse where forecasting predicts "
         "worse. feb is FEB-Cache's published stage rule (arXiv 2503.07120) as is, attention fresh early and MLP "
         f"fresh late: at this model's real size it computes {feb_fraction:.2f} of the work at {n} steps "
@@ -365,7 +343,7 @@ def profile_dict(model: Model, schedules: dict[str, str]) -> dict:
             ),
             "presets": {name: {"budget": model.presets[name][0], "retention": model.presets[name][1],
                                "max_skips": model.presets[name][2], f"schedule_{model.steps}": letters,
-                               f"schedule_{model.min_steps}": read_at(letters, model.min_steps)}
+                               f"schedule_{model.min_steps}": read_at(letters, model.min_steps)[0]}
                         for name, letters in schedules.items()},
             "measured": {},
         },
@@ -440,8 +418,8 @@ def read_out_range(letters: str, min_steps: int = MIN_STEPS, max_steps: int = MA
     skipped steps in profile-step units (run length x (R - 1) / (N - 1) for a profile of R = len(letters))."""
     fractions, spans = [], []
     for n in range(min_steps, max_steps + 1):
-        read = read_at(letters, n)
-        fractions.append(read.count("C") / n)
+        read, fraction = read_at(letters, n)
+        fractions.append(fraction)
         spans.append(max(len(run) for run in read.split("C")) * (len(letters) - 1) / (n - 1))
     return {"min_fraction": round(min(fractions), 3), "max_fraction": round(max(fractions), 3),
             "longest_skip_run": round(max(spans), 1)}
@@ -480,7 +458,7 @@ def model_report(model: Model, r: dict, real_note: str) -> list[str]:
         real = " / ".join(f"{r['real_size_table_fraction'][name][k]:.3f}" for k in steps)
         lines.append(f"| {name} | " + " | ".join(f"{by_steps[k]:.3f}" for k in steps) + f" | {real} |")
     lines += ["", real_note,
-              "", f"Every step count the profile covers ({lo}-{hi}), read from the step lists:", "",
+              "", f"Every step count the profile covers ({lo}-{hi}), resampled from the step lists:", "",
               f"| preset | computed fraction | longest run of skipped steps, in {n}-step units |", "|---|---:|---:|"]
     for name, e in r[f"steps_{lo}_to_{hi}"].items():
         lines.append(f"| {name} | {e['min_fraction']:.2f}-{e['max_fraction']:.2f} | {e['longest_skip_run']:.1f} |")

@@ -103,7 +103,8 @@ def test_tables_at_the_real_size_meet_the_budgets():
             assert limit - 0.1 <= fractions[preset][n] <= limit + 1e-9, (preset, n, fractions[preset][n])
         assert max(fractions[preset].values()) - min(fractions[preset].values()) <= 0.05 + 1e-9, preset
     assert fractions["full"] == dict.fromkeys(STEPS, 1.0)
-    assert fractions["feb"][15] == 1.0 and 0.5 < fractions["feb"][30] < 1.0
+    # FEB-Cache's interval stays 2 at any step count (it was scaled to 1 at 15 steps, caching nothing)
+    assert all(0.5 < f < 1.0 for f in fractions["feb"].values()), fractions["feb"]
 
 
 @pytest.mark.usefixtures("one_thread")

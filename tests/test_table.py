@@ -122,11 +122,17 @@ def test_build_table_explicit_and_scaling():
     )
     t = build_table(p, SIGMAS10, num_blocks=2)
     assert t.actions[2:4, :, COMPONENTS.index("cross_attn")].tolist() == [[1, 1], [1, 1]]
-    # 20 steps: warm-up 1 -> 2, interval 2 -> 4
+    # 20 steps: warm-up 1 -> 2 (its share of the run), interval 2 stays (every other step is already a share)
     sig20 = [1.0 - i / 20 for i in range(20)]
     t20 = build_table(p, sig20, num_blocks=2)
-    assert "".join("CRF"[v] for v in t20.actions[:8, 0, MLP]) == "CCRRCRRR"
+    assert "".join("CRF"[v] for v in t20.actions[:8, 0, MLP]) == "CCCRCRCR"
     assert t20.actions[:2].max() == 0
+    # the explicit list (steps 2-3 of 10 reused: 0.8 computed) is resampled, not read step by step: steps 4-7 of
+    # 20 and 3-5 of 15 are reused, the same share at the same place in the run
+    cross = COMPONENTS.index("cross_attn")
+    assert "".join("CRF"[v] for v in t20.actions[:, 0, cross]) == "CCCCRRRR" + "C" * 12
+    t15 = build_table(p, [1.0 - i / 15 for i in range(15)], num_blocks=2)
+    assert "".join("CRF"[v] for v in t15.actions[:, 1, cross]) == "CCCRRR" + "C" * 9
     with pytest.raises(ProfileError, match="covers 5-40 steps; got 4"):
         build_table(p, SIGMAS10[:4], num_blocks=2)
 

@@ -151,7 +151,7 @@ def report(result: dict) -> str:
             + ", ".join(f"{k} {v / total:.3f}" for k, v in shares.items())
             + f"; {total / 1e15:.1f} PFLOP per call). slow / balanced / fast skip every component of a step "
             "together, so their fraction is the same at any size; feb reuses single components and saves less "
-            "at the real size than on the tiny model, and nothing at 25 steps (its interval of 2 scales to 1). "
+            "at the real size than on the tiny model; its interval of 2 stays 2 at every step count. "
             "With shift 7.0 the late stage (sigma < 0.4) is only the last few steps, so feb mostly reuses the "
             "feed-forward parts every other step.")
     return "\n".join(lines + model_report(HUNYUANVIDEO, r, note))

@@ -146,7 +146,7 @@ def report(result: dict) -> str:
             "FLOPs per component (81 frames, 480p for 1.3B, 720p for 14B; self-attention holds most of them). "
             "slow / balanced / fast skip every component of a step together, so their fraction is the same "
             "at any size; feb reuses single components and saves less at the real size than on the tiny "
-            "model, and nothing at 25 steps (its interval of 2 scales to 1).")
+            "model; its interval of 2 stays 2 at every step count.")
     for name, r in result["models"].items():
         lines += model_report(MODELS[name], r, note)
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..exposure_bias import ExposureBiasConfig
@@ -100,8 +101,10 @@ def resolve_blocks(spec: Any, num_blocks: int) -> list[int]:
 # -- schema ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepRule:
-    """`scale`: stretch warm-up/final counts and intervals to the run's step count, within [min, max];
-    `exact`: only the profile's own step count."""
+    """`scale`: carry the preset to the run's step count, within [min, max], keeping its computed fraction:
+    explicit step lists are resampled (`StepPlan.resample`), warm-up/final counts keep their share of the run,
+    rule intervals and block-run intervals stay (every k-th step is a share already); `exact`: only the
+    profile's own step count."""
 
     mode: str = "scale"
     min_steps: int | None = None
@@ -262,15 +265,10 @@ class BlockRunSpec:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """A preset's counts for one concrete step count (after `step_rule` scaling); `block_runs` is the
-    scaled (warmup_steps, t_max, t_min) of the preset's block runs, or None."""
+    """How a preset written for `reference_steps` steps is carried to a run of `num_steps` (`resample`)."""
 
     num_steps: int
     reference_steps: int
-    warmup_steps: int
-    final_steps: int
-    intervals: tuple[int, ...]
-    block_runs: tuple[int, int, int] | None = None
 
     def reference_step(self, step: int) -> int:
         """The profile step nearest to a run step (explicit lists are written for the profile's steps)."""
@@ -278,11 +276,48 @@ class StepPlan:
             return step
         return int(math.floor(step * (self.reference_steps - 1) / (self.num_steps - 1) + 0.5))
 
+    def resample(self, reference: Sequence[int]) -> tuple[list[int], dict[int, float]]:
+        """A schedule over the profile's steps (per step 0 to compute, else the skipped step's action) carried to
+        this run's step count with the same share of compute steps: K = the reference's computes x num_steps /
+        reference_steps, placed where the reference puts its computes. Each reference step spans an equal part of
+        the run; the j-th of ceil(K) computes goes to the run step holding the middle of the j-th of ceil(K)
+        equal slices of the reference's compute mass (the next free step where two meet), so runs of skipped
+        steps stay runs; step 0 always computes. When K is not whole, the last compute step computes only the
+        fractional part: returned as {step: share} beside the actions, which mark that step skipped (the caller
+        computes that share of the schedule's cells). A skipped run step takes the action of the reference step
+        it reads, or of the nearest skipped one. Reading the reference step by step instead (`reference_step`)
+        let the share drift with the step count: reference-wan's balanced preset computed 0.27 at 11 steps and
+        0.60 at 10."""
+        n, r = self.num_steps, len(reference)
+        if n == r:
+            return list(reference), {}
+        mass = np.array([1.0 if a == 0 else 0.0 for a in reference])
+        exact = min(float(n), max(1.0, mass.sum() * n / r))
+        k = math.ceil(exact - 1e-9)
+        cum = np.concatenate([[0.0], np.cumsum(mass)])
+        computes = [0]
+        for j in range(1, k):
+            level = (j + 0.5) * mass.sum() / k  # the middle of slice j, in compute mass
+            i = int(np.searchsorted(cum, level, side="right")) - 1  # the reference step holding it
+            s = min(n - 1, int((i + (level - cum[i]) / max(mass[i], 1e-12)) / r * n))
+            while s in computes and s < n - 1:
+                s += 1
+            while s in computes:
+                s -= 1
+            computes.append(s)
+        skipped = [i for i, a in enumerate(reference) if a != 0] or [0]
 
-def _scale(count: int, factor: float, keep_one: bool) -> int:
-    if count == 0 or (keep_one and count == 1):
-        return count
-    return max(1, int(math.floor(count * factor + 0.5)))
+        def skip_action(s: int) -> int:
+            ref = self.reference_step(s)
+            return reference[ref] if reference[ref] != 0 else reference[min(skipped, key=lambda i: abs(i - ref))]
+
+        actions = [0 if s in computes else skip_action(s) for s in range(n)]
+        shares: dict[int, float] = {}
+        if k > 1 and exact < k - 1e-9:
+            last = max(computes)
+            actions[last] = skip_action(last)
+            shares[last] = exact - (k - 1)
+        return actions, shares
 
 
 def _per_block_entries(key: str, raw: Any, what: str) -> Iterator[tuple[str, Any, Any]]:
@@ -406,23 +441,7 @@ class PresetSpec:
 
     def plan_for(self, num_steps: int) -> StepPlan:
         self.check_steps(num_steps)
-        ref = self.reference_steps or num_steps
-        f = num_steps / ref
-        br = self.block_runs
-        return StepPlan(
-            num_steps=num_steps,
-            reference_steps=ref,
-            warmup_steps=_scale(self.warmup_steps, f, keep_one=False),
-            final_steps=_scale(self.final_steps, f, keep_one=False),
-            intervals=tuple(_scale(r.interval, f, keep_one=True) for r in self.rules),
-            block_runs=None
-            if br is None
-            else (
-                _scale(br.warmup_steps, f, keep_one=False),
-                _scale(br.t_max, f, keep_one=True),
-                _scale(br.t_min, f, keep_one=True),
-            ),
-        )
+        return StepPlan(num_steps=num_steps, reference_steps=self.reference_steps or num_steps)
 
     def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
         d: dict[str, Any] = {
