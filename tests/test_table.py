@@ -127,12 +127,12 @@ def test_build_table_explicit_and_scaling():
     t20 = build_table(p, sig20, num_blocks=2)
     assert "".join("CRF"[v] for v in t20.actions[:8, 0, MLP]) == "CCCRCRCR"
     assert t20.actions[:2].max() == 0
-    # the explicit list (steps 2-3 of 10 reused: 0.8 computed) is resampled, not read step by step: steps 4-7 of
-    # 20 and 3-5 of 15 are reused, the same share at the same place in the run
+    # the explicit list (steps 2-3 of 10 reused: 0.8 computed) is resampled, not read step by step: 4 of 20 and
+    # 3 of 15 steps are reused, the same share at the same place in the run, the computes gained spread through it
     cross = COMPONENTS.index("cross_attn")
-    assert "".join("CRF"[v] for v in t20.actions[:, 0, cross]) == "CCCCRRRR" + "C" * 12
+    assert "".join("CRF"[v] for v in t20.actions[:, 0, cross]) == "CCCRCRRCRC" + "C" * 10
     t15 = build_table(p, [1.0 - i / 15 for i in range(15)], num_blocks=2)
-    assert "".join("CRF"[v] for v in t15.actions[:, 1, cross]) == "CCCRRR" + "C" * 9
+    assert "".join("CRF"[v] for v in t15.actions[:, 1, cross]) == "CCRCRRC" + "C" * 8
     with pytest.raises(ProfileError, match="covers 5-40 steps; got 4"):
         build_table(p, SIGMAS10[:4], num_blocks=2)
 

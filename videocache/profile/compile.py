@@ -2,7 +2,7 @@
 
 A preset is written for the profile's step count. At another step count (within its `step_rule`) its explicit
 step lists are resampled (`StepPlan.resample`): every group of cells that share a schedule keeps its share of
-compute steps, placed where the profile put them; warm-up and final counts keep their share of the run; rules
+compute steps, placed where the profile puts them and spread through its skip runs; warm-up and final counts keep their share of the run; rules
 and block runs recompute every k-th step, a share already. So a preset's computed fraction holds at every step
 count (tests/test_profile.py measures it for every shipped preset).
 """
