@@ -124,12 +124,12 @@ def render(result: dict) -> list[str]:
         changes = ", ".join(f"{k} {v:g}" for k, v in CASES[case].items()) or "as calibrated"
         for spec, m in per_case["presets"].items():
             if "error" in m:
-                rows.append([case, changes, spec.split(":")[-1], "error", "", "", "", m["error"]])
+                rows.append([case, changes, ":".join(spec.split(":")[2:]), "error", "", "", "", m["error"]])
                 continue
             peer = "none that cheap" if m["best_peer"] is None else (
                 f"`{m['best_peer']}` {m['best_peer_fraction']:.2f} / {m['best_peer_psnr']:.2f}")
             margin = "" if m["margin_db"] is None else f"{m['margin_db']:+.2f}"
-            rows.append([case, changes, spec.split(":")[-1], f"{m['computed_fraction']:.3f}", f"{m['psnr']:.2f}",
+            rows.append([case, changes, ":".join(spec.split(":")[2:]), f"{m['computed_fraction']:.3f}", f"{m['psnr']:.2f}",
                          peer, margin, ", ".join(f"`{d}`" for d in m["dominated_by"]) or "no"])
     lines += markdown_table(["case", "settings", "preset", "computed", "PSNR (dB)", "best peer computing no more",
                              "margin (dB)", "dominated by"], rows, "lllrrlrl")
@@ -144,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-count", type=int, default=4, help="the last N held-out captions (default 4)")
     p.add_argument("--prompts", nargs="+", default=None, help="these prompts instead")
     p.add_argument("--profile", default=None, help="the presets' profile (default: the model's own)")
+    p.add_argument("--flags", nargs="*", default=[], choices=["guard", "noguard", "novariants"],
+                   help="also run each preset with this method flag (guard: the run-time guard on; novariants: the "
+                        "calibration at the profile's guidance scale whatever the case's)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     prompts = args.prompts or held_out_tail(args.prompts_count)
     profile = args.profile or args.model
     ours = [f"videocache:{profile}:{name}" for name in PRESETS]
+    ours += [f"{spec}:{flag}" for flag in args.flags for spec in ours]
     out = Path(args.out)
     result = {"model": args.model, "profile": profile, "prompts": prompts, "calibration": CALIBRATION,
               "command": command(__file__, argv), "environment": environment(), "cases": {}}

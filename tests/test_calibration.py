@@ -100,13 +100,13 @@ def test_exposure_bias_stage_without_an_earlier_table_is_skipped(recording):
         _stage_trials("+eb", SearchOptions(), search, 0.3, None, None, 3)
 
 
-def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, capsys):
+def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "tiny.yaml"
     code = main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--budget", "0.75",
                  "--budget", "0.6", "--preset-names", "slow", "fast", "--out", str(out), "--steps", "10",
-                 "--no-progress"])
+                 "--no-progress", "--no-guard"])
     assert code == 0
     profile = vc.load_profile(out)
     assert {"slow", "fast", "full"} <= set(profile.presets) and profile.calibrated
@@ -117,6 +117,25 @@ def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, cap
     assert "videocache profile" in yaml.safe_load(out.read_text())["metadata"]["made_by"]
     assert "predicted fraction" in capsys.readouterr().out
     assert out.with_suffix(".fgbg.png").is_file() == (profile.fgbg is not None)  # the blocks x steps heatmap
+
+    # the same presets calibrated at guidance 8, added as a guidance variant
+    extended = tmp_path / "tiny-g.yaml"
+    assert main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--add-to", str(out),
+                 "--guidance-scale", "8", "--out", str(extended), "--no-progress", "--fgbg-prompts", "0"]) == 0
+    profile = vc.load_profile(extended)
+    assert [v.guidance_scale for v in profile.guidance_variants] == [8.0] and profile.guidance_scale == 5.0
+    assert set(profile.guidance_variants[0].presets) == {"slow", "fast"}
+    assert profile.preset("fast").for_guidance(7.5) is profile.guidance_variants[0].presets["fast"].for_guidance(None)
+    assert extended.with_name("tiny-g.guidance-8.json").is_file()
+    # then the run-time guard alone, written back into it (one threshold to try: the test's time)
+    monkeypatch.setattr("videocache.eval_vbench.calibration.guard.THRESHOLDS", (0.2,))
+    assert main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--guard-only",
+                 "--out", str(extended), "--guard-prompts", "1", "--no-progress"]) == 0
+    guarded = vc.load_profile(extended)
+    assert guarded.guard is not None and len(guarded.guard.sigmas) == 9 and guarded.guidance_variants
+    report = json.loads(extended.with_name("tiny-g.guard.json").read_text())["guard"]
+    assert {r["setting"] for r in report["trials"]} == {"calibration", "guidance 8", "frames 9"}
+    assert report["chosen"]["threshold"] == guarded.guard.threshold
 
 
 @pytest.mark.parametrize(

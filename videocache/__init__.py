@@ -33,6 +33,7 @@ from .family import (
     family_of,
     register_family,
 )
+from .guard import GuardConfig
 from .profile import PresetSpec, Profile, ProfileError, available_profiles, build_table, load_profile
 from .table import COMPONENTS, Action, BlockGroup, BlockLayout, CacheTable
 
@@ -48,6 +49,7 @@ __all__ = [
     "FamilyError",
     "FlopPoint",
     "GenerationDefaults",
+    "GuardConfig",
     "ModelAdapter",
     "ModelFamily",
     "PeerSettings",
@@ -104,6 +106,8 @@ def apply_to_transformer(
     observer: Any = None,
     fuse_skipped_steps: bool = True,
     compile_options: dict[str, Any] | None = None,
+    guard: bool | GuardConfig | None = None,
+    guidance_scale: Any = None,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -114,6 +118,11 @@ def apply_to_transformer(
     known, is checked against the profile or table now instead of at the first step.
     Storage (`max_cache_bytes`, `max_host_cache_bytes`, `cache_dtype`, `offload_to_cpu`) and
     `compile_options` are described in `EngineConfig`.
+    `guard`: the run-time guard on the table (`videocache.guard`): None follows the profile (on where its
+    `guard` section is enabled), True turns the profile's on (a profile without one is an error), False off,
+    a GuardConfig uses that one (also with a CacheTable).
+    `guidance_scale` (a zero-argument callable, or a number): the run's guidance scale, which picks the
+    preset's calibration nearest to it where the profile has guidance variants (`apply` reads the pipeline's).
 
     torch.compile: apply before or after `transformer.compile_repeated_blocks()` or
     `transformer.compile()`, or pass a `torch.compile(transformer)` wrapper; the engine then compiles the
@@ -152,6 +161,7 @@ def apply_to_transformer(
             eb = dataclasses.replace(eb, enabled=bool(exposure_bias))
         steps = num_inference_steps if num_inference_steps is not None else profile_obj.steps
         _preflight(source, steps, adapter, get_scheduler(), BlockLayout.from_fingerprint(fingerprint))
+    guard_config = _guard_config(guard, profile_obj)
 
     config = EngineConfig(
         max_cache_bytes=max_cache_bytes,
@@ -163,12 +173,30 @@ def apply_to_transformer(
         observer=observer,
         fuse_skipped_steps=fuse_skipped_steps,
         compile_options=compile_options,
+        guard=guard_config,
     )
     engine = CacheEngine(
-        transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name
+        transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name,
+        guidance_scale=guidance_scale if callable(guidance_scale) or guidance_scale is None else (lambda: guidance_scale),
     )
     setattr(transformer, _ATTR, engine)
     return engine
+
+
+def _guard_config(guard: bool | GuardConfig | None, profile: Profile | None) -> GuardConfig | None:
+    if isinstance(guard, GuardConfig):
+        return guard
+    if guard is not None and not isinstance(guard, bool):
+        raise ValueError(f"guard must be True, False, None or a GuardConfig; got {guard!r}")
+    own = None if profile is None else profile.guard
+    if guard is True:
+        if own is None:
+            where = "a CacheTable" if profile is None else f"profile {profile.name}"
+            raise ValueError(f"guard=True: {where} has no guard calibration; add one with videocache profile --guard-only")
+        return dataclasses.replace(own, enabled=True)
+    if guard is False or own is None or not own.enabled:
+        return None
+    return own
 
 
 def apply(
@@ -187,11 +215,15 @@ def apply(
     observer: Any = None,
     fuse_skipped_steps: bool = True,
     compile_options: dict[str, Any] | None = None,
+    guard: bool | GuardConfig | None = None,
+    guidance_variants: bool = True,
 ) -> CacheEngine:
     """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
     at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
     `observer(context, step, block, component, output)` sees every computed component (calibration).
-    `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig)."""
+    `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig). Where the profile has
+    presets calibrated at several guidance scales, each run uses the one nearest the pipeline's guidance scale
+    (`guidance_variants=False`: always the profile's own). `guard`: see `apply_to_transformer`."""
     if getattr(pipe, _ATTR, None) is not None:
         raise RuntimeError(
             "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
@@ -214,6 +246,9 @@ def apply(
         observer=observer,
         fuse_skipped_steps=fuse_skipped_steps,
         compile_options=compile_options,
+        guard=guard,
+        # diffusers pipelines set it per call
+        guidance_scale=(lambda: getattr(pipe, "guidance_scale", None)) if guidance_variants else None,
     )
     setattr(pipe, _ATTR, engine)
     return engine

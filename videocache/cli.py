@@ -249,8 +249,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None,
                    help="calibration prompts, one per line (reference pipelines default: 4 training captions, none of "
                         "which the benchmarks use)")
-    p.add_argument("--budget", type=float, action="append", required=True,
-                   help="computed-fraction budget in (0, 1]; repeat for several presets (e.g. --budget 0.5 --budget 0.33)")
+    p.add_argument("--budget", type=float, action="append", default=None,
+                   help="computed-fraction budget in (0, 1]; repeat for several presets (e.g. --budget 0.5 --budget 0.33); "
+                        "with --add-to, default: the budgets of that profile's presets")
     p.add_argument("--preset-names", nargs="+", default=None, help="one preset name per budget (default budget_0_5 ...)")
     p.add_argument("--out", required=True, help="profile YAML to write (the report goes next to it, .json)")
     p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
@@ -260,6 +261,15 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--add-to", default=None, metavar="PROFILE",
+                      help="calibrate the presets of this profile YAML again at --guidance-scale and add them to it as a "
+                           "guidance variant (runs then use the calibration nearest their guidance scale); --out: where "
+                           "to write the extended profile")
+    mode.add_argument("--guard-only", action="store_true",
+                      help="calibrate only the run-time guard of the profile at --out (made earlier) and write it back")
+    p.add_argument("--no-guard", action="store_true", help="skip the run-time guard's calibration")
+    p.add_argument("--guard-prompts", type=int, default=2, help="prompts used to calibrate the run-time guard")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else "
@@ -269,8 +279,11 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    import dataclasses
     import shlex
+    import time
 
+    import videocache
     from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
     from videocache.pipelines.generation import read_prompts
     from videocache.pipelines.loader import (
@@ -285,14 +298,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     from videocache.pipelines.reference import is_reference
 
-    for budget in args.budget:
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"--budget must be in (0, 1]; got {budget}")
-    if args.preset_names and len(args.preset_names) != len(args.budget):
-        raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {len(args.budget)} budgets")
     out = Path(args.out)
     if out.suffix not in (".yaml", ".yml"):
         raise ValueError(f"--out must be a .yaml file; got {args.out}")
+    base = None  # the profile --add-to extends or --guard-only completes
+    if args.add_to or args.guard_only:
+        base = videocache.load_profile(args.add_to or args.out)
+        made = base.metadata.get("settings") or {}
+        for arg, key in (("steps", "steps"), ("frames", "frames"), ("height", "height"), ("width", "width")):
+            if getattr(args, arg) is None and key in made:
+                setattr(args, arg, made[key])
+        if args.guard_only and args.guidance_scale is None:
+            args.guidance_scale = made.get("guidance_scale")
+    if args.add_to:
+        if args.guidance_scale is None:
+            raise ValueError("--add-to needs --guidance-scale: the guidance scale to calibrate the presets at")
+        measured = base.metadata.get("measured_on_calibration_prompts") or {}
+        if args.budget is None:
+            args.budget = [measured[n]["budget"] for n in measured]
+            args.preset_names = list(measured)
+        if not args.budget:
+            raise ValueError(f"--add-to: {args.add_to} records no preset budgets; give --budget and --preset-names")
+    if not args.guard_only:
+        if not args.budget:
+            raise ValueError("give --budget (a computed-fraction budget per preset, e.g. --budget 0.5 --budget 0.33)")
+        for budget in args.budget:
+            if not 0.0 < budget <= 1.0:
+                raise ValueError(f"--budget must be in (0, 1]; got {budget}")
+        if args.preset_names and len(args.preset_names) != len(args.budget):
+            raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {len(args.budget)} budgets")
     dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
@@ -315,15 +349,34 @@ def cmd_profile(args: argparse.Namespace) -> int:
         guidance_scale=video["guidance_scale"], attention_backend=backend,
     )
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
-    profile, report = calibrate(
-        pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,
-        fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
-    )
-    report["attention_backend"] = attention_backend_of(pipe)
+    if base is not None:
+        base.check_model(videocache.adapters.get_adapter(pipe.transformer).fingerprint(pipe.transformer))
+    if args.guard_only:
+        profile, report = base, {"seconds": 0.0}
+    else:
+        profile, report = calibrate(
+            pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,
+            fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
+        )
+        report["attention_backend"] = attention_backend_of(pipe)
+    if args.add_to:
+        profile = base.with_guidance_variant(profile)
+    if not args.no_guard and not args.add_to:
+        from videocache.eval_vbench.calibration.guard import calibrate_guard
+        from videocache.eval_vbench.calibration.runs import generate_frames
+
+        started = time.time()
+        guard, guard_report = calibrate_guard(pipe, profile, prompts[:args.guard_prompts], settings, generate_frames,
+                                              progress=not args.no_progress)
+        profile = dataclasses.replace(profile, guard=guard)
+        report["guard"] = guard_report
+        report["seconds"] = round(report["seconds"] + time.time() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    written = [str(out), str(out.with_suffix(".json"))]
+    report_path = out.with_suffix(".json") if base is None else out.with_name(
+        f"{out.stem}.{'guard' if args.guard_only else f'guidance-{args.guidance_scale:g}'}.json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    written = [str(out), str(report_path)]
     if profile.fgbg is not None and profile.fgbg.per_step:
         from videocache.fgbg import save_heatmap
 

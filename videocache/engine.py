@@ -57,6 +57,7 @@ from diffusers.hooks import HookRegistry
 from .adapters import ModelAdapter
 from .exposure_bias import ExposureBiasConfig, correct_velocity
 from .forecast import served
+from .guard import GuardConfig, TableGuard
 from .hooks import (
     BLOCK_HOOK,
     COMPONENT_HOOK,
@@ -108,6 +109,9 @@ class EngineConfig:
     # called as observer(context, step, block, component, output) after every computed component (calibration)
     observer: Callable[[str, int, int, str, Any], None] | None = None
     compile_options: dict[str, Any] | None = None
+    # the run-time guard on the table (videocache.guard); with it, uniform skip steps go block by block (the
+    # guard rewrites which steps are uniform)
+    guard: GuardConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_cache_bytes", "max_host_cache_bytes"):
@@ -126,6 +130,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         if not isinstance(self.exposure_bias, ExposureBiasConfig):
             raise ValueError("exposure_bias must be an ExposureBiasConfig")
+        if self.guard is not None and not isinstance(self.guard, GuardConfig):
+            raise ValueError("guard must be a GuardConfig or None")
         if self.compile_options is not None and not isinstance(self.compile_options, dict):
             raise ValueError(f"compile_options must be a dict of torch.compile arguments; got {self.compile_options!r}")
 
@@ -148,6 +154,7 @@ class CacheEngine:
         *,
         profile: Any = None,
         preset: str | None = None,
+        guidance_scale: Callable[[], float | None] | None = None,
     ) -> None:
         self.transformer = transformer
         self.adapter = adapter
@@ -155,6 +162,7 @@ class CacheEngine:
         self.profile = profile
         self.preset = preset
         self._scheduler = scheduler if callable(scheduler) else (lambda: scheduler)
+        self._guidance_scale = guidance_scale or (lambda: None)  # the run's, for presets calibrated at several
         self._blocks = list(adapter.blocks(transformer))
         self.layout = layout = BlockLayout.from_fingerprint(adapter.fingerprint(transformer))
         if layout.num_blocks != len(self._blocks):
@@ -180,7 +188,10 @@ class CacheEngine:
             )
         self._tables = TableSource(source, layout)
         self._block_mode = callable(getattr(adapter, "block_compute", None))
-        self._fuse = self.config.fuse_skipped_steps and self._block_mode and hasattr(adapter, "residual_gates")
+        guard = self.config.guard
+        self._guard = TableGuard(guard, self.component_flops, self._agreement_group) if guard and guard.enabled else None
+        self._fuse = (self.config.fuse_skipped_steps and self._block_mode and hasattr(adapter, "residual_gates")
+                      and self._guard is None)
         # per block and component: index of the gate part all blocks share (None: not gated by one)
         self._shared_gate = [adapter.residual_gates(b) for b in self._blocks] if self._fuse else []
         self.table: CacheTable | None = source if isinstance(source, CacheTable) else None
@@ -352,8 +363,11 @@ class CacheEngine:
         if state.table is None or state.table.num_steps != num:
             state.reset()
             state.sigmas = self._sigmas(num)
-            state.table = self._tables(num, state.sigmas if self._tables.preset is not None else None)
+            state.table = self._tables(num, state.sigmas if self._tables.preset is not None else None,
+                                       self._guidance_scale())
             self.table = state.table
+        if self._guard is not None:
+            self._guarded_table(state, step, x_t)
         sigma = ctx.sigma
         if sigma is None and state.sigmas is not None:
             sigma = state.sigmas[step]
@@ -367,6 +381,37 @@ class CacheEngine:
         if self.config.exposure_bias.enabled:
             out = self._correct_exposure_bias(out, x_t, state.sigma)
         return out
+
+    def _agreement_group(self) -> Any:
+        return getattr(getattr(self.transformer, AGREE_ATTR, None), "group", None)
+
+    def _guarded_table(self, state: ContextState, step: int, x_t: torch.Tensor) -> None:
+        """The guard's table for this step (the first context of a step decides; videocache.guard); this
+        context's kept outputs and block-run deltas are given the new table's last uses."""
+        guard = self._guard
+        if guard.table is None or step < guard.step or guard.table.num_steps != state.table.num_steps:
+            guard.start(state.table, state.sigmas)
+        table = guard.decide(step, x_t)
+        if table is state.table:
+            return
+        for key, kept in state.entries.items():
+            block, comp = divmod(key, self._width)
+            alive = []
+            for e in kept:
+                last = table.cells[e.step][block][comp][2]  # no fused skips under the guard
+                if last is None or last < step:
+                    self.store.release(e)
+                else:
+                    e.last_use = last
+                    alive.append(e)
+            kept[:] = alive
+        for run, e in list(state.run_deltas.items()):
+            last = table.run_last_use(e.step, run)
+            if last is None or last < step:
+                self.store.release(state.run_deltas.pop(run))
+            else:
+                e.last_use = last
+        state.table = self.table = table
 
     def _sigmas(self, num: int) -> list[float] | None:
         """The run's per-step sigmas on the host, read once per table."""
@@ -689,6 +734,9 @@ class CacheEngine:
             refused_stores=store.refused,
             compiled=self.compiled,
         )
+        if self._guard is not None:
+            out.update(guard_forced=list(self._guard.forced), guard_dropped=list(self._guard.dropped),
+                       guard_signal=list(self._guard.signal))
         return out
 
     def component_flops(self) -> np.ndarray:

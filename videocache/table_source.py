@@ -1,5 +1,6 @@
 """The table for a run: one fixed CacheTable, or a profile preset expanded for the run's step count and
-sigmas (memoised, so a generation expands its preset once)."""
+sigmas (memoised, so a generation expands its preset once), from the preset's calibration nearest to the run's
+guidance scale where the profile has several (`PresetSpec.for_guidance`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class TableSource:
             return bool(self.fixed.block_runs)
         return getattr(self.preset, "block_runs", None) is not None
 
-    def __call__(self, num_steps: int, sigmas: Sequence[float] | None) -> CacheTable:
+    def __call__(self, num_steps: int, sigmas: Sequence[float] | None, guidance_scale: float | None = None) -> CacheTable:
         if self.fixed is not None:
             if num_steps != self.fixed.num_steps:
                 raise ValueError(
@@ -37,10 +38,12 @@ class TableSource:
                 "videocache needs the scheduler's sigmas to expand a profile preset: apply it to a pipeline "
                 "with a scheduler, or pass the scheduler to apply_to_transformer"
             )
-        key = (num_steps, tuple(round(float(s), 6) for s in sigmas))
+        preset = self.preset.for_guidance(guidance_scale)
+        key = (num_steps, tuple(round(float(s), 6) for s in sigmas), preset.guidance_scale if preset is self.preset
+               else next(g for g, v in self.preset.guidance_variants if v is preset))
         table = self._built.get(key)
         if table is None:
             if len(self._built) >= 8:
                 self._built.clear()
-            table = self._built[key] = build_table(self.preset, sigmas, self.layout.num_blocks, self.layout)
+            table = self._built[key] = build_table(preset, sigmas, self.layout.num_blocks, self.layout)
         return table

@@ -82,7 +82,7 @@ def model_layout(pipe) -> videocache.BlockLayout:
     return videocache.BlockLayout.from_fingerprint(adapter.fingerprint(pipe.transformer))
 
 
-def _generate(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
+def generate_frames(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
     return generate(pipe, prompt, seed=s.seed, progress=False, **s.call()).frames
 
 
@@ -99,7 +99,7 @@ def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, 
             pipe, table=CacheTable.full_compute(s.steps, layout.num_blocks, layout), observer=recorder, trace=False
         )
         try:
-            refs.append(_generate(pipe, prompt, s))
+            refs.append(generate_frames(pipe, prompt, s))
             flops = engine.component_flops()
         finally:
             videocache.remove(pipe)
@@ -164,7 +164,7 @@ def measure(pipe, profile: Profile, preset: str, prompts: Sequence[str], refs: S
     psnrs, ssims = [], []
     try:
         for prompt, ref in zip(prompts, refs, strict=True):
-            video = _generate(pipe, prompt, s)
+            video = generate_frames(pipe, prompt, s)
             psnrs.append(min(psnr(video, ref), 99.0))
             ssims.append(ssim(video, ref))
         fraction = engine.stats()["computed_fraction"]
@@ -258,6 +258,7 @@ def calibrate(
         "model": {k: fingerprint[k] for k in ("architecture", "num_blocks", "components", "groups") if k in fingerprint},
         "calibrated": True,
         "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
         "step_rule": {"mode": "scale", "min_steps": max(1, round(0.4 * settings.steps)), "max_steps": settings.steps * 4},
         "exposure_bias": (eb or ExposureBiasConfig()).to_dict(),
         **({"fgbg": fgbg.to_dict()} if fgbg is not None else {}),

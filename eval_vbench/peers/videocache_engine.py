@@ -1,6 +1,7 @@
 """videocache's own engine as a comparison method: a profile (name or YAML path) with one of its presets,
 optionally with exposure-bias scaling switched or the fused skip of uniform steps off
-(`videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise]`).
+the preset's calibration at the profile's guidance scale whatever the run's (`novariants`), and the run-time guard
+on or off (`videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise][:novariants][:guard|noguard]`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ class VideocacheMethod(Method):
     preset: str | None = None
     exposure_bias: str | None = None  # None: the profile's setting; "eb": b(t) on; "eb-inv": 1/b(t); "noeb": off
     blockwise: bool = False  # skip uniform steps block by block (the engine's fused skip off), for ablations
+    guard: bool | None = None  # None: the profile's setting; True / False: the run-time guard on / off
+    variants: bool = True  # False: ignore the profile's guidance variants (ablation)
     family: ClassVar[str] = "videocache"
 
     @property
     def spec(self) -> str:
-        flags = (self.exposure_bias, "blockwise" if self.blockwise else None)
+        flags = (self.exposure_bias, "blockwise" if self.blockwise else None, None if self.variants else "novariants",
+                 None if self.guard is None else ("guard" if self.guard else "noguard"))
         return ":".join(p for p in ("videocache", self.profile, self.preset, *flags) if p)
 
     def exposure_bias_override(self) -> Any:
@@ -42,7 +46,15 @@ class VideocacheMethod(Method):
         import videocache
 
         preset = videocache.load_profile(self.profile).preset(self.preset)
-        text = json.dumps([preset.to_dict(), self.exposure_bias, self.blockwise], sort_keys=True, default=str)
+        profile = videocache.load_profile(self.profile)
+        guard = profile.guard if self.guard is not False else None
+        parts = [preset.to_dict(), self.exposure_bias, self.blockwise]
+        if self.variants and profile.guidance_variants:  # digests of profiles without variants unchanged
+            parts.append([[v.guidance_scale, v.presets[preset.name].to_dict()] for v in profile.guidance_variants
+                          if preset.name in v.presets])
+        if self.guard is not None or (guard is not None and guard.enabled):  # digests without a guard unchanged
+            parts.append(None if guard is None or self.guard is False else guard.to_dict())
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
@@ -55,6 +67,8 @@ class VideocacheMethod(Method):
             num_inference_steps=setup.num_inference_steps,
             exposure_bias=self.exposure_bias_override(),
             fuse_skipped_steps=not self.blockwise,
+            guard=self.guard,
+            guidance_variants=self.variants,
         )
         return AppliedMethod(
             remove=lambda: videocache.remove(pipe),
@@ -66,12 +80,19 @@ class VideocacheMethod(Method):
 
 def parse_spec(text: str, parts: list[str]) -> VideocacheMethod:
     """A `videocache:...` spec, split at ':' (`parts`); MethodSpecError otherwise."""
+    guard = {"guard": True, "noguard": False}.get(parts[-1]) if len(parts) > 2 else None
+    if guard is not None:
+        parts.pop()
+    variants = not (len(parts) > 2 and parts[-1] == "novariants")
+    if not variants:
+        parts.pop()
     blockwise = len(parts) > 2 and parts[-1] == "blockwise"
     if blockwise:
         parts.pop()
     eb = parts.pop() if len(parts) > 2 and parts[-1] in ("eb", "eb-inv", "noeb") else None
     if len(parts) not in (2, 3) or not all(parts[1:]):
-        raise spec_error(text, "expected videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise]")
+        raise spec_error(text, "expected videocache:PROFILE[:PRESET][:eb|eb-inv|noeb][:blockwise][:novariants][:guard|noguard]")
     return VideocacheMethod(
-        profile=parts[1], preset=parts[2] if len(parts) == 3 else None, exposure_bias=eb, blockwise=blockwise
+        profile=parts[1], preset=parts[2] if len(parts) == 3 else None, exposure_bias=eb, blockwise=blockwise,
+        guard=guard, variants=variants,
     )

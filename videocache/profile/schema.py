@@ -16,6 +16,7 @@ import yaml
 
 from ..exposure_bias import ExposureBiasConfig
 from ..fgbg import FgBgProfile
+from ..guard import GuardConfig
 from ..table import COMPONENTS, BlockGroup, BlockLayout, consecutive_runs
 from .search_path import suggest_profiles
 
@@ -389,6 +390,9 @@ class PresetSpec:
     step_rule: StepRule = field(default_factory=StepRule)
     source: str = "<preset>"
     profile_name: str = ""
+    guidance_scale: float | None = None  # the guidance scale it was calibrated at (the profile's)
+    # the same preset calibrated at other guidance scales (the profile's guidance_variants): (scale, preset)
+    guidance_variants: tuple[tuple[float, PresetSpec], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "final_steps"):
@@ -419,6 +423,14 @@ class PresetSpec:
         return orders[0] if orders else 1
 
     resolve_blocks = staticmethod(resolve_blocks)
+
+    def for_guidance(self, guidance_scale: float | None) -> PresetSpec:
+        """The calibration of this preset nearest to the run's guidance scale (this one when the run's is
+        unknown, or the profile has no guidance variants; this one on a tie)."""
+        if guidance_scale is None or self.guidance_scale is None or not self.guidance_variants:
+            return self
+        options = [(self.guidance_scale, self), *self.guidance_variants]
+        return min(options, key=lambda o: abs(o[0] - float(guidance_scale)))[1]
 
     def check_steps(self, num_steps: int) -> None:
         """Raise a one-line ProfileError when the profile does not cover this step count."""
@@ -466,6 +478,25 @@ class PresetSpec:
         return d
 
 
+@dataclass(frozen=True)
+class GuidanceVariant:
+    """A profile's presets calibrated again at another guidance scale (`videocache profile --add-to`)."""
+
+    guidance_scale: float
+    presets: dict[str, PresetSpec]
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, int | float) or not g > 0:
+            raise ValueError(f"guidance_scale must be a number > 0; got {g!r}")
+
+    def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
+        return {"guidance_scale": self.guidance_scale,
+                "presets": {k: p.to_dict(inherited_eb) for k, p in self.presets.items()},
+                **({"metadata": self.metadata} if self.metadata else {})}
+
+
 @dataclass
 class Profile:
     name: str
@@ -480,6 +511,10 @@ class Profile:
     schema_version: int = SCHEMA_VERSION
     source: str = "<profile>"
     fgbg: FgBgProfile | None = None  # the fg/bg block profile the block-run presets were chosen from
+    guard: GuardConfig | None = None  # the run-time guard's calibration (videocache.guard), for every preset
+    guidance_scale: float | None = None  # the guidance scale the presets were calibrated at
+    # the presets calibrated again at other guidance scales, chosen by the run's (PresetSpec.for_guidance)
+    guidance_variants: tuple[GuidanceVariant, ...] = ()
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -507,33 +542,55 @@ class Profile:
             raise ProfileError(
                 f"default_preset {self.default_preset!r} is not one of the presets ({', '.join(self.presets)})"
             )
+        if self.guidance_variants and self.guidance_scale is None:
+            raise ProfileError("guidance_variants need the guidance_scale the presets were calibrated at")
+        if self.guidance_scale is not None and not (isinstance(self.guidance_scale, int | float)
+                                                    and not isinstance(self.guidance_scale, bool) and self.guidance_scale > 0):
+            raise ProfileError(f"guidance_scale must be a number > 0; got {self.guidance_scale!r}")
+        scales = [self.guidance_scale, *(v.guidance_scale for v in self.guidance_variants)]
+        if len(set(scales)) != len(scales):
+            raise ProfileError(f"guidance_variants: each guidance scale once, besides the profile's; got {scales}")
+        variants = []
+        for i, variant in enumerate(self.guidance_variants):
+            with _where(f"guidance_variants[{i}]"):
+                unknown = [k for k in variant.presets if k not in self.presets]
+                if unknown:
+                    raise ProfileError(f"preset {unknown[0]!r} is not one of the profile's ({', '.join(self.presets)})")
+                variants.append(replace(variant, presets={k: self._filled(k, p) for k, p in variant.presets.items()}))
+        self.guidance_variants = tuple(variants)
         filled: dict[str, PresetSpec] = {}
         for key, p in self.presets.items():
-            with _where(f"presets.{key}"):
-                p = replace(
-                    p,
-                    name=key,
-                    reference_steps=self.steps,
-                    step_rule=self.step_rule,
-                    source=self.source,
-                    profile_name=self.name,
-                    exposure_bias=p.exposure_bias if p.exposure_bias is not None else self.exposure_bias,
-                )
-                layout = self.model.layout
-                for i, r in enumerate(p.rules):
-                    with _where(f"rules[{i}]"):
-                        _check_component_names(r.components, layout, r.block_indices(self.model.num_blocks))
-                for field_name, mapping in (("explicit", p.explicit), ("explicit_forecast", p.explicit_forecast),
-                                            ("correction", p.correction)):
-                    for comp, per_blocks in mapping.items():
-                        for spec in per_blocks:
-                            with _where(f"{field_name}.{comp}.{spec}"):
-                                _check_component_names([comp], layout, resolve_blocks(spec, self.model.num_blocks))
-                if p.block_runs is not None:
-                    with _where("block_runs.blocks"):
-                        p.block_runs.runs(self.model.num_blocks)
+            p = replace(self._filled(key, p), guidance_scale=self.guidance_scale, guidance_variants=tuple(
+                (v.guidance_scale, v.presets[key]) for v in self.guidance_variants if key in v.presets))
             filled[key] = p
         self.presets = filled
+
+    def _filled(self, key: str, p: PresetSpec) -> PresetSpec:
+        """A preset with the profile's facts filled in, checked against the model."""
+        with _where(f"presets.{key}"):
+            p = replace(
+                p,
+                name=key,
+                reference_steps=self.steps,
+                step_rule=self.step_rule,
+                source=self.source,
+                profile_name=self.name,
+                exposure_bias=p.exposure_bias if p.exposure_bias is not None else self.exposure_bias,
+            )
+            layout = self.model.layout
+            for i, r in enumerate(p.rules):
+                with _where(f"rules[{i}]"):
+                    _check_component_names(r.components, layout, r.block_indices(self.model.num_blocks))
+            for field_name, mapping in (("explicit", p.explicit), ("explicit_forecast", p.explicit_forecast),
+                                        ("correction", p.correction)):
+                for comp, per_blocks in mapping.items():
+                    for spec in per_blocks:
+                        with _where(f"{field_name}.{comp}.{spec}"):
+                            _check_component_names([comp], layout, resolve_blocks(spec, self.model.num_blocks))
+            if p.block_runs is not None:
+                with _where("block_runs.blocks"):
+                    p.block_runs.runs(self.model.num_blocks)
+        return p
 
     # -- use ----------------------------------------------------------------------------------
     def preset(self, name: str | None = None) -> PresetSpec:
@@ -573,6 +630,24 @@ class Profile:
     def check_steps(self, num_steps: int) -> None:
         self.preset().check_steps(num_steps)
 
+    def with_guidance_variant(self, other: Profile) -> Profile:
+        """This profile with `other`'s presets (the same model and step count, calibrated at another guidance
+        scale) added as a guidance variant, replacing one at that scale."""
+        own, theirs = (p.guidance_scale if p.guidance_scale is not None else p.metadata.get("settings", {}).get("guidance_scale")
+                       for p in (self, other))
+        if other.model != self.model or other.steps != self.steps:
+            raise ProfileError(f"{other.name} is for another model or step count than {self.name}: calibrate it for "
+                               f"{self.model.architecture} at {self.steps} steps")
+        if theirs is None or own is None:
+            raise ProfileError("both profiles must say the guidance scale they were calibrated at")
+        if theirs == own:
+            raise ProfileError(f"{self.name} is already calibrated at guidance {own:g}")
+        variant = GuidanceVariant(theirs, {k: v for k, v in other.presets.items() if k != "full"},
+                                  {k: other.metadata[k] for k in ("made_by", "settings", "measured_on_calibration_prompts")
+                                   if k in other.metadata})
+        kept = [v for v in self.guidance_variants if v.guidance_scale != theirs]
+        return replace(self, guidance_scale=own, guidance_variants=tuple(sorted([*kept, variant], key=lambda v: v.guidance_scale)))
+
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -586,6 +661,10 @@ class Profile:
             "exposure_bias": self.exposure_bias.to_dict(),
             "presets": {k: p.to_dict(self.exposure_bias) for k, p in self.presets.items()},
             **({"fgbg": self.fgbg.to_dict()} if self.fgbg is not None else {}),
+            **({"guard": self.guard.to_dict()} if self.guard is not None else {}),
+            **({"guidance_scale": self.guidance_scale} if self.guidance_scale is not None else {}),
+            **({"guidance_variants": [v.to_dict(self.exposure_bias) for v in self.guidance_variants]}
+               if self.guidance_variants else {}),
             "metadata": self.metadata,
         }
 
@@ -611,7 +690,8 @@ class Profile:
             top = _check_keys(
                 data,
                 ("schema_version", "name", "model", "steps", "presets"),
-                ("calibrated", "step_rule", "default_preset", "exposure_bias", "fgbg", "metadata"),
+                ("calibrated", "step_rule", "default_preset", "exposure_bias", "fgbg", "guard", "guidance_scale",
+                 "guidance_variants", "metadata"),
             )
         with _where("model"):
             m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components", "groups"))
@@ -640,6 +720,24 @@ class Profile:
         if top.get("fgbg") is not None:
             with _where("fgbg"):
                 fgbg = FgBgProfile.from_dict(top["fgbg"])
+        variants = []
+        raw_variants = top.get("guidance_variants") or []
+        if not isinstance(raw_variants, list):
+            raise ProfileError("guidance_variants must be a list of {guidance_scale, presets, metadata}")
+        for i, raw in enumerate(raw_variants):
+            with _where(f"guidance_variants[{i}]"):
+                v = _check_keys(raw, ("guidance_scale", "presets"), ("metadata",))
+                if not isinstance(v["presets"], Mapping) or not v["presets"]:
+                    raise ValueError("presets must be a non-empty mapping of preset name -> preset")
+                vp = {}
+                for key, preset_raw in v["presets"].items():
+                    with _where(f"presets.{key}"):
+                        vp[str(key)] = _parse_preset(str(key), preset_raw, eb, top["steps"])
+                variants.append(GuidanceVariant(v["guidance_scale"], vp, v.get("metadata") or {}))
+        guard = None
+        if top.get("guard") is not None:
+            with _where("guard"):
+                guard = GuardConfig.from_dict(top["guard"])
         return cls(
             name=top["name"],
             model=model,
@@ -651,6 +749,9 @@ class Profile:
             exposure_bias=eb,
             metadata=top.get("metadata") or {},
             fgbg=fgbg,
+            guard=guard,
+            guidance_scale=top.get("guidance_scale"),
+            guidance_variants=tuple(variants),
             schema_version=top["schema_version"],
             source=source,
         )

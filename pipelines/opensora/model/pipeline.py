@@ -173,6 +173,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         embeds = embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         mask = mask.repeat_interleave(num_videos_per_prompt, dim=0)
         batch = embeds.shape[0]
+        self._guidance_scale = guidance_scale  # read by caches that choose by the run's guidance scale
         do_cfg = guidance_scale > 1.0
         if do_cfg:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
