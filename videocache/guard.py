@@ -76,15 +76,6 @@ class GuardConfig:
         return cls(tuple(raw["sigmas"]), tuple(raw["drift_rate"]), raw["threshold"], raw.get("enabled", True))
 
 
-def drift_rates(latents: Sequence[torch.Tensor], sigmas: Sequence[float]) -> list[float]:
-    """Per step t >= 1: |x_t - x_(t-1)|_1 / |x_(t-1)|_1 / (sigma_(t-1) - sigma_t), from one run's inputs."""
-    out = []
-    for t in range(1, len(latents)):
-        a, b = latents[t - 1].float(), latents[t].float()
-        out.append(float((b - a).abs().sum() / a.abs().sum()) / max(abs(sigmas[t - 1] - sigmas[t]), 1e-12))
-    return out
-
-
 class TableGuard:
     """One generation's guard (module docstring). `decide(step, x)` is called at every transformer call and
     returns the table this step runs with."""
