@@ -31,7 +31,7 @@ State lives per cache context ("cond", "uncond", ... or "default" for a direct c
 `_reset_stateful_cache()` frees everything at the end of a call; a context whose step index goes
 backwards starts a new generation and is reset too.
 
-Nothing on the per-call path synchronises with the device: steps, sigmas and decisions are host values
+Without the guard, nothing on the per-call path synchronises with the device: steps, sigmas and decisions are host values
 from the table and the scheduler, FLOPs are memoised per input shape, and kept outputs are tensors.
 
 Sequence parallelism: every rank holds its own shard of the tokens, so the tensors kept here are
@@ -39,8 +39,10 @@ per-rank shards and must never be gathered. Table decisions depend only on (tabl
 ranks share, so they agree without communication. The one data-dependent decision, whether the byte
 budget has room (shards of uneven size hold different byte counts), is agreed by the ranks that share
 the tokens through the transformer's `parallel_plan.AGREE_ATTR` (set under sequence parallelism; a CPU
-all_reduce, only when a budget is set). `CacheEngine._decide` is where any future data-dependent cell
-decision must be agreed the same way.
+all_reduce, only when a budget is set). The run-time guard (`videocache.guard`, off unless asked) rewrites
+the table from a step on, from one signal the ranks all-reduce; with it, the per-call path reads the device
+once per step. `CacheEngine._decide` is where any future data-dependent cell decision must be agreed the same
+way.
 """
 
 from __future__ import annotations
