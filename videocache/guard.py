@@ -8,9 +8,10 @@ rate per unit of sigma at each sigma (`GuardConfig.drift_rate`), so a run of any
 E = sum of rate(sigma) * (sigma_(t-1) - sigma_t) over the same steps. The cached outputs were made at the
 last full compute; their error grows with how far the input has moved since. Where D > (1 + threshold) * E
 on a step the table does not compute in full, the guard computes that step, and pays it back at once by
-skipping the nearest later step that the table computes whole (one whose neighbours compute too when there
-is one, so no long skip run appears), which keeps the computed fraction the preset's. A step is forced only
-while such a later step exists.
+skipping the nearest later step that the table computes whole between two computed steps, which keeps the
+computed fraction the preset's. A step is forced only while such a later step exists: skipping a step at the
+edge of a skip run lengthens the run, and forecasts over the longer run cost more than the forced step
+gains (measured: benchmarks/shift_reference/README.md).
 
 The rewrite is a new `CacheTable` from the step on (the past is untouched), made on the host before the
 step runs: one host-device synchronisation per step (reading the two sums), decisions out of any compiled
@@ -147,6 +148,11 @@ class TableGuard:
         runs = self.table.run_actions.copy() if self.table.run_actions is not None else None
         if runs is not None and runs.size:
             runs[step] = Action.COMPUTE
+        t = self.table
+
+        def rebuilt(actions: np.ndarray) -> CacheTable:
+            return CacheTable(actions, t.forecast_order, t.block_runs, runs, t.reuse_scale, t.layout)
+
         debt = self._debt + 1.0 - self._computed_share(step)
         if debt >= 0.5:
             computes = [s == step or bool((acts[s][present] == Action.COMPUTE).all()) for s in range(len(acts))]
@@ -156,8 +162,7 @@ class TableGuard:
                 trial = arr.copy()
                 trial[u][present] = self._skip_actions(u)[present]
                 try:
-                    table = CacheTable(trial, self.table.forecast_order, self.table.block_runs, runs,
-                                       self.table.reuse_scale, self.table.layout)
+                    table = rebuilt(trial)
                 except TableError:
                     continue
                 self._debt = debt - 1.0
@@ -165,8 +170,7 @@ class TableGuard:
                 return table
             return None
         self._debt = debt
-        return CacheTable(arr, self.table.forecast_order, self.table.block_runs, runs, self.table.reuse_scale,
-                          self.table.layout)
+        return rebuilt(arr)
 
     def _skip_actions(self, step: int) -> np.ndarray:
         """Per cell, the skip the table uses nearest to `step` (reuse where it skips that cell nowhere)."""

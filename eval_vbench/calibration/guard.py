@@ -25,6 +25,7 @@ from videocache.profile import Profile
 from videocache.table import CacheTable
 
 from ..metrics.fidelity import psnr
+from .runs import model_layout
 
 THRESHOLDS = (0.05, 0.1, 0.2, 0.35)
 MAX_COST_DB = 0.3
@@ -47,12 +48,10 @@ def shifted_settings(settings: Any, frames_step: int = 4) -> dict[str, Any]:
 def drift_rates(pipe, prompts: Sequence[str], settings: Any, generate: Callable) -> tuple[list[float], list[float]]:
     """(sigmas, rates): per step t >= 1 the mean over prompts of the input drift per unit sigma, at the
     midpoint of sigma_(t-1) and sigma_t."""
-    layout = videocache.adapters.get_adapter(pipe.transformer)
-    num_blocks = len(list(layout.blocks(pipe.transformer)))
-    fingerprint_layout = videocache.BlockLayout.from_fingerprint(layout.fingerprint(pipe.transformer))
+    layout = model_layout(pipe)
     rates = []
     for prompt in prompts:
-        engine = videocache.apply(pipe, table=CacheTable.full_compute(settings.steps, num_blocks, fingerprint_layout),
+        engine = videocache.apply(pipe, table=CacheTable.full_compute(settings.steps, layout.num_blocks, layout),
                                   guard=_PROBE, trace=False)
         try:
             generate(pipe, prompt, settings)

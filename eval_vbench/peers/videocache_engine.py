@@ -45,8 +45,8 @@ class VideocacheMethod(Method):
 
         import videocache
 
-        preset = videocache.load_profile(self.profile).preset(self.preset)
         profile = videocache.load_profile(self.profile)
+        preset = profile.preset(self.preset)
         guard = profile.guard if self.guard is not False else None
         parts = [preset.to_dict(), self.exposure_bias, self.blockwise]
         if self.variants and profile.guidance_variants:  # digests of profiles without variants unchanged

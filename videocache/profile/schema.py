@@ -708,13 +708,7 @@ class Profile:
             step_rule = StepRule(**sr)
         with _where("exposure_bias"):
             eb = ExposureBiasConfig(**_check_eb(top.get("exposure_bias") or {}))
-        presets_raw = top["presets"]
-        if not isinstance(presets_raw, Mapping) or not presets_raw:
-            raise ProfileError("presets: must be a non-empty mapping of preset name -> preset")
-        presets = {}
-        for key, raw in presets_raw.items():
-            with _where(f"presets.{key}"):
-                presets[str(key)] = _parse_preset(str(key), raw, eb, top["steps"])
+        presets = _parse_presets(top["presets"], eb, top["steps"])
         default = top.get("default_preset", next(iter(presets)))
         fgbg = None
         if top.get("fgbg") is not None:
@@ -727,13 +721,8 @@ class Profile:
         for i, raw in enumerate(raw_variants):
             with _where(f"guidance_variants[{i}]"):
                 v = _check_keys(raw, ("guidance_scale", "presets"), ("metadata",))
-                if not isinstance(v["presets"], Mapping) or not v["presets"]:
-                    raise ValueError("presets must be a non-empty mapping of preset name -> preset")
-                vp = {}
-                for key, preset_raw in v["presets"].items():
-                    with _where(f"presets.{key}"):
-                        vp[str(key)] = _parse_preset(str(key), preset_raw, eb, top["steps"])
-                variants.append(GuidanceVariant(v["guidance_scale"], vp, v.get("metadata") or {}))
+                variants.append(GuidanceVariant(v["guidance_scale"], _parse_presets(v["presets"], eb, top["steps"]),
+                                                v.get("metadata") or {}))
         guard = None
         if top.get("guard") is not None:
             with _where("guard"):
@@ -765,6 +754,17 @@ def preset_from_dict(name: str, raw: Any, steps: int | None = None) -> PresetSpe
     """One preset from its profile-YAML mapping (for tools that build presets, e.g. calibration)."""
     with _where(f"preset {name!r}"):
         return _parse_preset(name, raw, ExposureBiasConfig(), steps)
+
+
+def _parse_presets(raw: Any, profile_eb: ExposureBiasConfig, steps: Any) -> dict[str, PresetSpec]:
+    """A `presets` mapping (the profile's, or a guidance variant's) of name -> preset."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise ProfileError("presets: must be a non-empty mapping of preset name -> preset")
+    presets = {}
+    for key, preset_raw in raw.items():
+        with _where(f"presets.{key}"):
+            presets[str(key)] = _parse_preset(str(key), preset_raw, profile_eb, steps)
+    return presets
 
 
 def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: Any) -> PresetSpec:
