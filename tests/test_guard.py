@@ -199,3 +199,24 @@ def test_ranks_take_the_same_guard_decisions_when_their_shards_disagree(tmp_path
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["alone"] != ranks[1]["alone"], "the shards alone should decide differently"
     assert ranks[0]["agreed"] == ranks[1]["agreed"]
+
+
+@pytest.mark.parametrize("model", ["reference-wan", "reference-hunyuan", "reference-opensora"])
+def test_each_reference_pipeline_runs_its_guidance_variant(model):
+    """Every shipped reference profile has a guidance-8 variant, and a run at guidance 8 takes it: the pipeline
+    exposes the call's guidance scale as diffusers pipelines do (Open-Sora's pipeline is ours)."""
+    from videocache.pipelines.loader import load_pipeline
+
+    pipe = load_pipeline(model, device="cpu")
+    profile = vc.load_profile(model)
+    assert [v.guidance_scale for v in profile.guidance_variants] == [8.0]
+    for guidance, variants, expected in ((8.0, True, 8.0), (8.0, False, 5.0), (5.0, True, 5.0)):
+        engine = vc.apply(pipe, profile, preset="balanced", guidance_variants=variants)
+        try:
+            pipe("a red circle moving right on a white background", num_inference_steps=10, num_frames=17,
+                 height=32, width=32, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+                 output_type="latent")
+            assert pipe.guidance_scale == guidance
+            assert [key[2] for key in engine._tables._built] == [expected]
+        finally:
+            vc.remove(pipe)

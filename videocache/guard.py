@@ -109,7 +109,9 @@ class TableGuard:
         if prev is None or self._sigmas is None or prev.shape != x.shape:
             self._drift = self._expected = 0.0
             return self.table
-        sums = torch.stack([(x.detach().float() - prev.float()).abs().sum(), prev.float().abs().sum()])
+        diff = x.detach() - prev  # in the latent's dtype; the norms accumulate in float32
+        sums = torch.stack([torch.linalg.vector_norm(diff, 1, dtype=torch.float32),
+                            torch.linalg.vector_norm(prev, 1, dtype=torch.float32)])
         sums = sums.to(device="cpu", dtype=torch.float64)  # the step's one host-device synchronisation
         group = self._group()
         if group is not None:

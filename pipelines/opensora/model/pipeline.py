@@ -135,6 +135,12 @@ class OpenSoraPipeline(DiffusionPipeline):
         null = self.transformer.y_embedder.y_embedding
         return null[None].expand(count, -1, -1)
 
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the current (or last) call, as diffusers pipelines expose it: a cache whose
+        profile was calibrated at several guidance scales picks its table by it."""
+        return getattr(self, "_guidance_scale", None)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -173,7 +179,7 @@ class OpenSoraPipeline(DiffusionPipeline):
         embeds = embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         mask = mask.repeat_interleave(num_videos_per_prompt, dim=0)
         batch = embeds.shape[0]
-        self._guidance_scale = guidance_scale  # read by caches that choose by the run's guidance scale
+        self._guidance_scale = guidance_scale
         do_cfg = guidance_scale > 1.0
         if do_cfg:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
