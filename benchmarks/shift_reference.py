@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, help="the presets' profile (default: the model's own)")
     p.add_argument("--flags", nargs="*", default=[], choices=["guard", "noguard", "novariants"],
                    help="also run each preset with this method flag (guard: the run-time guard on; novariants: the "
-                        "calibration at the profile's guidance scale whatever the case's)")
+                        "profile's own calibration whatever the case's guidance scale and step count)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     prompts = args.prompts or held_out_tail(args.prompts_count)

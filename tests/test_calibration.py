@@ -123,16 +123,29 @@ def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, cap
     assert main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--add-to", str(out),
                  "--guidance-scale", "8", "--out", str(extended), "--no-progress", "--fgbg-prompts", "0"]) == 0
     profile = vc.load_profile(extended)
-    assert [v.guidance_scale for v in profile.guidance_variants] == [8.0] and profile.guidance_scale == 5.0
-    assert set(profile.guidance_variants[0].presets) == {"slow", "fast"}
-    assert profile.preset("fast").for_guidance(7.5) is profile.guidance_variants[0].presets["fast"].for_guidance(None)
+    assert [v.guidance_scale for v in profile.variants] == [8.0] and profile.guidance_scale == 5.0
+    assert set(profile.variants[0].presets) == {"slow", "fast"}
+    assert profile.preset("fast").for_run(7.5) is profile.variants[0].presets["fast"].for_run(None)
     assert extended.with_name("tiny-g.guidance-8.json").is_file()
+    # and the slow preset calibrated at 8 steps (the profile's guidance scale), a step-count variant
+    assert main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--add-to", str(extended),
+                 "--steps", "8", "--budget", "0.75", "--preset-names", "slow", "--out", str(extended),
+                 "--no-progress", "--fgbg-prompts", "0"]) == 0
+    profile = vc.load_profile(extended)
+    assert [(v.guidance_scale, v.steps) for v in profile.variants] == [(5.0, 8), (8.0, None)]
+    assert profile.preset("slow").for_run(5.0, 8).reference_steps == 8
+    assert profile.preset("fast").for_run(5.0, 8) is profile.preset("fast")  # no 8-step fast: its own
+    assert extended.with_name("tiny-g.guidance-5-steps-8.json").is_file()
+    capsys.readouterr()
+    assert main(["profile", "--model", str(tiny_model_dir), "--add-to", str(extended), "--steps", "10",
+                 "--out", str(extended)]) == 2
+    assert "already calibrated at guidance 5 and 10 steps" in capsys.readouterr().err
     # then the run-time guard alone, written back into it (one threshold to try: the test's time)
     monkeypatch.setattr("videocache.eval_vbench.calibration.guard.THRESHOLDS", (0.2,))
     assert main(["profile", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--guard-only",
                  "--out", str(extended), "--guard-prompts", "1", "--no-progress"]) == 0
     guarded = vc.load_profile(extended)
-    assert guarded.guard is not None and len(guarded.guard.sigmas) == 9 and guarded.guidance_variants
+    assert guarded.guard is not None and len(guarded.guard.sigmas) == 9 and guarded.variants
     report = json.loads(extended.with_name("tiny-g.guard.json").read_text())["guard"]
     assert {r["setting"] for r in report["trials"]} == {"calibration", "guidance 8", "frames 9"}
     assert report["chosen"]["threshold"] == guarded.guard.threshold

@@ -116,18 +116,18 @@ def _profile_dict() -> dict:
             "steps": STEPS, "guidance_scale": 5.0,
             "presets": {"p": {"explicit_forecast": {"mlp": {"all": [4, 5, 9]}}},
                         "q": {"explicit": {"mlp": {"all": [3]}}}},
-            "guidance_variants": [{"guidance_scale": 8.0, "presets": {"p": {"explicit_forecast": {"mlp": {"all": [7]}}}}}],
+            "variants": [{"guidance_scale": 8.0, "presets": {"p": {"explicit_forecast": {"mlp": {"all": [7]}}}}}],
             "guard": NEVER.to_dict()}
 
 
-def test_guard_and_guidance_variants_survive_a_round_trip_and_pick_by_guidance():
+def test_guard_and_variants_survive_a_round_trip_and_pick_by_guidance():
     profile = vc.Profile.from_dict(_profile_dict())
     again = vc.Profile.from_dict(__import__("yaml").safe_load(profile.to_yaml()))
     assert again.to_dict() == profile.to_dict() and again.guard == NEVER
     p = again.preset("p")
-    assert p.for_guidance(None) is p and p.for_guidance(6.4) is p and p.for_guidance(6.6) is not p
-    assert p.for_guidance(9.0).explicit_forecast["mlp"]["all"] == (7,)
-    assert again.preset("q").for_guidance(9.0) is again.preset("q")  # no variant of q: its own calibration
+    assert p.for_run(None) is p and p.for_run(6.4) is p and p.for_run(6.6) is not p
+    assert p.for_run(9.0).explicit_forecast["mlp"]["all"] == (7,)
+    assert again.preset("q").for_run(9.0) is again.preset("q")  # no variant of q: its own calibration
 
     model, scheduler = tiny_wan_transformer(4), _scheduler()
     for guidance, forecast_step in ((5.0, 4), (8.0, 7)):
@@ -139,9 +139,10 @@ def test_guard_and_guidance_variants_survive_a_round_trip_and_pick_by_guidance()
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d["guidance_variants"][0]["presets"].update(x={}), "guidance_variants[0]: preset 'x' is not one"),
-    (lambda d: d["guidance_variants"][0].update(guidance_scale=5.0), "each guidance scale once"),
-    (lambda d: d.pop("guidance_scale"), "guidance_variants need the guidance_scale"),
+    (lambda d: d["variants"][0]["presets"].update(x={}), "variants[0]: preset 'x' is not one"),
+    (lambda d: d["variants"][0].update(guidance_scale=5.0), "each (guidance scale, steps) once"),
+    (lambda d: d["variants"][0].update(steps=6), "explicit_forecast.mlp"),  # step 7 of a 6-step calibration
+    (lambda d: d.pop("guidance_scale"), "variants need the guidance_scale"),
     (lambda d: d["guard"].update(threshold=-1), "guard: guard: threshold must be a number > 0"),
     (lambda d: d["guard"].update(sigmas=[0.0, 1.0]), "sigmas must be strictly descending"),
     (lambda d: d.update(guard={"threshold": 1}), "guard must be a mapping of threshold, sigmas, drift_rate"),
@@ -161,16 +162,27 @@ def test_guard_true_needs_a_calibrated_guard():
         vc.apply_to_transformer(tiny_wan_transformer(4), _scheduler(), vc.Profile.from_dict(raw), "p", guard=True)
 
 
-def test_a_guidance_variant_is_added_to_a_profile_of_the_same_model():
-    base = vc.Profile.from_dict({k: v for k, v in _profile_dict().items() if k != "guidance_variants"})
-    other = vc.Profile.from_dict({**_profile_dict(), "guidance_scale": 3.0, "guidance_variants": []})
-    extended = base.with_guidance_variant(other)
-    assert [v.guidance_scale for v in extended.guidance_variants] == [3.0]
-    assert extended.preset("p").for_guidance(2.0) is not extended.preset("p")
-    with pytest.raises(vc.ProfileError, match="already calibrated at guidance 5"):
-        base.with_guidance_variant(base)
-    with pytest.raises(vc.ProfileError, match="another model or step count"):
-        base.with_guidance_variant(vc.Profile.from_dict({**_profile_dict(), "steps": 12, "guidance_variants": []}))
+def test_variants_at_another_guidance_scale_or_step_count_are_added_and_picked_by_the_run():
+    base = vc.Profile.from_dict({k: v for k, v in _profile_dict().items() if k != "variants"})
+    other = vc.Profile.from_dict({**_profile_dict(), "guidance_scale": 3.0, "variants": []})
+    extended = base.with_variant(other)
+    assert [v.guidance_scale for v in extended.variants] == [3.0]
+    assert extended.preset("p").for_run(2.0) is not extended.preset("p")
+    with pytest.raises(vc.ProfileError, match="already calibrated at guidance 5 and 10 steps"):
+        base.with_variant(base)
+    with pytest.raises(vc.ProfileError, match="another model"):
+        base.with_variant(vc.Profile.from_dict({**_profile_dict(), "model": {"architecture": "WanTransformer3DModel",
+                                                                             "num_blocks": 6}, "variants": []}))
+    # a calibration at 20 steps: runs at guidance 5 pick it from 15 steps on (nearer by ratio), the guidance first
+    at20 = vc.Profile.from_dict({**_profile_dict(), "steps": 20, "variants": [],
+                                 "presets": {"p": {"explicit": {"mlp": {"all": [3, 17]}}}}})
+    both = extended.with_variant(at20)
+    again = vc.Profile.from_dict(both.to_dict())
+    p = again.preset("p")
+    assert [(v.guidance_scale, v.steps) for v in again.variants] == [(3.0, None), (5.0, 20)]
+    assert p.for_run(5.0, 10) is p and p.for_run(5.0, 13) is p and p.for_run(5.0, 15).reference_steps == 20
+    assert p.for_run(3.0, 20).reference_steps == 10 and p.for_run(3.0, 20).guidance_scale is None  # guidance first
+    assert p.for_run(5.0, 20).explicit["mlp"]["all"] == (3, 17)
 
 
 # -- sequence parallelism: the ranks agree on the signal ---------------------------------------------------
@@ -202,21 +214,26 @@ def test_ranks_take_the_same_guard_decisions_when_their_shards_disagree(tmp_path
 
 
 @pytest.mark.parametrize("model", ["reference-wan", "reference-hunyuan", "reference-opensora"])
-def test_each_reference_pipeline_runs_its_guidance_variant(model):
-    """Every shipped reference profile has a guidance-8 variant, and a run at guidance 8 takes it: the pipeline
-    exposes the call's guidance scale as diffusers pipelines do (Open-Sora's pipeline is ours)."""
+def test_each_reference_pipeline_runs_the_variant_made_nearest_its_settings(model):
+    """Every shipped reference profile has a guidance-8 variant (reference-opensora also a 15-step one), and a
+    run takes the calibration made nearest its guidance scale, then its step count: the pipeline exposes the
+    call's guidance scale as diffusers pipelines do (Open-Sora's pipeline is ours); `variants=False` keeps the
+    profile's own."""
     from videocache.pipelines.loader import load_pipeline
 
     pipe = load_pipeline(model, device="cpu")
     profile = vc.load_profile(model)
-    assert [v.guidance_scale for v in profile.guidance_variants] == [8.0]
-    for guidance, variants, expected in ((8.0, True, 8.0), (8.0, False, 5.0), (5.0, True, 5.0)):
-        engine = vc.apply(pipe, profile, preset="balanced", guidance_variants=variants)
+    made_at = [(v.guidance_scale, v.steps or profile.steps) for v in profile.variants]
+    assert (8.0, 25) in made_at
+    at_10_steps = 15 if (5.0, 15) in made_at else 25
+    for guidance, variants, expected in ((8.0, True, (8.0, 25)), (8.0, False, (5.0, 25)),
+                                         (5.0, True, (5.0, at_10_steps)), (5.0, False, (5.0, 25))):
+        engine = vc.apply(pipe, profile, preset="balanced", variants=variants)
         try:
             pipe("a red circle moving right on a white background", num_inference_steps=10, num_frames=17,
                  height=32, width=32, guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
                  output_type="latent")
             assert pipe.guidance_scale == guidance
-            assert [key[2] for key in engine._tables._built] == [expected]
+            assert [(key[2], key[3]) for key in engine._tables._built] == [expected]
         finally:
             vc.remove(pipe)

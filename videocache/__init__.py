@@ -108,6 +108,7 @@ def apply_to_transformer(
     compile_options: dict[str, Any] | None = None,
     guard: bool | GuardConfig | None = None,
     guidance_scale: Any = None,
+    variants: bool = True,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -122,7 +123,8 @@ def apply_to_transformer(
     `guard` section is enabled), True turns the profile's on (a profile without one is an error), False off,
     a GuardConfig uses that one (also with a CacheTable).
     `guidance_scale` (a zero-argument callable, or a number): the run's guidance scale, which picks the
-    preset's calibration nearest to it where the profile has guidance variants (`apply` reads the pipeline's).
+    preset's calibration made nearest to it (and to the run's step count) where the profile has variants
+    (`apply` reads the pipeline's); `variants=False` always uses the profile's own calibration.
 
     torch.compile: apply before or after `transformer.compile_repeated_blocks()` or
     `transformer.compile()`, or pass a `torch.compile(transformer)` wrapper; the engine then compiles the
@@ -153,6 +155,8 @@ def apply_to_transformer(
         profile_obj = load_profile(table_or_profile)
         profile_obj.check_model(fingerprint)
         source = profile_obj.preset(preset)
+        if not variants:
+            source = dataclasses.replace(source, variants=())
         preset_name = source.name
         eb = source.exposure_bias or ExposureBiasConfig()
         if isinstance(exposure_bias, ExposureBiasConfig):
@@ -216,14 +220,14 @@ def apply(
     fuse_skipped_steps: bool = True,
     compile_options: dict[str, Any] | None = None,
     guard: bool | GuardConfig | None = None,
-    guidance_variants: bool = True,
+    variants: bool = True,
 ) -> CacheEngine:
     """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
     at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
     `observer(context, step, block, component, output)` sees every computed component (calibration).
     `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig). Where the profile has
-    presets calibrated at several guidance scales, each run uses the one nearest the pipeline's guidance scale
-    (`guidance_variants=False`: always the profile's own). `guard`: see `apply_to_transformer`."""
+    presets calibrated at several guidance scales or step counts (variants), each run uses the one made nearest the
+    pipeline's guidance scale, then its step count (`variants=False`: always the profile's own). `guard`: see `apply_to_transformer`."""
     if getattr(pipe, _ATTR, None) is not None:
         raise RuntimeError(
             "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
@@ -247,8 +251,8 @@ def apply(
         fuse_skipped_steps=fuse_skipped_steps,
         compile_options=compile_options,
         guard=guard,
-        # diffusers pipelines set it per call
-        guidance_scale=(lambda: getattr(pipe, "guidance_scale", None)) if guidance_variants else None,
+        guidance_scale=lambda: getattr(pipe, "guidance_scale", None),  # diffusers pipelines set it per call
+        variants=variants,
     )
     setattr(pipe, _ATTR, engine)
     return engine

@@ -263,9 +263,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--add-to", default=None, metavar="PROFILE",
-                      help="calibrate the presets of this profile YAML again at --guidance-scale and add them to it as a "
-                           "guidance variant (runs then use the calibration nearest their guidance scale); --out: where "
-                           "to write the extended profile")
+                      help="calibrate the presets of this profile YAML again at --guidance-scale and/or --steps and add "
+                           "them to it as a variant (runs then use the calibration nearest their guidance scale, then "
+                           "their step count); --out: where to write the extended profile")
     mode.add_argument("--guard-only", action="store_true",
                       help="calibrate only the run-time guard of the profile at --out (made earlier) and write it back")
     p.add_argument("--no-guard", action="store_true", help="skip the run-time guard's calibration")
@@ -276,6 +276,11 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                         "float32; flash and sage need bfloat16 or float16)")
     add_attention_backend_argument(p)
     p.add_argument("--no-progress", action="store_true")
+
+
+def variant_name(guidance_scale: float, steps: int, profile_steps: int) -> str:
+    """The report name of a variant calibration: guidance-8, or guidance-5-steps-15 at another step count."""
+    return f"guidance-{guidance_scale:g}" + ("" if steps == profile_steps else f"-steps-{steps}")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -308,11 +313,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for arg, key in (("steps", "steps"), ("frames", "frames"), ("height", "height"), ("width", "width")):
             if getattr(args, arg) is None and key in made:
                 setattr(args, arg, made[key])
-        if args.guard_only and args.guidance_scale is None:
+        if args.guidance_scale is None:
             args.guidance_scale = made.get("guidance_scale")
     if args.add_to:
         if args.guidance_scale is None:
             raise ValueError("--add-to needs --guidance-scale: the guidance scale to calibrate the presets at")
+        if (args.guidance_scale, args.steps) == (base.guidance_scale, base.steps):
+            raise ValueError(f"--add-to: {args.add_to} is already calibrated at guidance {args.guidance_scale:g} and "
+                             f"{base.steps} steps; give another --guidance-scale or --steps")
         measured = base.metadata.get("measured_on_calibration_prompts") or {}
         if args.budget is None:
             args.budget = [measured[n]["budget"] for n in measured]
@@ -360,7 +368,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         )
         report["attention_backend"] = attention_backend_of(pipe)
     if args.add_to:
-        profile = base.with_guidance_variant(profile)
+        profile = base.with_variant(profile)
     if not args.no_guard and not args.add_to:
         from videocache.eval_vbench.calibration.guard import calibrate_guard
         from videocache.eval_vbench.calibration.runs import generate_frames
@@ -374,7 +382,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     report_path = out.with_suffix(".json") if base is None else out.with_name(
-        f"{out.stem}.{'guard' if args.guard_only else f'guidance-{args.guidance_scale:g}'}.json")
+        f"{out.stem}.{'guard' if args.guard_only else variant_name(args.guidance_scale, args.steps, base.steps)}.json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     written = [str(out), str(report_path)]
     if profile.fgbg is not None and profile.fgbg.per_step:

@@ -1,6 +1,6 @@
 """The table for a run: one fixed CacheTable, or a profile preset expanded for the run's step count and
-sigmas (memoised, so a generation expands its preset once), from the preset's calibration nearest to the run's
-guidance scale where the profile has several (`PresetSpec.for_guidance`)."""
+sigmas (memoised, so a generation expands its preset once), from the preset's calibration made nearest to the
+run's guidance scale and step count where the profile has several (`PresetSpec.for_run`)."""
 
 from __future__ import annotations
 
@@ -38,9 +38,10 @@ class TableSource:
                 "videocache needs the scheduler's sigmas to expand a profile preset: apply it to a pipeline "
                 "with a scheduler, or pass the scheduler to apply_to_transformer"
             )
-        preset = self.preset.for_guidance(guidance_scale)
-        key = (num_steps, tuple(round(float(s), 6) for s in sigmas), preset.guidance_scale if preset is self.preset
-               else next(g for g, v in self.preset.guidance_variants if v is preset))
+        preset = self.preset.for_run(guidance_scale, num_steps)
+        made_at = self.preset.guidance_scale if preset is self.preset else next(
+            g for g, v in self.preset.variants if v is preset)
+        key = (num_steps, tuple(round(float(s), 6) for s in sigmas), made_at, preset.reference_steps)
         table = self._built.get(key)
         if table is None:
             if len(self._built) >= 8:

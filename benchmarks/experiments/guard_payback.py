@@ -55,7 +55,7 @@ def main() -> None:
                 rows = []
                 for prompt, ref in zip(prompts, refs, strict=True):
                     engine = videocache.apply(pipe, prof, preset="balanced", guard=guard, trace=False,
-                                              guidance_variants=False)
+                                              variants=False)
                     video = generate_frames(pipe, prompt, s)
                     st = engine.stats()
                     videocache.remove(pipe)

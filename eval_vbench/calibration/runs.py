@@ -38,6 +38,7 @@ from videocache.fgbg import FgBgProfile
 from videocache.pipelines.attention_capture import default_profile_steps, profile_pipeline
 from videocache.pipelines.generation import generate
 from videocache.profile import Profile
+from videocache.profile.compile import written_out
 from videocache.schedule_search import schedule_preset
 from videocache.table import CacheTable
 
@@ -323,4 +324,6 @@ def calibrate(
             for b in report["budgets"]
         },
     }
-    return _profile(base, chosen_presets), report
+    profile = _profile(base, chosen_presets)  # rule presets written out: other step counts keep their fraction
+    return _profile(base, {k: written_out(profile.preset(k), rec.sigmas, layout, profile.exposure_bias)
+                           for k in chosen_presets}), report

@@ -22,7 +22,7 @@ class VideocacheMethod(Method):
     exposure_bias: str | None = None  # None: the profile's setting; "eb": b(t) on; "eb-inv": 1/b(t); "noeb": off
     blockwise: bool = False  # skip uniform steps block by block (the engine's fused skip off), for ablations
     guard: bool | None = None  # None: the profile's setting; True / False: the run-time guard on / off
-    variants: bool = True  # False: ignore the profile's guidance variants (ablation)
+    variants: bool = True  # False: ignore the profile's variants (ablation)
     family: ClassVar[str] = "videocache"
 
     @property
@@ -49,8 +49,9 @@ class VideocacheMethod(Method):
         preset = profile.preset(self.preset)
         guard = profile.guard if self.guard is not False else None
         parts = [preset.to_dict(), self.exposure_bias, self.blockwise]
-        if self.variants and profile.guidance_variants:  # digests of profiles without variants unchanged
-            parts.append([[v.guidance_scale, v.presets[preset.name].to_dict()] for v in profile.guidance_variants
+        if self.variants and profile.variants:  # digests of profiles without variants unchanged
+            parts.append([[v.guidance_scale, *([v.steps] if v.steps else []), v.presets[preset.name].to_dict()]
+                          for v in profile.variants
                           if preset.name in v.presets])
         if self.guard is not None or (guard is not None and guard.enabled):  # digests without a guard unchanged
             parts.append(None if guard is None or self.guard is False else guard.to_dict())
@@ -68,7 +69,7 @@ class VideocacheMethod(Method):
             exposure_bias=self.exposure_bias_override(),
             fuse_skipped_steps=not self.blockwise,
             guard=self.guard,
-            guidance_variants=self.variants,
+            variants=self.variants,
         )
         return AppliedMethod(
             remove=lambda: videocache.remove(pipe),

@@ -391,8 +391,8 @@ class PresetSpec:
     source: str = "<preset>"
     profile_name: str = ""
     guidance_scale: float | None = None  # the guidance scale it was calibrated at (the profile's)
-    # the same preset calibrated at other guidance scales (the profile's guidance_variants): (scale, preset)
-    guidance_variants: tuple[tuple[float, PresetSpec], ...] = ()
+    # the same preset calibrated at other settings (the profile's variants), each with its own reference_steps
+    variants: tuple[tuple[float, PresetSpec], ...] = ()  # (guidance scale, preset)
 
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "final_steps"):
@@ -424,13 +424,20 @@ class PresetSpec:
 
     resolve_blocks = staticmethod(resolve_blocks)
 
-    def for_guidance(self, guidance_scale: float | None) -> PresetSpec:
-        """The calibration of this preset nearest to the run's guidance scale (this one when the run's is
-        unknown, or the profile has no guidance variants; this one on a tie)."""
-        if guidance_scale is None or self.guidance_scale is None or not self.guidance_variants:
+    def for_run(self, guidance_scale: float | None, num_steps: int | None = None) -> PresetSpec:
+        """The calibration of this preset made nearest to the run's settings: the nearest guidance scale
+        first (it changes the trajectory most: benchmarks/shift_reference), then the nearest step count (by
+        ratio); this one where the run's settings are unknown or on a tie."""
+        if not self.variants:
             return self
-        options = [(self.guidance_scale, self), *self.guidance_variants]
-        return min(options, key=lambda o: abs(o[0] - float(guidance_scale)))[1]
+
+        def distance(option: tuple[float, PresetSpec]) -> tuple[float, float]:
+            g, p = option
+            dg = 0.0 if guidance_scale is None or g is None else abs(g - float(guidance_scale))
+            ds = 0.0 if num_steps is None or not p.reference_steps else abs(math.log(p.reference_steps / num_steps))
+            return dg, ds
+
+        return min([(self.guidance_scale, self), *self.variants], key=distance)[1]
 
     def check_steps(self, num_steps: int) -> None:
         """Raise a one-line ProfileError when the profile does not cover this step count."""
@@ -479,20 +486,24 @@ class PresetSpec:
 
 
 @dataclass(frozen=True)
-class GuidanceVariant:
-    """A profile's presets calibrated again at another guidance scale (`videocache profile --add-to`)."""
+class CalibrationVariant:
+    """A profile's presets calibrated again at another guidance scale or step count (`videocache profile
+    --add-to`); `steps` None: the profile's."""
 
     guidance_scale: float
     presets: dict[str, PresetSpec]
     metadata: dict = field(default_factory=dict)
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, int | float) or not g > 0:
             raise ValueError(f"guidance_scale must be a number > 0; got {g!r}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
 
     def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
-        return {"guidance_scale": self.guidance_scale,
+        return {"guidance_scale": self.guidance_scale, **({"steps": self.steps} if self.steps is not None else {}),
                 "presets": {k: p.to_dict(inherited_eb) for k, p in self.presets.items()},
                 **({"metadata": self.metadata} if self.metadata else {})}
 
@@ -513,8 +524,8 @@ class Profile:
     fgbg: FgBgProfile | None = None  # the fg/bg block profile the block-run presets were chosen from
     guard: GuardConfig | None = None  # the run-time guard's calibration (videocache.guard), for every preset
     guidance_scale: float | None = None  # the guidance scale the presets were calibrated at
-    # the presets calibrated again at other guidance scales, chosen by the run's (PresetSpec.for_guidance)
-    guidance_variants: tuple[GuidanceVariant, ...] = ()
+    # the presets calibrated again at other guidance scales or step counts, chosen by the run's (PresetSpec.for_run)
+    variants: tuple[CalibrationVariant, ...] = ()
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -542,36 +553,38 @@ class Profile:
             raise ProfileError(
                 f"default_preset {self.default_preset!r} is not one of the presets ({', '.join(self.presets)})"
             )
-        if self.guidance_variants and self.guidance_scale is None:
-            raise ProfileError("guidance_variants need the guidance_scale the presets were calibrated at")
+        if self.variants and self.guidance_scale is None:
+            raise ProfileError("variants need the guidance_scale the presets were calibrated at")
         if self.guidance_scale is not None and not (isinstance(self.guidance_scale, int | float)
                                                     and not isinstance(self.guidance_scale, bool) and self.guidance_scale > 0):
             raise ProfileError(f"guidance_scale must be a number > 0; got {self.guidance_scale!r}")
-        scales = [self.guidance_scale, *(v.guidance_scale for v in self.guidance_variants)]
-        if len(set(scales)) != len(scales):
-            raise ProfileError(f"guidance_variants: each guidance scale once, besides the profile's; got {scales}")
+        settings = [(self.guidance_scale, self.steps), *((v.guidance_scale, v.steps or self.steps) for v in self.variants)]
+        if len(set(settings)) != len(settings):
+            raise ProfileError("variants: each (guidance scale, steps) once, besides the profile's; got "
+                               + ", ".join(f"({g}, {n})" for g, n in settings))
         variants = []
-        for i, variant in enumerate(self.guidance_variants):
-            with _where(f"guidance_variants[{i}]"):
+        for i, variant in enumerate(self.variants):
+            with _where(f"variants[{i}]"):
                 unknown = [k for k in variant.presets if k not in self.presets]
                 if unknown:
                     raise ProfileError(f"preset {unknown[0]!r} is not one of the profile's ({', '.join(self.presets)})")
-                variants.append(replace(variant, presets={k: self._filled(k, p) for k, p in variant.presets.items()}))
-        self.guidance_variants = tuple(variants)
+                variants.append(replace(variant, presets={k: self._filled(k, p, variant.steps) for k, p in variant.presets.items()}))
+        self.variants = tuple(variants)
         filled: dict[str, PresetSpec] = {}
         for key, p in self.presets.items():
-            p = replace(self._filled(key, p), guidance_scale=self.guidance_scale, guidance_variants=tuple(
-                (v.guidance_scale, v.presets[key]) for v in self.guidance_variants if key in v.presets))
+            p = replace(self._filled(key, p), guidance_scale=self.guidance_scale, variants=tuple(
+                (v.guidance_scale, v.presets[key]) for v in self.variants if key in v.presets))
             filled[key] = p
         self.presets = filled
 
-    def _filled(self, key: str, p: PresetSpec) -> PresetSpec:
-        """A preset with the profile's facts filled in, checked against the model."""
+    def _filled(self, key: str, p: PresetSpec, steps: int | None = None) -> PresetSpec:
+        """A preset with the profile's facts filled in (`steps`: a variant's own step count), checked against
+        the model."""
         with _where(f"presets.{key}"):
             p = replace(
                 p,
                 name=key,
-                reference_steps=self.steps,
+                reference_steps=steps or self.steps,
                 step_rule=self.step_rule,
                 source=self.source,
                 profile_name=self.name,
@@ -630,23 +643,24 @@ class Profile:
     def check_steps(self, num_steps: int) -> None:
         self.preset().check_steps(num_steps)
 
-    def with_guidance_variant(self, other: Profile) -> Profile:
-        """This profile with `other`'s presets (the same model and step count, calibrated at another guidance
-        scale) added as a guidance variant, replacing one at that scale."""
+    def with_variant(self, other: Profile) -> Profile:
+        """This profile with `other`'s presets (the same model, calibrated at another guidance scale or step
+        count) added as a variant, replacing one made at the same settings."""
         own, theirs = (p.guidance_scale if p.guidance_scale is not None else p.metadata.get("settings", {}).get("guidance_scale")
                        for p in (self, other))
-        if other.model != self.model or other.steps != self.steps:
-            raise ProfileError(f"{other.name} is for another model or step count than {self.name}: calibrate it for "
-                               f"{self.model.architecture} at {self.steps} steps")
+        if other.model != self.model:
+            raise ProfileError(f"{other.name} is for another model than {self.name}: calibrate it for "
+                               f"{self.model.architecture}")
         if theirs is None or own is None:
             raise ProfileError("both profiles must say the guidance scale they were calibrated at")
-        if theirs == own:
-            raise ProfileError(f"{self.name} is already calibrated at guidance {own:g}")
-        variant = GuidanceVariant(theirs, {k: v for k, v in other.presets.items() if k != "full"},
-                                  {k: other.metadata[k] for k in ("made_by", "settings", "measured_on_calibration_prompts")
-                                   if k in other.metadata})
-        kept = [v for v in self.guidance_variants if v.guidance_scale != theirs]
-        return replace(self, guidance_scale=own, guidance_variants=tuple(sorted([*kept, variant], key=lambda v: v.guidance_scale)))
+        if (theirs, other.steps) == (own, self.steps):
+            raise ProfileError(f"{self.name} is already calibrated at guidance {own:g} and {self.steps} steps")
+        variant = CalibrationVariant(theirs, {k: v for k, v in other.presets.items() if k != "full"},
+                                     {k: other.metadata[k] for k in ("made_by", "settings", "measured_on_calibration_prompts")
+                                      if k in other.metadata}, None if other.steps == self.steps else other.steps)
+        kept = [v for v in self.variants if (v.guidance_scale, v.steps or self.steps) != (theirs, other.steps)]
+        return replace(self, guidance_scale=own, variants=tuple(
+            sorted([*kept, variant], key=lambda v: (v.guidance_scale, v.steps or self.steps))))
 
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -663,8 +677,8 @@ class Profile:
             **({"fgbg": self.fgbg.to_dict()} if self.fgbg is not None else {}),
             **({"guard": self.guard.to_dict()} if self.guard is not None else {}),
             **({"guidance_scale": self.guidance_scale} if self.guidance_scale is not None else {}),
-            **({"guidance_variants": [v.to_dict(self.exposure_bias) for v in self.guidance_variants]}
-               if self.guidance_variants else {}),
+            **({"variants": [v.to_dict(self.exposure_bias) for v in self.variants]}
+               if self.variants else {}),
             "metadata": self.metadata,
         }
 
@@ -691,7 +705,7 @@ class Profile:
                 data,
                 ("schema_version", "name", "model", "steps", "presets"),
                 ("calibrated", "step_rule", "default_preset", "exposure_bias", "fgbg", "guard", "guidance_scale",
-                 "guidance_variants", "metadata"),
+                 "variants", "metadata"),
             )
         with _where("model"):
             m = _check_keys(top["model"], ("architecture", "num_blocks"), ("components", "groups"))
@@ -715,14 +729,17 @@ class Profile:
             with _where("fgbg"):
                 fgbg = FgBgProfile.from_dict(top["fgbg"])
         variants = []
-        raw_variants = top.get("guidance_variants") or []
+        raw_variants = top.get("variants") or []
         if not isinstance(raw_variants, list):
-            raise ProfileError("guidance_variants must be a list of {guidance_scale, presets, metadata}")
+            raise ProfileError("variants must be a list of {guidance_scale, steps, presets, metadata}")
         for i, raw in enumerate(raw_variants):
-            with _where(f"guidance_variants[{i}]"):
-                v = _check_keys(raw, ("guidance_scale", "presets"), ("metadata",))
-                variants.append(GuidanceVariant(v["guidance_scale"], _parse_presets(v["presets"], eb, top["steps"]),
-                                                v.get("metadata") or {}))
+            with _where(f"variants[{i}]"):
+                v = _check_keys(raw, ("guidance_scale", "presets"), ("steps", "metadata"))
+                steps = v.get("steps")
+                if steps is not None and (not _is_int(steps) or steps < 1):
+                    raise ProfileError(f"steps must be an integer >= 1; got {steps!r}")
+                variants.append(CalibrationVariant(v["guidance_scale"], _parse_presets(v["presets"], eb, steps or top["steps"]),
+                                                   v.get("metadata") or {}, steps))
         guard = None
         if top.get("guard") is not None:
             with _where("guard"):
@@ -740,7 +757,7 @@ class Profile:
             fgbg=fgbg,
             guard=guard,
             guidance_scale=top.get("guidance_scale"),
-            guidance_variants=tuple(variants),
+            variants=tuple(variants),
             schema_version=top["schema_version"],
             source=source,
         )
@@ -757,7 +774,7 @@ def preset_from_dict(name: str, raw: Any, steps: int | None = None) -> PresetSpe
 
 
 def _parse_presets(raw: Any, profile_eb: ExposureBiasConfig, steps: Any) -> dict[str, PresetSpec]:
-    """A `presets` mapping (the profile's, or a guidance variant's) of name -> preset."""
+    """A `presets` mapping (the profile's, or a variant's) of name -> preset."""
     if not isinstance(raw, Mapping) or not raw:
         raise ProfileError("presets: must be a non-empty mapping of preset name -> preset")
     presets = {}
