@@ -656,7 +656,8 @@ class Profile:
         if (theirs, other.steps) == (own, self.steps):
             raise ProfileError(f"{self.name} is already calibrated at guidance {own:g} and {self.steps} steps")
         variant = CalibrationVariant(theirs, {k: v for k, v in other.presets.items() if k != "full"},
-                                     {k: other.metadata[k] for k in ("made_by", "settings", "measured_on_calibration_prompts")
+                                     {k: other.metadata[k] for k in ("made_by", "calibration_prompts", "settings",
+                                                                     "measured_on_calibration_prompts")
                                       if k in other.metadata}, None if other.steps == self.steps else other.steps)
         kept = [v for v in self.variants if (v.guidance_scale, v.steps or self.steps) != (theirs, other.steps)]
         return replace(self, guidance_scale=own, variants=tuple(
