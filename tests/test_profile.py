@@ -190,3 +190,34 @@ def test_presets_keep_their_computed_fraction_at_every_step_count_they_accept(na
         for spec in (base, *(v for _, v in base.variants)):  # and its calibrations at other settings (variants)
             off = {n: round(f, 3) for n in range(lo, hi + 1) if abs((f := fraction(spec, n)) - own) > bound}
             assert not off, (preset, spec.reference_steps, own, off)
+
+
+def test_a_rule_preset_written_out_is_the_same_table_and_keeps_its_fraction_at_other_step_counts():
+    """Calibration writes rule presets out as explicit step lists (`written_out`): the same table at the
+    calibration's step count, and resampled (not re-ruled) elsewhere, so the computed share holds."""
+    import numpy as np
+
+    from videocache.profile.compile import written_out
+
+    raw = {"schema_version": 1, "name": "rules", "model": {"architecture": "WanTransformer3DModel", "num_blocks": 4},
+           "steps": 25, "presets": {"p": {"warmup_steps": 5, "rules": [
+               {"stage": "early", "components": ["self_attn", "cross_attn"], "blocks": "all", "interval": 3},
+               {"stage": "late", "components": ["mlp"], "blocks": "0-1", "interval": 3, "mode": "forecast"}]}}}
+    profile = vc.Profile.from_dict(raw)
+    layout = profile.model.layout
+
+    def sigmas(n):
+        return list(np.linspace(1.0, 0.03, n))
+
+    def share(spec, n):
+        return float((vc.build_table(spec, sigmas(n), 4, layout).actions[:, layout.present] == 0).mean())
+
+    rules = profile.preset("p")
+    out = written_out(rules, sigmas(25), layout, profile.exposure_bias)
+    assert out["rules"] == [] and out["warmup_steps"] == 0 and set(out["explicit_forecast"]["mlp"]) == {0, 1}
+    explicit = vc.Profile.from_dict({**raw, "presets": {"p": out}}).preset("p")
+    assert np.array_equal(vc.build_table(rules, sigmas(25), 4, layout).actions,
+                          vc.build_table(explicit, sigmas(25), 4, layout).actions)
+    own = share(rules, 25)
+    assert max(abs(share(explicit, n) - own) for n in range(10, 60)) <= 0.02
+    assert max(abs(share(rules, n) - own) for n in range(10, 60)) > 0.03  # what the rules alone do
