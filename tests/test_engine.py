@@ -506,3 +506,17 @@ def test_component_hooks_serve_like_block_compute(clean):
     assert torch.allclose(by_component, by_block, rtol=1e-5, atol=1e-6)
     assert stats["calls"] == block_stats["calls"]
     assert stats["computed_fraction"] == pytest.approx(block_stats["computed_fraction"])
+
+
+def test_a_second_expert_left_uncached_is_said(clean):
+    """Wan2.2 A14B pipelines carry a low-noise expert in `transformer_2`; until both experts are cached, apply
+    says that it runs uncached instead of staying silent (and says nothing for a pipeline without one)."""
+    from types import SimpleNamespace
+
+    two = SimpleNamespace(transformer=clean.transformer, transformer_2=clean.transformer, scheduler=clean.scheduler)
+    with pytest.warns(UserWarning, match="transformer_2 .* runs uncached"):
+        vc.apply(two, table=table())
+    vc.remove(two)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vc.apply(clean, table=table())

@@ -237,3 +237,4 @@ def test_each_reference_pipeline_runs_the_variant_made_nearest_its_settings(mode
             assert [(key[2], key[3]) for key in engine._tables._built] == [expected]
         finally:
             vc.remove(pipe)
+

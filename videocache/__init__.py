@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,9 @@ def apply(
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
+    if getattr(pipe, "transformer_2", None) is not None:  # Wan2.2 A14B: the low-noise expert
+        warnings.warn("videocache caches pipe.transformer only: this pipeline's transformer_2 (Wan2.2's low-noise "
+                      "expert) runs uncached", stacklevel=2)
     engine = apply_to_transformer(
         transformer,
         lambda: getattr(pipe, "scheduler", None),
