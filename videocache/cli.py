@@ -214,6 +214,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
+    if config.settings.parallel:  # every rank finished: leave together (gloo aborts a process that exits alone)
+        from videocache.distributed.state import end_processes, process_state
+
+        end_processes(process_state())
     if config.settings.parallel and launch_rank() != 0:
         return 2 if result.errors else 0
     print(format_summary(result))

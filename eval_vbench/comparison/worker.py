@@ -589,6 +589,10 @@ def worker_main(
         except (EOFError, KeyboardInterrupt):
             return
         if msg.get("type") != "item":
+            if parallel is not None:  # a clean stop: leave with the other ranks' workers (gloo aborts a lone exit)
+                from videocache.distributed.state import end_processes, process_state
+
+                end_processes(process_state())
             return
         try:
             methods = [parse_method(spec) for spec in msg["methods"]]
