@@ -122,7 +122,7 @@ def written_out(preset: PresetSpec, sigmas: Sequence[float], layout: BlockLayout
     steps (`StepPlan.resample`). Presets with block runs or higher-order forecasts are returned as they are.
     `inherited_eb`: the profile's exposure-bias setting (left out of the mapping where the preset's is the same)."""
     raw = preset.to_dict(inherited_eb)
-    if not preset.rules and not preset.warmup_steps and not preset.final_steps or preset.block_runs is not None \
+    if (not preset.rules and not preset.warmup_steps and not preset.final_steps) or preset.block_runs is not None \
             or preset.forecast_order != 1:
         return raw
     table = build_table(preset, sigmas, layout.num_blocks, layout)
@@ -139,6 +139,10 @@ def written_out(preset: PresetSpec, sigmas: Sequence[float], layout: BlockLayout
                 explicit.setdefault(name, {})[key] = reuse
             if forecast:
                 explicit_forecast.setdefault(name, {})[key] = forecast
-    out = {**{k: v for k, v in raw.items() if k not in ("rules", "explicit", "explicit_forecast")},
-           "warmup_steps": 0, "final_steps": 0, "rules": [], "explicit": explicit, "explicit_forecast": explicit_forecast}
-    return {k: v for k, v in out.items() if v != {} or k not in ("explicit", "explicit_forecast")}
+    out = {k: v for k, v in raw.items() if k not in ("rules", "explicit", "explicit_forecast")}
+    out.update(warmup_steps=0, final_steps=0, rules=[])
+    if explicit:
+        out["explicit"] = explicit
+    if explicit_forecast:
+        out["explicit_forecast"] = explicit_forecast
+    return out
