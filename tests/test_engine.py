@@ -520,3 +520,42 @@ def test_a_second_expert_left_uncached_is_said(clean):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         vc.apply(clean, table=table())
+
+
+def test_both_experts_of_a_two_expert_wan_pipeline_can_each_carry_an_engine():
+    """Until apply covers both experts (issue 25), the low-level path does: one engine per expert on diffusers'
+    WanPipeline with transformer_2 and boundary_ratio. Each expert sees its own steps by their global index and
+    computes fewer block components than uncached; removing both restores the output bit for bit."""
+    import copy
+
+    from diffusers import WanPipeline
+
+    from videocache.pipelines.reference import build
+
+    base = build.build_pipeline(seed=0)
+    low_noise = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for p in low_noise.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer, transformer_2=low_noise, boundary_ratio=0.875)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red circle", num_inference_steps=10, num_frames=9, height=32, width=32, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+
+    reference = run()
+    engines = [vc.apply_to_transformer(t, lambda: pipe.scheduler, "reference-wan", "balanced")
+               for t in (pipe.transformer, pipe.transformer_2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the low-noise expert's first forecast has one kept point: it computes
+        cached = run()
+    calls = [e.stats()["calls"] for e in engines]
+    assert [c["transformer"] for c in calls] == [6, 14]  # 3 high-noise steps, then 7 low-noise, CFG: 2 calls each
+    assert all(c["compute"] < c["transformer"] * len(t.blocks) * 3 for c, t in
+               zip(calls, (pipe.transformer, pipe.transformer_2), strict=True))
+    assert not np.array_equal(cached, reference)
+    vc.remove(pipe.transformer)
+    vc.remove(pipe.transformer_2)
+    assert np.array_equal(run(), reference)

@@ -238,7 +238,8 @@ def apply(
         raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
     if getattr(pipe, "transformer_2", None) is not None:  # Wan2.2 A14B: the low-noise expert
         warnings.warn("videocache caches pipe.transformer only: this pipeline's transformer_2 (Wan2.2's low-noise "
-                      "expert) runs uncached", stacklevel=2)
+                      "expert) runs uncached; cache it too with videocache.apply_to_transformer(pipe.transformer_2, "
+                      "lambda: pipe.scheduler, profile, preset)", stacklevel=2)
     engine = apply_to_transformer(
         transformer,
         lambda: getattr(pipe, "scheduler", None),
