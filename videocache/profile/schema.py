@@ -52,6 +52,12 @@ def _check_keys(data: Any, required: tuple[str, ...], optional: tuple[str, ...])
     return dict(data)
 
 
+def _check_step_count(steps: Any) -> None:
+    """A profile's or a variant's `steps`: the step count its presets were calibrated for."""
+    if not _is_int(steps) or steps < 1:
+        raise ProfileError(f"steps must be an integer >= 1; got {steps!r}")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -499,8 +505,8 @@ class CalibrationVariant:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, int | float) or not g > 0:
             raise ValueError(f"guidance_scale must be a number > 0; got {g!r}")
-        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
-            raise ValueError(f"steps must be an integer >= 1; got {self.steps!r}")
+        if self.steps is not None:
+            _check_step_count(self.steps)
 
     def to_dict(self, inherited_eb: ExposureBiasConfig | None = None) -> dict:
         return {"guidance_scale": self.guidance_scale, **({"steps": self.steps} if self.steps is not None else {}),
@@ -534,8 +540,7 @@ class Profile:
             raise ProfileError(f"name must be a non-empty string; got {self.name!r}")
         if not isinstance(self.calibrated, bool):
             raise ProfileError(f"calibrated must be true or false; got {self.calibrated!r}")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ProfileError(f"steps must be an integer >= 1; got {self.steps!r}")
+        _check_step_count(self.steps)
         rule = self.step_rule
         if rule.mode == "scale" and not (rule.min_steps or 1) <= self.steps <= (rule.max_steps or 10**9):
             raise ProfileError(
@@ -558,7 +563,7 @@ class Profile:
         if self.guidance_scale is not None and not (isinstance(self.guidance_scale, int | float)
                                                     and not isinstance(self.guidance_scale, bool) and self.guidance_scale > 0):
             raise ProfileError(f"guidance_scale must be a number > 0; got {self.guidance_scale!r}")
-        settings = [(self.guidance_scale, self.steps), *((v.guidance_scale, v.steps or self.steps) for v in self.variants)]
+        settings = [(self.guidance_scale, self.steps), *map(self._made_at, self.variants)]
         if len(set(settings)) != len(settings):
             raise ProfileError("variants: each (guidance scale, steps) once, besides the profile's; got "
                                + ", ".join(f"({g}, {n})" for g, n in settings))
@@ -576,6 +581,10 @@ class Profile:
                 (v.guidance_scale, v.presets[key]) for v in self.variants if key in v.presets))
             filled[key] = p
         self.presets = filled
+
+    def _made_at(self, variant: CalibrationVariant) -> tuple[float, int]:
+        """(guidance scale, steps) a variant was calibrated at."""
+        return variant.guidance_scale, variant.steps or self.steps
 
     def _filled(self, key: str, p: PresetSpec, steps: int | None = None) -> PresetSpec:
         """A preset with the profile's facts filled in (`steps`: a variant's own step count), checked against
@@ -659,9 +668,9 @@ class Profile:
                                      {k: other.metadata[k] for k in ("made_by", "calibration_prompts", "settings",
                                                                      "measured_on_calibration_prompts")
                                       if k in other.metadata}, None if other.steps == self.steps else other.steps)
-        kept = [v for v in self.variants if (v.guidance_scale, v.steps or self.steps) != (theirs, other.steps)]
+        kept = [v for v in self.variants if self._made_at(v) != (theirs, other.steps)]
         return replace(self, guidance_scale=own, variants=tuple(
-            sorted([*kept, variant], key=lambda v: (v.guidance_scale, v.steps or self.steps))))
+            sorted([*kept, variant], key=self._made_at)))
 
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -737,8 +746,8 @@ class Profile:
             with _where(f"variants[{i}]"):
                 v = _check_keys(raw, ("guidance_scale", "presets"), ("steps", "metadata"))
                 steps = v.get("steps")
-                if steps is not None and (not _is_int(steps) or steps < 1):
-                    raise ProfileError(f"steps must be an integer >= 1; got {steps!r}")
+                if steps is not None:  # before its presets are read against it
+                    _check_step_count(steps)
                 variants.append(CalibrationVariant(v["guidance_scale"], _parse_presets(v["presets"], eb, steps or top["steps"]),
                                                    v.get("metadata") or {}, steps))
         guard = None
