@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ import torch
 
 from .adapters import ModelAdapter, get_adapter
 from .engine import CacheEngine, EngineConfig
+from .experts import ExpertEngines, pipeline_denoisers, steps_run
 from .exposure_bias import ExposureBiasConfig, b_schedule, correct_velocity
 from .family import (
+    Denoiser,
     FamilyError,
     FlopPoint,
     GenerationDefaults,
@@ -35,7 +37,15 @@ from .family import (
     register_family,
 )
 from .guard import GuardConfig
-from .profile import PresetSpec, Profile, ProfileError, available_profiles, build_table, load_profile
+from .profile import (
+    ExpertsProfile,
+    PresetSpec,
+    Profile,
+    ProfileError,
+    available_profiles,
+    build_table,
+    load_profile,
+)
 from .table import COMPONENTS, Action, BlockGroup, BlockLayout, CacheTable
 
 __all__ = [
@@ -45,7 +55,10 @@ __all__ = [
     "Action",
     "CacheEngine",
     "CacheTable",
+    "Denoiser",
     "EngineConfig",
+    "ExpertEngines",
+    "ExpertsProfile",
     "ExposureBiasConfig",
     "FamilyError",
     "FlopPoint",
@@ -110,6 +123,7 @@ def apply_to_transformer(
     guard: bool | GuardConfig | None = None,
     guidance_scale: Any = None,
     variants: bool = True,
+    steps_run: Callable[[int], tuple[int, int]] | None = None,
 ) -> CacheEngine:
     """Attach a cache engine to a transformer without a pipeline.
 
@@ -126,6 +140,8 @@ def apply_to_transformer(
     `guidance_scale` (a zero-argument callable, or a number): the run's guidance scale, which picks the
     preset's calibration made nearest to it (and to the run's step count) where the profile has variants
     (`apply` reads the pipeline's); `variants=False` always uses the profile's own calibration.
+    `steps_run(N)`: (start, stop), the steps of an N-step run this transformer denoises, where it is one expert
+    of several (`apply` works it out for a pipeline's experts; see `videocache.experts`).
 
     torch.compile: apply before or after `transformer.compile_repeated_blocks()` or
     `transformer.compile()`, or pass a `torch.compile(transformer)` wrapper; the engine then compiles the
@@ -154,6 +170,10 @@ def apply_to_transformer(
             )
     else:
         profile_obj = load_profile(table_or_profile)
+        if isinstance(profile_obj, ExpertsProfile):
+            raise ProfileError(
+                f"profile {profile_obj.name} holds a table per expert ({', '.join(profile_obj.experts)}): apply it to "
+                "the pipeline with videocache.apply, or give this transformer its expert's (profile.experts[name])")
         profile_obj.check_model(fingerprint)
         source = profile_obj.preset(preset)
         if not variants:
@@ -183,6 +203,7 @@ def apply_to_transformer(
     engine = CacheEngine(
         transformer, adapter, source, get_scheduler, config, profile=profile_obj, preset=preset_name,
         guidance_scale=guidance_scale if callable(guidance_scale) or guidance_scale is None else (lambda: guidance_scale),
+        steps_run=steps_run,
     )
     setattr(transformer, _ATTR, engine)
     return engine
@@ -206,10 +227,10 @@ def _guard_config(guard: bool | GuardConfig | None, profile: Profile | None) -> 
 
 def apply(
     pipe: Any,
-    profile: Profile | str | Path | None = None,
+    profile: Profile | ExpertsProfile | str | Path | None = None,
     preset: str | None = None,
     *,
-    table: CacheTable | None = None,
+    table: CacheTable | Mapping[str, CacheTable] | None = None,
     max_cache_bytes: int | None = None,
     max_host_cache_bytes: int | None = None,
     cache_dtype: torch.dtype | None = None,
@@ -222,49 +243,82 @@ def apply(
     compile_options: dict[str, Any] | None = None,
     guard: bool | GuardConfig | None = None,
     variants: bool = True,
-) -> CacheEngine:
-    """Cache `pipe.transformer` with a profile preset (or a concrete `table=`); returns the engine, also kept
-    at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
+) -> CacheEngine | ExpertEngines:
+    """Cache the pipeline's transformer with a profile preset (or a concrete `table=`); returns the engine, also
+    kept at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
+    A pipeline with several transformers (Wan2.2 A14B's two experts, as its model family declares them) needs a
+    profile with a table per expert (an ExpertsProfile; or `table=` {attribute: CacheTable}): each expert gets
+    its own engine on the steps it denoises (`videocache.experts`), and an `ExpertEngines` is returned.
     `observer(context, step, block, component, output)` sees every computed component (calibration).
     `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig). Where the profile has
     presets calibrated at several guidance scales or step counts (variants), each run uses the one made nearest the
-    pipeline's guidance scale, then its step count (`variants=False`: always the profile's own). `guard`: see `apply_to_transformer`."""
+    pipeline's guidance scale (an expert's own), then its step count (`variants=False`: always the profile's own).
+    `guard`: see `apply_to_transformer`."""
     if getattr(pipe, _ATTR, None) is not None:
         raise RuntimeError(
             "videocache is already applied to this pipeline; call videocache.remove(pipe) first"
         )
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
+    if getattr(pipe, "transformer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
-    if getattr(pipe, "transformer_2", None) is not None:  # Wan2.2 A14B: the low-noise expert
-        warnings.warn("videocache caches pipe.transformer only: this pipeline's transformer_2 (Wan2.2's low-noise "
-                      "expert) runs uncached; cache it too with videocache.apply_to_transformer(pipe.transformer_2, "
-                      "lambda: pipe.scheduler, profile, preset)", stacklevel=2)
-    engine = apply_to_transformer(
-        transformer,
-        lambda: getattr(pipe, "scheduler", None),
-        table if table is not None else profile,
-        None if table is not None else preset,
-        max_cache_bytes=max_cache_bytes,
-        max_host_cache_bytes=max_host_cache_bytes,
-        cache_dtype=cache_dtype,
-        offload_to_cpu=offload_to_cpu,
-        exposure_bias=exposure_bias,
-        trace=trace,
-        num_inference_steps=num_inference_steps,
-        observer=observer,
-        fuse_skipped_steps=fuse_skipped_steps,
-        compile_options=compile_options,
-        guard=guard,
-        guidance_scale=lambda: getattr(pipe, "guidance_scale", None),  # diffusers pipelines set it per call
+    denoisers = pipeline_denoisers(pipe)
+    sources = _expert_sources(profile, table, [d.attribute for d in denoisers])
+    options = dict(
+        max_cache_bytes=max_cache_bytes, max_host_cache_bytes=max_host_cache_bytes, cache_dtype=cache_dtype,
+        offload_to_cpu=offload_to_cpu, exposure_bias=exposure_bias, trace=trace, num_inference_steps=num_inference_steps,
+        observer=observer, fuse_skipped_steps=fuse_skipped_steps, compile_options=compile_options, guard=guard,
         variants=variants,
     )
+    engines: dict[str, CacheEngine] = {}
+    try:
+        for denoiser in denoisers:
+            engines[denoiser.attribute] = apply_to_transformer(
+                getattr(pipe, denoiser.attribute),
+                lambda: getattr(pipe, "scheduler", None),
+                sources[denoiser.attribute],
+                None if table is not None else preset,
+                # diffusers pipelines set it per call
+                guidance_scale=lambda name=denoiser.guidance_scale: getattr(pipe, name, None),
+                steps_run=None if len(denoisers) == 1 else steps_run(pipe, denoiser),
+                **options,
+            )
+    except Exception:
+        for engine in engines.values():
+            remove(engine.transformer)
+        raise
+    engine = next(iter(engines.values())) if len(engines) == 1 else ExpertEngines(engines)
     setattr(pipe, _ATTR, engine)
     return engine
 
 
-def get_engine(pipe_or_transformer: Any) -> CacheEngine | None:
-    """The engine applied to a pipeline or transformer (or to a pipeline's transformer), or None."""
+def _expert_sources(profile: Any, table: Any, experts: list[str]) -> dict[str, Any]:
+    """What each expert's engine runs: its table, its expert's profile, or the profile (one transformer)."""
+    if table is not None:
+        if len(experts) == 1:
+            return {experts[0]: table}
+        if not isinstance(table, Mapping) or sorted(table) != sorted(experts):
+            raise ValueError(f"this pipeline has experts {', '.join(experts)}: give table= as {{expert: CacheTable}}")
+        return dict(table)
+    if profile is None:
+        raise ValueError("give the cache's profile (a name, a YAML path or a Profile) or a CacheTable")
+    loaded = load_profile(profile)
+    if not isinstance(loaded, ExpertsProfile):
+        if len(experts) > 1:
+            raise ProfileError(
+                f"profile {loaded.name} has one table; this pipeline has experts {', '.join(experts)}: give a profile "
+                "with a table per expert (videocache profile makes one on this pipeline), or cache one expert with "
+                "videocache.apply_to_transformer")
+        return {experts[0]: loaded}
+    missing = [e for e in experts if e not in loaded.experts]
+    if len(experts) == 1 or missing:
+        raise ProfileError(
+            f"profile {loaded.name} has tables for experts {', '.join(loaded.experts)}; this pipeline runs "
+            f"{', '.join(experts)}: " + (f"it has no table for {missing[0]}" if missing else "use a profile made for it"))
+    return loaded.experts
+
+
+def get_engine(pipe_or_transformer: Any) -> CacheEngine | ExpertEngines | None:
+    """The engine applied to a pipeline (its experts' ExpertEngines where it has several) or transformer (or to
+    a pipeline's transformer), or None."""
     engine = getattr(pipe_or_transformer, _ATTR, None)
     if engine is None:
         engine = getattr(getattr(pipe_or_transformer, "transformer", None), _ATTR, None)
@@ -277,6 +331,7 @@ def remove(pipe_or_transformer: Any) -> None:
     if engine is None:
         return
     engine.remove()
-    for owner in (pipe_or_transformer, engine.transformer):
-        if getattr(owner, _ATTR, None) is engine:
+    parts = engine.engines.values() if isinstance(engine, ExpertEngines) else (engine,)
+    for owner, applied in ((pipe_or_transformer, engine), *((e.transformer, e) for e in parts)):
+        if getattr(owner, _ATTR, None) is applied:
             delattr(owner, _ATTR)

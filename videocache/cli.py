@@ -156,10 +156,15 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     if parallel is not None:  # after the cache: CFG parallelism must be the outermost hook
         parallel.apply(pipe)
     compile_mode = getattr(args, "compile", "none")
-    if compile_mode == "blocks":
-        pipe.transformer.compile_repeated_blocks()
-    elif compile_mode == "model":
-        pipe.transformer.compile()
+    if compile_mode != "none":
+        from videocache.experts import pipeline_denoisers
+
+        for denoiser in pipeline_denoisers(pipe):  # every expert of a pipeline with several
+            transformer = getattr(pipe, denoiser.attribute)
+            if compile_mode == "blocks":
+                transformer.compile_repeated_blocks()
+            else:
+                transformer.compile()
     extra["compile"] = compile_mode
     result = generate(
         pipe,
@@ -179,6 +184,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         stats = engine.stats()
         summary.update(computed_fraction=stats["computed_fraction"], cache_peak_bytes=stats["cache_peak_bytes"],
                        cache_peak_host_bytes=stats["cache_peak_host_bytes"])
+        if "computed_fraction_by_expert" in stats:  # a pipeline with several transformers
+            summary["computed_fraction_by_expert"] = stats["computed_fraction_by_expert"]
     else:
         summary.update(computed_fraction=1.0, cache_peak_bytes=0, cache_peak_host_bytes=0)
     if parallel is not None:

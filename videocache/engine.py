@@ -157,6 +157,7 @@ class CacheEngine:
         profile: Any = None,
         preset: str | None = None,
         guidance_scale: Callable[[], float | None] | None = None,
+        steps_run: Callable[[int], tuple[int, int]] | None = None,
     ) -> None:
         self.transformer = transformer
         self.adapter = adapter
@@ -165,6 +166,10 @@ class CacheEngine:
         self.preset = preset
         self._scheduler = scheduler if callable(scheduler) else (lambda: scheduler)
         self._guidance_scale = guidance_scale or (lambda: None)  # the run's, for presets calibrated at several
+        # one expert of several: the (start, stop) steps it runs of a run of N, and the engines of the experts
+        # that run before it (freed when it starts; videocache.experts)
+        self._steps_run = steps_run
+        self.follows: tuple[CacheEngine, ...] = ()
         self._blocks = list(adapter.blocks(transformer))
         self.layout = layout = BlockLayout.from_fingerprint(adapter.fingerprint(transformer))
         if layout.num_blocks != len(self._blocks):
@@ -283,6 +288,11 @@ class CacheEngine:
         self._hook = None
         self._active = None
 
+    def release(self) -> None:
+        """Free every kept output and per-context state now; the next call starts a generation afresh."""
+        if self._hook is not None:
+            self._hook.state_manager.reset()
+
     # -- compilation ---------------------------------------------------------------------------
     def _take_over_compilation(self) -> None:
         """Set the blocks' own compiled calls aside (they would trace the hooks) and compile the block
@@ -364,9 +374,11 @@ class CacheEngine:
             state.reset()
         if state.table is None or state.table.num_steps != num:
             state.reset()
+            for earlier in self.follows:  # their steps are over: nothing of theirs is read again
+                earlier.release()
             state.sigmas = self._sigmas(num)
             state.table = self._tables(num, state.sigmas if self._tables.preset is not None else None,
-                                       self._guidance_scale())
+                                       self._guidance_scale(), None if self._steps_run is None else self._steps_run(num))
             self.table = state.table
         if self._guard is not None:
             self._guarded_table(state, step, x_t)

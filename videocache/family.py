@@ -12,6 +12,7 @@ None where the family has none:
     defaults          generation defaults for the CLI                   GenerationDefaults
     geometry          parallel checks before a model is loaded          (folder, frames, h, w) -> (heads, tokens)
     pipelines         pipeline classes of ours a folder may name        () -> [pipeline class]
+    denoisers         pipelines with several transformers (experts)     pipe -> [Denoiser]; None: `transformer` alone
     models            models loadable by name                           {name: folder}
 
 A run that needs a piece its family lacks gets a one-line `FamilyError` naming the piece (`require`);
@@ -96,6 +97,23 @@ class FlopPoint:
 
 
 @dataclass(frozen=True)
+class Denoiser:
+    """One transformer of a pipeline that denoises some of its steps (Wan2.2 A14B: the high-noise expert
+    `transformer`, then the low-noise `transformer_2`). `attribute`: where the pipeline holds it. `runs_at`:
+    whether it denoises the step at a timestep (None: every step); the steps it runs must be consecutive.
+    `guidance_scale`: the pipeline attribute holding the guidance scale it runs at (it picks the calibration
+    made nearest to it where a profile has variants)."""
+
+    attribute: str
+    runs_at: Callable[[float], bool] | None = None
+    guidance_scale: str = "guidance_scale"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attribute, str) or not self.attribute.isidentifier():
+            raise ValueError(f"a denoiser's attribute must be an attribute name; got {self.attribute!r}")
+
+
+@dataclass(frozen=True)
 class PeerSettings:
     """What the peer-method wrappers need to attach to this family where the libraries' defaults find nothing.
 
@@ -127,6 +145,7 @@ class ModelFamily:
     geometry: Callable[[str, int, int, int], tuple[int | None, int | None]] | None = None
     pipelines: Callable[[], Sequence[type]] | None = None
     models: Mapping[str, Path] = field(default_factory=dict)
+    denoisers: Callable[[Any], Sequence[Denoiser]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -563,6 +563,26 @@ class CacheTable:
             arr[s, b, c] = action
         return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale, self.layout)
 
+    def within(self, start: int, stop: int) -> CacheTable:
+        """The table of a transformer that runs steps start..stop-1 only (one expert of several, indexed by
+        the generation's step): it computes every cell at its first step, reads nothing computed before it
+        (a forecast lacking its k+1 points there reuses the last instead) and nothing after its last step
+        reads what it computed, so every kept output is freed by then. Cells outside the span are compute."""
+        if not 0 <= start <= stop <= self.num_steps:
+            raise TableError(f"a step span must lie within 0-{self.num_steps}; got {start}-{stop}")
+        arr = self.actions.copy()
+        arr[: start + 1] = Action.COMPUTE
+        arr[stop:] = Action.COMPUTE
+        computed = np.cumsum(arr[start:stop] == Action.COMPUTE, axis=0)  # computes in [start, s], per cell
+        short = (arr[start + 1 : stop] == Action.FORECAST) & (computed[:-1] < self.forecast_order + 1)
+        arr[start + 1 : stop][short] = Action.REUSE
+        runs = None
+        if self.block_runs:
+            runs = self.run_actions.copy()
+            runs[: start + 1] = Action.COMPUTE
+            runs[stop:] = Action.COMPUTE
+        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout)
+
     @classmethod
     def full_compute(cls, num_steps: int, num_blocks: int, layout: BlockLayout | None = None) -> CacheTable:
         layout = layout or BlockLayout.uniform(num_blocks)

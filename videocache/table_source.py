@@ -1,6 +1,7 @@
 """The table for a run: one fixed CacheTable, or a profile preset expanded for the run's step count and
 sigmas (memoised, so a generation expands its preset once), from the preset's calibration made nearest to the
-run's guidance scale and step count where the profile has several (`PresetSpec.for_run`)."""
+run's guidance scale and step count where the profile has several (`PresetSpec.for_run`); for one expert of
+several, restricted to the steps it runs (`CacheTable.within`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TableSource:
         self.preset = None if self.fixed is not None else source
         self.layout = layout
         self._built: dict[tuple, CacheTable] = {}
+        self._within: dict[tuple, tuple[CacheTable, CacheTable]] = {}
 
     @property
     def has_block_runs(self) -> bool:
@@ -25,7 +27,19 @@ class TableSource:
             return bool(self.fixed.block_runs)
         return getattr(self.preset, "block_runs", None) is not None
 
-    def __call__(self, num_steps: int, sigmas: Sequence[float] | None, guidance_scale: float | None = None) -> CacheTable:
+    def __call__(self, num_steps: int, sigmas: Sequence[float] | None, guidance_scale: float | None = None,
+                 span: tuple[int, int] | None = None) -> CacheTable:
+        table = self._table(num_steps, sigmas, guidance_scale)
+        if span is None or span == (0, num_steps):
+            return table
+        key = (id(table), span)
+        if key not in self._within:
+            if len(self._within) >= 8:
+                self._within.clear()
+            self._within[key] = (table, table.within(*span))  # the table is held so its id stays its own
+        return self._within[key][1]
+
+    def _table(self, num_steps: int, sigmas: Sequence[float] | None, guidance_scale: float | None) -> CacheTable:
         if self.fixed is not None:
             if num_steps != self.fixed.num_steps:
                 raise ValueError(

@@ -4,10 +4,12 @@ A profile says which model it is for (checked against the adapter's fingerprint 
 step counts it covers, and per preset the rules that `build_table` expands into a cache table for a
 concrete run. Every mistake in a profile is reported as a one-line `ProfileError` naming the file and the
 field to fix. One concern per module: `schema` (the dataclasses and their validation), `search_path`
-(where a name is looked up), `loading` (name or path -> Profile), `compile` (preset -> table).
+(where a name is looked up), `loading` (name or path -> Profile), `compile` (preset -> table), `experts` (a profile per expert of a
+pipeline with several transformers).
 """
 
 from .compile import build_table
+from .experts import ExpertsPreset, ExpertsProfile
 from .loading import load_profile
 from .schema import (
     MODES,
@@ -36,7 +38,7 @@ from .search_path import (
 )
 
 __all__ = [
-    "MODES", "PROFILES_DIR", "PROFILES_ENV", "PROFILE_SUFFIXES", "SCHEMA_VERSION", "STAGES", "BlockRunSpec",
+    "MODES", "PROFILES_DIR", "ExpertsPreset", "ExpertsProfile", "PROFILES_ENV", "PROFILE_SUFFIXES", "SCHEMA_VERSION", "STAGES", "BlockRunSpec",
     "ModelSpec", "PresetSpec", "Profile", "ProfileError", "RuleSpec", "StepPlan", "StepRule", "available_profiles",
     "build_table", "find_profile", "load_profile", "parse_blocks", "preset_from_dict", "profile_dirs",
     "resolve_blocks", "user_profiles_dir",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from .experts import ExpertsProfile
 from .schema import Profile, ProfileError
 from .search_path import (
     PROFILE_SUFFIXES,
@@ -17,11 +18,11 @@ from .search_path import (
 )
 
 
-def load_profile(name_or_path: str | Path | Profile) -> Profile:
-    """A Profile from a bare name (looked up in `profile_dirs()`: $VIDEOCACHE_PROFILES, the user folder,
-    then the shipped profiles), a path (a .yaml/.yml suffix, a separator, or an existing file), or a
-    Profile (returned as is)."""
-    if isinstance(name_or_path, Profile):
+def load_profile(name_or_path: str | Path | Profile | ExpertsProfile) -> Profile | ExpertsProfile:
+    """A Profile (an ExpertsProfile where the file names experts) from a bare name (looked up in
+    `profile_dirs()`: $VIDEOCACHE_PROFILES, the user folder, then the shipped profiles), a path (a .yaml/.yml
+    suffix, a separator, or an existing file), or a profile (returned as is)."""
+    if isinstance(name_or_path, Profile | ExpertsProfile):
         return name_or_path
     text = str(name_or_path)
     path = Path(text)
@@ -47,4 +48,6 @@ def load_profile(name_or_path: str | Path | Profile) -> Profile:
         raise ProfileError(f"{path}: not valid YAML: {problem}{where}") from None
     except OSError as e:
         raise ProfileError(f"{path}: cannot read: {e.strerror}") from None
+    if isinstance(data, dict) and "experts" in data:
+        return ExpertsProfile.from_dict(data, source=str(path))
     return Profile.from_dict(data, source=str(path))

@@ -1,0 +1,177 @@
+"""Pipelines with two experts (Wan2.2 A14B: diffusers' WanPipeline with transformer_2 and boundary_ratio): both
+transformers cached by one `videocache.apply`, each on its own steps of a table indexed by the generation's step,
+nothing read across the switch, the high-noise expert's outputs freed when it is done, `remove` bit-identical;
+experts profiles (one profile per expert) and the one-line errors of a profile that does not fit the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import videocache as vc
+from videocache.table import Action, CacheTable
+
+STEPS, BOUNDARY = 10, 0.875  # the first 3 of 10 steps have t >= 875: the high-noise expert runs them
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import WanPipeline
+
+    from videocache.pipelines.reference import build
+
+    base = build.build_pipeline(seed=0)
+    low_noise = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for p in low_noise.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer, transformer_2=low_noise, boundary_ratio=BOUNDARY)
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    vc.remove(pipe)
+
+
+def run(pipe, callback=None, guidance_scale_2=None):
+    return pipe("a red circle", num_inference_steps=STEPS, num_frames=9, height=32, width=32, guidance_scale=5.0,
+                guidance_scale_2=guidance_scale_2, generator=torch.Generator().manual_seed(0), output_type="np",
+                callback_on_step_end=callback).frames[0]
+
+
+def experts_profile(name: str = "two") -> vc.ExpertsProfile:
+    profile = vc.load_profile("reference-wan")
+    return vc.ExpertsProfile.of(name, {"transformer": profile, "transformer_2": profile}, BOUNDARY)
+
+
+def test_both_experts_are_cached_each_on_its_own_steps_and_remove_is_bit_identical(pipe):
+    reference = run(pipe)
+    engine = vc.apply(pipe, experts_profile(), "balanced")
+    assert isinstance(engine, vc.ExpertEngines) and vc.get_engine(pipe) is engine
+    high, low = engine.engines["transformer"], engine.engines["transformer_2"]
+    held_after_switch = []
+
+    def watch(_pipe, step, _t, kwargs):
+        if step >= 2:  # the high-noise expert's steps (0-2) are over
+            held_after_switch.append(high.store.device_bytes + high.store.host_bytes)
+        return kwargs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: nothing is read across the switch
+        cached = run(pipe, watch)
+    stats = engine.stats()
+    assert [s["calls"]["transformer"] for s in stats["experts"].values()] == [6, 14]  # CFG: 2 calls a step
+    blocks = len(pipe.transformer.blocks)
+    for part in stats["experts"].values():  # both experts run fewer block components than uncached
+        assert part["calls"]["compute"] < part["calls"]["transformer"] * blocks * 3
+        assert part["fallbacks"] == 0
+    assert 0 < stats["computed_fraction_by_expert"]["transformer_2"] < 1
+    assert stats["calls"]["transformer"] == 20 and stats["fallbacks"] == 0
+    total = sum(p["executed_flops"] + p["skipped_flops"] for p in stats["experts"].values())
+    assert stats["computed_fraction"] == pytest.approx(sum(p["executed_flops"] for p in stats["experts"].values()) / total)
+    assert held_after_switch and set(held_after_switch) == {0}
+    # each expert's table: every cell computed at its first step, nothing read from before it
+    assert low.table.actions[3].max() == Action.COMPUTE
+    assert all(min(cell[1], default=3) >= 3 for row in low.table.cells[3:] for cells in row for cell in cells)
+    assert all((cell[2] or 0) <= 2 for row in high.table.cells for cells in row for cell in cells)
+    assert not np.array_equal(cached, reference)
+    assert {r["expert"] for r in engine.trace()} == {"transformer", "transformer_2"}
+    vc.remove(pipe)
+    assert vc.get_engine(pipe) is None and vc.get_engine(pipe.transformer_2) is None
+    assert np.array_equal(run(pipe), reference)
+
+
+def test_each_expert_picks_the_calibration_made_nearest_its_own_guidance_scale(pipe):
+    """guidance_scale_2 is the low-noise expert's: at 8 it runs reference-wan's guidance-8 variant while the
+    high-noise expert keeps the guidance-5 calibration."""
+    from videocache.profile import build_table
+
+    engine = vc.apply(pipe, experts_profile(), "balanced")
+    try:
+        run(pipe, guidance_scale_2=8.0)
+        tables = {a: e.table for a, e in engine.engines.items()}
+        sigmas = vc.get_adapter(pipe.transformer).scheduler_sigmas(pipe.scheduler, STEPS)
+        preset = vc.load_profile("reference-wan").preset("balanced")
+        at = {g: build_table(preset.for_run(g, STEPS), sigmas, len(pipe.transformer.blocks)) for g in (5.0, 8.0)}
+        assert np.array_equal(tables["transformer"].actions, at[5.0].within(0, 3).actions)
+        assert np.array_equal(tables["transformer_2"].actions, at[8.0].within(3, STEPS).actions)
+        assert not np.array_equal(at[5.0].within(3, STEPS).actions, at[8.0].within(3, STEPS).actions)
+    finally:
+        vc.remove(pipe)
+
+
+def test_a_profile_that_does_not_fit_the_experts_is_a_one_line_error_at_apply(pipe):
+    with pytest.raises(vc.ProfileError, match=r"has one table; this pipeline has experts transformer, transformer_2") as e:
+        vc.apply(pipe, "reference-wan", "fast")
+    assert "\n" not in str(e.value)
+    profile = experts_profile()
+    lacking = vc.ExpertsProfile.of("renamed", {"transformer": profile.experts["transformer"],
+                                               "transformer_3": profile.experts["transformer_2"]})
+    with pytest.raises(vc.ProfileError, match="no table for transformer_2"):
+        vc.apply(pipe, lacking, "fast")
+    with pytest.raises(ValueError, match=r"give table= as \{expert: CacheTable\}"):
+        vc.apply(pipe, table=CacheTable.full_compute(STEPS, 8))
+    with pytest.raises(vc.ProfileError, match="apply it to the pipeline"):
+        vc.apply_to_transformer(pipe.transformer_2, lambda: pipe.scheduler, profile, "fast")
+    for t in (pipe, pipe.transformer, pipe.transformer_2):  # nothing left behind by a refused apply
+        assert vc.get_engine(t) is None
+    for t in (pipe.transformer, pipe.transformer_2):
+        assert not [n for m in t.modules() for n in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+                    if n.startswith("videocache")]
+
+
+def test_an_experts_profile_on_a_one_transformer_pipeline_is_an_error():
+    from videocache.pipelines.reference import build
+
+    single = build.build_pipeline(seed=0)
+    with pytest.raises(vc.ProfileError, match="runs transformer: use a profile made for it"):
+        vc.apply(single, experts_profile(), "fast")
+
+
+def test_experts_profiles_round_trip_and_refuse_experts_that_do_not_share_a_run(tmp_path):
+    profile = experts_profile()
+    path = profile.save(tmp_path / "two.yaml")
+    loaded = vc.load_profile(path)
+    assert isinstance(loaded, vc.ExpertsProfile) and loaded.to_dict() == profile.to_dict()
+    assert loaded.steps == 25 and loaded.boundary_ratio == BOUNDARY and list(loaded.presets) == list(
+        vc.load_profile("reference-wan").presets)
+    loaded.preset("fast").check_steps(40)
+    data = yaml.safe_load(path.read_text())
+    assert "schema_version" not in data["experts"]["transformer"] and "name" not in data["experts"]["transformer"]
+    bad = copy.deepcopy(data)
+    bad["experts"]["transformer_2"]["steps"] = 30
+    bad["experts"]["transformer_2"].pop("variants")
+    with pytest.raises(vc.ProfileError, match=r"experts.transformer_2: steps \(30\) differ"):
+        vc.ExpertsProfile.from_dict(bad, "two.yaml")
+    bad = copy.deepcopy(data)
+    del bad["experts"]["transformer_2"]["presets"]["fast"]
+    bad["experts"]["transformer_2"].pop("variants")
+    with pytest.raises(vc.ProfileError, match="experts.transformer_2: presets .* differ"):
+        vc.ExpertsProfile.from_dict(bad, "two.yaml")
+    bad = copy.deepcopy(data)
+    bad["boundary_ratio"] = 1.5
+    with pytest.raises(vc.ProfileError, match="boundary_ratio must be a number between 0 and 1"):
+        vc.ExpertsProfile.from_dict(bad, "two.yaml")
+    bad = copy.deepcopy(data)
+    del bad["experts"]["transformer_2"]
+    with pytest.raises(vc.ProfileError, match="name two or more"):
+        vc.ExpertsProfile.from_dict(bad, "two.yaml")
+
+
+def test_a_table_within_a_span_computes_at_its_start_and_reads_nothing_outside_it():
+    f, r, c = Action.FORECAST, Action.REUSE, Action.COMPUTE
+    actions = np.array([c, r, c, f, c, f, f, r, c, f], dtype=np.int8)[:, None, None].repeat(3, axis=2)
+    table = CacheTable(actions)
+    assert table.within(3, 8).actions[:, 0, 0].tolist() == [c, c, c, c, c, f, f, r, c, c]
+    part = table.within(4, 8)
+    assert part.actions[:, 0, 0].tolist() == [c, c, c, c, c, r, r, r, c, c]  # one compute since 4: forecasts reuse
+    assert all(min(cell[1], default=4) >= 4 for row in part.cells[4:8] for cells in row for cell in cells)
+    assert all((cell[2] or 0) < 8 for row in part.cells for cells in row for cell in cells)
+    assert table.within(0, 10).actions.tolist() == table.actions.tolist()
+    assert table.within(10, 10).is_full_compute()
+    with pytest.raises(ValueError, match="a step span must lie within 0-10"):
+        table.within(4, 11)
