@@ -1,4 +1,5 @@
-"""`parallelize(pipe, ulysses=N, cfg=2)`: sequence and CFG parallelism on a pipeline's transformer.
+"""`parallelize(pipe, ulysses=N, cfg=2)`: sequence and CFG parallelism on a pipeline's transformer (on each of
+its experts where it has several, Wan2.2 A14B's two).
 
 The process world is laid out as a `cfg x ring x ulysses` device mesh: the ring x ulysses ranks of one
 CFG branch share its tokens, the two branches run on the two halves of the world. Every rank loads the
@@ -95,6 +96,7 @@ class Parallelism:
     cfg_hook: CfgParallelHook | None = None
     handles: list[Any] = field(default_factory=list)
     processors: list[Any] = field(default_factory=list)
+    experts: list[Parallelism] = field(default_factory=list)  # the pipeline's other experts', removed with this
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -110,6 +112,9 @@ class Parallelism:
         }
 
     def remove(self) -> None:
+        for other in self.experts:
+            other.remove()
+        self.experts.clear()
         if getattr(self.transformer, AGREE_ATTR, None) is not None:
             delattr(self.transformer, AGREE_ATTR)
         for handle in self.handles:
@@ -148,8 +153,26 @@ def parallelize(pipe_or_transformer: Any, *, ulysses: int = 1, ring: int = 1, cf
     a videocache cache before it when using `cfg=2` (either order works for sequence parallelism alone).
     A plan with an `axes` part (Open-Sora) shares the tokens by two-axis sequence parallelism (`dsp`) over
     `ulysses` ranks instead.
+    A pipeline with several transformers (experts) gets each parallelised alike; the first expert's
+    Parallelism is returned and removes them all.
     Raises ParallelConfigError (one line) for an impossible configuration."""
-    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if getattr(pipe_or_transformer, "transformer", None) is None:
+        transformers = [pipe_or_transformer]
+    else:
+        from videocache.experts import pipeline_denoisers
+
+        transformers = [getattr(pipe_or_transformer, d.attribute) for d in pipeline_denoisers(pipe_or_transformer)]
+    first = _parallelize(transformers[0], ulysses, ring, cfg)
+    try:
+        for transformer in transformers[1:]:
+            first.experts.append(_parallelize(transformer, ulysses, ring, cfg))
+    except Exception:
+        first.remove()
+        raise
+    return first
+
+
+def _parallelize(transformer: torch.nn.Module, ulysses: int, ring: int, cfg: int) -> Parallelism:
     transformer = getattr(transformer, "_orig_mod", transformer)
     if not (dist.is_available() and dist.is_initialized()):
         raise ParallelConfigError(
