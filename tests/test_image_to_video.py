@@ -1,10 +1,13 @@
 """Image-to-video through diffusers' WanImageToVideoPipeline, on tiny random configurations of the real classes:
-Wan2.1 I2V (CLIP image tokens in the cross-attention) and Wan2.2 I2V A14B (the image latent concatenated in
-channels, two experts). The pipeline opens its cache contexts with a name only, so the engine takes each step
-from the scheduler. A full-compute table and `remove` are bit-identical to uncached, a caching table computes
+Wan2.1 I2V (CLIP image tokens in the cross-attention), Wan2.2 I2V A14B (the image latent concatenated in
+channels, two experts) and Wan2.2 TI2V-5B (`expand_timesteps`: a timestep per token, so per-token modulation;
+the Wan2.2 VAE with 48 latent channels), the last also as text-to-video through WanPipeline. The I2V pipeline
+opens its cache contexts with a name only, so the engine takes each step from the scheduler. A full-compute table and `remove` are bit-identical to uncached, a caching table computes
 fewer components, and the CFG branches keep their own state."""
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
@@ -17,37 +20,48 @@ from videocache.table import Action, CacheTable
 STEPS = 10
 
 
-def _pipeline(*, image_tokens: bool, experts: bool):
-    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+def _pipeline(kind: str):
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     from videocache.pipelines.reference import build
 
     base = build.build_pipeline(seed=0)
     config = {k: v for k, v in base.transformer.config.items() if not k.startswith("_")}
-    # 16 noise channels + 4 of the first-frame mask + 16 of the image latent
+    # 16 noise channels + 4 of the first-frame mask + 16 of the image latent; TI2V: the 48 of the Wan2.2 VAE
     config.update(in_channels=36, num_layers=4)
-    if image_tokens:
-        config.update(image_dim=32, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
+    vae, components = base.vae, {}
     torch.manual_seed(0)
-    transformers = [WanTransformer3DModel(**config) for _ in range(2 if experts else 1)]
-    encoder = processor = None
-    if image_tokens:
-        encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2,
-                                                   num_attention_heads=4, image_size=32, intermediate_size=37, patch_size=8))
-        processor = CLIPImageProcessor(crop_size=32, size=32)
-    pipe = WanImageToVideoPipeline(
-        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
-        image_processor=processor, image_encoder=encoder, transformer=transformers[0],
-        transformer_2=transformers[1] if experts else None, boundary_ratio=0.9 if experts else None)
+    if kind == "wan2.1-i2v":
+        config.update(image_dim=32, added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"])
+        components.update(
+            image_encoder=CLIPVisionModel(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2,
+                                                           num_attention_heads=4, image_size=32, intermediate_size=37,
+                                                           patch_size=8)),
+            image_processor=CLIPImageProcessor(crop_size=32, size=32))
+    elif kind.startswith("wan2.2-ti2v"):
+        config.update(in_channels=48, out_channels=48)
+        vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                               out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+        components["expand_timesteps"] = True
+    transformers = [WanTransformer3DModel(**config) for _ in range(2 if kind == "wan2.2-i2v-a14b" else 1)]
+    if len(transformers) == 2:
+        components.update(transformer_2=transformers[1], boundary_ratio=0.9)
+    cls = WanPipeline if kind == "wan2.2-ti2v-5b-t2v" else WanImageToVideoPipeline
+    pipe = cls(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=vae, scheduler=base.scheduler,
+               transformer=transformers[0], **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def _run(pipe):
-    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
-    return pipe(image=image, prompt="a red circle moving right", num_inference_steps=STEPS, num_frames=9, height=32,
-                width=32, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    size = 64 if pipe.vae.config.z_dim == 48 else 32  # the Wan2.2 VAE compresses 16x
+    image = {} if "image" not in inspect.signature(pipe.__call__).parameters else {
+        "image": Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))}
+    return pipe(prompt="a red circle moving right", num_inference_steps=STEPS, num_frames=9, height=size, width=size,
+                guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np", **image).frames[0]
 
 
 def _caching_table(num_blocks: int) -> CacheTable:
@@ -57,9 +71,10 @@ def _caching_table(num_blocks: int) -> CacheTable:
     return CacheTable(actions)
 
 
-@pytest.mark.parametrize("image_tokens, experts", [(True, False), (False, True)], ids=["wan2.1-i2v", "wan2.2-i2v-a14b"])
-def test_image_to_video_is_cached_with_steps_from_the_scheduler(image_tokens, experts):
-    pipe = _pipeline(image_tokens=image_tokens, experts=experts)
+@pytest.mark.parametrize("kind", ["wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b", "wan2.2-ti2v-5b-t2v"])
+def test_image_to_video_is_cached_with_steps_from_the_scheduler(kind):
+    pipe = _pipeline(kind)
+    experts = kind == "wan2.2-i2v-a14b"
     names = ["transformer", "transformer_2"] if experts else ["transformer"]
     blocks = len(pipe.transformer.blocks)
     reference = _run(pipe)
