@@ -113,8 +113,8 @@ def test_a_profile_that_does_not_fit_the_experts_is_a_one_line_error_at_apply(pi
                                                "transformer_3": profile.experts["transformer_2"]})
     with pytest.raises(vc.ProfileError, match="no table for transformer_2"):
         vc.apply(pipe, lacking, "fast")
-    with pytest.raises(ValueError, match=r"give table= as \{expert: CacheTable\}"):
-        vc.apply(pipe, table=CacheTable.full_compute(STEPS, 8))
+    with pytest.raises(ValueError, match=r"table= names experts transformer; this pipeline has transformer, transformer_2"):
+        vc.apply(pipe, table={"transformer": CacheTable.full_compute(STEPS, 8)})
     with pytest.raises(vc.ProfileError, match="apply it to the pipeline"):
         vc.apply_to_transformer(pipe.transformer_2, lambda: pipe.scheduler, profile, "fast")
     for t in (pipe, pipe.transformer, pipe.transformer_2):  # nothing left behind by a refused apply
@@ -175,3 +175,31 @@ def test_a_table_within_a_span_computes_at_its_start_and_reads_nothing_outside_i
     assert table.within(10, 10).is_full_compute()
     with pytest.raises(ValueError, match="a step span must lie within 0-10"):
         table.within(4, 11)
+
+
+def test_calibration_spends_one_budget_across_the_experts_and_predicts_what_they_execute(pipe):
+    """`videocache profile`'s calibration on a two-expert pipeline: one search over the generation's steps,
+    scored as the experts execute each candidate (the switch step computed, nothing read across it), so every
+    stage's predicted computed fraction is what the engines measure; the report gives each expert's share."""
+    from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
+
+    settings = CalibrationSettings(steps=8, frames=5, height=32, width=32, guidance_scale=5.0)
+    prompts = ["a red circle moving left on a black background", "a blue square moving up on a white background"]
+    profile, report = calibrate(pipe, "two", prompts, [0.6], settings, preset_names=["fast"], measure_top=1,
+                                log=lambda _: None, progress=False)
+    assert isinstance(profile, vc.ExpertsProfile) and list(profile.experts) == ["transformer", "transformer_2"]
+    assert profile.boundary_ratio == BOUNDARY and list(profile.presets) == ["fast", "full"]
+    for row in report["budgets"][0]["stages"]:
+        assert row["computed_fraction"] == pytest.approx(row["predicted_fraction"], abs=1e-3) and row["computed_fraction"] <= 0.6
+        assert set(row["computed_fraction_by_expert"]) == {"transformer", "transformer_2"}
+    chosen = profile.metadata["measured_on_calibration_prompts"]["fast"]
+    assert all(0 < f < 1 for f in chosen["computed_fraction_by_expert"].values())
+    engine = vc.apply(pipe, profile, "fast")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe(prompts[0], num_inference_steps=8, num_frames=5, height=32, width=32, output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+        assert engine.stats()["computed_fraction"] == pytest.approx(chosen["computed_fraction"], abs=1e-3)
+    finally:
+        vc.remove(pipe)

@@ -247,8 +247,9 @@ def apply(
     """Cache the pipeline's transformer with a profile preset (or a concrete `table=`); returns the engine, also
     kept at `pipe._videocache_engine`. The profile is checked against the model's fingerprint here.
     A pipeline with several transformers (Wan2.2 A14B's two experts, as its model family declares them) needs a
-    profile with a table per expert (an ExpertsProfile; or `table=` {attribute: CacheTable}): each expert gets
-    its own engine on the steps it denoises (`videocache.experts`), and an `ExpertEngines` is returned.
+    profile with a table per expert (an ExpertsProfile), or `table=` a CacheTable for them all or one per expert
+    ({attribute: CacheTable}): each expert gets its own engine on the steps it denoises (`videocache.experts`),
+    and an `ExpertEngines` is returned.
     `observer(context, step, block, component, output)` sees every computed component (calibration).
     `fuse_skipped_steps=False` skips uniform skip steps block by block (see EngineConfig). Where the profile has
     presets calibrated at several guidance scales or step counts (variants), each run uses the one made nearest the
@@ -292,11 +293,11 @@ def apply(
 
 def _expert_sources(profile: Any, table: Any, experts: list[str]) -> dict[str, Any]:
     """What each expert's engine runs: its table, its expert's profile, or the profile (one transformer)."""
-    if table is not None:
-        if len(experts) == 1:
-            return {experts[0]: table}
-        if not isinstance(table, Mapping) or sorted(table) != sorted(experts):
-            raise ValueError(f"this pipeline has experts {', '.join(experts)}: give table= as {{expert: CacheTable}}")
+    if table is not None:  # one table indexed by the generation's step: each expert runs its own steps of it
+        if not isinstance(table, Mapping):
+            return dict.fromkeys(experts, table)
+        if sorted(table) != sorted(experts):
+            raise ValueError(f"table= names experts {', '.join(table)}; this pipeline has {', '.join(experts)}")
         return dict(table)
     if profile is None:
         raise ValueError("give the cache's profile (a name, a YAML path or a Profile) or a CacheTable")

@@ -218,7 +218,8 @@ class TableSearch:
     `grams`: (prompts, blocks, components, steps, steps); `flops`: (blocks, components) FLOPs of one call
     (components: cells in the block's group, `layout`, default one group of Wan's components); `sigmas`:
     the run's per-step sigmas (1 = noise); `step_weights`: measured step sensitivity; `component_weights`:
-    measured sensitivity per component name (`layout.names` order)."""
+    measured sensitivity per component name (`layout.names` order); `spans`: the (start, stop) steps each
+    expert of a pipeline with several runs (a candidate is scored as they execute it: `CacheTable.split`)."""
 
     def __init__(
         self,
@@ -229,6 +230,7 @@ class TableSearch:
         step_weights: Sequence[float] | None = None,
         component_weights: Sequence[float] | None = None,
         layout: BlockLayout | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.band = band
         self.grams = np.asarray(grams, dtype=np.float64)
@@ -248,6 +250,10 @@ class TableSearch:
         # mean least-squares factor <F_t, F_s> / ||F_s||^2 over prompts (the EOC trend prior)
         self.alpha = (self.grams / np.maximum(diag[..., None, :], 1e-30)).mean(axis=0)  # (b, c, t, s)
         self._memo: dict[tuple, np.ndarray] = {}
+        self.spans = [tuple(span) for span in spans or [(0, self.num_steps)]]
+        self.span_of = np.zeros(self.num_steps, dtype=np.int64)  # the index of each step's span
+        for i, (start, stop) in enumerate(self.spans):
+            self.span_of[start:stop] = i
 
     def cell_error(self, b: int, c: int, t: int, steps: tuple[int, ...], coeffs: tuple[float, ...]) -> np.ndarray:
         """Per-prompt relative error of handing back sum_i coeffs_i F_{steps_i} for F_t; beyond the recorded
@@ -265,6 +271,8 @@ class TableSearch:
     def _expand(self, preset: dict) -> tuple[CacheTable, float]:
         """The preset's table for the calibration run and its exact FLOP-weighted computed fraction."""
         table = build_table(preset_from_dict("candidate", preset, self.num_steps), self.sigmas, self.num_blocks, self.layout)
+        if len(self.spans) > 1:
+            table = table.split(self.spans)
         skipped = np.asarray(table.actions) != Action.COMPUTE
         for r, (first, last) in enumerate(table.block_runs):  # a run reuse skips its blocks whole
             skipped[np.asarray(table.run_actions)[:, r] == Action.REUSE, first : last + 1] = True

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from .engine import CacheEngine
 from .family import Denoiser, family_of
 
@@ -93,6 +95,11 @@ class ExpertEngines:
         out["computed_fraction_by_expert"] = {a: p["computed_fraction"] for a, p in parts.items()}
         out["experts"] = parts
         return out
+
+    def component_flops(self) -> np.ndarray:
+        """(blocks, components) FLOPs of each component's last computed call, in whichever expert ran it last
+        (experts of one architecture at one size cost the same)."""
+        return np.maximum.reduce([e.component_flops() for e in self.engines.values()])
 
     def trace(self) -> list[dict[str, Any]]:
         """Every expert's trace records, each with its expert's attribute, in the order the experts run."""

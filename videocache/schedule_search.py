@@ -21,6 +21,8 @@ import numpy as np
 
 from .calibrate import TableSearch
 
+CROSSING_COST = 1e6  # a skip reading across an expert switch; finite: an infinite cost reads as free below
+
 
 @dataclass
 class Schedule:
@@ -73,6 +75,11 @@ def _cell_costs(search: TableSearch, cells: list[tuple[int, int]]) -> tuple[np.n
     weight = search.step_weights[None, :]
     reuse = reuse * weight
     fc = fc * weight[None]
+    # an expert reads nothing another computed (videocache.experts): a skip right after a switch costs what no
+    # schedule pays, so the switch step is computed; a forecast from the other side is not an option
+    crossing = search.span_of[:, None] != search.span_of[None, :]  # (l or p, t)
+    reuse = np.where(crossing, CROSSING_COST, reuse)
+    fc = np.where(crossing[:, None, :], np.inf, fc)
     cost = np.full((T + 1, T, T), np.inf)
     forecast = np.zeros((T + 1, T, T), dtype=bool)
     cost[0] = np.where(t_idx[None, :] > t_idx[:, None], reuse, np.inf)  # only the first compute: reuse

@@ -583,6 +583,18 @@ class CacheTable:
             runs[stop:] = Action.COMPUTE
         return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout)
 
+    def split(self, spans: Sequence[tuple[int, int]]) -> CacheTable:
+        """What experts that run consecutive `spans` of the steps execute of this table, as one table: each
+        span's rows from its `within` (calibration predicts a candidate's fraction and error on it)."""
+        arr = self.actions.copy()
+        runs = self.run_actions.copy() if self.block_runs else None
+        for start, stop in spans:
+            part = self.within(start, stop)
+            arr[start:stop] = part.actions[start:stop]
+            if runs is not None:
+                runs[start:stop] = part.run_actions[start:stop]
+        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout)
+
     @classmethod
     def full_compute(cls, num_steps: int, num_blocks: int, layout: BlockLayout | None = None) -> CacheTable:
         layout = layout or BlockLayout.uniform(num_blocks)

@@ -10,6 +10,13 @@
    where it measurably helps.
 4. The winners become the profile's presets, with the ablation, the predicted and measured figures, and
    the command in its metadata.
+
+A pipeline with several transformers (Wan2.2 A14B's two experts) is calibrated as one run: the recordings,
+the sensitivities and the search are over the generation's steps, each expert running its own steps of a
+candidate table (`videocache.experts`), so the search spends the budget across the experts wherever skipping
+costs least, and the report gives each expert's measured computed fraction (how the budget split). The
+profile is an ExpertsProfile with that table for every expert. fg/bg profiling reads one transformer's
+attention, so it is skipped for them.
 """
 
 from __future__ import annotations
@@ -81,6 +88,38 @@ def model_layout(pipe) -> videocache.BlockLayout:
     """The block layout (groups and their components) of the pipeline's transformer."""
     adapter = videocache.adapters.get_adapter(pipe.transformer)
     return videocache.BlockLayout.from_fingerprint(adapter.fingerprint(pipe.transformer))
+
+
+def experts_of(pipe) -> list[str]:
+    """The pipeline's transformers (one, or its experts), checked to share one architecture."""
+    from videocache.experts import pipeline_denoisers
+
+    names = [d.attribute for d in pipeline_denoisers(pipe)]
+    adapter = videocache.adapters.get_adapter(pipe.transformer)
+    prints = {name: adapter.fingerprint(getattr(pipe, name)) for name in names}
+    if any(f != prints[names[0]] for f in prints.values()):
+        raise ValueError(f"the experts {', '.join(names)} differ in architecture: videocache profile calibrates "
+                         "experts of one architecture")
+    return names
+
+
+def expert_spans(pipe, steps: int) -> list[tuple[int, int]] | None:
+    """The steps each expert runs of a `steps`-step run (None: one transformer runs them all); the scheduler
+    must be set for that run (as after `record`)."""
+    from videocache.experts import pipeline_denoisers, steps_run
+
+    denoisers = pipeline_denoisers(pipe)
+    return None if len(denoisers) == 1 else [steps_run(pipe, d)(steps) for d in denoisers]
+
+
+def for_pipeline(pipe, profile: Profile) -> Profile | videocache.ExpertsProfile:
+    """The profile to apply to `pipe`: as it is, or (several experts) the same presets for every expert."""
+    experts = experts_of(pipe)
+    if len(experts) == 1:
+        return profile
+    boundary = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    each = dataclasses.replace(profile, metadata={})  # the metadata once, at the top
+    return videocache.ExpertsProfile.of(profile.name, dict.fromkeys(experts, each), boundary, profile.metadata)
 
 
 def generate_frames(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
@@ -160,19 +199,23 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
 
 def measure(pipe, profile: Profile, preset: str, prompts: Sequence[str], refs: Sequence[np.ndarray],
             s: CalibrationSettings) -> dict[str, float]:
-    """Computed fraction (engine-measured), mean PSNR and SSIM against the uncached videos."""
-    engine = videocache.apply(pipe, profile, preset=preset, trace=False)
+    """Computed fraction (engine-measured; per expert too where the pipeline has several), mean PSNR and SSIM
+    against the uncached videos."""
+    engine = videocache.apply(pipe, for_pipeline(pipe, profile), preset=preset, trace=False)
     psnrs, ssims = [], []
     try:
         for prompt, ref in zip(prompts, refs, strict=True):
             video = generate_frames(pipe, prompt, s)
             psnrs.append(min(psnr(video, ref), 99.0))
             ssims.append(ssim(video, ref))
-        fraction = engine.stats()["computed_fraction"]
+        stats = engine.stats()
     finally:
         videocache.remove(pipe)
-    return {"computed_fraction": round(float(fraction), 4), "psnr": round(float(np.mean(psnrs)), 3),
-            "ssim": round(float(np.mean(ssims)), 4)}
+    out = {"computed_fraction": round(float(stats["computed_fraction"]), 4), "psnr": round(float(np.mean(psnrs)), 3),
+           "ssim": round(float(np.mean(ssims)), 4)}
+    if "computed_fraction_by_expert" in stats:
+        out["computed_fraction_by_expert"] = {k: round(float(v), 4) for k, v in stats["computed_fraction_by_expert"].items()}
+    return out
 
 
 def _profile(base: dict, presets: dict[str, dict]) -> Profile:
@@ -223,13 +266,17 @@ def calibrate(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> tuple[Profile, dict]:
-    """The calibrated profile and a report {fgbg, budgets: [{budget, stages: [...], chosen}], seconds}."""
+    """The calibrated profile (an ExpertsProfile for a pipeline with several transformers) and a report {fgbg,
+    budgets: [{budget, stages: [...], chosen}], seconds}."""
     started = time.time()
     adapter = videocache.adapters.get_adapter(pipe.transformer)
     fingerprint = adapter.fingerprint(pipe.transformer)
     names = list(preset_names or [f"budget_{b:g}".replace(".", "_") for b in budgets])
     if len(names) != len(budgets):
         raise ValueError(f"{len(budgets)} budgets but {len(names)} preset names")
+    if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
+        log("fg/bg block profiling reads one transformer's attention: skipped for this pipeline's experts")
+        fgbg_prompts = 0
     if fgbg is None and fgbg_prompts > 0:
         log("profiling foreground/background blocks from the model's attention ...")
         try:
@@ -250,7 +297,7 @@ def calibrate(
     log("step sensitivity: " + " ".join(f"{w:.2f}" for w in weights))
     log("component sensitivity: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(layout.names, comp_weights, strict=True)))
     search = TableSearch(rec.grams, rec.flops, rec.sigmas, step_weights=weights, component_weights=comp_weights,
-                         layout=layout)
+                         layout=layout, spans=expert_spans(pipe, settings.steps))
     opts0 = dataclasses.replace(base_options or SearchOptions(), components=layout.names)
     eb_on = dataclasses.replace(eb or ExposureBiasConfig(), enabled=True)
     base = {
@@ -301,9 +348,10 @@ def calibrate(
             row["kept"] = bool(kept)
             row["preset"] = candidate.preset
             stages.append(row)
+            split = "".join(f" {k} {v:.3f}" for k, v in measured.get("computed_fraction_by_expert", {}).items())
             log(f"  {stage:12s} predicted fraction {row['predicted_fraction']:.3f}  measured "
-                f"{measured['computed_fraction']:.3f}  PSNR {measured['psnr']:.2f} dB  SSIM {measured['ssim']:.4f}"
-                f"{'  (kept)' if kept else ''}")
+                f"{measured['computed_fraction']:.3f}{f' ({split.strip()})' if split else ''}  PSNR {measured['psnr']:.2f} dB"
+                f"  SSIM {measured['ssim']:.4f}{'  (kept)' if kept else ''}")
             if kept:
                 best = (row, candidate)
                 opts, use_eb = trial_opts, trial_eb
@@ -320,10 +368,12 @@ def calibrate(
         "calibration_seconds": report["seconds"],
         "measured_on_calibration_prompts": {
             b["preset"]: {"budget": b["budget"], **{k: b["chosen"][k] for k in
-                          ("stage", "predicted_fraction", "computed_fraction", "psnr", "ssim")}}
+                          ("stage", "predicted_fraction", "computed_fraction", "computed_fraction_by_expert", "psnr",
+                           "ssim") if k in b["chosen"]}}
             for b in report["budgets"]
         },
     }
     profile = _profile(base, chosen_presets)  # rule presets written out: other step counts keep their fraction
-    return _profile(base, {k: written_out(profile.preset(k), rec.sigmas, layout, profile.exposure_bias)
-                           for k in chosen_presets}), report
+    profile = _profile(base, {k: written_out(profile.preset(k), rec.sigmas, layout, profile.exposure_bias)
+                              for k in chosen_presets})
+    return for_pipeline(pipe, profile), report
