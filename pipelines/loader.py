@@ -33,7 +33,7 @@ from .attention_backend import (  # noqa: F401 - re-exported: the loader is wher
     set_attention_backend,
 )
 from .reference import REFERENCE_DIR, REFERENCE_HUNYUAN_DIR, REFERENCE_OPENSORA_DIR  # noqa: F401 - re-exported
-from .reference.shared import shared_component_paths
+from .reference.shared import load_shared_vae, shared_component_paths
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -233,6 +233,8 @@ def load_pipeline(
     # Our classes say what is missing in a ValueError/FileNotFoundError; diffusers' own ValueErrors pass through.
     errors = (OSError,) if cls is DiffusionPipeline else (OSError, ValueError)
     try:
+        if cls is DiffusionPipeline:  # a diffusers pipeline folder that names a shipped VAE (reference-wan22)
+            kwargs = load_shared_vae(source, kwargs)
         pipe = cls.from_pretrained(source, **kwargs)
     except errors as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -17,6 +17,10 @@ stages), and assembles a ReferenceHunyuanVideoPipeline folder that names that VA
         --work-dir runs/reference_hunyuan --out pipelines/reference/reference-hunyuan \
         --stages clips,latents,transformer,assemble
 
+--architecture wan22 fine-tunes reference-wan22 from reference-wan: two experts (the high-noise one at
+sigma >= --boundary-ratio, the low-noise one below), run by WanPipeline with transformer_2 and boundary_ratio
+(the command is in pipelines/reference/README.md).
+
 --architecture opensora trains reference-opensora the same way (our STDiT3Model and a tiny T5, Open-Sora's
 time shift and x0 - noise velocity, caption dropout to the model's null caption) and assembles a
 ReferenceOpenSoraPipeline folder that names the shared VAE too.
@@ -109,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--text-encoder", default=None,
                    help="load the frozen text encoder from this saved pipeline folder instead of building it from the seed")
-    p.add_argument("--architecture", choices=("wan", "hunyuan", "opensora"), default="wan",
-                   help="wan: reference-wan (WanTransformer3DModel); hunyuan: reference-hunyuan "
+    p.add_argument("--architecture", choices=("wan", "wan22", "hunyuan", "opensora"), default="wan",
+                   help="wan: reference-wan (WanTransformer3DModel); wan22: reference-wan22 (two WanTransformer3DModel "
+                   "experts split at --boundary-ratio, Wan2.2 A14B's layout); hunyuan: reference-hunyuan "
                    "(HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG)")
+    p.add_argument("--boundary-ratio", type=float, default=None,
+                   help="wan22 (needed there): the high-noise expert denoises at sigma >= this, the low-noise one below "
+                   "(Wan2.2 T2V-A14B's is 0.875)")
+    p.add_argument("--init-transformer", default=None,
+                   help="start the transformer (each expert) from this saved pipeline folder's transformer (a fine-tune)")
+    p.add_argument("--frame0-weight", type=float, default=None,
+                   help="loss weight of latent frame 0 relative to the others (the transformer stage; default 1)")
     p.add_argument("--transformer-config", type=json.loads, default={},
                    help="JSON overrides of the hunyuan or opensora transformer's config, e.g. "
                    "'{\"patch_size\": 2}' (more video tokens); the assembled folder's config records them")
@@ -126,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
     check_transformer_config(p, args)
+    if (args.boundary_ratio is not None) != bool(ARCHITECTURES[args.architecture].experts):
+        p.error("--boundary-ratio goes with an architecture of two experts (wan22), and wan22 needs it")
+    if args.boundary_ratio is not None and not 0 < args.boundary_ratio < 1:
+        p.error(f"--boundary-ratio must lie between 0 and 1; got {args.boundary_ratio}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     work = Path(args.work_dir)

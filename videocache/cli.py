@@ -320,6 +320,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     base = None  # the profile --add-to extends or --guard-only completes
     if args.add_to or args.guard_only:
         base = videocache.load_profile(args.add_to or args.out)
+        if isinstance(base, videocache.ExpertsProfile):
+            raise ValueError(f"{'--add-to' if args.add_to else '--guard-only'} does not take a profile with a table per "
+                             f"expert yet ({base.name}); calibrate the pipeline again with --guidance-scale / --steps")
         made = base.metadata.get("settings") or {}
         for arg, key in (("steps", "steps"), ("frames", "frames"), ("height", "height"), ("width", "width")):
             if getattr(args, arg) is None and key in made:
@@ -380,6 +383,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         report["attention_backend"] = attention_backend_of(pipe)
     if args.add_to:
         profile = base.with_variant(profile)
+    if isinstance(profile, videocache.ExpertsProfile) and not args.no_guard:
+        print("the run-time guard is not calibrated for a pipeline's experts (it ships off): --no-guard")
+        args.no_guard = True
     if not args.no_guard and not args.add_to:
         from videocache.eval_vbench.calibration.guard import calibrate_guard
         from videocache.eval_vbench.calibration.runs import generate_frames
@@ -396,7 +402,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"{out.stem}.{'guard' if args.guard_only else variant_name(args.guidance_scale, args.steps, base.steps)}.json")
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     written = [str(out), str(report_path)]
-    if profile.fgbg is not None and profile.fgbg.per_step:
+    if getattr(profile, "fgbg", None) is not None and profile.fgbg.per_step:
         from videocache.fgbg import save_heatmap
 
         heatmap = save_heatmap(profile.fgbg, out.with_suffix(".fgbg.png"), f"{profile.name}: R_attn per block and step")

@@ -11,6 +11,7 @@ Which transformers a pipeline has and which steps each runs is the model family'
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,23 +36,44 @@ def pipeline_denoisers(pipe: Any) -> list[Denoiser]:
     return found
 
 
+def denoiser_modules(pipe: Any) -> list[Any]:
+    """The pipeline's transformers, in the order they run (one, or its experts)."""
+    return [getattr(pipe, d.attribute) for d in pipeline_denoisers(pipe)]
+
+
 def steps_run(pipe: Any, denoiser: Denoiser) -> Callable[[int], tuple[int, int]]:
-    """(start, stop): the steps of a run of N that `denoiser` denoises, from the pipeline's scheduler (its
-    timesteps are read once per table, to the host)."""
+    """(start, stop): the steps of a run of N that `denoiser` denoises, from the pipeline's scheduler as the run
+    set it (its timesteps are read once per table, to the host)."""
 
     def span(num_steps: int) -> tuple[int, int]:
         timesteps = [float(t) for t in pipe.scheduler.timesteps.tolist()]
         if len(timesteps) != num_steps:
             raise ValueError(f"the scheduler has {len(timesteps)} timesteps for a run of {num_steps} steps")
-        runs = [i for i, t in enumerate(timesteps) if denoiser.runs_at(t)]
-        if not runs:
-            return num_steps, num_steps
-        if runs != list(range(runs[0], runs[-1] + 1)):
-            raise ValueError(f"{denoiser.attribute} denoises steps {runs}, not one consecutive span: videocache "
-                             "caches experts that each run one span of steps")
-        return runs[0], runs[-1] + 1
+        return _span(denoiser, timesteps)
 
     return span
+
+
+def expert_steps(pipe: Any, num_steps: int) -> dict[str, tuple[int, int]]:
+    """Each transformer's (start, stop) steps of a `num_steps`-step run, on a copy of the pipeline's scheduler
+    (one transformer: all of them)."""
+    denoisers = pipeline_denoisers(pipe)
+    if len(denoisers) == 1:
+        return {denoisers[0].attribute: (0, num_steps)}
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(num_steps)
+    timesteps = [float(t) for t in scheduler.timesteps.tolist()]
+    return {d.attribute: _span(d, timesteps) for d in denoisers}
+
+
+def _span(denoiser: Denoiser, timesteps: list[float]) -> tuple[int, int]:
+    runs = [i for i, t in enumerate(timesteps) if denoiser.runs_at(t)]
+    if not runs:
+        return len(timesteps), len(timesteps)
+    if runs != list(range(runs[0], runs[-1] + 1)):
+        raise ValueError(f"{denoiser.attribute} denoises steps {runs}, not one consecutive span: videocache "
+                         "caches experts that each run one span of steps")
+    return runs[0], runs[-1] + 1
 
 
 class ExpertEngines:

@@ -104,12 +104,11 @@ def experts_of(pipe) -> list[str]:
 
 
 def expert_spans(pipe, steps: int) -> list[tuple[int, int]] | None:
-    """The steps each expert runs of a `steps`-step run (None: one transformer runs them all); the scheduler
-    must be set for that run (as after `record`)."""
-    from videocache.experts import pipeline_denoisers, steps_run
+    """The steps each expert runs of a `steps`-step run (None: one transformer runs them all)."""
+    from videocache.experts import expert_steps
 
-    denoisers = pipeline_denoisers(pipe)
-    return None if len(denoisers) == 1 else [steps_run(pipe, d)(steps) for d in denoisers]
+    spans = list(expert_steps(pipe, steps).values())
+    return None if len(spans) == 1 else spans
 
 
 def for_pipeline(pipe, profile: Profile) -> Profile | videocache.ExpertsProfile:

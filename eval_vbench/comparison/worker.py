@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from videocache.experts import denoiser_modules
+
 from ..metrics.fidelity import psnr, ssim
 from ..metrics.flops import ComponentCounter, ComponentCounts, computed_fraction
 from ..peers import AppliedMethod, Method, MethodSetup, NoCache, family_of, parse_method
@@ -143,7 +145,7 @@ class GroupRunner:
         from videocache.pipelines.generation import generate
 
         s = self.settings
-        with ComponentCounter(self.pipe.transformer, sequence_degree) as counter:
+        with ComponentCounter(denoiser_modules(self.pipe), sequence_degree) as counter:
             result = generate(
                 self.pipe,
                 item.prompt,
@@ -166,7 +168,7 @@ class GroupRunner:
         try:
             applied.reset_stats()
             if applied.cache_bytes is not None:
-                probe = CachePeakProbe(self.pipe.transformer, applied.cache_bytes)
+                probe = CachePeakProbe(denoiser_modules(self.pipe), applied.cache_bytes)
             result, counts = self._generate(item)
             stats = dict(applied.stats() or {})
         finally:
@@ -303,7 +305,7 @@ class GroupRunner:
                 s = self.parallel.settings
                 par = parallelize(self.pipe, ulysses=s.ulysses, ring=s.ring, cfg=s.cfg)
             if applied is not None and applied.cache_bytes is not None:
-                probe = CachePeakProbe(self.pipe.transformer, applied.cache_bytes)
+                probe = CachePeakProbe(denoiser_modules(self.pipe), applied.cache_bytes)
             self.parallel.barrier()  # start together: no rank's time includes waiting for another
             result, counts = self._generate(item, self.parallel.settings.sequence_degree)
             stats = dict(applied.stats() or {}) if applied is not None else {}

@@ -80,17 +80,20 @@ def cachedit_roots(pipe: Any) -> list[Any]:
 
 
 class CachePeakProbe:
-    """Tracks the peak of `bytes_fn()` sampled after every forward of `transformer`."""
+    """Tracks the peak of `bytes_fn()` sampled after every forward of `transformer` (or of each of a list: a
+    pipeline's experts)."""
 
-    def __init__(self, transformer: torch.nn.Module, bytes_fn: Callable[[], int]):
+    def __init__(self, transformer: torch.nn.Module | list[torch.nn.Module], bytes_fn: Callable[[], int]):
         self.peak = 0
         self._bytes_fn = bytes_fn
-        self._handle = transformer.register_forward_hook(self._sample)
+        self._handles = [t.register_forward_hook(self._sample) for t in (transformer if isinstance(transformer, list)
+                                                                            else [transformer])]
 
     def _sample(self, module, args, output) -> None:
         self.peak = max(self.peak, self._bytes_fn())
 
     def close(self) -> int:
         self._sample(None, None, None)
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         return self.peak

@@ -20,6 +20,7 @@ group, with no sequence-parallel term.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,7 @@ class ComponentCounts:
 class ComponentCounter:
     """Counts executed block components of `transformer` while installed; use as a context manager.
 
+    `transformer` may be a list (a pipeline's experts): their counts add up.
     Installs plain torch pre-hooks on the family's FLOP points (and on the modules that carry a context, to
     learn its length), so it sees exactly what ran, whichever cache library is active. Under sequence
     parallelism over `sequence_degree` ranks a rank sees its token shard; its self-attention attends to
@@ -69,11 +71,14 @@ class ComponentCounter:
     A family without FLOP points is a one-line FamilyError.
     """
 
-    def __init__(self, transformer: torch.nn.Module, sequence_degree: int = 1):
-        self.transformer = transformer
+    def __init__(self, transformer: torch.nn.Module | Sequence[torch.nn.Module], sequence_degree: int = 1):
+        transformers = list(transformer) if isinstance(transformer, Sequence) else [transformer]  # or a pipeline's experts
+        self.transformer = transformers[0]
         self.sequence_degree = sequence_degree
-        points = family_of(transformer).require("flop_points", "the measured computed fraction (videocache compare)")
-        self.points = list(points(transformer))
+        self.points = []
+        for each in transformers:
+            points = family_of(each).require("flop_points", "the measured computed fraction (videocache compare)")
+            self.points += list(points(each))
         self.kinds = tuple(dict.fromkeys(p.kind for p in self.points))
         self.counts = ComponentCounts(kinds=self.kinds)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

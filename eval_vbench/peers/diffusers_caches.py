@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import io
 import re
 from collections.abc import Callable
@@ -84,18 +85,43 @@ def enable_diffusers_cache(transformer: Any, config: Any) -> None:
         transformer.enable_cache(config)
 
 
+def denoiser_modules(pipe: Any) -> list[Any]:
+    """The pipeline's transformers (its experts where it has several); videocache imported only when needed."""
+    from videocache.experts import denoiser_modules as modules
+
+    return modules(pipe)
+
+
 def _diffusers_applied(pipe: Any, config: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
-    enable_diffusers_cache(pipe.transformer, config)
-    return _diffusers_applied_hooked(pipe.transformer, info)
+    """The cache enabled on every transformer of the pipeline (each expert of a two-expert one gets its own
+    hooks and state, from `config`, or from `config[i]` where a list gives each its own)."""
+    experts = denoiser_modules(pipe)
+    configs = config if isinstance(config, list) else [config] * len(experts)
+    enabled = []
+    try:
+        for transformer, each in zip(experts, configs, strict=True):
+            enable_diffusers_cache(transformer, copy.copy(each))
+            enabled.append(transformer)
+    except Exception:
+        for transformer in enabled:
+            transformer.disable_cache()
+        raise
+    return _diffusers_applied_hooked(experts, info)
 
 
-def _diffusers_applied_hooked(transformer: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
-    """The AppliedMethod of a diffusers cache already enabled on `transformer`."""
+def _diffusers_applied_hooked(transformers: Any, info: dict[str, Any] | None = None) -> AppliedMethod:
+    """The AppliedMethod of a diffusers cache already enabled on `transformers` (one, or a list)."""
     from ..metrics.cache_memory import diffusers_hook_roots, tensor_bytes
 
+    transformers = transformers if isinstance(transformers, list) else [transformers]
+
+    def remove() -> None:
+        for transformer in transformers:
+            transformer.disable_cache()
+
     return AppliedMethod(
-        remove=transformer.disable_cache,
-        cache_bytes=lambda: tensor_bytes(diffusers_hook_roots(transformer)),
+        remove=remove,
+        cache_bytes=lambda: sum(tensor_bytes(diffusers_hook_roots(t)) for t in transformers),
         info=info or {},
     )
 
@@ -118,16 +144,22 @@ class FBCacheMethod(Method):
 
         applied = _diffusers_applied(pipe, FirstBlockCacheConfig(threshold=self.threshold))
         # one process: diffusers' decision unchanged; sequence-parallel: the global statistic, agreed
-        agreement = agree_first_block_cache(pipe.transformer)
+        agreements = [agree_first_block_cache(t) for t in denoiser_modules(pipe)]
         remove = applied.remove
 
         def remove_all() -> None:
-            agreement.remove()
+            for agreement in agreements:
+                agreement.remove()
             remove()
 
+        def reset() -> None:
+            for agreement in agreements:
+                agreement.reset()
+
         applied.remove = remove_all
-        applied.stats = agreement.stats
-        applied.reset_stats = agreement.reset
+        applied.stats = agreements[0].stats if len(agreements) == 1 else (
+            lambda: {"experts": [agreement.stats() for agreement in agreements]})
+        applied.reset_stats = reset
         if setup.parallel is not None and setup.parallel.sequence_degree > 1:
             applied.info["decision"] = (
                 "agreed across ranks (all-reduced global statistic; diffusers 0.42.1 decides on the local shard)"
@@ -167,11 +199,14 @@ class TaylorSeerMethod(Method):
 _MAG_PRINT = re.compile(r"\[MagCache\] Calibration Complete[^\n]*\n\s*(\[[^\]]*\])")
 
 
-def parse_mag_ratios(printed: str) -> list[float]:
-    """MagCache ratios from diffusers' calibration printout (one list per cache context, e.g. cond and
-    uncond on Wan), averaged element-wise into the single list MagCacheConfig takes."""
-    lists = [ast.literal_eval(m) for m in _MAG_PRINT.findall(printed)]
-    lists = [[float(v) for v in found] for found in lists if found]
+def printed_ratio_lists(printed: str) -> list[list[float]]:
+    """Every ratio list of diffusers' MagCache calibration printout, in order (one per cache context and expert)."""
+    return [[float(v) for v in found] for found in map(ast.literal_eval, _MAG_PRINT.findall(printed)) if found]
+
+
+def average_ratios(lists: list[list[float]]) -> list[float]:
+    """Ratio lists of one transformer's cache contexts (e.g. cond and uncond on Wan), averaged element-wise into
+    the single list MagCacheConfig takes."""
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios (did the run cover every step?)")
     length = len(lists[0])
@@ -180,6 +215,11 @@ def parse_mag_ratios(printed: str) -> list[float]:
             f"MagCache calibration printed ratio lists of different lengths: {[len(x) for x in lists]}"
         )
     return [sum(col) / len(col) for col in zip(*lists, strict=True)]
+
+
+def parse_mag_ratios(printed: str) -> list[float]:
+    """The averaged ratios of one transformer's calibration printout."""
+    return average_ratios(printed_ratio_lists(printed))
 
 
 @dataclass(frozen=True)
@@ -193,36 +233,50 @@ class MagCacheMethod(Method):
     def spec(self) -> str:
         return f"diffusers:magcache:{self.threshold:g}"
 
-    def calibrated_ratios(self, pipe: Any, setup: MethodSetup) -> list[float]:
-        """Ratios for this step count from the store, or from one calibration run (then stored)."""
+    def calibrated_ratios(self, pipe: Any, setup: MethodSetup) -> list[list[float]]:
+        """Ratios for this step count, one list per expert (its own steps: MagCache counts the calls it sees, so
+        a two-expert pipeline's second expert would otherwise read the first steps' ratios), from the store or
+        from one calibration run (then stored)."""
         from diffusers import MagCacheConfig
 
-        key = f"magcache_ratios_{setup.num_inference_steps}"
+        steps = self.expert_steps(pipe, setup)
+        key = f"magcache_ratios_{setup.num_inference_steps}" + ("" if len(steps) == 1 else "_experts")
         if key not in setup.store:
-            enable_diffusers_cache(
-                pipe.transformer, MagCacheConfig(calibrate=True, num_inference_steps=setup.num_inference_steps)
-            )
+            experts = denoiser_modules(pipe)
+            for transformer, n in zip(experts, steps, strict=True):
+                enable_diffusers_cache(transformer, MagCacheConfig(calibrate=True, num_inference_steps=n))
             printed = io.StringIO()
             try:
                 with contextlib.redirect_stdout(printed):
                     setup.calibrate()
             finally:
-                pipe.transformer.disable_cache()
-            setup.store[key] = parse_mag_ratios(printed.getvalue())
+                for transformer in experts:
+                    transformer.disable_cache()
+            # each expert prints one list per cache context (cond, uncond) when its steps are done, in turn
+            lists = printed_ratio_lists(printed.getvalue())
+            per = max(1, len(lists) // len(steps))
+            ratios = [average_ratios(lists[i * per:(i + 1) * per]) for i in range(len(steps))]
+            setup.store[key] = ratios[0] if len(steps) == 1 else ratios
             setup.save_store()
-        return list(setup.store[key])
+        stored = setup.store[key]
+        return [list(stored)] if len(steps) == 1 else [list(r) for r in stored]
+
+    @staticmethod
+    def expert_steps(pipe: Any, setup: MethodSetup) -> list[int]:
+        from videocache.experts import expert_steps
+
+        return [stop - start for start, stop in expert_steps(pipe, setup.num_inference_steps).values()]
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         from diffusers import MagCacheConfig
 
         ratios = self.calibrated_ratios(pipe, setup)
-        config = MagCacheConfig(
-            threshold=self.threshold,
-            num_inference_steps=setup.num_inference_steps,
-            retention_ratio=WARMUP_FRACTION,
-            mag_ratios=ratios,
-        )
-        return _diffusers_applied(pipe, config, {"mag_ratios": [round(r, 6) for r in ratios]})
+        configs = [MagCacheConfig(threshold=self.threshold, num_inference_steps=n, retention_ratio=WARMUP_FRACTION,
+                                  mag_ratios=r) for n, r in zip(self.expert_steps(pipe, setup), ratios, strict=True)]
+        info = {"mag_ratios": [round(x, 6) for x in ratios[0]]} if len(ratios) == 1 else {
+            "mag_ratios_per_expert": [[round(x, 6) for x in r] for r in ratios],
+            "steps_per_expert": self.expert_steps(pipe, setup)}
+        return _diffusers_applied(pipe, configs, info)
 
 
 @dataclass(frozen=True)
@@ -272,6 +326,8 @@ class PABMethod(Method):
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         transformer = pipe.transformer
+        if len(denoiser_modules(pipe)) > 1 and not _has_diffusers_attention(transformer):
+            raise ValueError(f"{self.spec}: PAB on components by name covers one transformer, not a pipeline's experts")
         if _has_diffusers_attention(transformer):
             config = self.config(lambda: pipe.current_timestep, transformer)
             info = {"spatial_attention_timestep_skip_range": list(config.spatial_attention_timestep_skip_range)}

@@ -46,6 +46,13 @@ class VideocacheMethod(Method):
         import videocache
 
         profile = videocache.load_profile(self.profile)
+        parts = (self._parts(profile) if not isinstance(profile, videocache.ExpertsProfile)  # a table per expert:
+                 else [[self.exposure_bias, self.blockwise], *map(self._parts, profile.experts.values())])
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def _parts(self, profile: Any) -> list:
+        """What of one (expert's) profile this method runs: the preset, its variants, the guard."""
         preset = profile.preset(self.preset)
         guard = profile.guard if self.guard is not False else None
         parts = [preset.to_dict(), self.exposure_bias, self.blockwise]
@@ -55,8 +62,7 @@ class VideocacheMethod(Method):
                           if preset.name in v.presets])
         if self.guard is not None or (guard is not None and guard.enabled):  # digests without a guard unchanged
             parts.append(None if guard is None or self.guard is False else guard.to_dict())
-        text = json.dumps(parts, sort_keys=True, default=str)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        return parts
 
     def apply(self, pipe: Any, setup: MethodSetup) -> AppliedMethod:
         import videocache  # lazily: the engine is optional for every other method

@@ -91,6 +91,54 @@ def vae_psnr(vae, captions: Sequence[Caption], seed: int = 10_000) -> list[float
     return psnrs
 
 
+@torch.no_grad()
+def expert_divergence(pipe, captions: Sequence[Caption], steps: int = 25, guidance_scale: float = 5.0) -> dict:
+    """How far apart a two-expert pipeline's experts are (so that its switch is a real one): along each
+    uncached generation every transformer call is made by the other expert too, on the same inputs, and
+    ||v_transformer - v_transformer_2|| / ||v_running|| is taken per step (mean over both CFG branches and
+    the captions); reported per expert's own steps and at the first step after the switch."""
+    experts = {"transformer": pipe.transformer, "transformer_2": pipe.transformer_2}
+    per_step: dict[int, list[float]] = {}
+    ran: dict[int, str] = {}
+    busy = []
+
+    def watch(name: str, other: torch.nn.Module):
+        def hook(module, args, kwargs, output):
+            if busy:  # the other expert's own call, made from here
+                return
+            busy.append(True)
+            try:
+                mine = output[0] if isinstance(output, tuple) else output.sample
+                theirs = other(*args, **kwargs)
+                theirs = theirs[0] if isinstance(theirs, tuple) else theirs.sample
+            finally:
+                busy.pop()
+            step = pipe.scheduler.step_index or 0
+            ran[step] = name
+            per_step.setdefault(step, []).append(float((mine - theirs).norm() / mine.norm()))
+        return hook
+
+    handles = [experts[a].register_forward_hook(watch(a, experts[b]), with_kwargs=True)
+               for a, b in (("transformer", "transformer_2"), ("transformer_2", "transformer"))]
+    try:
+        for i, caption in enumerate(captions):
+            generate(pipe, caption.text, seed=i, num_inference_steps=steps, num_frames=17, height=64, width=64,
+                     guidance_scale=guidance_scale, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mean = {t: float(np.mean(v)) for t, v in sorted(per_step.items())}
+    switch = min(t for t, name in ran.items() if name == "transformer_2")
+    return {
+        "prompts": len(captions),
+        "steps_of": {name: [t for t in mean if ran[t] == name] for name in experts},
+        "relative_difference_per_step": {t: round(v, 4) for t, v in mean.items()},
+        "mean_over_own_steps": {name: round(float(np.mean([v for t, v in mean.items() if ran[t] == name])), 4)
+                                for name in experts},
+        "at_switch": round(mean[switch], 4),
+    }
+
+
 def main() -> None:
     from pathlib import Path
 
@@ -124,6 +172,8 @@ def main() -> None:
         **asdict(report),
         "demo": demo_check(pipe, steps=args.steps, guidance_scale=args.guidance_scale),
     }
+    if getattr(pipe, "transformer_2", None) is not None:  # two experts: how different they are
+        result["expert_divergence"] = expert_divergence(pipe, held_out[:4], args.steps, args.guidance_scale)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +199,19 @@ def main() -> None:
             + f" --out {args.out}`\n\n"
             "| measure | value | gate | |\n|---|---|---|---|\n" + table + "\n\n"
             f"README demo prompt `{demo['prompt']}` (seed 0): frames {demo['frames']}; colour {demo['colour']}, "
-            f"direction {demo['direction']}.\n\nVideos missing a gate:\n{misses}\n"
+            f"direction {demo['direction']}.\n\nVideos missing a gate:\n{misses}\n" + divergence_text(result)
         )
+
+
+def divergence_text(result: dict) -> str:
+    div = result.get("expert_divergence")
+    if div is None:
+        return ""
+    own = div["mean_over_own_steps"]
+    return (f"\nThe two experts on the same inputs ({div['prompts']} prompts; relative difference of their velocity "
+            f"predictions, ||v_transformer - v_transformer_2|| / ||v_running||): {own['transformer']:.1%} over the "
+            f"high-noise expert's steps {div['steps_of']['transformer'][0]}-{div['steps_of']['transformer'][-1]}, "
+            f"{own['transformer_2']:.1%} over the low-noise expert's, {div['at_switch']:.1%} at the switch.\n")
 
 
 if __name__ == "__main__":

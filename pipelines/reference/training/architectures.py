@@ -45,6 +45,7 @@ class Architecture:
     # (args, work dir) -> the trained pipeline to save; a shared-VAE one names --vae's VAE instead of copying it
     pipeline: Callable[[argparse.Namespace, Path], DiffusionPipeline]
     shares_vae: bool
+    experts: tuple[str, ...] = ()  # a two-expert model's experts ("high", "low"), trained one after the other
 
 
 def _to_empty_caption(ids: torch.Tensor, num_captions: int) -> int:
@@ -57,10 +58,10 @@ def _to_null_caption(ids: torch.Tensor, num_captions: int) -> torch.Tensor:
     return ids + num_captions
 
 
-def transformer_from_run(build_transformer, args, work: Path) -> torch.nn.Module:
+def transformer_from_run(build_transformer, args, work: Path, name: str = "transformer") -> torch.nn.Module:
     """The transformer stage's result (its EMA weights) in the architecture's transformer."""
     transformer = build_transformer(**args.transformer_config)
-    transformer.load_state_dict(torch.load(work / "transformer_final.pt", map_location="cpu")["model"])
+    transformer.load_state_dict(torch.load(work / f"{name}_final.pt", map_location="cpu")["model"])
     return transformer
 
 
@@ -105,6 +106,18 @@ def wan_pipeline(args, work: Path) -> WanPipeline:
         scheduler=build.build_scheduler(),
         transformer=transformer,
     )
+
+
+def wan22_pipeline(args, work: Path) -> WanPipeline:
+    """Wan2.2 A14B's layout: the high-noise expert `transformer` above --boundary-ratio, the low-noise
+    `transformer_2` below, --vae's VAE; the experts are stored in float16 (loaded back as float32), so that both
+    ship in about the space of one."""
+    pipe = text_pipeline(args)
+    experts = [transformer_from_run(build.build_transformer, args, work, f"transformer_{e}").to(torch.float16)
+               for e in ("high", "low")]
+    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=load_trained_vae(args, "cpu", work, ""),
+                       scheduler=build.build_scheduler(), transformer=experts[0], transformer_2=experts[1],
+                       boundary_ratio=args.boundary_ratio)
 
 
 # -- hunyuan: HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG, --vae's VAE -------------------
@@ -178,6 +191,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         build_transformer=build.build_transformer, transformer_config=None, conditioning=wan_conditioning,
         drop_captions=_to_empty_caption, velocity_sign=1.0, time_shift=build.SCHEDULER_SHIFT,
         pipeline=wan_pipeline, shares_vae=False,
+    ),
+    "wan22": Architecture(
+        build_transformer=build.build_transformer, transformer_config=None, conditioning=wan_conditioning,
+        drop_captions=_to_empty_caption, velocity_sign=1.0, time_shift=build.SCHEDULER_SHIFT,
+        pipeline=wan22_pipeline, shares_vae=True, experts=("high", "low"),
     ),
     "hunyuan": Architecture(
         build_transformer=build_hunyuan.build_transformer, transformer_config=build_hunyuan.TRANSFORMER_CONFIG,

@@ -1,5 +1,10 @@
 """Stage `transformer`: the architecture's transformer trained with rectified flow on the normalised latents
-(velocity between noise and x0, times drawn with the sampler's shift, caption dropout, EMA weights)."""
+(velocity between noise and x0, times drawn with the sampler's shift, caption dropout, EMA weights).
+
+A two-expert architecture (wan22) trains its experts one after the other, each on its own range of noise
+levels (the high-noise expert at sigma >= --boundary-ratio, the low-noise one below), both started from
+--init-transformer's weights. --frame0-weight weighs latent frame 0 in the loss (the first frames that every
+reference gets wrong)."""
 
 from __future__ import annotations
 
@@ -27,7 +32,21 @@ def transformer_lr(args, step: int) -> float:
 
 
 def train_transformer(args, device, work: Path) -> None:
-    final = work / "transformer_final.pt"
+    experts = ARCHITECTURES[args.architecture].experts
+    for expert in experts or (None,):
+        _train(args, device, work, expert)
+
+
+def sigma_range(args, expert: str | None) -> tuple[float, float]:
+    """The noise levels an expert trains at: [boundary, 1] for the high-noise one, [0, boundary) for the other."""
+    if expert is None:
+        return 0.0, 1.0
+    return (args.boundary_ratio, 1.0) if expert == "high" else (0.0, args.boundary_ratio)
+
+
+def _train(args, device, work: Path, expert: str | None) -> None:
+    name = "transformer" if expert is None else f"transformer_{expert}"
+    final = work / f"{name}_final.pt"
     if final.exists():
         return
     data = torch.load(work / "latents.pt", weights_only=False)
@@ -44,10 +63,13 @@ def train_transformer(args, device, work: Path) -> None:
 
     torch.manual_seed(args.seed)
     model = architecture.build_transformer(**args.transformer_config).to(device)
+    if args.init_transformer:  # a fine-tune: start from a saved pipeline's transformer
+        start = type(model).from_pretrained(Path(args.init_transformer) / "transformer", torch_dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = 0
-    ckpt_path = work / "transformer_ckpt.pt"
+    ckpt_path = work / f"{name}_ckpt.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -59,10 +81,16 @@ def train_transformer(args, device, work: Path) -> None:
     params = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
     ema_params = [ema[k] for k, v in model.state_dict().items() if v.dtype.is_floating_point]
     total = args.steps + args.steps2
-    bar = tqdm(total=total, initial=step, desc="transformer", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=name, dynamic_ncols=True)
     model.train()
     # The sampler's time distribution, or more (> the sampler's shift) or fewer training times at high noise.
     shift = architecture.time_shift if args.time_shift is None else args.time_shift
+    # the uniform draws u whose shifted times fall in the expert's noise range (the shift maps u to sigma monotonically)
+    u_lo, u_hi = (lo / (shift - (shift - 1) * lo) for lo in sigma_range(args, expert))
+    frame_weight = None
+    if args.frame0_weight not in (None, 1.0):
+        frame_weight = torch.ones(1, 1, latents.shape[2], 1, 1, device=device)
+        frame_weight[:, :, 0] = args.frame0_weight
     running = None
     while step < total:
         idx = torch.randint(len(latents), (args.batch,), generator=gen)
@@ -70,7 +98,7 @@ def train_transformer(args, device, work: Path) -> None:
         cond = caption_ids[idx].clone()
         dropped = torch.rand(args.batch, generator=gen) < args.cfg_dropout
         cond[dropped] = architecture.drop_captions(cond[dropped], empty_id)
-        u = torch.rand(args.batch, generator=gen)
+        u = u_lo + (u_hi - u_lo) * torch.rand(args.batch, generator=gen)
         sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # same shift as the sampler's schedule
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -82,7 +110,10 @@ def train_transformer(args, device, work: Path) -> None:
         # bf16 autocast on a GPU (fp32 master weights); a CPU run stays in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = denoise(model, xt, sigma * 1000, cond.to(device))
-        loss = F.mse_loss(pred.float(), target)
+        if frame_weight is None:
+            loss = F.mse_loss(pred.float(), target)
+        else:
+            loss = ((pred.float() - target) ** 2 * frame_weight).mean() / frame_weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
