@@ -203,3 +203,34 @@ def test_calibration_spends_one_budget_across_the_experts_and_predicts_what_they
         assert engine.stats()["computed_fraction"] == pytest.approx(chosen["computed_fraction"], abs=1e-3)
     finally:
         vc.remove(pipe)
+
+
+def test_peers_run_on_every_expert_and_the_measured_fraction_counts_both(pipe):
+    """The comparison's peers: diffusers' MagCache calibrated per expert over its own steps (it counts the calls
+    it sees, so one list for the whole run would hand the low-noise expert the first steps' ratios), and the
+    measured computed fraction counts the block components of both experts."""
+    from videocache.eval_vbench.metrics.flops import ComponentCounter
+    from videocache.eval_vbench.peers.diffusers_caches import FBCacheMethod, MagCacheMethod
+    from videocache.eval_vbench.peers.spec import MethodSetup
+
+    def generate():
+        pipe("a red circle", num_inference_steps=STEPS, num_frames=9, height=32, width=32, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+
+    experts = [pipe.transformer, pipe.transformer_2]
+    with ComponentCounter(experts) as uncached:
+        generate()
+    assert uncached.counts.calls["attn1"] == 2 * STEPS * len(pipe.transformer.blocks)  # CFG: two calls a step
+    setup = MethodSetup(num_inference_steps=STEPS, calibrate=generate)
+    assert MagCacheMethod.expert_steps(pipe, setup) == [3, 7]
+    for method in (FBCacheMethod(0.2), MagCacheMethod(0.24)):
+        applied = method.apply(pipe, setup)
+        try:
+            assert all(t.is_cache_enabled for t in experts)
+            with ComponentCounter(experts) as cached:
+                generate()
+        finally:
+            applied.remove()
+        assert not any(t.is_cache_enabled for t in experts)
+        assert 0 < cached.counts.total_flops < uncached.counts.total_flops
+    assert [len(r) for r in setup.store[f"magcache_ratios_{STEPS}_experts"]] == [3, 7]
