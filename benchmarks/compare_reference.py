@@ -1,6 +1,7 @@
 """Benchmark: every cache method side by side on a shipped reference pipeline (reference-wan, or
 reference-hunyuan with `--model reference-hunyuan`: results in benchmarks/compare_hunyuan, or
-reference-opensora with `--model reference-opensora`: benchmarks/compare_opensora).
+reference-opensora with `--model reference-opensora`: benchmarks/compare_opensora, or the two-expert
+reference-wan22 with `--model reference-wan22`: benchmarks/compare_wan22).
 
 A thin wrapper over `videocache compare`: 16 held-out prompts of the grammar
 `a {colour} {shape} moving {direction} on a {background} background` (never seen in training),
@@ -12,6 +13,7 @@ on the 2-core CPU. The per-run records (runs/) and logs are not committed (.giti
     python benchmarks/compare_reference.py                       # the committed results
     python benchmarks/compare_reference.py --model reference-hunyuan    # HunyuanVideo's
     python benchmarks/compare_reference.py --model reference-opensora   # Open-Sora 1.2's (STDiT3)
+    python benchmarks/compare_reference.py --model reference-wan22      # Wan2.2 A14B's two experts
     python benchmarks/compare_reference.py --prompts-count 4 --out /tmp/cmp   # a quick look
 """
 
@@ -60,7 +62,7 @@ EXTRA_METHODS = {
 }
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan",
-               "reference-opensora": "compare_opensora"}
+               "reference-opensora": "compare_opensora", "reference-wan22": "compare_wan22"}
 
 
 def default_methods(model: str) -> list[str]:
@@ -133,7 +135,10 @@ def write_ablation_profile(path: Path, model: str) -> list[str]:
     presets = {
         _stage_preset_name(b["preset"], row["stage"]): row["preset"] for b in report["budgets"] for row in b["stages"]
     }
-    data.update(name=f"{model}-ablation", presets=presets, default_preset=next(iter(presets)))
+    data["name"] = f"{model}-ablation"
+    for body in data["experts"].values() if "experts" in data else [data]:  # an experts profile: every expert's
+        body.update(presets=presets, default_preset=next(iter(presets)))
+        body.pop("variants", None)
     path.write_text(f"# Written by benchmarks/compare_reference.py from profiles/{model}.json\n" + yaml.safe_dump(data, sort_keys=False))
     return [_ablation_spec(path, name) for name in presets]
 
