@@ -1,7 +1,7 @@
-"""Ulysses, ring and CFG parallelism on a two-expert Wan pipeline (diffusers' WanPipeline with transformer_2 and
-boundary_ratio), both experts cached, on 2 gloo processes against one: `parallelize(pipe)` spreads both experts,
-the latents match one process within the tolerances of tests/test_parallel.py, and every rank computes the same
-fraction in each expert."""
+"""Ulysses, ring and CFG parallelism on the two-expert reference, reference-wan22 (diffusers' WanPipeline with
+transformer_2 and boundary_ratio), both experts cached with its profile, on 2 gloo processes against one:
+`parallelize(pipe)` spreads both experts, the latents match one process within the tolerances of
+tests/test_parallel.py, and every rank computes the same fraction in each expert."""
 
 from __future__ import annotations
 
@@ -12,25 +12,14 @@ import torch
 
 from tests.test_parallel import _assert_close, _init_rank, _spawn
 
-STEPS = 10
+STEPS = 16
 MODES = {"ulysses": {"ulysses": 2}, "ring": {"ring": 2}, "cfg": {"cfg": 2}}
 
 
 def _two_experts():
-    import copy
+    from videocache.pipelines.loader import load_pipeline
 
-    from diffusers import WanPipeline
-
-    from videocache.pipelines.reference import build
-
-    base = build.build_pipeline(seed=0)
-    low_noise = copy.deepcopy(base.transformer)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in low_noise.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=generator))
-    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
-                       transformer=base.transformer, transformer_2=low_noise, boundary_ratio=0.875)
+    pipe = load_pipeline("reference-wan22", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -38,13 +27,11 @@ def _two_experts():
 def _cached(pipe, make_parallel=None):
     import videocache
 
-    profile = videocache.load_profile("reference-wan")
-    experts = videocache.ExpertsProfile.of("two", {"transformer": profile, "transformer_2": profile}, 0.875)
-    engine = videocache.apply(pipe, experts, "balanced")
+    engine = videocache.apply(pipe, "reference-wan22", "balanced")
     par = make_parallel() if make_parallel else None
     try:
         latents = pipe("a red circle moving left", negative_prompt="", num_inference_steps=STEPS, num_frames=9,
-                       height=32, width=32, guidance_scale=5.0, output_type="latent",
+                       height=64, width=64, guidance_scale=5.0, output_type="latent",
                        generator=torch.Generator().manual_seed(0)).frames
         return latents, engine.stats()["computed_fraction_by_expert"]
     finally:
