@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import resource
 import sys
 import time
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from videocache.experts import denoiser_modules
+
 
 @dataclass
 class GenerationResult:
@@ -21,17 +24,16 @@ class GenerationResult:
 
 
 class TransformerTimer:
-    """Accumulates wall time spent inside the denoiser's forward, through hooks on that instance only."""
+    """Accumulates wall time spent inside the denoisers' forwards (a pipeline's transformer, or each of its
+    experts), through hooks on those instances only."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, modules: list[torch.nn.Module]):
         self.seconds = 0.0
         self.calls = 0
         self._start = 0.0
-        self._cuda = next(module.parameters()).is_cuda
-        self._handles = [
-            module.register_forward_pre_hook(self._before),
-            module.register_forward_hook(self._after),
-        ]
+        self._cuda = next(modules[0].parameters()).is_cuda
+        self._handles = [hook for module in modules for hook in (
+            module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after))]
 
     def _sync(self) -> None:
         if self._cuda:
@@ -78,13 +80,23 @@ def generate(
     guidance_scale: float,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    image: str | Path | None = None,
 ) -> GenerationResult:
-    """Run the pipeline once with a seeded generator; time the whole call and the transformer alone."""
+    """Run the pipeline once with a seeded generator; time the whole call and the transformer alone.
+    `image`: the first frame of an image-to-video pipeline (a file)."""
+    inputs: dict[str, Any] = {}
+    if image is not None:
+        if "image" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"--image: {type(pipe).__name__} makes videos from text only; give an image-to-video "
+                             "model (WanImageToVideoPipeline)")
+        from PIL import Image
+
+        inputs["image"] = Image.open(image).convert("RGB")
     device = pipe.transformer.device
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoise")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timer = TransformerTimer(pipe.transformer)
+    timer = TransformerTimer(denoiser_modules(pipe))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
     try:
@@ -98,6 +110,7 @@ def generate(
             guidance_scale=guidance_scale,
             generator=generator,
             output_type="np",
+            **inputs,
         )
     finally:
         timer.close()
@@ -113,6 +126,7 @@ def generate(
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
         "guidance_scale": guidance_scale,
+        **({"image": str(image)} if image is not None else {}),
         "wall_s": round(wall, 4),
         "transformer_s": round(timer.seconds, 4),
         "transformer_calls": timer.calls,

@@ -20,7 +20,7 @@ from videocache.table import Action, CacheTable
 STEPS = 10
 
 
-def _pipeline(kind: str):
+def _pipeline(kind: str, num_layers: int = 4):
     from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -29,7 +29,7 @@ def _pipeline(kind: str):
     base = build.build_pipeline(seed=0)
     config = {k: v for k, v in base.transformer.config.items() if not k.startswith("_")}
     # 16 noise channels + 4 of the first-frame mask + 16 of the image latent; TI2V: the 48 of the Wan2.2 VAE
-    config.update(in_channels=36, num_layers=4)
+    config.update(in_channels=36, num_layers=num_layers)
     vae, components = base.vae, {}
     torch.manual_seed(0)
     if kind == "wan2.1-i2v":
@@ -102,3 +102,28 @@ def test_image_to_video_is_cached_with_steps_from_the_scheduler(kind):
     assert not np.array_equal(cached, reference)
     vc.remove(pipe)
     assert np.array_equal(_run(pipe), reference)
+
+
+def test_generate_takes_an_image_for_an_image_to_video_model_and_caches_both_experts(tmp_path):
+    """`videocache generate --image` on a Wan2.2 I2V A14B layout (two experts, the image latent in channels) saved
+    as a diffusers folder, with a profile holding a table per expert; a text-only model is a one-line error."""
+    import json
+
+    from videocache.cli import main
+
+    pipe = _pipeline("wan2.2-i2v-a14b", num_layers=8)  # reference-wan's block count: its profile fits each expert
+    folder = tmp_path / "i2v"
+    pipe.save_pretrained(folder)
+    profile = vc.load_profile("reference-wan")
+    vc.ExpertsProfile.of("i2v", {"transformer": profile, "transformer_2": profile}, 0.9).save(tmp_path / "i2v.yaml")
+    image = tmp_path / "first.png"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8)).save(image)
+    common = ["--prompt", "a red circle moving right", "--steps", "10", "--frames", "9", "--height", "32", "--width",
+              "32", "--guidance-scale", "5", "--no-progress"]
+    summary = tmp_path / "s.json"
+    assert main(["generate", "--model", str(folder), "--image", str(image), "--profile", str(tmp_path / "i2v.yaml"),
+                 "--preset", "fast", "--out", str(tmp_path / "v.mp4"), "--summary", str(summary), *common]) == 0
+    by_expert = json.loads(summary.read_text())["computed_fraction_by_expert"]
+    assert set(by_expert) == {"transformer", "transformer_2"} and all(0 < f < 1 for f in by_expert.values())
+    assert main(["generate", "--image", str(image), "--out", str(tmp_path / "t.mp4"), *common]) == 2
+    assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "none.png"), *common]) == 2

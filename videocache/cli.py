@@ -49,6 +49,8 @@ CACHE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float8": "float8_
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", default=None,
+                   help="first frame (an image file) for an image-to-video model (WanImageToVideoPipeline)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (model default)")
@@ -112,6 +114,9 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     )
     from videocache.video_io import write_video
 
+    image = getattr(args, "image", None)
+    if image is not None and not Path(image).is_file():
+        raise ValueError(f"--image {image}: no such file")
     source = resolve_model(args.model)
     defaults = generation_defaults(source)  # None until loaded for a hub id not downloaded yet
     video = video_settings(args, defaults)
@@ -178,6 +183,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         guidance_scale=video["guidance_scale"],
         progress=not args.no_progress and (parallel is None or parallel.is_main),
         extra=extra,
+        image=image,
     )
     summary = result.summary
     if engine is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine import CacheEngine
-from .family import Denoiser, family_of
+from .family import Denoiser, FamilyError, family_of
 
 _SUMMED = ("executed_flops", "skipped_flops", "fallbacks", "refused_stores", "cache_current_bytes",
            "cache_current_host_bytes")
@@ -27,8 +27,11 @@ _PEAKS = ("cache_peak_bytes", "cache_peak_host_bytes")  # the experts never hold
 
 def pipeline_denoisers(pipe: Any) -> list[Denoiser]:
     """The transformers a pipeline denoises with, in the order they run (its family's declaration; a
-    pipeline whose family declares none has its `transformer` alone)."""
-    declared = family_of(pipe.transformer).denoisers
+    pipeline whose family declares none, or that no family covers, has its `transformer` alone)."""
+    try:
+        declared = family_of(pipe.transformer).denoisers
+    except FamilyError:  # uncached runs need no family; caching one says so (videocache.apply)
+        declared = None
     found = [Denoiser("transformer")] if declared is None else list(declared(pipe))
     missing = [d.attribute for d in found if getattr(pipe, d.attribute, None) is None]
     if missing:
