@@ -47,3 +47,27 @@ def test_profiles_say_they_are_not_calibrated(model):
         profile.metadata["calibrate_with_weights"]
     )
     assert "MagCache" in profile.metadata["source"] and "FEB-Cache" in profile.metadata["source"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_wan22_stand_ins_compute_what_their_report_says_and_fit_the_experts():
+    """The Wan2.2 stand-ins (pipelines/wan/presets_wan22.py): A14B profiles hold a table per expert with the
+    model's boundary, TI2V-5B's fits its 30 blocks; counted again at the default step counts, each preset computes
+    what benchmarks/wan22_presets.json reports, and the profiles say they are not calibrated."""
+    import json
+
+    from videocache.pipelines.stand_in_presets import ROOT
+    from videocache.pipelines.wan.presets_wan22 import MODELS as WAN22
+    from videocache.pipelines.wan.presets_wan22 import fractions
+
+    reported = json.loads((ROOT / "benchmarks" / "wan22_presets.json").read_text())["models"]
+    for m in WAN22:
+        profile = vc.load_profile(m.name)
+        assert "NOT CALIBRATED" in profile_path(m.name).read_text()
+        if m.boundary_ratio is None:
+            assert isinstance(profile, vc.Profile) and profile.model.num_blocks == m.blocks
+        else:
+            assert isinstance(profile, vc.ExpertsProfile) and profile.boundary_ratio == m.boundary_ratio
+            assert all(e.model.num_blocks == m.blocks for e in profile.experts.values())
+        profile.check_steps(m.steps)
+        assert fractions(m) == reported[m.name]["presets"]
