@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .schema import SCHEMA_VERSION, PresetSpec, Profile, ProfileError, _check_keys, _where
+from .schema import SCHEMA_VERSION, PresetSpec, Profile, ProfileError, SavedAsYaml, _check_keys, _where
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,11 @@ class ExpertsPreset:
 
 
 @dataclass
-class ExpertsProfile:
+class ExpertsProfile(SavedAsYaml):
+    """A profile per expert (`experts`, by the pipeline attribute holding it, in the order they run), validated to
+    share one run: the same step count and preset names. It answers `steps`, `presets`, `preset(name)` and
+    `check_steps` as a single profile does, so that the CLI's checks before loading a model take either."""
+
     name: str
     experts: dict[str, Profile]
     boundary_ratio: float | None = None  # where the pipeline the profile was made on switches experts
@@ -107,14 +108,6 @@ class ExpertsProfile:
             "experts": {attribute: _body(expert.to_dict()) for attribute, expert in self.experts.items()},
             "metadata": self.metadata,
         }
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_yaml())
-        return path
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<profile>") -> ExpertsProfile:

@@ -514,8 +514,20 @@ class CalibrationVariant:
                 **({"metadata": self.metadata} if self.metadata else {})}
 
 
+class SavedAsYaml:
+    """`to_yaml` and `save` of a profile class, from its `to_dict`."""
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+
 @dataclass
-class Profile:
+class Profile(SavedAsYaml):
     name: str
     model: ModelSpec
     steps: int
@@ -691,14 +703,6 @@ class Profile:
                if self.variants else {}),
             "metadata": self.metadata,
         }
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=110)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_yaml())
-        return path
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<profile>") -> Profile:
