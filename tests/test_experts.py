@@ -234,3 +234,50 @@ def test_peers_run_on_every_expert_and_the_measured_fraction_counts_both(pipe):
         assert not any(t.is_cache_enabled for t in experts)
         assert 0 < cached.counts.total_flops < uncached.counts.total_flops
     assert [len(r) for r in setup.store[f"magcache_ratios_{STEPS}_experts"]] == [3, 7]
+
+
+def test_experts_under_model_cpu_offload_cache_alike_and_free_the_first_expert_at_the_switch(tmp_path):
+    """diffusers' enable_model_cpu_offload wraps each expert's forward (accelerate's hooks) and moves it on and off
+    the execution device per call; here the execution device is the CPU. The cached output is the one without
+    offload (within 1e-5: offloading alone moves the uncached output by 1e-6, the weights landing at other memory
+    alignments; the cache moves it by 1e-2), and the high-noise expert holds nothing once the low-noise one runs."""
+    from diffusers import WanPipeline
+
+    profile = experts_profile()
+    plain = WanPipeline.from_pretrained(_saved(tmp_path))
+    offloaded = WanPipeline.from_pretrained(_saved(tmp_path))
+    offloaded.enable_model_cpu_offload(device="cpu")
+    outputs = []
+    for p in (plain, offloaded):
+        p.set_progress_bar_config(disable=True)
+        engine = vc.apply(p, profile, "fast")
+        held = []
+
+        def watch(_pipe, step, _t, kwargs, engine=engine, held=held):
+            if step >= 2:
+                held.append(engine.engines["transformer"].store.device_bytes)
+            return kwargs
+
+        outputs.append(run(p, watch))
+        assert set(held) == {0} and all(0 < f < 1 for f in engine.stats()["computed_fraction_by_expert"].values())
+        vc.remove(p)
+    np.testing.assert_allclose(*outputs, atol=1e-5, rtol=0)
+
+
+def _saved(tmp_path):
+    """The module fixture's two-expert pipeline saved once, so that each test run loads fresh copies."""
+    folder = tmp_path / "two"
+    if not folder.exists():
+        from diffusers import WanPipeline
+
+        from videocache.pipelines.reference import build
+
+        base = build.build_pipeline(seed=0)
+        low_noise = copy.deepcopy(base.transformer)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in low_noise.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=generator))
+        WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+                    transformer=base.transformer, transformer_2=low_noise, boundary_ratio=BOUNDARY).save_pretrained(folder)
+    return folder
