@@ -53,12 +53,15 @@ DEFAULT_METHODS = (  # {profile}: the model's own profile (a reference pipeline'
     "cachedit:dbcache-taylorseer:1:0:0.3",
 )
 # Per model, peers beside DEFAULT_METHODS: on reference-hunyuan the defaults stay above 0.6 computed for most
-# peers, so settings that reach 0.5 and 0.33 too; on Open-Sora, PAB also in its published Open-Sora setting
+# peers, and on reference-wan22 above 0.4, so settings that reach 0.5 and 0.33 too; on Open-Sora, PAB also in its published Open-Sora setting
 # (spatial 2, temporal 4, cross 6 in 450 < t < 930).
 EXTRA_METHODS = {
     "reference-hunyuan": ("diffusers:fbcache:0.4", "diffusers:fbcache:0.8", "diffusers:taylorseer:6",
                           "diffusers:magcache:0.6", "cachedit:dbcache:1:0:0.6", "cachedit:dbcache-taylorseer:1:0:0.6:1"),
     "reference-opensora": ("diffusers:pab:2:4:6",),
+    # the two-expert reference: the defaults stop at 0.40 computed (MagCache), so settings that reach 0.33 too
+    "reference-wan22": ("diffusers:fbcache:0.4", "diffusers:fbcache:0.8", "diffusers:taylorseer:6",
+                        "diffusers:magcache:0.8", "cachedit:dbcache:1:0:0.6", "cachedit:dbcache-taylorseer:1:0:0.6:1"),
 }
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan",
