@@ -80,18 +80,18 @@ def generate(
     guidance_scale: float,
     progress: bool = True,
     extra: dict[str, Any] | None = None,
-    image: str | Path | None = None,
+    image: str | Path | np.ndarray | None = None,
 ) -> GenerationResult:
     """Run the pipeline once with a seeded generator; time the whole call and the transformer alone.
-    `image`: the first frame of an image-to-video pipeline (a file)."""
+    `image`: the first frame of an image-to-video pipeline (a file, or (H, W, 3) uint8)."""
     inputs: dict[str, Any] = {}
     if image is not None:
-        if "image" not in inspect.signature(pipe.__call__).parameters:
+        if not takes_image(pipe):
             raise ValueError(f"--image: {type(pipe).__name__} makes videos from text only; give an image-to-video "
                              "model (WanImageToVideoPipeline)")
         from PIL import Image
 
-        inputs["image"] = Image.open(image).convert("RGB")
+        inputs["image"] = Image.fromarray(image) if isinstance(image, np.ndarray) else Image.open(image).convert("RGB")
     device = pipe.transformer.device
     pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoise")
     if device.type == "cuda":
@@ -126,7 +126,7 @@ def generate(
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
         "guidance_scale": guidance_scale,
-        **({"image": str(image)} if image is not None else {}),
+        **({"image": str(image)} if isinstance(image, str | Path) else {}),
         "wall_s": round(wall, 4),
         "transformer_s": round(timer.seconds, 4),
         "transformer_calls": timer.calls,
@@ -137,6 +137,11 @@ def generate(
         **(extra or {}),
     }
     return GenerationResult(frames=frames, summary=summary)
+
+
+def takes_image(pipe: DiffusionPipeline) -> bool:
+    """Whether the pipeline makes a video from a given first frame (image-to-video)."""
+    return "image" in inspect.signature(pipe.__call__).parameters
 
 
 def read_prompts(path: str | Path) -> list[str]:

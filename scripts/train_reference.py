@@ -44,7 +44,7 @@ from videocache.pipelines.reference.training.architectures import ARCHITECTURES
 from videocache.pipelines.reference.training.assemble import assemble
 from videocache.pipelines.reference.training.clips import render_bank
 from videocache.pipelines.reference.training.decoder import train_decoder
-from videocache.pipelines.reference.training.latents import encode_latents
+from videocache.pipelines.reference.training.latents import encode_conditions, encode_latents
 from videocache.pipelines.reference.training.transformer import train_transformer
 from videocache.pipelines.reference.training.vae import train_vae
 
@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--text-encoder", default=None,
                    help="load the frozen text encoder from this saved pipeline folder instead of building it from the seed")
-    p.add_argument("--architecture", choices=("wan", "wan22", "hunyuan", "opensora"), default="wan",
+    p.add_argument("--architecture", choices=("wan", "wan22", "wan22-i2v", "hunyuan", "opensora"), default="wan",
                    help="wan: reference-wan (WanTransformer3DModel); wan22: reference-wan22 (two WanTransformer3DModel "
-                   "experts split at --boundary-ratio, Wan2.2 A14B's layout); hunyuan: reference-hunyuan "
+                   "experts split at --boundary-ratio, Wan2.2 A14B's layout); wan22-i2v: the same, image-to-video (the "
+                   "first frame's latent in channels, stage conditions); hunyuan: reference-hunyuan "
                    "(HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG)")
     p.add_argument("--boundary-ratio", type=float, default=None,
                    help="wan22 (needed there): the high-noise expert denoises at sigma >= this, the low-noise one below "
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     timings_path = work / "timings.json"
     stages = {"clips": lambda: render_bank(args, work), "vae": lambda: train_vae(args, device, work),
               "latents": lambda: encode_latents(args, device, work), "transformer": lambda: train_transformer(args, device, work),
+              "conditions": lambda: encode_conditions(args, device, work),
               "decoder": lambda: train_decoder(args, device, work)}
     for name in args.stages.split(","):
         if name == "assemble":

@@ -79,12 +79,13 @@ def build_vae() -> AutoencoderKLWan:
     )
 
 
-def build_transformer() -> WanTransformer3DModel:
+def build_transformer(in_channels: int = Z_DIM) -> WanTransformer3DModel:
+    """reference-wan's transformer; image-to-video (Wan2.2 I2V) takes 4 mask and Z_DIM image-latent channels more."""
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=4,
         attention_head_dim=32,
-        in_channels=Z_DIM,
+        in_channels=in_channels,
         out_channels=Z_DIM,
         text_dim=TEXT_DIM,
         freq_dim=64,

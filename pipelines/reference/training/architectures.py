@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, HunyuanVideoPipeline, WanPipeline
+from diffusers import DiffusionPipeline, HunyuanVideoPipeline, WanImageToVideoPipeline, WanPipeline
 from transformers import CLIPTextModel, LlamaModel, T5EncoderModel, UMT5EncoderModel
 
 from videocache.pipelines.opensora.model import schedule as opensora_schedule
@@ -46,6 +47,7 @@ class Architecture:
     pipeline: Callable[[argparse.Namespace, Path], DiffusionPipeline]
     shares_vae: bool
     experts: tuple[str, ...] = ()  # a two-expert model's experts ("high", "low"), trained one after the other
+    image_condition: bool = False  # image-to-video: the first frame's latent and mask join the input channels
 
 
 def _to_empty_caption(ids: torch.Tensor, num_captions: int) -> int:
@@ -108,16 +110,24 @@ def wan_pipeline(args, work: Path) -> WanPipeline:
     )
 
 
-def wan22_pipeline(args, work: Path) -> WanPipeline:
+I2V_CHANNELS = 2 * build.Z_DIM + 4  # Wan2.2 I2V: the noisy latent, a 4-channel first-frame mask, the image latent
+
+
+def wan22_pipeline(args, work: Path, image: bool = False) -> WanPipeline | WanImageToVideoPipeline:
     """Wan2.2 A14B's layout: the high-noise expert `transformer` above --boundary-ratio, the low-noise
-    `transformer_2` below, --vae's VAE; the experts are stored in float16 (loaded back as float32), so that both
-    ship in about the space of one."""
+    `transformer_2` below, --vae's VAE (`image`: WanImageToVideoPipeline, the first frame given in channels as
+    Wan2.2 I2V takes it, no image encoder); the experts are stored in float16 (loaded back as float32), so that
+    both ship in about the space of one."""
     pipe = text_pipeline(args)
-    experts = [transformer_from_run(build.build_transformer, args, work, f"transformer_{e}").to(torch.float16)
+    build_transformer = partial(build.build_transformer, in_channels=I2V_CHANNELS) if image else build.build_transformer
+    experts = [transformer_from_run(build_transformer, args, work, f"transformer_{e}").to(torch.float16)
                for e in ("high", "low")]
-    return WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=load_trained_vae(args, "cpu", work, ""),
-                       scheduler=build.build_scheduler(), transformer=experts[0], transformer_2=experts[1],
-                       boundary_ratio=args.boundary_ratio)
+    parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=load_trained_vae(args, "cpu", work, ""),
+                 scheduler=build.build_scheduler(), transformer=experts[0], transformer_2=experts[1],
+                 boundary_ratio=args.boundary_ratio)
+    if image:
+        return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **parts)
+    return WanPipeline(**parts)
 
 
 # -- hunyuan: HunyuanVideoTransformer3DModel, Llama + CLIP text encoders, true CFG, --vae's VAE -------------------
@@ -196,6 +206,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         build_transformer=build.build_transformer, transformer_config=None, conditioning=wan_conditioning,
         drop_captions=_to_empty_caption, velocity_sign=1.0, time_shift=build.SCHEDULER_SHIFT,
         pipeline=wan22_pipeline, shares_vae=True, experts=("high", "low"),
+    ),
+    "wan22-i2v": Architecture(
+        build_transformer=partial(build.build_transformer, in_channels=I2V_CHANNELS), transformer_config=None,
+        conditioning=wan_conditioning, drop_captions=_to_empty_caption, velocity_sign=1.0,
+        time_shift=build.SCHEDULER_SHIFT, pipeline=partial(wan22_pipeline, image=True), shares_vae=True,
+        experts=("high", "low"), image_condition=True,
     ),
     "hunyuan": Architecture(
         build_transformer=build_hunyuan.build_transformer, transformer_config=build_hunyuan.TRANSFORMER_CONFIG,

@@ -64,8 +64,17 @@ def _train(args, device, work: Path, expert: str | None) -> None:
     torch.manual_seed(args.seed)
     model = architecture.build_transformer(**args.transformer_config).to(device)
     if args.init_transformer:  # a fine-tune: start from a saved pipeline's transformer
-        start = type(model).from_pretrained(Path(args.init_transformer) / "transformer", torch_dtype=torch.float32)
-        model.load_state_dict(start.state_dict())
+        folder = Path(args.init_transformer)
+        # the low-noise expert starts from a two-expert pipeline's own low-noise expert where it has one
+        sub = "transformer_2" if expert == "low" and (folder / "transformer_2").is_dir() else "transformer"
+        start = type(model).from_pretrained(folder / sub, torch_dtype=torch.float32)
+        own, state = model.state_dict(), start.state_dict()
+        for key, value in state.items():
+            if own[key].shape != value.shape:  # more input channels (image-to-video): the new ones start at zero
+                grown = torch.zeros_like(own[key])
+                grown[:, : value.shape[1]] = value
+                state[key] = grown
+        model.load_state_dict(state)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     step = 0
@@ -87,6 +96,11 @@ def _train(args, device, work: Path, expert: str | None) -> None:
     shift = architecture.time_shift if args.time_shift is None else args.time_shift
     # the uniform draws u whose shifted times fall in the expert's noise range (the shift maps u to sigma monotonically)
     u_lo, u_hi = (lo / (shift - (shift - 1) * lo) for lo in sigma_range(args, expert))
+    conditions = mask = None
+    if architecture.image_condition:  # the first frame's latent (stage `conditions`) and its mask, as inputs
+        conditions = torch.load(work / "conditions.pt", weights_only=False)["conditions"].to(device)
+        mask = torch.zeros(1, 4, *latents.shape[2:], device=device)
+        mask[:, :, 0] = 1.0
     frame_weight = None
     if args.frame0_weight not in (None, 1.0):
         frame_weight = torch.ones(1, 1, latents.shape[2], 1, 1, device=device)
@@ -109,6 +123,8 @@ def _train(args, device, work: Path, expert: str | None) -> None:
             g["lr"] = lr
         # bf16 autocast on a GPU (fp32 master weights); a CPU run stays in fp32.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if conditions is not None:
+                xt = torch.cat([xt, mask.expand(len(idx), -1, -1, -1, -1), conditions[idx.to(device)].float()], dim=1)
             pred = denoise(model, xt, sigma * 1000, cond.to(device))
         if frame_weight is None:
             loss = F.mse_loss(pred.float(), target)
