@@ -127,3 +127,26 @@ def test_generate_takes_an_image_for_an_image_to_video_model_and_caches_both_exp
     assert set(by_expert) == {"transformer", "transformer_2"} and all(0 < f < 1 for f in by_expert.values())
     assert main(["generate", "--image", str(image), "--out", str(tmp_path / "t.mp4"), *common]) == 2
     assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "none.png"), *common]) == 2
+
+
+def test_profile_calibrates_an_image_to_video_model_from_a_first_frame(tmp_path):
+    """`videocache profile --image` on the Wan2.2 I2V A14B layout: every calibration run starts from the given first
+    frame, and the result is a profile with a table per expert; without --image it is a one-line error."""
+    from videocache.cli import main
+
+    pipe = _pipeline("wan2.2-i2v-a14b")
+    folder = tmp_path / "i2v"
+    pipe.save_pretrained(folder)
+    image = tmp_path / "first.png"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8)).save(image)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right on a black background\n")
+    out = tmp_path / "i2v.yaml"
+    argv = ["profile", "--model", str(folder), "--prompts", str(prompts), "--budget", "0.6", "--steps", "8",
+            "--frames", "5", "--height", "32", "--width", "32", "--guidance-scale", "5", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 2 and not out.exists()  # no --image
+    assert main([*argv, "--image", str(image)]) == 0
+    profile = vc.load_profile(out)
+    assert isinstance(profile, vc.ExpertsProfile) and profile.boundary_ratio == 0.9
+    assert profile.metadata["settings"]["image"] == str(image)

@@ -277,6 +277,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--image", default=None,
+                   help="image-to-video models: the first frame every calibration run starts from (an image file)")
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--add-to", default=None, metavar="PROFILE",
@@ -307,7 +309,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import videocache
     from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
-    from videocache.pipelines.generation import read_prompts
+    from videocache.pipelines.generation import read_prompts, takes_image
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -358,6 +360,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"--image {args.image}: no such file")
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif is_reference(source):  # the reference pipelines share the procedural captions
@@ -372,9 +376,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
     defaults = generation_defaults(source, family)
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
     video = video_settings(args, defaults or defaults_of(pipe, source))
+    if args.image is not None and not takes_image(pipe):
+        raise ValueError(f"--image: {args.model} makes videos from text only")
+    if args.image is None and takes_image(pipe):
+        raise ValueError(f"{args.model} is an image-to-video model: give --image, the first frame the calibration runs start from")
     settings = CalibrationSettings(
         steps=video["steps"], frames=video["frames"], height=video["height"], width=video["width"],
-        guidance_scale=video["guidance_scale"], attention_backend=backend,
+        guidance_scale=video["guidance_scale"], attention_backend=backend, image=args.image,
     )
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
     if base is not None:

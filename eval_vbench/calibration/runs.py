@@ -65,15 +65,21 @@ class CalibrationSettings:
     guidance_scale: float
     seed: int = 0
     attention_backend: str | None = None  # recorded only: the pipeline is loaded with it (None: diffusers' default)
+    image: str | None = None  # image-to-video: the first frame every calibration run starts from (a file)
 
     def call(self) -> dict[str, Any]:
-        return {
+        out = {
             "num_inference_steps": self.steps,
             "num_frames": self.frames,
             "height": self.height,
             "width": self.width,
             "guidance_scale": self.guidance_scale,
         }
+        if self.image is not None:
+            from PIL import Image
+
+            out["image"] = Image.open(self.image).convert("RGB")
+        return out
 
 
 @dataclass
@@ -122,7 +128,9 @@ def for_pipeline(pipe, profile: Profile) -> Profile | videocache.ExpertsProfile:
 
 
 def generate_frames(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
-    return generate(pipe, prompt, seed=s.seed, progress=False, **s.call()).frames
+    call = s.call()
+    call.pop("image", None)
+    return generate(pipe, prompt, seed=s.seed, progress=False, image=s.image, **call).frames
 
 
 def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, progress: bool = True) -> Recording:
