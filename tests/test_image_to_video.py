@@ -150,3 +150,32 @@ def test_profile_calibrates_an_image_to_video_model_from_a_first_frame(tmp_path)
     profile = vc.load_profile(out)
     assert isinstance(profile, vc.ExpertsProfile) and profile.boundary_ratio == 0.9
     assert profile.metadata["settings"]["image"] == str(image)
+
+
+def test_compare_gives_each_prompt_its_first_frame(tmp_path):
+    """`videocache compare --images DIR` on the Wan2.2 I2V A14B layout: each prompt's run starts from its own first
+    frame (p000.png, ...), the cache and a peer run on both experts; a missing frame is a one-line error."""
+    import json
+
+    from videocache.cli import main
+
+    pipe = _pipeline("wan2.2-i2v-a14b", num_layers=8)
+    folder = tmp_path / "i2v"
+    pipe.save_pretrained(folder)
+    profile = vc.load_profile("reference-wan")
+    vc.ExpertsProfile.of("i2v", {"transformer": profile, "transformer_2": profile}, 0.9).save(tmp_path / "i2v.yaml")
+    images = tmp_path / "frames"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.RandomState(i).rand(32, 32, 3) * 255).astype(np.uint8)).save(images / f"p{i:03d}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right on a black background\na blue square moving up on a white background\n")
+    argv = ["compare", "--model", str(folder), "--prompts", str(prompts), "--images", str(images), "--steps", "10",
+            "--frames", "9", "--height", "32", "--width", "32", "--no-progress",
+            "--methods", f"videocache:{tmp_path / 'i2v.yaml'}:fast", "diffusers:fbcache:0.2"]
+    assert main([*argv, "--out", str(tmp_path / "cmp")]) == 0
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    fractions = {m["method"]: m["computed_fraction"] for m in report["methods"]}
+    assert fractions["none"] == 1.0 and all(0 < f < 1 for k, f in fractions.items() if k != "none")
+    (images / "p001.png").unlink()
+    assert main([*argv, "--out", str(tmp_path / "cmp2")]) == 2

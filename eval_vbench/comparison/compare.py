@@ -59,6 +59,7 @@ class CompareConfig:
     low_memory: bool = False  # one worker process alive at a time (groups run one after another)
     progress: bool = True
     parallel_timeout_s: float = 600.0  # a parallel worker's collective that waits longer fails
+    images: Path | None = None  # image-to-video: p000.png, p001.png, ... the first frame of each prompt
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -70,7 +71,13 @@ class CompareConfig:
 
     @property
     def items(self) -> list[Item]:
-        return [Item(prompt, seed, index) for index, prompt in enumerate(self.prompts) for seed in self.seeds]
+        return [Item(prompt, seed, index, None if self.images is None else str(image_of(self.images, index)))
+                for index, prompt in enumerate(self.prompts) for seed in self.seeds]
+
+
+def image_of(folder: Path, index: int) -> Path:
+    """The first frame of prompt `index` in an --images folder."""
+    return folder / f"p{index:03d}.png"
 
 
 class WorkerFailed(RuntimeError):
@@ -341,6 +348,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         "--model", default="reference-wan", help="reference-wan (default), a diffusers folder or a hub id"
     )
     p.add_argument("--prompts", required=True, help="text file: one prompt per line, # comments allowed")
+    p.add_argument("--images", default=None,
+                   help="image-to-video models: a folder with the first frame of each prompt, p000.png, p001.png, ...")
     p.add_argument(
         "--methods",
         nargs="+",
@@ -448,6 +457,12 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                 source, settings.frames, settings.height, settings.width))
         except ParallelConfigError as exc:
             raise ParallelConfigError(str(exc).replace("scripts/generate.py", "-m videocache.cli compare")) from None
+    images = None if args.images is None else Path(args.images)
+    if images is not None:
+        missing = [str(image_of(images, i)) for i in range(len(prompts)) if not image_of(images, i).is_file()]
+        if missing:
+            raise ValueError(f"--images: {missing[0]} is missing ({len(missing)} of the {len(prompts)} prompts have no "
+                             "first frame)")
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
     return CompareConfig(
         settings=settings,
@@ -458,6 +473,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         save_videos=args.save_videos,
         low_memory=args.low_memory,
         progress=not args.no_progress,
+        images=images,
         parallel_timeout_s=getattr(args, "parallel_timeout", 600.0),
     )
 

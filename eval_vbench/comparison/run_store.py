@@ -83,6 +83,7 @@ class Item:
     prompt: str
     seed: int
     index: int = 0  # position of the prompt in the prompts file
+    image: str | None = None  # image-to-video: the first frame the run starts from (a file)
 
     @property
     def key(self) -> str:

@@ -157,6 +157,7 @@ class GroupRunner:
                 width=s.width,
                 guidance_scale=s.guidance_scale,
                 progress=False,
+                image=item.image,
             )
         return result, counter.counts
 
