@@ -60,12 +60,15 @@ EXTRA_METHODS = {
                           "diffusers:magcache:0.6", "cachedit:dbcache:1:0:0.6", "cachedit:dbcache-taylorseer:1:0:0.6:1"),
     "reference-opensora": ("diffusers:pab:2:4:6",),
     # the two-expert reference: the defaults stop at 0.40 computed (MagCache), so settings that reach 0.33 too
+    "reference-wan22-i2v": ("diffusers:fbcache:0.4", "diffusers:fbcache:0.8", "diffusers:taylorseer:6",
+                            "diffusers:magcache:0.8", "cachedit:dbcache:1:0:0.6", "cachedit:dbcache-taylorseer:1:0:0.6:1"),
     "reference-wan22": ("diffusers:fbcache:0.4", "diffusers:fbcache:0.8", "diffusers:taylorseer:6",
                         "diffusers:magcache:0.8", "cachedit:dbcache:1:0:0.6", "cachedit:dbcache-taylorseer:1:0:0.6:1"),
 }
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 DEFAULT_OUT = {"reference-wan": "compare_reference", "reference-hunyuan": "compare_hunyuan",
-               "reference-opensora": "compare_opensora", "reference-wan22": "compare_wan22"}
+               "reference-opensora": "compare_opensora", "reference-wan22": "compare_wan22",
+               "reference-wan22-i2v": "compare_wan22_i2v"}
 
 
 def default_methods(model: str) -> list[str]:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(held_out_prompts(args.prompts_count, "--prompts-count"))
         + "\n"
     )
+    images = write_first_frames(out, args.model, args.prompts_count)  # image-to-video: each prompt's first frame
     ablation = args.ablation and report_path.is_file()
     methods = [*methods, *(write_ablation_profile(out / "ablation.yaml", args.model) if ablation else [])]
     command = [
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", str(args.repeats),
         "--seeds", *map(str, args.seeds),
         "--methods", *methods,
+        *(["--images", str(images)] if images else []),
         *(["--save-videos"] if args.save_videos else []),
         *(["--low-memory"] if args.low_memory else []),
         *extra,
@@ -120,6 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     if ablation and (out / "report.json").is_file():
         write_ablation_table(out, args.model)
     return code
+
+
+def write_first_frames(out: Path, model: str, count: int) -> Path | None:
+    """For an image-to-video reference, OUT/images/p000.png ...: each held-out prompt's first frame (see
+    videocache.pipelines.reference.first_frames); None for a text-to-video model."""
+    import diffusers
+
+    from videocache.pipelines.generation import takes_image
+    from videocache.pipelines.loader import resolve_model
+    from videocache.pipelines.reference import first_frames
+    from videocache.pipelines.reference.data import split_captions
+
+    name = json.loads((Path(resolve_model(model)) / "model_index.json").read_text())["_class_name"]
+    if not takes_image(getattr(diffusers, name, diffusers.DiffusionPipeline)):
+        return None
+    return first_frames.write_first_frames(split_captions()[1][:count], out / "images")
 
 
 def _stage_preset_name(preset: str, stage: str) -> str:

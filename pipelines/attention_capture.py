@@ -24,7 +24,7 @@ every query, and a profile is made once per model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,11 +274,13 @@ def profile_pipeline(
     token_threshold: float = 0.5,
     tau: float | None = None,
     progress: bool = True,
+    call_of: Callable[[str], dict[str, Any]] | None = None,
     **call_kwargs: Any,
 ) -> FgBgProfile:
     """Generate every (prompt, seed) with `pipe` (its transformer's family declares an attention probe;
     `call_kwargs` go to its call, e.g.
-    num_inference_steps, num_frames, height, width, guidance_scale) and score the conditional pass at
+    num_inference_steps, num_frames, height, width, guidance_scale, and `call_of(prompt)` adds a prompt's own,
+    such as an image-to-video model's first frame) and score the conditional pass at
     `steps`. The mask comes from the model's output (`signal`: the velocity or the clean latent it implies,
     with `border` edge positions left out; see `score_call`)."""
     if signal not in SIGNALS:
@@ -308,6 +310,7 @@ def profile_pipeline(
                     generator=torch.Generator().manual_seed(int(seed)),
                     output_type="latent",
                     **call_kwargs,
+                    **(call_of(prompt) if call_of is not None else {}),
                 )
     finally:
         registry.remove_hook(PROBE_HOOK, recurse=False)

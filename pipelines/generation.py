@@ -144,6 +144,19 @@ def takes_image(pipe: DiffusionPipeline) -> bool:
     return "image" in inspect.signature(pipe.__call__).parameters
 
 
+def image_of(folder: str | Path, index: int) -> Path:
+    """The first frame of prompt `index` in an images folder (p000.png, p001.png, ...)."""
+    return Path(folder) / f"p{index:03d}.png"
+
+
+def check_images(folder: str | Path, count: int, flag: str) -> None:
+    """A one-line error unless the images folder holds a first frame for each of `count` prompts."""
+    missing = [str(image_of(folder, i)) for i in range(count) if not image_of(folder, i).is_file()]
+    if missing:
+        raise ValueError(f"{flag}: {missing[0]} is missing ({len(missing)} of the {count} prompts have no first frame; "
+                         "the folder holds p000.png, p001.png, ... one per prompt)")
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are ignored."""
     path = Path(path)

@@ -179,3 +179,65 @@ def test_compare_gives_each_prompt_its_first_frame(tmp_path):
     assert fractions["none"] == 1.0 and all(0 < f < 1 for k, f in fractions.items() if k != "none")
     (images / "p001.png").unlink()
     assert main([*argv, "--out", str(tmp_path / "cmp2")]) == 2
+
+
+def test_profile_takes_a_first_frame_per_calibration_prompt(tmp_path, monkeypatch, capsys):
+    """`videocache profile --image DIR`: calibration prompt i starts from DIR/p00i.png (every run of it: the uncached
+    recording, the perturbations, the measurements); a folder short of a frame is a one-line error before loading."""
+    import videocache.pipelines.loader as loader
+    from videocache.cli import main
+    from videocache.eval_vbench.calibration.runs import CalibrationSettings
+    from videocache.pipelines.reference.first_frames import calibration_captions, write_first_frames
+
+    captions = calibration_captions()
+    frames = write_first_frames(captions[:2], tmp_path / "frames")
+    prompts = tuple(c.text for c in captions[:2])
+    s = CalibrationSettings(steps=8, frames=5, height=32, width=32, guidance_scale=5.0, image=str(frames),
+                            prompts=prompts)
+    for i, prompt in enumerate(prompts):
+        given = np.asarray(Image.open(frames / f"p{i:03d}.png").convert("RGB"))
+        assert s.image_for(prompt) == str(frames / f"p{i:03d}.png")
+        assert np.array_equal(np.asarray(s.call(prompt)["image"]), given)
+    assert not np.array_equal(np.asarray(s.call(prompts[0])["image"]), np.asarray(s.call(prompts[1])["image"]))
+    assert "prompts" not in s.recorded() and s.recorded()["image"] == str(frames)
+    one = CalibrationSettings(steps=8, frames=5, height=32, width=32, guidance_scale=5.0, image=str(frames / "p000.png"))
+    assert one.image_for(prompts[1]) == str(frames / "p000.png")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loader, "load_pipeline", no_loading)
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(c.text for c in captions[:3]) + "\n")
+    assert main(["profile", "--model", "reference-wan22", "--prompts", str(file), "--image", str(frames),
+                 "--budget", "0.5", "--out", str(tmp_path / "p.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--image" in err and "p002.png is missing" in err
+
+
+def test_exposure_bias_correction_reads_the_noisy_latent_of_an_image_to_video_input():
+    """Wan I2V's transformer takes 36 channels (the noisy latent, then the first-frame mask and latent) and predicts
+    16: the correction v' = (b - 1) x_t + (b (1 - s) + s) v uses the input's first 16 channels as x_t."""
+    from videocache.exposure_bias import ExposureBiasConfig, correct_velocity
+
+    pipe = _pipeline("wan2.1-i2v")
+    reference = _run(pipe)
+    calls = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append((dict(kwargs), out[0] if isinstance(out, tuple) else out.sample)),
+        with_kwargs=True)
+    eb = ExposureBiasConfig(enabled=True)
+    vc.apply(pipe, table=CacheTable.full_compute(STEPS, len(pipe.transformer.blocks)), exposure_bias=eb)
+    corrected = _run(pipe)
+    vc.remove(pipe)
+    handle.remove()
+    assert calls[0][0]["hidden_states"].shape[1] == 36 and calls[0][1].shape[1] == 16
+    for i in (6, 7, 14):  # steps 3 and 7 (the conditional, then the unconditional call of each step)
+        kwargs, got = calls[i]
+        sigma = float(pipe.scheduler.sigmas[i // 2])
+        with torch.no_grad():
+            v = pipe.transformer(**kwargs)[0]  # uncorrected, on the same inputs
+        want = correct_velocity(v, kwargs["hidden_states"][:, :16], sigma, eb.factor(sigma))
+        assert not torch.allclose(want, v)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(corrected, reference)

@@ -278,7 +278,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--image", default=None,
-                   help="image-to-video models: the first frame every calibration run starts from (an image file)")
+                   help="image-to-video models: the first frame every calibration run starts from (an image file), or a "
+                        "folder with one per calibration prompt (p000.png, p001.png, ...)")
     p.add_argument("--fgbg-prompts", type=int, default=2, help="prompts used for the fg/bg attention profile")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--add-to", default=None, metavar="PROFILE",
@@ -309,7 +310,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import videocache
     from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
-    from videocache.pipelines.generation import read_prompts, takes_image
+    from videocache.pipelines.generation import check_images, read_prompts, takes_image
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -360,16 +361,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
     dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
-    if args.image is not None and not Path(args.image).is_file():
-        raise ValueError(f"--image {args.image}: no such file")
+    if args.image is not None and not Path(args.image).exists():
+        raise ValueError(f"--image {args.image}: no such file or folder")
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif is_reference(source):  # the reference pipelines share the procedural captions
-        from videocache.pipelines.reference.data import split_captions
+        from videocache.pipelines.reference.first_frames import calibration_captions
 
-        prompts = [c.text for c in split_captions()[0][::61][:4]]
+        prompts = [c.text for c in calibration_captions()]
     else:
         raise ValueError("give --prompts FILE (calibration prompts, one per line) for a model other than the references")
+    if args.image is not None and Path(args.image).is_dir():
+        check_images(args.image, len(prompts), "--image")
     family = source_family(source)
     if family is not None:  # its fg/bg stage needs the family's attention probe: say so before loading
         family.require("attention_probe", "the fg/bg stage of videocache profile")
@@ -382,7 +385,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} is an image-to-video model: give --image, the first frame the calibration runs start from")
     settings = CalibrationSettings(
         steps=video["steps"], frames=video["frames"], height=video["height"], width=video["width"],
-        guidance_scale=video["guidance_scale"], attention_backend=backend, image=args.image,
+        guidance_scale=video["guidance_scale"], attention_backend=backend, image=args.image, prompts=tuple(prompts),
     )
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
     if base is not None:

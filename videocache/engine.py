@@ -446,9 +446,12 @@ class CacheEngine:
         sign = getattr(self.adapter, "velocity_sign", 1)  # -1: the model predicts x0 - eps (Open-Sora)
 
         def fix(v: torch.Tensor) -> torch.Tensor:
-            channels = x_t.shape[1]  # a prediction with more channels (Open-Sora's 8 for 4) carries v first
+            # an input with more channels (image-to-video: the first frame's mask and latent) carries x_t first;
+            # a prediction with more channels (Open-Sora's 8 for 4) carries v first
+            channels = min(x_t.shape[1], v.shape[1])
+            x = x_t if x_t.shape[1] == channels else x_t[:, :channels]
             head = v if v.shape[1] == channels else v[:, :channels]
-            head = correct_velocity(head, x_t, sigma, b) if sign == 1 else -correct_velocity(-head, x_t, sigma, b)
+            head = correct_velocity(head, x, sigma, b) if sign == 1 else -correct_velocity(-head, x, sigma, b)
             return head if v.shape[1] == channels else torch.cat([head, v[:, channels:]], dim=1)
 
         if isinstance(out, torch.Tensor):

@@ -26,6 +26,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from videocache.calibrate import (
 from videocache.exposure_bias import ExposureBiasConfig
 from videocache.fgbg import FgBgProfile
 from videocache.pipelines.attention_capture import default_profile_steps, profile_pipeline
-from videocache.pipelines.generation import generate
+from videocache.pipelines.generation import generate, image_of
 from videocache.profile import Profile
 from videocache.profile.compile import written_out
 from videocache.schedule_search import schedule_preset
@@ -65,9 +66,18 @@ class CalibrationSettings:
     guidance_scale: float
     seed: int = 0
     attention_backend: str | None = None  # recorded only: the pipeline is loaded with it (None: diffusers' default)
-    image: str | None = None  # image-to-video: the first frame every calibration run starts from (a file)
+    # image-to-video: the first frame of every run (a file), or a folder with one per prompt (p000.png ...)
+    image: str | None = None
+    prompts: tuple[str, ...] = ()  # with an image folder: the calibration prompts, in the folder's order
 
-    def call(self) -> dict[str, Any]:
+    def image_for(self, prompt: str) -> str | None:
+        """The first frame the run of `prompt` starts from (None: a text-to-video model)."""
+        if self.image is None or not Path(self.image).is_dir():
+            return self.image
+        return str(image_of(self.image, self.prompts.index(prompt)))
+
+    def call(self, prompt: str | None = None) -> dict[str, Any]:
+        """The pipeline's keyword arguments for a run of `prompt` (its first frame included)."""
         out = {
             "num_inference_steps": self.steps,
             "num_frames": self.frames,
@@ -78,8 +88,12 @@ class CalibrationSettings:
         if self.image is not None:
             from PIL import Image
 
-            out["image"] = Image.open(self.image).convert("RGB")
+            out["image"] = Image.open(self.image_for(prompt)).convert("RGB")
         return out
+
+    def recorded(self) -> dict[str, Any]:
+        """What a profile's metadata records of them (the prompts are recorded once, beside)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "prompts"}
 
 
 @dataclass
@@ -128,9 +142,9 @@ def for_pipeline(pipe, profile: Profile) -> Profile | videocache.ExpertsProfile:
 
 
 def generate_frames(pipe, prompt: str, s: CalibrationSettings) -> np.ndarray:
-    call = s.call()
+    call = s.call(prompt)
     call.pop("image", None)
-    return generate(pipe, prompt, seed=s.seed, progress=False, image=s.image, **call).frames
+    return generate(pipe, prompt, seed=s.seed, progress=False, image=s.image_for(prompt), **call).frames
 
 
 def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, progress: bool = True) -> Recording:
@@ -158,7 +172,7 @@ def record(pipe, prompts: Sequence[str], s: CalibrationSettings, band: int = 9, 
 
 def _latent(pipe, prompt: str, s: CalibrationSettings) -> torch.Tensor:
     generator = torch.Generator().manual_seed(s.seed)
-    return pipe(prompt=prompt, generator=generator, output_type="latent", **s.call()).frames.float()
+    return pipe(prompt=prompt, generator=generator, output_type="latent", **s.call(prompt)).frames.float()
 
 
 def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch.Tensor, cells: np.ndarray) -> float:
@@ -288,7 +302,7 @@ def calibrate(
         log("profiling foreground/background blocks from the model's attention ...")
         try:
             fgbg = profile_pipeline(pipe, prompts[:fgbg_prompts], default_profile_steps(settings.steps),
-                                    progress=progress, **settings.call())
+                                    progress=progress, call_of=settings.call)
         except ValueError as exc:  # e.g. no foreground found at all (an untrained model)
             log(f"no fg/bg block classes ({exc}); the +fgbg stage is skipped")
     if fgbg is not None:
@@ -371,7 +385,7 @@ def calibrate(
     base["metadata"] = {
         "made_by": command or "videocache profile",
         "calibration_prompts": list(prompts),
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.recorded(),
         "calibration_seconds": report["seconds"],
         "measured_on_calibration_prompts": {
             b["preset"]: {"budget": b["budget"], **{k: b["chosen"][k] for k in

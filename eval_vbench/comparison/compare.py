@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videocache.pipelines.generation import read_prompts
+from videocache.pipelines.generation import check_images, image_of, read_prompts
 
 from ..peers import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
@@ -73,11 +73,6 @@ class CompareConfig:
     def items(self) -> list[Item]:
         return [Item(prompt, seed, index, None if self.images is None else str(image_of(self.images, index)))
                 for index, prompt in enumerate(self.prompts) for seed in self.seeds]
-
-
-def image_of(folder: Path, index: int) -> Path:
-    """The first frame of prompt `index` in an --images folder."""
-    return folder / f"p{index:03d}.png"
 
 
 class WorkerFailed(RuntimeError):
@@ -459,10 +454,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
             raise ParallelConfigError(str(exc).replace("scripts/generate.py", "-m videocache.cli compare")) from None
     images = None if args.images is None else Path(args.images)
     if images is not None:
-        missing = [str(image_of(images, i)) for i in range(len(prompts)) if not image_of(images, i).is_file()]
-        if missing:
-            raise ValueError(f"--images: {missing[0]} is missing ({len(missing)} of the {len(prompts)} prompts have no "
-                             "first frame)")
+        check_images(images, len(prompts), "--images")
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
     return CompareConfig(
         settings=settings,

@@ -7,6 +7,7 @@ from pathlib import Path
 REFERENCE_ROOT = Path(__file__).resolve().parent
 REFERENCE_DIR = REFERENCE_ROOT / "reference-wan"
 REFERENCE_WAN22_DIR = REFERENCE_ROOT / "reference-wan22"  # two experts fine-tuned from reference-wan (Wan2.2 A14B's layout)
+REFERENCE_WAN22_I2V_DIR = REFERENCE_ROOT / "reference-wan22-i2v"  # its image-to-video fine-tune (Wan2.2 I2V A14B's)
 REFERENCE_HUNYUAN_DIR = REFERENCE_ROOT / "reference-hunyuan"
 REFERENCE_OPENSORA_DIR = REFERENCE_ROOT / "reference-opensora"
 

@@ -139,10 +139,13 @@ def expert_divergence(pipe, captions: Sequence[Caption], steps: int = 25, guidan
 
     handles = [experts[a].register_forward_hook(watch(a, experts[b]), with_kwargs=True)
                for a, b in (("transformer", "transformer_2"), ("transformer_2", "transformer"))]
+    from ..generation import takes_image
+
     try:
         for i, caption in enumerate(captions):
             generate(pipe, caption.text, seed=i, num_inference_steps=steps, num_frames=17, height=64, width=64,
-                     guidance_scale=guidance_scale, progress=False)
+                     guidance_scale=guidance_scale, progress=False,
+                     image=render_clip(caption, i).video[0] if takes_image(pipe) else None)
     finally:
         for handle in handles:
             handle.remove()

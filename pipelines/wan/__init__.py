@@ -6,7 +6,7 @@ profiles). Registered through the `videocache.families` entry point in pyproject
 
 from videocache.family import ModelFamily
 
-from ..reference import REFERENCE_DIR, REFERENCE_WAN22_DIR
+from ..reference import REFERENCE_DIR, REFERENCE_WAN22_DIR, REFERENCE_WAN22_I2V_DIR
 from .adapter import WanAdapter
 from .experts import wan_denoisers
 from .flops import wan_flop_points
@@ -25,6 +25,7 @@ FAMILY = ModelFamily(
     peers=WAN_PEERS,
     defaults=WAN_DEFAULTS,
     geometry=wan_geometry,
-    models={"reference-wan": REFERENCE_DIR, "reference-wan22": REFERENCE_WAN22_DIR},
+    models={"reference-wan": REFERENCE_DIR, "reference-wan22": REFERENCE_WAN22_DIR,
+            "reference-wan22-i2v": REFERENCE_WAN22_I2V_DIR},
     denoisers=wan_denoisers,
 )
