@@ -281,3 +281,20 @@ def _saved(tmp_path):
         WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
                     transformer=base.transformer, transformer_2=low_noise, boundary_ratio=BOUNDARY).save_pretrained(folder)
     return folder
+
+
+def test_a_profile_made_for_another_switch_warns_in_one_line(pipe):
+    """A profile made where the experts switch elsewhere still runs (each expert its own steps of its table), with
+    one line saying that the split is not the calibrated one; the boundary it was made for: no warning."""
+    import warnings
+
+    profile = experts_profile()
+    moved = vc.ExpertsProfile.of("moved", profile.experts, 0.9)
+    with pytest.warns(UserWarning, match=r"boundary_ratio 0\.9, this pipeline switches at 0\.875") as caught:
+        vc.apply(pipe, moved, "fast")
+    vc.remove(pipe)
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vc.apply(pipe, profile, "fast")
+    vc.remove(pipe)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,8 @@ def apply(
     if getattr(pipe, "transformer", None) is None:
         raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
     denoisers = pipeline_denoisers(pipe)
-    sources = _expert_sources(profile, table, [d.attribute for d in denoisers])
+    sources = _expert_sources(profile, table, [d.attribute for d in denoisers],
+                              getattr(getattr(pipe, "config", None), "boundary_ratio", None))
     options = dict(
         max_cache_bytes=max_cache_bytes, max_host_cache_bytes=max_host_cache_bytes, cache_dtype=cache_dtype,
         offload_to_cpu=offload_to_cpu, exposure_bias=exposure_bias, trace=trace, num_inference_steps=num_inference_steps,
@@ -291,8 +293,9 @@ def apply(
     return engine
 
 
-def _expert_sources(profile: Any, table: Any, experts: list[str]) -> dict[str, Any]:
-    """What each expert's engine runs: its table, its expert's profile, or the profile (one transformer)."""
+def _expert_sources(profile: Any, table: Any, experts: list[str], boundary: float | None = None) -> dict[str, Any]:
+    """What each expert's engine runs: its table, its expert's profile, or the profile (one transformer).
+    `boundary`: the pipeline's boundary_ratio, checked against the one the profile was made for."""
     if table is not None:  # one table indexed by the generation's step: each expert runs its own steps of it
         if not isinstance(table, Mapping):
             return dict.fromkeys(experts, table)
@@ -314,6 +317,11 @@ def _expert_sources(profile: Any, table: Any, experts: list[str]) -> dict[str, A
         raise ProfileError(
             f"profile {loaded.name} has tables for experts {', '.join(loaded.experts)}; this pipeline runs "
             f"{', '.join(experts)}: " + (f"it has no table for {missing[0]}" if missing else "use a profile made for it"))
+    if None not in (boundary, loaded.boundary_ratio) and abs(boundary - loaded.boundary_ratio) > 1e-9:
+        warnings.warn(f"videocache: profile {loaded.name} was made for experts switching at boundary_ratio "
+                      f"{loaded.boundary_ratio:g}, this pipeline switches at {boundary:g}: each expert runs its "
+                      "table on its own steps, but the split is not the one calibrated (videocache profile on this "
+                      "pipeline makes tables for it)", stacklevel=3)
     return loaded.experts
 
 
