@@ -48,3 +48,12 @@ def end_processes(state: PartialState) -> None:
     if state.num_processes > 1 and dist.is_initialized():
         state.wait_for_everyone()
         dist.destroy_process_group()
+
+
+def leave_on_error(state: PartialState) -> None:
+    """A rank that stops on an error: tear its process group down (no meeting: the others may be inside a
+    collective), so that it exits with its own code instead of being aborted by gloo's threads at exit."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_initialized():
+        dist.destroy_process_group()

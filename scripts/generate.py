@@ -29,7 +29,7 @@ from pathlib import Path
 from videocache.cli import USER_ERRORS, add_generation_arguments, run_generation
 from videocache.distributed.checks import ParallelSettings
 from videocache.distributed.generation import settings_from_args
-from videocache.distributed.state import end_processes, process_state
+from videocache.distributed.state import end_processes, leave_on_error, process_state
 from videocache.pipelines.generation import read_prompts
 
 
@@ -57,8 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args, state, parallel)
     except USER_ERRORS as exc:
-        if state.is_main_process or not parallel:  # parallel ranks share their inputs, hence their errors
-            print(f"generate.py: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        # every rank says what stopped it, the others with their rank: the ranks share their inputs, hence mostly
+        # their errors, but an error of one rank alone would otherwise go unsaid while rank 0 waits for it
+        rank = "" if state.is_main_process else f" (rank {state.process_index})"
+        print(f"generate.py: error{rank}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        leave_on_error(state)
         return 2
     end_processes(state)
     return code

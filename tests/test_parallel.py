@@ -350,7 +350,7 @@ def test_accelerate_launch_generate_writes_the_single_process_video(one_process_
          *flags, *E2E, "--out", "two.mp4", "--summary", "two.json"],
         capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S, env=env, cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert proc.stdout.count('"video"') == 1  # rank 0 prints, once
     one_path, s1 = one_process_video
     one, two = iio.imread(one_path), iio.imread(tmp_path / "two.mp4")

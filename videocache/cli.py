@@ -216,6 +216,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave_on_error() -> None:
+    """A launched rank stopping on an error leaves its process group first (see distributed.state)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from videocache.distributed.state import leave_on_error, process_state
+
+        leave_on_error(process_state())
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from videocache.distributed.state import launch_rank
     from videocache.eval_vbench.comparison.compare import config_from_args, format_summary, run_compare
@@ -224,6 +234,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         result = run_compare(config)
     except USER_ERRORS:
+        _leave_on_error()
         if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
@@ -250,6 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except VBenchUnavailable as exc:
         raise ValueError(str(exc)) from None
     except USER_ERRORS:
+        _leave_on_error()
         if launch_rank() != 0:  # under accelerate launch rank 0 prints the one-line error
             raise SystemExit(2) from None
         raise
