@@ -130,15 +130,12 @@ def main(argv: list[str] | None = None) -> int:
 def write_first_frames(out: Path, model: str, count: int) -> Path | None:
     """For an image-to-video reference, OUT/images/p000.png ...: each held-out prompt's first frame (see
     videocache.pipelines.reference.first_frames); None for a text-to-video model."""
-    import diffusers
-
-    from videocache.pipelines.generation import takes_image
+    from videocache.pipelines.generation import source_takes_image
     from videocache.pipelines.loader import resolve_model
     from videocache.pipelines.reference import first_frames
     from videocache.pipelines.reference.data import split_captions
 
-    name = json.loads((Path(resolve_model(model)) / "model_index.json").read_text())["_class_name"]
-    if not takes_image(getattr(diffusers, name, diffusers.DiffusionPipeline)):
+    if not source_takes_image(resolve_model(model)):
         return None
     return first_frames.write_first_frames(split_captions()[1][:count], out / "images")
 

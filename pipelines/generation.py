@@ -85,6 +85,8 @@ def generate(
     """Run the pipeline once with a seeded generator; time the whole call and the transformer alone.
     `image`: the first frame of an image-to-video pipeline (a file, or (H, W, 3) uint8)."""
     inputs: dict[str, Any] = {}
+    if image is None and takes_image(pipe):
+        raise ValueError(f"{type(pipe).__name__} makes a video from a first frame: give one (--image FILE)")
     if image is not None:
         if not takes_image(pipe):
             raise ValueError(f"--image: {type(pipe).__name__} makes videos from text only; give an image-to-video "
@@ -142,6 +144,20 @@ def generate(
 def takes_image(pipe: DiffusionPipeline) -> bool:
     """Whether the pipeline makes a video from a given first frame (image-to-video)."""
     return "image" in inspect.signature(pipe.__call__).parameters
+
+
+def source_takes_image(source: str | Path) -> bool | None:
+    """Whether the pipeline in a local folder (its model_index.json's class) is image-to-video, before loading it;
+    None where that cannot be told (a hub id, a class diffusers does not have)."""
+    import json
+
+    import diffusers
+
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return None
+    cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+    return None if cls is None else takes_image(cls)
 
 
 def image_of(folder: str | Path, index: int) -> Path:

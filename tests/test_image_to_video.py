@@ -241,3 +241,28 @@ def test_exposure_bias_correction_reads_the_noisy_latent_of_an_image_to_video_in
         assert not torch.allclose(want, v)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(corrected, reference)
+
+
+@pytest.mark.parametrize("command", ["generate", "profile", "compare"])
+def test_a_first_frame_missing_or_given_to_a_text_model_is_a_one_line_error_before_loading(tmp_path, monkeypatch,
+                                                                                            capsys, command):
+    import videocache.pipelines.loader as loader
+    from videocache.cli import main
+    from videocache.pipelines.reference.first_frames import calibration_captions, write_first_frames
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loader, "load_pipeline", no_loading)
+    frames = write_first_frames(calibration_captions(), tmp_path / "frames")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left on a black background\n")
+    flag, given = ("--images", str(frames)) if command == "compare" else ("--image", str(frames / "p000.png"))
+    rest = {"generate": ["--prompt", "a red circle", "--out", str(tmp_path / "v.mp4")],
+            "profile": ["--budget", "0.5", "--out", str(tmp_path / "p.yaml")],
+            "compare": ["--prompts", str(prompts), "--methods", "diffusers:fbcache:0.2", "--out", str(tmp_path / "c")]}
+    for model, extra, message in (("reference-wan22-i2v", [], "is an image-to-video model"),
+                                  ("reference-wan22", [flag, given], "makes videos from text only")):
+        assert main([command, "--model", model, *extra, *rest[command]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("videocache: error:") and "\n" not in err and message in err, err

@@ -101,7 +101,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     """Load, optionally cache, generate and write; returns the summary. Raises USER_ERRORS on bad input."""
     import torch
 
-    from videocache.pipelines.generation import generate
+    from videocache.pipelines.generation import generate, source_takes_image
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -118,6 +118,11 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     if image is not None and not Path(image).is_file():
         raise ValueError(f"--image {image}: no such file")
     source = resolve_model(args.model)
+    image_to_video = source_takes_image(source)  # None for a hub id not downloaded yet: checked at generation
+    if image is None and image_to_video:
+        raise ValueError(f"{args.model} is an image-to-video model: give its first frame with --image FILE")
+    if image is not None and image_to_video is False:
+        raise ValueError(f"--image: {args.model} makes videos from text only; give an image-to-video model")
     defaults = generation_defaults(source)  # None until loaded for a hub id not downloaded yet
     video = video_settings(args, defaults)
     for name in ("steps", "frames", "height", "width"):
@@ -322,7 +327,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import videocache
     from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
-    from videocache.pipelines.generation import check_images, read_prompts, takes_image
+    from videocache.pipelines.generation import check_images, read_prompts, source_takes_image, takes_image
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -385,6 +390,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise ValueError("give --prompts FILE (calibration prompts, one per line) for a model other than the references")
     if args.image is not None and Path(args.image).is_dir():
         check_images(args.image, len(prompts), "--image")
+    image_to_video = source_takes_image(source)  # also checked once loaded (a hub id)
+    if args.image is None and image_to_video:
+        raise ValueError(f"{args.model} is an image-to-video model: give --image, the first frame the calibration runs "
+                         "start from (a file, or a folder with one per prompt)")
+    if args.image is not None and image_to_video is False:
+        raise ValueError(f"--image: {args.model} makes videos from text only")
     family = source_family(source)
     if family is not None:  # its fg/bg stage needs the family's attention probe: say so before loading
         family.require("attention_probe", "the fg/bg stage of videocache profile")
