@@ -155,7 +155,10 @@ def test_profile_command_writes_a_loadable_profile(tiny_model_dir, tmp_path, cap
     "argv, message",
     [
         (["--budget", "1.5"], "--budget must be in (0, 1]"),
-        (["--budget", "0.5", "--preset-names", "a", "b"], "gives 2 names for 1 budgets"),
+        (["--budget", "0.5", "--preset-names", "a", "b"], "gives 2 names for 1 presets"),
+        (["--budget", "0.5", "--target-psnr", "40", "--preset-names", "a"], "gives 1 names for 2 presets"),
+        (["--target-psnr", "0"], "--target-psnr must be a PSNR in dB between 0 and 99"),
+        (["--preset-names", "a"], "give --budget"),
         (["--budget", "0.5", "--model", "/no/such/model"], "not found"),
     ],
 )
@@ -163,6 +166,56 @@ def test_profile_command_bad_input(tmp_path, capsys, argv, message):
     assert main(["profile", *argv, "--out", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_psnr_target_gets_the_lowest_budget_that_reaches_it(pipe):
+    """--target-psnr: a bisection over budgets on the compute-step schedule's measured PSNR, then the staged
+    search at the budget found; the preset reaches its target and records it, a higher target costs more."""
+    from videocache.eval_vbench.calibration.runs import TARGET_RESOLUTION, calibrate
+
+    quiet = dict(fgbg_prompts=0, measure_top=1, log=lambda message: None, progress=False)
+    _, report = calibrate(pipe, "b", PROMPTS, [0.5], SETTINGS, **quiet)
+    at_half = report["budgets"][0]["chosen"]["psnr"]
+    targets = [round(at_half - 2.0, 2), round(at_half + 2.0, 2)]
+    profile, report = calibrate(pipe, "t", PROMPTS, [], SETTINGS, targets=targets, **quiet)
+    assert set(profile.presets) == {"psnr_" + f"{t:g}".replace(".", "_") for t in targets} | {"full"}
+    entries = report["budgets"]
+    for target, entry in zip(targets, entries, strict=True):
+        budget, probes = entry["budget"], entry["probes"]
+        assert entry["target_psnr"] == target and entry["reached"] and entry["chosen"]["psnr"] >= target
+        assert all(p["psnr"] < target for p in probes if p["budget"] < budget)
+        assert all(p["psnr"] >= target for p in probes if p["budget"] >= budget)
+        below = [budget - p["budget"] for p in probes if p["budget"] < budget]
+        assert not below or min(below) <= TARGET_RESOLUTION + 1e-9  # no lower budget left untried
+        name = "psnr_" + f"{target:g}".replace(".", "_")
+        assert profile.metadata["measured_on_calibration_prompts"][name]["target_psnr"] == target
+    assert entries[0]["budget"] < entries[1]["budget"]
+    assert entries[0]["chosen"]["computed_fraction"] < entries[1]["chosen"]["computed_fraction"]
+
+
+def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pipe):
+    """Every phase's transformer calls, in generations: the recording is one per prompt, the sensitivity one
+    reference and one perturbed run per step and per (component, step); --quick runs the schedule stage only,
+    perturbs a few steps and measures candidates on one prompt."""
+    from videocache.eval_vbench.calibration.runs import QUICK_SENSITIVITY_STEPS, calibrate
+
+    quiet = dict(fgbg_prompts=0, measure_top=1, log=lambda message: None, progress=False)
+    _, full = calibrate(pipe, "full", PROMPTS, [0.6, 0.4], SETTINGS, **quiet)
+    _, quick = calibrate(pipe, "quick", PROMPTS, [0.6, 0.4], SETTINGS, quick=True, **quiet)
+    steps, components = SETTINGS.steps, 3
+    full_counts, quick_counts = full["generations"], quick["generations"]
+    assert full_counts["record"] == quick_counts["record"] == len(PROMPTS)
+    assert full_counts["sensitivity"] == 1 + (steps - 1) + components * 4  # 4 component steps of 6
+    assert quick_counts["sensitivity"] == 1 + QUICK_SENSITIVITY_STEPS + components
+    assert quick_counts["search"] == 2 * 2  # two schedule granularities per budget, one prompt each
+    for counts in (full_counts, quick_counts):
+        phases = sum(v for k, v in counts.items() if k in ("fgbg", "record", "sensitivity", "search"))
+        assert counts["total"] == pytest.approx(phases)
+    assert quick_counts["total"] < full_counts["total"]  # at 6 steps most stages find no candidate: the ratio at
+    # 25 steps is benchmarks/quick_calibration's
+    assert quick["quick"] and quick["measured_on_prompts"] == 1
+    assert all(b["chosen"]["stage"] == "+schedule" and b["chosen"]["computed_fraction"] <= b["budget"] + 1e-9
+               for b in quick["budgets"])
 
 
 def test_correction_factors_survive_a_json_round_trip():

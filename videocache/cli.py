@@ -286,7 +286,14 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, action="append", default=None,
                    help="computed-fraction budget in (0, 1]; repeat for several presets (e.g. --budget 0.5 --budget 0.33); "
                         "with --add-to, default: the budgets of that profile's presets")
-    p.add_argument("--preset-names", nargs="+", default=None, help="one preset name per budget (default budget_0_5 ...)")
+    p.add_argument("--target-psnr", type=float, action="append", default=None, metavar="DB",
+                   help="a preset at the lowest computed fraction whose table reaches DB dB PSNR against the uncached "
+                        "videos of the calibration prompts; repeat for several (named after the budgets' presets)")
+    p.add_argument("--quick", action="store_true",
+                   help="about a tenth of the generations: the compute-step schedule only, coarser sensitivities, "
+                        "candidates measured on one prompt, no fg/bg profile and no run-time guard")
+    p.add_argument("--preset-names", nargs="+", default=None,
+                   help="one preset name per budget, then per PSNR target (default budget_0_5 ..., psnr_40 ...)")
     p.add_argument("--out", required=True, help="profile YAML to write (the report goes next to it, .json)")
     p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
     p.add_argument("--steps", type=int, default=None)
@@ -362,19 +369,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
             raise ValueError(f"--add-to: {args.add_to} is already calibrated at guidance {args.guidance_scale:g} and "
                              f"{base.steps} steps; give another --guidance-scale or --steps")
         measured = base.metadata.get("measured_on_calibration_prompts") or {}
-        if args.budget is None:
-            args.budget = [measured[n]["budget"] for n in measured]
-            args.preset_names = list(measured)
-        if not args.budget:
+        if args.budget is None and args.target_psnr is None:  # the same presets: a budget each, or a PSNR target
+            by_budget = [n for n in measured if "target_psnr" not in measured[n]]
+            by_target = [n for n in measured if "target_psnr" in measured[n]]
+            args.budget = [measured[n]["budget"] for n in by_budget]
+            args.target_psnr = [measured[n]["target_psnr"] for n in by_target]
+            args.preset_names = by_budget + by_target
+        if not (args.budget or args.target_psnr):
             raise ValueError(f"--add-to: {args.add_to} records no preset budgets; give --budget and --preset-names")
+    args.budget, args.target_psnr = args.budget or [], args.target_psnr or []
     if not args.guard_only:
-        if not args.budget:
-            raise ValueError("give --budget (a computed-fraction budget per preset, e.g. --budget 0.5 --budget 0.33)")
+        if not (args.budget or args.target_psnr):
+            raise ValueError("give --budget (a computed-fraction budget per preset, e.g. --budget 0.5 --budget 0.33) "
+                             "or --target-psnr (a PSNR per preset, e.g. --target-psnr 40)")
         for budget in args.budget:
             if not 0.0 < budget <= 1.0:
                 raise ValueError(f"--budget must be in (0, 1]; got {budget}")
-        if args.preset_names and len(args.preset_names) != len(args.budget):
-            raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {len(args.budget)} budgets")
+        for target in args.target_psnr:
+            if not 0.0 < target < 99.0:
+                raise ValueError(f"--target-psnr must be a PSNR in dB between 0 and 99; got {target:g}")
+        goals = len(args.budget) + len(args.target_psnr)
+        if args.preset_names and len(args.preset_names) != goals:
+            raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {goals} presets (one per "
+                             "--budget, then one per --target-psnr)")
     dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
@@ -417,7 +434,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         profile, report = base, {"seconds": 0.0}
     else:
         profile, report = calibrate(
-            pipe, args.name or out.stem, prompts, args.budget, settings, preset_names=args.preset_names,
+            pipe, args.name or out.stem, prompts, args.budget, settings, targets=args.target_psnr, quick=args.quick,
+            preset_names=args.preset_names,
             fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
         )
         report["attention_backend"] = attention_backend_of(pipe)
@@ -426,16 +444,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if isinstance(profile, videocache.ExpertsProfile) and not args.no_guard:
         print("the run-time guard is not calibrated for a pipeline's experts (it ships off): --no-guard")
         args.no_guard = True
+    if args.quick and not args.no_guard and not args.guard_only:
+        print("--quick: no run-time guard (its calibration alone costs more generations; --guard-only adds it later)")
+        args.no_guard = True
     if not args.no_guard and not args.add_to:
         from videocache.eval_vbench.calibration.guard import calibrate_guard
-        from videocache.eval_vbench.calibration.runs import generate_frames
+        from videocache.eval_vbench.calibration.runs import GenerationCount, generate_frames
 
         started = time.time()
-        guard, guard_report = calibrate_guard(pipe, profile, prompts[:args.guard_prompts], settings, generate_frames,
-                                              progress=not args.no_progress)
+        count = GenerationCount(pipe)
+        try:
+            guard, guard_report = calibrate_guard(pipe, profile, prompts[:args.guard_prompts], settings,
+                                                  generate_frames, progress=not args.no_progress)
+        finally:
+            count.close()
         profile = dataclasses.replace(profile, guard=guard)
         report["guard"] = guard_report
         report["seconds"] = round(report["seconds"] + time.time() - started, 1)
+        generations = report.get("generations")
+        if generations:  # the guard's runs, in the calibration's generations
+            count.phase("guard")
+            count.per_generation = generations["record_calls_per_generation"]
+            generations["guard"] = count.report()["guard"]
+            generations["total"] = round(generations["total"] + generations["guard"], 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)
     report_path = out.with_suffix(".json") if base is None else out.with_name(
@@ -447,7 +478,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         heatmap = save_heatmap(profile.fgbg, out.with_suffix(".fgbg.png"), f"{profile.name}: R_attn per block and step")
         written.append(str(heatmap))
-    print(f"wrote {', '.join(written)} (presets {', '.join(profile.presets)}) in {report['seconds']:.0f} s")
+    generations = (report.get("generations") or {}).get("total")
+    print(f"wrote {', '.join(written)} (presets {', '.join(profile.presets)}) in {report['seconds']:.0f} s"
+          + ("" if generations is None else f", {generations:g} generations"))
     return 0
 
 

@@ -54,6 +54,10 @@ from ..metrics.fidelity import psnr, ssim
 
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
+# --quick: only the compute-step schedule (the stage every shipped calibration chose at every budget), step
+# sensitivities perturbed at a few steps and interpolated, each candidate measured on one prompt
+QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS = 5, 1
+TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
 
@@ -102,6 +106,35 @@ class Recording:
     flops: np.ndarray  # (blocks, components) per call
     sigmas: list[float]
     references: list[np.ndarray]  # uncached videos, uint8
+
+
+class GenerationCount:
+    """The denoiser calls a calibration makes, in generations: calls over those of one uncached generation
+    (the first recorded one), so that a perturbed run or a cached trial counts as the generation it is."""
+
+    def __init__(self, pipe):
+        from videocache.experts import denoiser_modules
+
+        self.calls, self.per_generation, self.phases = 0, None, {}
+        self._mark = 0
+        self._handles = [m.register_forward_pre_hook(self._count) for m in denoiser_modules(pipe)]
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+    def phase(self, name: str) -> None:
+        """Close the calls since the last phase under `name` (added to it if it ran before)."""
+        self.phases[name] = self.phases.get(name, 0) + self.calls - self._mark
+        self._mark = self.calls
+
+    def report(self) -> dict[str, float]:
+        unit = self.per_generation or 1
+        out = {name: round(calls / unit, 1) for name, calls in self.phases.items()}
+        return {**out, "total": round(sum(self.phases.values()) / unit, 1), "record_calls_per_generation": unit}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def model_layout(pipe) -> videocache.BlockLayout:
@@ -188,17 +221,19 @@ def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch
 
 
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
-                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = True, steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """How much the rest of sampling amplifies a one-step feature error, measured by perturbation.
 
     Per step t: the final latent's relative error when every component reuses its step t-1 output at t,
-    divided by the proxy error of that reuse (`proxy`: (steps, component names)). Per component name:
-    the same with only that component reused, averaged over `component_steps`. Both normalised to mean 1."""
+    divided by the proxy error of that reuse (`proxy`: (steps, component names)); `steps`: perturb only these
+    (>= 1) and interpolate the others. Per component name: the same with only that component reused, averaged
+    over `component_steps`. Both normalised to mean 1."""
     layout = model_layout(pipe)
     shape = (s.steps, layout.num_blocks, layout.width)
     pipe.set_progress_bar_config(disable=True)
     names = layout.names
-    jobs = [(t, None) for t in range(1, s.steps)] + [(t, c) for c in range(len(names)) for t in component_steps]
+    perturbed = list(range(1, s.steps)) if steps is None else sorted(set(steps))
+    jobs = [(t, None) for t in perturbed] + [(t, c) for c in range(len(names)) for t in component_steps]
     step_w, comp_w = np.zeros(s.steps), np.zeros(len(names))
     with torch.no_grad():
         reference = _latent(pipe, prompt, s)
@@ -214,6 +249,8 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
                 step_w[t] = error / max(float(proxy[t].sum()), 1e-12)
             else:
                 comp_w[c] += error / max(float(proxy[t, c]), 1e-12) / len(component_steps)
+    if steps is not None:
+        step_w[1:] = np.interp(np.arange(1, s.steps), perturbed, step_w[perturbed])
     step_w[0] = step_w[1:].max()
     return step_w / step_w[1:].mean(), comp_w / comp_w.mean()
 
@@ -276,6 +313,8 @@ def calibrate(
     budgets: Sequence[float],
     settings: CalibrationSettings,
     *,
+    targets: Sequence[float] = (),
+    quick: bool = False,
     preset_names: Sequence[str] | None = None,
     fgbg: FgBgProfile | None = None,
     fgbg_prompts: int = 2,
@@ -288,13 +327,34 @@ def calibrate(
     progress: bool = True,
 ) -> tuple[Profile, dict]:
     """The calibrated profile (an ExpertsProfile for a pipeline with several transformers) and a report {fgbg,
-    budgets: [{budget, stages: [...], chosen}], seconds}."""
+    budgets: [{budget, stages: [...], chosen}], seconds}. A preset per computed-fraction budget, then one per PSNR
+    target (`targets`, dB on the calibration prompts: the lowest budget that reaches it; its report entry adds
+    target_psnr, the probes and whether it was reached). `quick`: about a tenth of the generations (see
+    QUICK_SENSITIVITY_STEPS); the report counts the generations of every phase either way."""
+    count = GenerationCount(pipe)
+    try:
+        return _calibrate(pipe, name, prompts, budgets, settings, count, targets=targets, quick=quick,
+                          preset_names=preset_names, fgbg=fgbg, fgbg_prompts=fgbg_prompts,
+                          sensitivity_prompts=sensitivity_prompts, measure_top=measure_top, base_options=base_options,
+                          eb=eb, command=command, log=log, progress=progress)
+    finally:
+        count.close()
+
+
+def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float], settings: CalibrationSettings,
+               count: GenerationCount, *, targets, quick, preset_names, fgbg, fgbg_prompts, sensitivity_prompts,
+               measure_top, base_options, eb, command, log, progress) -> tuple[Profile, dict]:
     started = time.time()
     adapter = videocache.adapters.get_adapter(pipe.transformer)
     fingerprint = adapter.fingerprint(pipe.transformer)
-    names = list(preset_names or [f"budget_{b:g}".replace(".", "_") for b in budgets])
-    if len(names) != len(budgets):
-        raise ValueError(f"{len(budgets)} budgets but {len(names)} preset names")
+    names = list(preset_names or [f"budget_{b:g}".replace(".", "_") for b in budgets]
+                 + [f"psnr_{t:g}".replace(".", "_") for t in targets])
+    if len(names) != len(budgets) + len(targets):
+        raise ValueError(f"{len(budgets)} budgets and {len(targets)} PSNR targets but {len(names)} preset names")
+    if quick:
+        log(f"quick: the compute-step schedule only, step sensitivities at {QUICK_SENSITIVITY_STEPS} steps, candidates "
+            f"measured on {QUICK_MEASURE_PROMPTS} prompt (no fg/bg profile)")
+        fgbg_prompts = 0
     if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
         log("fg/bg block profiling reads one transformer's attention: skipped for this pipeline's experts")
         fgbg_prompts = 0
@@ -307,12 +367,21 @@ def calibrate(
             log(f"no fg/bg block classes ({exc}); the +fgbg stage is skipped")
     if fgbg is not None:
         log(f"block classes: {' '.join(fgbg.classes)} (R_attn {', '.join(f'{v:.2f}' for v in fgbg.r_attn)})")
+    count.phase("fgbg")
     rec = record(pipe, prompts, settings, progress=progress)
+    count.phase("record")
+    count.per_generation = count.phases["record"] / len(prompts)
     layout = model_layout(pipe)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
-    component_steps = sorted({round(f * (settings.steps - 1)) for f in (0.15, 0.4, 0.65, 0.9)})
-    sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress)
+    fractions, perturbed = ((0.4,), np.linspace(1, settings.steps - 1, QUICK_SENSITIVITY_STEPS).round().astype(int)) \
+        if quick else ((0.15, 0.4, 0.65, 0.9), None)
+    component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
+    sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
                      for i in range(sensitivity_prompts)]
+    count.phase("sensitivity")
+    stages_run = ("+schedule",) if quick else STAGES
+    measured_on = QUICK_MEASURE_PROMPTS if quick else len(prompts)
+    trial_prompts, trial_refs = prompts[:measured_on], rec.references[:measured_on]
     weights = np.mean([w for w, _ in sensitivities], axis=0)
     comp_weights = np.mean([w for _, w in sensitivities], axis=0)
     log("step sensitivity: " + " ".join(f"{w:.2f}" for w in weights))
@@ -336,13 +405,14 @@ def calibrate(
                               "component_sensitivity": dict(zip(layout.names, np.round(comp_weights, 4).tolist(), strict=True)),
                               "budgets": []}
     chosen_presets: dict[str, dict] = {}
-    for budget, preset_name in zip(budgets, names, strict=True):
-        log(f"budget {budget}:")
+
+    def search_budget(budget: float) -> tuple[list[dict], tuple[dict, Candidate] | None]:
+        """The ablation stages at one budget, each kept where its measured PSNR rises: (stage rows, best)."""
         stages: list[dict] = []
         best: tuple[dict, Candidate] | None = None  # (report row, candidate)
         opts = dataclasses.replace(opts0, forecast=False, correction=False, group_blocks=(), block_runs=None)
         use_eb = False
-        for stage in STAGES:
+        for stage in stages_run:
             if stage == "+fgbg" and (fgbg is None or not fgbg.background_blocks):
                 continue
             try:
@@ -358,8 +428,8 @@ def calibrate(
                           for c, o in trials]
             trial = None
             for candidate, origin in trials:
-                measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", prompts,
-                                   rec.references, settings)
+                measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", trial_prompts,
+                                   trial_refs, settings)
                 if trial is None or measured["psnr"] > trial[0]["psnr"]:
                     trial = (measured, candidate, origin)
             measured, candidate, trial_opts = trial
@@ -376,19 +446,75 @@ def calibrate(
             if kept:
                 best = (row, candidate)
                 opts, use_eb = trial_opts, trial_eb
+        return stages, best
+
+    def schedule_psnr(budget: float) -> tuple[float, float]:
+        """(PSNR, computed fraction) of the best optimal compute-step schedule within `budget`: the stage that
+        wins at every budget of the shipped calibrations, so the one a quality target is searched on."""
+        best_row = None
+        for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top):
+            measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", trial_prompts, trial_refs,
+                               settings)
+            if best_row is None or measured["psnr"] > best_row["psnr"]:
+                best_row = measured
+        return best_row["psnr"], best_row["computed_fraction"]
+
+    def budget_for(target: float) -> tuple[float, list[dict]]:
+        """The lowest budget whose compute-step schedule reaches `target` dB on the calibration prompts
+        (bisection on [TARGET_LOW, 1]: PSNR rises with the budget), and the probes it measured."""
+        low, high, probes = TARGET_LOW, 1.0, []
+        while high - low > TARGET_RESOLUTION:
+            mid = round((low + high) / 2, 4)
+            try:
+                psnr_mid, fraction = schedule_psnr(mid)
+            except ValueError:  # nothing fits this budget
+                low = mid
+                continue
+            probes.append({"budget": mid, "computed_fraction": fraction, "psnr": round(psnr_mid, 3)})
+            log(f"  probe budget {mid:.4f}: computed {fraction:.3f}, PSNR {psnr_mid:.2f} dB "
+                f"({'reaches' if psnr_mid >= target else 'below'} {target:g})")
+            if psnr_mid >= target:
+                high = mid
+            else:
+                low = mid
+        return high, probes
+
+    goals = [("budget", b) for b in budgets] + [("target_psnr", t) for t in targets]
+    for (kind, goal), preset_name in zip(goals, names, strict=True):
+        probes: list[dict] = []
+        if kind == "budget":
+            budget = goal
+            log(f"budget {budget}:")
+        else:
+            log(f"target {goal:g} dB: searching the lowest budget that reaches it")
+            budget, probes = budget_for(goal)
+            log(f"budget {budget:.4f} (for the target {goal:g} dB):")
+        stages, best = search_budget(budget)
         if best is None:
             raise ValueError(f"no table reaches the budget {budget}: raise it")
         chosen_presets[preset_name] = best[1].preset
-        report["budgets"].append({"budget": budget, "preset": preset_name, "stages": stages, "chosen": best[0]})
+        entry = {"budget": budget, "preset": preset_name, "stages": stages, "chosen": best[0]}
+        if kind == "target_psnr":
+            entry.update(target_psnr=goal, probes=probes, reached=bool(best[0]["psnr"] >= goal))
+            if not entry["reached"]:
+                log(f"  the target {goal:g} dB is not reached ({best[0]['psnr']:.2f} dB): even the full budget misses it")
+        report["budgets"].append(entry)
     chosen_presets["full"] = {"warmup_steps": 0, "final_steps": 0, "rules": []}  # exactness check: computes all
+    count.phase("search")
     report["seconds"] = round(time.time() - started, 1)
+    report["generations"] = count.report()
+    report["quick"] = quick
+    report["measured_on_prompts"] = measured_on
     base["metadata"] = {
         "made_by": command or "videocache profile",
         "calibration_prompts": list(prompts),
         "settings": settings.recorded(),
         "calibration_seconds": report["seconds"],
+        "calibration_generations": report["generations"]["total"],
+        **({"quick": True} if quick else {}),
         "measured_on_calibration_prompts": {
-            b["preset"]: {"budget": b["budget"], **{k: b["chosen"][k] for k in
+            b["preset"]: {"budget": b["budget"], **({"target_psnr": b["target_psnr"]} if "target_psnr" in b else {}),
+                          **{k: b["chosen"][k] for k in
                           ("stage", "predicted_fraction", "computed_fraction", "computed_fraction_by_expert", "psnr",
                            "ssim") if k in b["chosen"]}}
             for b in report["budgets"]

@@ -1,0 +1,111 @@
+"""Benchmark: `videocache profile --quick` against the full calibration, on prompts neither saw.
+
+For a shipped reference pipeline: the full calibration (budgets 0.6 / 0.5 / 0.33, its run-time guard where the
+model has one: what `profiles/MODEL.yaml` was made with, without its variants) and the quick one, each counting
+the generations of every phase; then both profiles' presets on the 16 held-out prompts in one comparison run.
+The quick presets hold when each is within 1 dB of the full preset of the same budget at no higher computed
+fraction, with at most a tenth of the full calibration's generations. Profiles and the comparison go to
+OUT/MODEL/ (per-run records and logs are not committed); the summary to OUT/MODEL.json/.md.
+
+    python benchmarks/quick_calibration.py --model reference-wan
+    python benchmarks/quick_calibration.py --model reference-wan22    # two experts: no guard
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import command, held_out_prompts, markdown_table, write_results  # noqa: E402
+
+BUDGETS = {"slow": 0.6, "balanced": 0.5, "fast": 0.33}  # the shipped profiles' presets
+WITHIN_DB, GENERATION_SHARE = 1.0, 0.1  # issue 26's bar: within 1 dB, at most a tenth of the generations
+
+
+def calibrate(model: str, out: Path, quick: bool, images: Path | None) -> dict:
+    """Run `videocache profile` into `out` unless it is there; its report."""
+    from videocache.cli import main as videocache_main
+
+    if not out.is_file():
+        argv = ["profile", "--model", model, "--out", str(out), "--no-progress", "--preset-names", *BUDGETS]
+        for budget in BUDGETS.values():
+            argv += ["--budget", f"{budget:g}"]
+        argv += ["--quick"] if quick else []
+        argv += ["--image", str(images)] if images is not None else []
+        if videocache_main(argv) != 0:
+            raise SystemExit(f"videocache profile failed for {out}")
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from videocache.cli import main as videocache_main
+    from videocache.pipelines.generation import source_takes_image
+    from videocache.pipelines.loader import resolve_model
+    from videocache.pipelines.reference.data import split_captions
+    from videocache.pipelines.reference.first_frames import calibration_captions, write_first_frames
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="reference-wan")
+    p.add_argument("--prompts-count", type=int, default=16)
+    p.add_argument("--out", default=str(Path(__file__).resolve().with_name("quick_calibration")))
+    args = p.parse_args(argv)
+
+    folder = Path(args.out) / args.model
+    folder.mkdir(parents=True, exist_ok=True)
+    image_to_video = source_takes_image(resolve_model(args.model))
+    calibration_frames = write_first_frames(calibration_captions(), folder / "calibration_frames") \
+        if image_to_video else None
+    reports = {kind: calibrate(args.model, folder / f"{kind}.yaml", kind == "quick", calibration_frames)
+               for kind in ("full", "quick")}
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(held_out_prompts(args.prompts_count, "--prompts-count")) + "\n")
+    methods = [f"videocache:{folder / kind}.yaml:{preset}" for kind in ("full", "quick") for preset in BUDGETS]
+    compare = ["compare", "--model", args.model, "--prompts", str(prompts), "--out", str(folder / "compare"),
+               "--repeats", "1", "--no-progress", "--methods", *methods]
+    if image_to_video:
+        compare += ["--images", str(write_first_frames(split_captions()[1][:args.prompts_count], folder / "images"))]
+    if videocache_main(compare) != 0:
+        return 1
+
+    held_out = {m["method"]: m for m in json.loads((folder / "compare" / "report.json").read_text())["methods"]}
+    generations = {kind: reports[kind]["generations"] for kind in reports}
+    presets = []
+    for preset, budget in BUDGETS.items():
+        full, quick = (held_out[f"videocache:{folder / kind}.yaml:{preset}"] for kind in ("full", "quick"))
+        presets.append({
+            "preset": preset, "budget": budget,
+            "full": {"computed_fraction": full["computed_fraction"], "psnr": round(full["psnr"], 3)},
+            "quick": {"computed_fraction": quick["computed_fraction"], "psnr": round(quick["psnr"], 3)},
+            "quick_minus_full_db": round(quick["psnr"] - full["psnr"], 3),
+            "holds": quick["psnr"] >= full["psnr"] - WITHIN_DB
+            and quick["computed_fraction"] <= full["computed_fraction"] + 1e-9,
+        })
+    share = generations["quick"]["total"] / generations["full"]["total"]
+    result = {"command": command(__file__, argv), "model": args.model, "prompts": args.prompts_count,
+              "generations": generations, "generation_share": round(share, 4),
+              "seconds": {kind: reports[kind]["seconds"] for kind in reports},
+              "within_db": WITHIN_DB, "presets": presets,
+              "holds": all(p["holds"] for p in presets) and share <= GENERATION_SHARE}
+    phases = ("fgbg", "record", "sensitivity", "search", "guard", "total")
+    lines = [f"# Quick against full calibration on {args.model} ({args.prompts_count} held-out prompts)", "",
+             f"    {result['command']}", "",
+             *markdown_table(("calibration", *phases, "seconds"),
+                             [(kind, *(f"{generations[kind].get(ph, 0):g}" for ph in phases),
+                               f"{result['seconds'][kind]:.0f}") for kind in ("full", "quick")], "lrrrrrrr"),
+             "", f"Generations: quick / full = {share:.3f} (bar: {GENERATION_SHARE:g}).", "",
+             *markdown_table(("preset", "full: computed, PSNR", "quick: computed, PSNR", "quick - full", "holds"),
+                             [(p["preset"], f"{p['full']['computed_fraction']:.3f}, {p['full']['psnr']:.2f} dB",
+                               f"{p['quick']['computed_fraction']:.3f}, {p['quick']['psnr']:.2f} dB",
+                               f"{p['quick_minus_full_db']:+.2f} dB", "yes" if p["holds"] else "no")
+                              for p in presets], "lrrrl")]
+    json_path, md_path = write_results(Path(args.out) / args.model, result, lines)
+    print("\n".join(lines))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
