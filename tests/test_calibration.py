@@ -197,7 +197,9 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     """Every phase's transformer calls, in generations: the recording is one per prompt, the sensitivity one
     reference and one perturbed run per step and per (component, step); --quick runs the schedule stage only,
     perturbs a few steps and measures candidates on one prompt."""
-    from videocache.eval_vbench.calibration.runs import QUICK_SENSITIVITY_STEPS, calibrate
+    from videocache.eval_vbench.calibration.runs import calibrate, quick_sensitivity_steps
+
+    assert quick_sensitivity_steps(25) == [1, 2, 5, 10, 15, 20, 23, 24]
 
     quiet = dict(fgbg_prompts=0, measure_top=1, log=lambda message: None, progress=False)
     _, full = calibrate(pipe, "full", PROMPTS, [0.6, 0.4], SETTINGS, **quiet)
@@ -206,7 +208,7 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     full_counts, quick_counts = full["generations"], quick["generations"]
     assert full_counts["record"] == quick_counts["record"] == len(PROMPTS)
     assert full_counts["sensitivity"] == 1 + (steps - 1) + components * 4  # 4 component steps of 6
-    assert quick_counts["sensitivity"] == 1 + QUICK_SENSITIVITY_STEPS + components
+    assert quick_counts["sensitivity"] == 1 + len(quick_sensitivity_steps(steps)) + components
     assert quick_counts["search"] == 2 * 2  # two schedule granularities per budget, one prompt each
     for counts in (full_counts, quick_counts):
         phases = sum(v for k, v in counts.items() if k in ("fgbg", "record", "sensitivity", "search"))

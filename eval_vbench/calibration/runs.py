@@ -55,8 +55,9 @@ from ..metrics.fidelity import psnr, ssim
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
 # --quick: only the compute-step schedule (the stage every shipped calibration chose at every budget), step
-# sensitivities perturbed at a few steps and interpolated, each candidate measured on one prompt
-QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS = 5, 1
+# sensitivities perturbed at a few steps and interpolated (denser at both ends, where they rise), each
+# candidate measured on one prompt
+QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS = 8, 1
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
@@ -220,6 +221,14 @@ def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch
     return float((latent - reference).norm() / reference.norm())
 
 
+def quick_sensitivity_steps(steps: int) -> list[int]:
+    """The steps --quick perturbs: QUICK_SENSITIVITY_STEPS of 1..steps-1, Chebyshev-spaced (denser at both ends,
+    where a one-step error is amplified most: the first steps and the last few before the final one)."""
+    count = min(QUICK_SENSITIVITY_STEPS, steps - 1)
+    x = (1 - np.cos(np.pi * np.arange(count) / max(count - 1, 1))) / 2
+    return sorted({int(round(1 + (steps - 2) * v)) for v in x})
+
+
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
                 progress: bool = True, steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """How much the rest of sampling amplifies a one-step feature error, measured by perturbation.
@@ -373,8 +382,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.per_generation = count.phases["record"] / len(prompts)
     layout = model_layout(pipe)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
-    fractions, perturbed = ((0.4,), np.linspace(1, settings.steps - 1, QUICK_SENSITIVITY_STEPS).round().astype(int)) \
-        if quick else ((0.15, 0.4, 0.65, 0.9), None)
+    fractions, perturbed = ((0.4,), quick_sensitivity_steps(settings.steps)) if quick else ((0.15, 0.4, 0.65, 0.9), None)
     component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
     sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
                      for i in range(sensitivity_prompts)]
