@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -456,13 +457,18 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
                 opts, use_eb = trial_opts, trial_eb
         return stages, best
 
+    schedules_measured: dict[str, dict] = {}  # a schedule's measurement by its table: budgets a step apart share one
+
     def schedule_psnr(budget: float) -> tuple[float, float]:
         """(PSNR, computed fraction) of the best optimal compute-step schedule within `budget`: the stage that
         wins at every budget of the shipped calibrations, so the one a quality target is searched on."""
         best_row = None
         for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top):
-            measured = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial", trial_prompts, trial_refs,
-                               settings)
+            key = json.dumps(candidate.preset, sort_keys=True)
+            if key not in schedules_measured:
+                schedules_measured[key] = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial",
+                                                  trial_prompts, trial_refs, settings)
+            measured = schedules_measured[key]
             if best_row is None or measured["psnr"] > best_row["psnr"]:
                 best_row = measured
         return best_row["psnr"], best_row["computed_fraction"]
