@@ -290,8 +290,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="a preset at the lowest computed fraction whose table reaches DB dB PSNR against the uncached "
                         "videos of the calibration prompts; repeat for several (named after the budgets' presets)")
     p.add_argument("--quick", action="store_true",
-                   help="about a tenth of the generations: the compute-step schedule only, coarser sensitivities, "
-                        "candidates measured on two prompts, no fg/bg profile and no run-time guard")
+                   help="about a tenth of the generations: the compute-step schedule only (every component on the "
+                        "same steps), coarser sensitivities, measured on two prompts, no fg/bg profile, no run-time guard")
     p.add_argument("--preset-names", nargs="+", default=None,
                    help="one preset name per budget, then per PSNR target (default budget_0_5 ..., psnr_40 ...)")
     p.add_argument("--out", required=True, help="profile YAML to write (the report goes next to it, .json)")

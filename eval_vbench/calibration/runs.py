@@ -55,10 +55,11 @@ from ..metrics.fidelity import psnr, ssim
 
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
-# --quick: only the compute-step schedule (the stage every shipped calibration chose at every budget), step
-# sensitivities perturbed at a few steps and interpolated (denser at both ends, where they rise), each
-# candidate measured on two prompts (on one, reference-wan's fast picked a schedule 11 dB worse on held-out ones)
-QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS = 5, 2
+# --quick: only the compute-step schedule with every component on the same steps (the stage and granularity
+# every shipped calibration chose at every budget; measured on one prompt, the per-component schedule won once
+# and was 11 dB worse on held-out prompts), step sensitivities perturbed at a few steps and interpolated (denser
+# at both ends, where they rise), the schedule measured on two prompts for the report
+QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS, QUICK_GRANULARITIES = 6, 2, ("aligned",)
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
@@ -291,8 +292,8 @@ def _profile(base: dict, presets: dict[str, dict]) -> Profile:
 
 
 def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: float,
-                  best: tuple[dict, Candidate] | None, fgbg: FgBgProfile | None,
-                  measure_top: int) -> list[tuple[Candidate, SearchOptions]]:
+                  best: tuple[dict, Candidate] | None, fgbg: FgBgProfile | None, measure_top: int,
+                  granularities: Sequence[str] = SCHEDULE_GRANULARITIES) -> list[tuple[Candidate, SearchOptions]]:
     """The candidates one ablation stage generates, each with the search options it came from (what the
     later stages build on if it is kept). ValueError: no candidate of the stage meets the budget."""
     if stage == "+eb":  # the same table, now with exposure-bias scaling
@@ -300,7 +301,7 @@ def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: 
             raise ValueError("no earlier stage met the budget: no table to add exposure-bias scaling to")
         return [(best[1], opts)]
     if stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
-        return [(search.evaluate(schedule_preset(search, budget, g)), opts) for g in SCHEDULE_GRANULARITIES]
+        return [(search.evaluate(schedule_preset(search, budget, g)), opts) for g in granularities]
     if stage == "+fgbg":  # background blocks one step coarser, or reused whole as block runs: the best of each
         bg = list(fgbg.background_blocks)
         variants = [dataclasses.replace(opts, group_blocks=tuple(bg))] + [
@@ -362,8 +363,8 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     if len(names) != len(budgets) + len(targets):
         raise ValueError(f"{len(budgets)} budgets and {len(targets)} PSNR targets but {len(names)} preset names")
     if quick:
-        log(f"quick: the compute-step schedule only, step sensitivities at {QUICK_SENSITIVITY_STEPS} steps, candidates "
-            f"measured on {QUICK_MEASURE_PROMPTS} prompts (no fg/bg profile)")
+        log(f"quick: the compute-step schedule only ({', '.join(QUICK_GRANULARITIES)}), step sensitivities at "
+            f"{QUICK_SENSITIVITY_STEPS} steps, measured on {QUICK_MEASURE_PROMPTS} prompts (no fg/bg profile)")
         fgbg_prompts = 0
     if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
         log("fg/bg block profiling reads one transformer's attention: skipped for this pipeline's experts")
@@ -389,6 +390,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
                      for i in range(sensitivity_prompts)]
     count.phase("sensitivity")
     stages_run = ("+schedule",) if quick else STAGES
+    granularities = QUICK_GRANULARITIES if quick else SCHEDULE_GRANULARITIES
     measured_on = QUICK_MEASURE_PROMPTS if quick else len(prompts)
     trial_prompts, trial_refs = prompts[:measured_on], rec.references[:measured_on]
     weights = np.mean([w for w, _ in sensitivities], axis=0)
@@ -425,7 +427,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
             if stage == "+fgbg" and (fgbg is None or not fgbg.background_blocks):
                 continue
             try:
-                trials = _stage_trials(stage, opts, search, budget, best, fgbg, measure_top)
+                trials = _stage_trials(stage, opts, search, budget, best, fgbg, measure_top, granularities)
             except ValueError as exc:
                 log(f"  {stage:12s} {exc}")
                 continue
@@ -463,7 +465,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         """(PSNR, computed fraction) of the best optimal compute-step schedule within `budget`: the stage that
         wins at every budget of the shipped calibrations, so the one a quality target is searched on."""
         best_row = None
-        for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top):
+        for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top, granularities):
             key = json.dumps(candidate.preset, sort_keys=True)
             if key not in schedules_measured:
                 schedules_measured[key] = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial",
