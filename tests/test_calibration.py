@@ -197,9 +197,14 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     """Every phase's transformer calls, in generations: the recording is one per prompt, the sensitivity one
     reference and one perturbed run per step and per (component, step); --quick runs the schedule stage only,
     perturbs a few steps and measures candidates on one prompt."""
-    from videocache.eval_vbench.calibration.runs import calibrate, quick_sensitivity_steps
+    from videocache.eval_vbench.calibration.runs import calibrate, quick_plan, quick_sensitivity_steps
 
-    assert quick_sensitivity_steps(25) == [1, 3, 9, 16, 22, 24]
+    assert quick_sensitivity_steps(25) == [1, 2, 4, 7, 11, 14, 18, 21, 23, 24]
+    fitted = quick_plan(25, 4, 3, 3, max_generations=18)  # 4 + 1 + 3 + 3 x 2 leave 4 steps
+    assert fitted.sensitivity_steps == (1, 7, 18, 24) and fitted.generations(4, 3, 3) == 18
+    assert quick_plan(25, 4, 3, 3, max_generations=15).measure_prompts == 1  # two would leave 1 step
+    with pytest.raises(ValueError, match="needs at least 15 generations"):
+        quick_plan(25, 4, 3, 3, max_generations=14)
 
     quiet = dict(fgbg_prompts=0, measure_top=1, log=lambda message: None, progress=False)
     _, full = calibrate(pipe, "full", PROMPTS, [0.6, 0.4], SETTINGS, **quiet)
@@ -209,6 +214,7 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     assert full_counts["record"] == quick_counts["record"] == len(PROMPTS)
     assert full_counts["sensitivity"] == 1 + (steps - 1) + components * 4  # 4 component steps of 6
     assert quick_counts["sensitivity"] == 1 + len(quick_sensitivity_steps(steps)) + components
+    assert quick_counts["total"] == quick_plan(steps, len(PROMPTS), components, 2).generations(len(PROMPTS), components, 2)
     assert quick_counts["search"] == 2 * 2  # one schedule per budget, measured on two prompts
     for counts in (full_counts, quick_counts):
         phases = sum(v for k, v in counts.items() if k in ("fgbg", "record", "sensitivity", "search"))

@@ -292,6 +292,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="about a tenth of the generations: the compute-step schedule only (every component on the "
                         "same steps), coarser sensitivities, measured on two prompts, no fg/bg profile, no run-time guard")
+    p.add_argument("--max-generations", type=int, default=None, metavar="N",
+                   help="--quick within N generations (every run counted, in uncached generations): as many "
+                        "sensitivity steps as fit")
     p.add_argument("--preset-names", nargs="+", default=None,
                    help="one preset name per budget, then per PSNR target (default budget_0_5 ..., psnr_40 ...)")
     p.add_argument("--out", required=True, help="profile YAML to write (the report goes next to it, .json)")
@@ -388,6 +391,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for target in args.target_psnr:
             if not 0.0 < target < 99.0:
                 raise ValueError(f"--target-psnr must be a PSNR in dB between 0 and 99; got {target:g}")
+        if args.max_generations is not None and args.max_generations <= 0:
+            raise ValueError(f"--max-generations must be a positive number of generations; got {args.max_generations}")
         goals = len(args.budget) + len(args.target_psnr)
         if args.preset_names and len(args.preset_names) != goals:
             raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {goals} presets (one per "
@@ -435,6 +440,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         profile, report = calibrate(
             pipe, args.name or out.stem, prompts, args.budget, settings, targets=args.target_psnr, quick=args.quick,
+            max_generations=args.max_generations,
             preset_names=args.preset_names,
             fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
         )
@@ -444,6 +450,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if isinstance(profile, videocache.ExpertsProfile) and not args.no_guard:
         print("the run-time guard is not calibrated for a pipeline's experts (it ships off): --no-guard")
         args.no_guard = True
+    args.quick = args.quick or args.max_generations is not None
     if args.quick and not args.no_guard and not args.guard_only:
         print("--quick: no run-time guard (its calibration alone costs more generations; --guard-only adds it later)")
         args.no_guard = True

@@ -57,9 +57,11 @@ STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
 # --quick: only the compute-step schedule with every component on the same steps (the stage and granularity
 # every shipped calibration chose at every budget; measured on one prompt, the per-component schedule won once
-# and was 11 dB worse on held-out prompts), step sensitivities perturbed at a few steps and interpolated (denser
-# at both ends, where they rise), the schedule measured on two prompts for the report
-QUICK_SENSITIVITY_STEPS, QUICK_MEASURE_PROMPTS, QUICK_GRANULARITIES = 6, 2, ("aligned",)
+# and was 11 dB worse on held-out prompts), step sensitivities perturbed at 10 steps and interpolated (denser at
+# both ends, where they rise; at 6, reference-wan's fast lost 2 dB, at 10 it matched the full calibration), the
+# schedule measured on two prompts for the report. --max-generations fits the perturbed steps (at least 4).
+QUICK_SENSITIVITY_STEPS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS = 10, 4, 2
+QUICK_GRANULARITIES = ("aligned",)
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
@@ -223,12 +225,38 @@ def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch
     return float((latent - reference).norm() / reference.norm())
 
 
-def quick_sensitivity_steps(steps: int) -> list[int]:
-    """The steps --quick perturbs: QUICK_SENSITIVITY_STEPS of 1..steps-1, Chebyshev-spaced (denser at both ends,
-    where a one-step error is amplified most: the first steps and the last few before the final one)."""
-    count = min(QUICK_SENSITIVITY_STEPS, steps - 1)
+def quick_sensitivity_steps(steps: int, count: int = QUICK_SENSITIVITY_STEPS) -> list[int]:
+    """The steps --quick perturbs: `count` of 1..steps-1, Chebyshev-spaced (denser at both ends, where a
+    one-step error is amplified most: the first steps and the last few before the final one)."""
+    count = min(count, steps - 1)
     x = (1 - np.cos(np.pi * np.arange(count) / max(count - 1, 1))) / 2
     return sorted({int(round(1 + (steps - 2) * v)) for v in x})
+
+
+@dataclass(frozen=True)
+class QuickPlan:
+    sensitivity_steps: tuple[int, ...]  # the steps perturbed (the others interpolated)
+    measure_prompts: int  # prompts each preset's schedule is measured on
+
+    def generations(self, prompts: int, components: int, presets: int) -> int:
+        """What it runs: the recording, the sensitivity's reference and perturbed runs, the measurements (PSNR
+        targets add their bisection's probes)."""
+        return prompts + 1 + len(self.sensitivity_steps) + components + self.measure_prompts * presets
+
+
+def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None) -> QuickPlan:
+    """--quick's runs: QUICK_SENSITIVITY_STEPS perturbed steps and QUICK_MEASURE_PROMPTS, or within
+    `max_generations` as many perturbed steps as fit (measuring on one prompt where two leave fewer than
+    QUICK_MIN_STEPS). ValueError: not even QUICK_MIN_STEPS fit."""
+    if max_generations is None:
+        return QuickPlan(tuple(quick_sensitivity_steps(steps)), QUICK_MEASURE_PROMPTS)
+    for measure in (QUICK_MEASURE_PROMPTS, 1):
+        fit = max_generations - (prompts + 1 + components + measure * presets)
+        if fit >= min(QUICK_MIN_STEPS, steps - 1):
+            return QuickPlan(tuple(quick_sensitivity_steps(steps, fit)), measure)
+    least = QuickPlan(tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)), 1).generations(prompts, components, presets)
+    raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from {prompts} "
+                     f"prompts needs at least {least} generations here")
 
 
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
@@ -326,6 +354,7 @@ def calibrate(
     *,
     targets: Sequence[float] = (),
     quick: bool = False,
+    max_generations: int | None = None,
     preset_names: Sequence[str] | None = None,
     fgbg: FgBgProfile | None = None,
     fgbg_prompts: int = 2,
@@ -341,10 +370,15 @@ def calibrate(
     budgets: [{budget, stages: [...], chosen}], seconds}. A preset per computed-fraction budget, then one per PSNR
     target (`targets`, dB on the calibration prompts: the lowest budget that reaches it; its report entry adds
     target_psnr, the probes and whether it was reached). `quick`: about a tenth of the generations (see
-    QUICK_SENSITIVITY_STEPS); the report counts the generations of every phase either way."""
+    QUICK_SENSITIVITY_STEPS), within `max_generations` where given; the report counts the generations of every
+    phase either way."""
+    plan = None
+    if quick or max_generations is not None:
+        components = len(model_layout(pipe).names)
+        plan = quick_plan(settings.steps, len(prompts), components, len(budgets) + len(targets), max_generations)
     count = GenerationCount(pipe)
     try:
-        return _calibrate(pipe, name, prompts, budgets, settings, count, targets=targets, quick=quick,
+        return _calibrate(pipe, name, prompts, budgets, settings, count, targets=targets, quick=plan,
                           preset_names=preset_names, fgbg=fgbg, fgbg_prompts=fgbg_prompts,
                           sensitivity_prompts=sensitivity_prompts, measure_top=measure_top, base_options=base_options,
                           eb=eb, command=command, log=log, progress=progress)
@@ -353,8 +387,8 @@ def calibrate(
 
 
 def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float], settings: CalibrationSettings,
-               count: GenerationCount, *, targets, quick, preset_names, fgbg, fgbg_prompts, sensitivity_prompts,
-               measure_top, base_options, eb, command, log, progress) -> tuple[Profile, dict]:
+               count: GenerationCount, *, targets, quick: QuickPlan | None, preset_names, fgbg, fgbg_prompts,
+               sensitivity_prompts, measure_top, base_options, eb, command, log, progress) -> tuple[Profile, dict]:
     started = time.time()
     adapter = videocache.adapters.get_adapter(pipe.transformer)
     fingerprint = adapter.fingerprint(pipe.transformer)
@@ -362,9 +396,11 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
                  + [f"psnr_{t:g}".replace(".", "_") for t in targets])
     if len(names) != len(budgets) + len(targets):
         raise ValueError(f"{len(budgets)} budgets and {len(targets)} PSNR targets but {len(names)} preset names")
-    if quick:
+    if quick is not None:
+        planned = quick.generations(len(prompts), len(model_layout(pipe).names), len(budgets) + len(targets))
         log(f"quick: the compute-step schedule only ({', '.join(QUICK_GRANULARITIES)}), step sensitivities at "
-            f"{QUICK_SENSITIVITY_STEPS} steps, measured on {QUICK_MEASURE_PROMPTS} prompts (no fg/bg profile)")
+            f"{len(quick.sensitivity_steps)} steps, measured on {quick.measure_prompts} prompt(s), no fg/bg profile: "
+            f"{planned} generations" + (" and the targets' probes" if targets else ""))
         fgbg_prompts = 0
     if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
         log("fg/bg block profiling reads one transformer's attention: skipped for this pipeline's experts")
@@ -384,14 +420,14 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.per_generation = count.phases["record"] / len(prompts)
     layout = model_layout(pipe)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
-    fractions, perturbed = ((0.4,), quick_sensitivity_steps(settings.steps)) if quick else ((0.15, 0.4, 0.65, 0.9), None)
+    fractions, perturbed = ((0.4,), quick.sensitivity_steps) if quick else ((0.15, 0.4, 0.65, 0.9), None)
     component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
     sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
                      for i in range(sensitivity_prompts)]
     count.phase("sensitivity")
     stages_run = ("+schedule",) if quick else STAGES
     granularities = QUICK_GRANULARITIES if quick else SCHEDULE_GRANULARITIES
-    measured_on = QUICK_MEASURE_PROMPTS if quick else len(prompts)
+    measured_on = quick.measure_prompts if quick else len(prompts)
     trial_prompts, trial_refs = prompts[:measured_on], rec.references[:measured_on]
     weights = np.mean([w for w, _ in sensitivities], axis=0)
     comp_weights = np.mean([w for _, w in sensitivities], axis=0)
@@ -519,7 +555,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.phase("search")
     report["seconds"] = round(time.time() - started, 1)
     report["generations"] = count.report()
-    report["quick"] = quick
+    report["quick"] = quick is not None
     report["measured_on_prompts"] = measured_on
     base["metadata"] = {
         "made_by": command or "videocache profile",
