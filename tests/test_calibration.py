@@ -200,9 +200,8 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     from videocache.eval_vbench.calibration.runs import calibrate, quick_plan, quick_sensitivity_steps
 
     assert quick_sensitivity_steps(25) == [1, 2, 4, 7, 11, 14, 18, 21, 23, 24]
-    fitted = quick_plan(25, 4, 3, 3, max_generations=18)  # 4 + 1 + 3 + 3 x 2 leave 4 steps
-    assert fitted.sensitivity_steps == (1, 7, 18, 24) and fitted.generations(4, 3, 3) == 18
-    assert quick_plan(25, 4, 3, 3, max_generations=15).measure_prompts == 1  # two would leave 1 step
+    fitted = quick_plan(25, 4, 3, 3, max_generations=15)  # 4 recorded + 1 + 3 components + 3 measured leave 4
+    assert fitted.sensitivity_steps == (1, 7, 18, 24) and fitted.generations(4, 3, 3) == 15
     with pytest.raises(ValueError, match="needs at least 15 generations"):
         quick_plan(25, 4, 3, 3, max_generations=14)
 
@@ -215,13 +214,13 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     assert full_counts["sensitivity"] == 1 + (steps - 1) + components * 4  # 4 component steps of 6
     assert quick_counts["sensitivity"] == 1 + len(quick_sensitivity_steps(steps)) + components
     assert quick_counts["total"] == quick_plan(steps, len(PROMPTS), components, 2).generations(len(PROMPTS), components, 2)
-    assert quick_counts["search"] == 2 * 2  # one schedule per budget, measured on two prompts
+    assert quick_counts["search"] == 2  # one schedule per budget, measured on one prompt
     for counts in (full_counts, quick_counts):
         phases = sum(v for k, v in counts.items() if k in ("fgbg", "record", "sensitivity", "search"))
         assert counts["total"] == pytest.approx(phases)
     assert quick_counts["total"] < full_counts["total"]  # at 6 steps most stages find no candidate: the ratio at
     # 25 steps is benchmarks/quick_calibration's
-    assert quick["quick"] and quick["measured_on_prompts"] == 2
+    assert quick["quick"] and quick["measured_on_prompts"] == 1
     assert all(b["chosen"]["stage"] == "+schedule" and b["chosen"]["computed_fraction"] <= b["budget"] + 1e-9
                for b in quick["budgets"])
 

@@ -291,7 +291,7 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                         "videos of the calibration prompts; repeat for several (named after the budgets' presets)")
     p.add_argument("--quick", action="store_true",
                    help="about a tenth of the generations: the compute-step schedule only (every component on the "
-                        "same steps), coarser sensitivities, measured on two prompts, no fg/bg profile, no run-time guard")
+                        "same steps), coarser sensitivities, measured on one prompt, no fg/bg profile, no run-time guard")
     p.add_argument("--max-generations", type=int, default=None, metavar="N",
                    help="--quick within N generations (every run counted, in uncached generations): as many "
                         "sensitivity steps as fit")

@@ -57,10 +57,11 @@ STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
 # --quick: only the compute-step schedule with every component on the same steps (the stage and granularity
 # every shipped calibration chose at every budget; measured on one prompt, the per-component schedule won once
-# and was 11 dB worse on held-out prompts), step sensitivities perturbed at 10 steps and interpolated (denser at
-# both ends, where they rise; at 6, reference-wan's fast lost 2 dB, at 10 it matched the full calibration), the
-# schedule measured on two prompts for the report. --max-generations fits the perturbed steps (at least 4).
-QUICK_SENSITIVITY_STEPS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS = 10, 4, 2
+# and was 11 dB worse on held-out prompts), so nothing is chosen by measurement: each preset is measured once, on
+# one prompt, for the report. Step sensitivities are perturbed at 10 steps and interpolated (denser at both ends,
+# where they rise; at 6, reference-wan's fast lost 2 dB, at 10 it matched the full calibration).
+# --max-generations fits the perturbed steps (at least 4).
+QUICK_SENSITIVITY_STEPS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS = 10, 4, 1
 QUICK_GRANULARITIES = ("aligned",)
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
@@ -245,18 +246,16 @@ class QuickPlan:
 
 
 def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None) -> QuickPlan:
-    """--quick's runs: QUICK_SENSITIVITY_STEPS perturbed steps and QUICK_MEASURE_PROMPTS, or within
-    `max_generations` as many perturbed steps as fit (measuring on one prompt where two leave fewer than
-    QUICK_MIN_STEPS). ValueError: not even QUICK_MIN_STEPS fit."""
-    if max_generations is None:
-        return QuickPlan(tuple(quick_sensitivity_steps(steps)), QUICK_MEASURE_PROMPTS)
-    for measure in (QUICK_MEASURE_PROMPTS, 1):
-        fit = max_generations - (prompts + 1 + components + measure * presets)
-        if fit >= min(QUICK_MIN_STEPS, steps - 1):
-            return QuickPlan(tuple(quick_sensitivity_steps(steps, fit)), measure)
-    least = QuickPlan(tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)), 1).generations(prompts, components, presets)
-    raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from {prompts} "
-                     f"prompts needs at least {least} generations here")
+    """--quick's runs: QUICK_SENSITIVITY_STEPS perturbed steps, or within `max_generations` as many as fit.
+    ValueError: not even QUICK_MIN_STEPS fit."""
+    fit = QUICK_SENSITIVITY_STEPS if max_generations is None else \
+        max_generations - (prompts + 1 + components + QUICK_MEASURE_PROMPTS * presets)
+    if fit < min(QUICK_MIN_STEPS, steps - 1):
+        least = QuickPlan(tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)), QUICK_MEASURE_PROMPTS)
+        raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from "
+                         f"{prompts} prompts needs at least {least.generations(prompts, components, presets)} "
+                         "generations here")
+    return QuickPlan(tuple(quick_sensitivity_steps(steps, fit)), QUICK_MEASURE_PROMPTS)
 
 
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
