@@ -122,6 +122,13 @@ def write_results(out: str | os.PathLike, result: dict, markdown: str | Sequence
     return json_path, md_path
 
 
+def publish(out: str | os.PathLike, result: dict, lines: Sequence[str]) -> None:
+    """write_results(), then the markdown on stdout and where both went."""
+    json_path, md_path = write_results(out, result, lines)
+    print("\n".join(lines))
+    print(f"wrote {json_path} and {md_path}")
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
     """A markdown table's lines; `align` has a letter per column: l (the default for missing ones), r or c."""
     rule = {"l": "---", "r": "---:", "c": ":---:"}

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
-from benchmarks.common import command, held_out_prompts, markdown_table, write_results  # noqa: E402
+from benchmarks.common import command, held_out_prompts, markdown_table, publish  # noqa: E402
 
 BUDGETS = {"slow": 0.6, "balanced": 0.5, "fast": 0.33}  # the shipped profiles' presets
 WITHIN_DB, GENERATION_SHARE = 1.0, 0.1  # issue 26's bar: within 1 dB, at most a tenth of the generations
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{p['quick']['computed_fraction']:.3f}, {p['quick']['psnr']:.2f} dB",
                                f"{p['quick_minus_full_db']:+.2f} dB", "yes" if p["holds"] else "no")
                               for p in presets], "lrrrl")]
-    json_path, md_path = write_results(Path(args.out) / args.model, result, lines)
-    print("\n".join(lines))
-    print(f"wrote {json_path} and {md_path}")
+    publish(Path(args.out) / args.model, result, lines)
     return 0
 
 

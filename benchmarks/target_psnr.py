@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
-from benchmarks.common import command, held_out_prompts, markdown_table, write_results  # noqa: E402
+from benchmarks.common import command, held_out_prompts, markdown_table, publish  # noqa: E402
 
 HOLDS_WITHIN_DB = 1.5  # issue 26: the held-out PSNR stays within 1.5 dB of the target
 
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 *markdown_table(("target (dB)", "computed", "PSNR, calibration prompts", "PSNR, held-out (mean)",
                                  f"holds (within {HOLDS_WITHIN_DB} dB)", "held-out prompts below target / >1.5 dB below",
                                  "worst prompt"), rows, "rrrrlrr")]
-    json_path, md_path = write_results(Path(args.out) / args.model, result, markdown)
-    print("\n".join(markdown))
-    print(f"wrote {json_path} and {md_path}")
+    publish(Path(args.out) / args.model, result, markdown)
     return 0
 
 
