@@ -26,7 +26,8 @@ BUDGETS = {"slow": 0.6, "balanced": 0.5, "fast": 0.33}  # the shipped profiles' 
 WITHIN_DB, GENERATION_SHARE = 1.0, 0.1  # issue 26's bar: within 1 dB, at most a tenth of the generations
 
 
-def calibrate(model: str, out: Path, max_generations: int | None, images: Path | None) -> dict:
+def calibrate(model: str, out: Path, max_generations: int | None, images: Path | None,
+              extra: tuple[str, ...] = ()) -> dict:
     """Run `videocache profile` into `out` unless it is there (quick within `max_generations` where given); its
     report."""
     from videocache.cli import main as videocache_main
@@ -37,6 +38,7 @@ def calibrate(model: str, out: Path, max_generations: int | None, images: Path |
             argv += ["--budget", f"{budget:g}"]
         argv += ["--max-generations", str(max_generations)] if max_generations is not None else []
         argv += ["--image", str(images)] if images is not None else []
+        argv += list(extra)
         if videocache_main(argv) != 0:
             raise SystemExit(f"videocache profile failed for {out}")
     return json.loads(out.with_suffix(".json").read_text())
@@ -53,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="reference-wan")
     p.add_argument("--prompts-count", type=int, default=16)
     p.add_argument("--out", default=str(Path(__file__).resolve().with_name("quick_calibration")))
+    p.add_argument("--sensitivity-from", default=None, metavar="PROFILE",
+                   help="the quick calibration reuses PROFILE's sensitivities (as for a fine-tune of its model): "
+                        "written as quick-from-PROFILE.yaml and MODEL-from-PROFILE.md")
     args = p.parse_args(argv)
+    quick = "quick" if args.sensitivity_from is None else f"quick-from-{args.sensitivity_from}"
 
     folder = Path(args.out) / args.model
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         if image_to_video else None
     reports = {"full": calibrate(args.model, folder / "full.yaml", None, calibration_frames)}
     allowed = int(reports["full"]["generations"]["total"] * GENERATION_SHARE)  # the quick one gets a tenth
-    reports["quick"] = calibrate(args.model, folder / "quick.yaml", allowed, calibration_frames)
+    reports["quick"] = calibrate(args.model, folder / f"{quick}.yaml", allowed, calibration_frames,
+                                 () if args.sensitivity_from is None else ("--sensitivity-from", args.sensitivity_from))
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(held_out_prompts(args.prompts_count, "--prompts-count")) + "\n")
-    methods = [f"videocache:{folder / kind}.yaml:{preset}" for kind in ("full", "quick") for preset in BUDGETS]
+    methods = [f"videocache:{folder / kind}.yaml:{preset}" for kind in ("full", quick) for preset in BUDGETS]
     compare = ["compare", "--model", args.model, "--prompts", str(prompts), "--out", str(folder / "compare"),
                "--repeats", "1", "--no-progress", "--methods", *methods]
     if image_to_video:
@@ -77,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     generations = {kind: reports[kind]["generations"] for kind in reports}
     presets = []
     for preset, budget in BUDGETS.items():
-        full, quick = (held_out[f"videocache:{folder / kind}.yaml:{preset}"] for kind in ("full", "quick"))
+        full, fast = (held_out[f"videocache:{folder / kind}.yaml:{preset}"] for kind in ("full", quick))
         presets.append({
             "preset": preset, "budget": budget,
             "full": {"computed_fraction": full["computed_fraction"], "psnr": round(full["psnr"], 3)},
-            "quick": {"computed_fraction": quick["computed_fraction"], "psnr": round(quick["psnr"], 3)},
-            "quick_minus_full_db": round(quick["psnr"] - full["psnr"], 3),
-            "holds": quick["psnr"] >= full["psnr"] - WITHIN_DB
-            and quick["computed_fraction"] <= full["computed_fraction"] + 1e-9,
+            "quick": {"computed_fraction": fast["computed_fraction"], "psnr": round(fast["psnr"], 3)},
+            "quick_minus_full_db": round(fast["psnr"] - full["psnr"], 3),
+            "holds": fast["psnr"] >= full["psnr"] - WITHIN_DB
+            and fast["computed_fraction"] <= full["computed_fraction"] + 1e-9,
         })
     share = generations["quick"]["total"] / generations["full"]["total"]
     result = {"command": command(__file__, argv), "model": args.model, "prompts": args.prompts_count,
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
               "within_db": WITHIN_DB, "presets": presets,
               "holds": all(p["holds"] for p in presets) and share <= GENERATION_SHARE}
     phases = ("fgbg", "record", "sensitivity", "search", "guard", "total")
-    lines = [f"# Quick against full calibration on {args.model} ({args.prompts_count} held-out prompts)", "",
+    lines = [f"# Quick against full calibration on {args.model} ({args.prompts_count} held-out prompts)"
+             + ("" if args.sensitivity_from is None else f", sensitivities from {args.sensitivity_from}"), "",
              f"    {result['command']}", "",
              *markdown_table(("calibration", *phases, "seconds"),
                              [(kind, *(f"{generations[kind].get(ph, 0):g}" for ph in phases),
@@ -104,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"{p['quick']['computed_fraction']:.3f}, {p['quick']['psnr']:.2f} dB",
                                f"{p['quick_minus_full_db']:+.2f} dB", "yes" if p["holds"] else "no")
                               for p in presets], "lrrrl")]
-    publish(Path(args.out) / args.model, result, lines)
+    publish(Path(args.out) / (args.model if args.sensitivity_from is None else f"{args.model}-from-{args.sensitivity_from}"),
+            result, lines)
     return 0
 
 

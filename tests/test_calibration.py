@@ -225,6 +225,27 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
                for b in quick["budgets"])
 
 
+def test_quick_reuses_another_calibrations_sensitivities(pipe, tmp_path, capsys):
+    """--sensitivity-from: a base model's measured sensitivities (resampled to the run's steps) instead of any
+    perturbation run; a report for other components, or none, is a one-line error."""
+    from videocache.eval_vbench.calibration.runs import calibrate, reused_sensitivities
+
+    report = {"step_sensitivity": [3.0, 1.0, 2.0], "component_sensitivity": {"self_attn": 1.0, "cross_attn": 2.0,
+                                                                             "mlp": 0.5}}
+    steps, comps = reused_sensitivities(report, 5, ["self_attn", "cross_attn", "mlp"], "base")
+    assert np.allclose(steps * 1.625, [3.0, 2.0, 1.0, 1.5, 2.0])  # 3, 2, 1, 1.5, 2 over its mean on steps 1-4
+    assert comps.tolist() == [1.0, 2.0, 0.5]
+    with pytest.raises(ValueError, match="no sensitivities for the components attn, ff"):
+        reused_sensitivities(report, 5, ["attn", "ff"], "base")
+    quiet = dict(fgbg_prompts=0, log=lambda message: None, progress=False)
+    _, reused = calibrate(pipe, "reused", PROMPTS, [0.6], SETTINGS, sensitivity_report=("base", report), **quiet)
+    assert reused["generations"]["sensitivity"] == 0 and reused["generations"]["total"] == len(PROMPTS) + 1
+    assert main(["profile", "--sensitivity-from", str(tmp_path / "none.yaml"), "--budget", "0.5",
+                 "--out", str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--sensitivity-from" in err and "no calibration report" in err
+
+
 def test_correction_factors_survive_a_json_round_trip():
     from videocache.profile import preset_from_dict
 

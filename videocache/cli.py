@@ -292,6 +292,9 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="about a tenth of the generations: the compute-step schedule only (every component on the "
                         "same steps), coarser sensitivities, measured on one prompt, no fg/bg profile, no run-time guard")
+    p.add_argument("--sensitivity-from", default=None, metavar="PROFILE",
+                   help="--quick with the step and component sensitivities of PROFILE's calibration report (a base "
+                        "model's, for its LoRA or fine-tune): no sensitivity runs at all")
     p.add_argument("--max-generations", type=int, default=None, metavar="N",
                    help="--quick within N generations (every run counted, in uncached generations): as many "
                         "sensitivity steps as fit")
@@ -397,6 +400,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if args.preset_names and len(args.preset_names) != goals:
             raise ValueError(f"--preset-names gives {len(args.preset_names)} names for {goals} presets (one per "
                              "--budget, then one per --target-psnr)")
+    sensitivity_report = None
+    if args.sensitivity_from is not None:
+        from videocache.profile.search_path import find_profile
+
+        named = Path(args.sensitivity_from) if args.sensitivity_from.endswith((".yaml", ".yml")) else \
+            find_profile(args.sensitivity_from)
+        report_file = None if named is None else named.with_suffix(".json")
+        if report_file is None or not report_file.is_file():
+            raise ValueError(f"--sensitivity-from {args.sensitivity_from}: no calibration report (the .json beside "
+                             "its profile YAML) found")
+        sensitivity_report = (args.sensitivity_from, json.loads(report_file.read_text()))
     dtype = weights_dtype(args.dtype, args.model, resolve_device(args.device))
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), dtype)
     source = resolve_model(args.model)
@@ -440,7 +454,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         profile, report = calibrate(
             pipe, args.name or out.stem, prompts, args.budget, settings, targets=args.target_psnr, quick=args.quick,
-            max_generations=args.max_generations,
+            max_generations=args.max_generations, sensitivity_report=sensitivity_report,
             preset_names=args.preset_names,
             fgbg_prompts=args.fgbg_prompts, command=command, progress=not args.no_progress,
         )
@@ -450,7 +464,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if isinstance(profile, videocache.ExpertsProfile) and not args.no_guard:
         print("the run-time guard is not calibrated for a pipeline's experts (it ships off): --no-guard")
         args.no_guard = True
-    args.quick = args.quick or args.max_generations is not None
+    args.quick = args.quick or args.max_generations is not None or args.sensitivity_from is not None
     if args.quick and not args.no_guard and not args.guard_only:
         print("--quick: no run-time guard (its calibration alone costs more generations; --guard-only adds it later)")
         args.no_guard = True

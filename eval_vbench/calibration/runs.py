@@ -236,13 +236,27 @@ def quick_sensitivity_steps(steps: int, count: int = QUICK_SENSITIVITY_STEPS) ->
 
 @dataclass(frozen=True)
 class QuickPlan:
-    sensitivity_steps: tuple[int, ...]  # the steps perturbed (the others interpolated)
+    sensitivity_steps: tuple[int, ...]  # the steps perturbed (the others interpolated); none: reused
     measure_prompts: int  # prompts each preset's schedule is measured on
+    reused: tuple[np.ndarray, np.ndarray] | None = None  # (step, component) sensitivities of another calibration
 
     def generations(self, prompts: int, components: int, presets: int) -> int:
-        """What it runs: the recording, the sensitivity's reference and perturbed runs, the measurements (PSNR
-        targets add their bisection's probes)."""
-        return prompts + 1 + len(self.sensitivity_steps) + components + self.measure_prompts * presets
+        """What it runs: the recording, the sensitivity's reference and perturbed runs (none when reused), the
+        measurements (PSNR targets add their bisection's probes)."""
+        sensitivity = 0 if self.reused is not None else 1 + len(self.sensitivity_steps) + components
+        return prompts + sensitivity + self.measure_prompts * presets
+
+
+def reused_sensitivities(report: dict, steps: int, names: Sequence[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The step and component sensitivities of another calibration's report (a base model's, for its LoRA or
+    fine-tune), resampled to `steps` over the run's progress. ValueError: they are for other components."""
+    step_w, comp = report.get("step_sensitivity"), report.get("component_sensitivity") or {}
+    if not step_w or sorted(comp) != sorted(names):
+        raise ValueError(f"--sensitivity-from {source}: its report has no sensitivities for the components "
+                         f"{', '.join(names)} (it has {', '.join(comp) or 'none'})")
+    step_w = np.asarray(step_w, dtype=float)
+    resampled = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(step_w)), step_w)
+    return resampled / resampled[1:].mean(), np.array([comp[n] for n in names], dtype=float)
 
 
 def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None) -> QuickPlan:
@@ -354,6 +368,7 @@ def calibrate(
     targets: Sequence[float] = (),
     quick: bool = False,
     max_generations: int | None = None,
+    sensitivity_report: tuple[str, dict] | None = None,
     preset_names: Sequence[str] | None = None,
     fgbg: FgBgProfile | None = None,
     fgbg_prompts: int = 2,
@@ -369,10 +384,15 @@ def calibrate(
     budgets: [{budget, stages: [...], chosen}], seconds}. A preset per computed-fraction budget, then one per PSNR
     target (`targets`, dB on the calibration prompts: the lowest budget that reaches it; its report entry adds
     target_psnr, the probes and whether it was reached). `quick`: about a tenth of the generations (see
-    QUICK_SENSITIVITY_STEPS), within `max_generations` where given; the report counts the generations of every
+    QUICK_SENSITIVITY_STEPS), within `max_generations` where given, or with no sensitivity runs at all where
+    `sensitivity_report` (name, report) gives another calibration's; the report counts the generations of every
     phase either way."""
     plan = None
-    if quick or max_generations is not None:
+    if sensitivity_report is not None:
+        reused = reused_sensitivities(sensitivity_report[1], settings.steps, model_layout(pipe).names,
+                                      sensitivity_report[0])
+        plan = QuickPlan((), QUICK_MEASURE_PROMPTS, reused)
+    elif quick or max_generations is not None:
         components = len(model_layout(pipe).names)
         plan = quick_plan(settings.steps, len(prompts), components, len(budgets) + len(targets), max_generations)
     count = GenerationCount(pipe)
@@ -397,9 +417,10 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         raise ValueError(f"{len(budgets)} budgets and {len(targets)} PSNR targets but {len(names)} preset names")
     if quick is not None:
         planned = quick.generations(len(prompts), len(model_layout(pipe).names), len(budgets) + len(targets))
-        log(f"quick: the compute-step schedule only ({', '.join(QUICK_GRANULARITIES)}), step sensitivities at "
-            f"{len(quick.sensitivity_steps)} steps, measured on {quick.measure_prompts} prompt(s), no fg/bg profile: "
-            f"{planned} generations" + (" and the targets' probes" if targets else ""))
+        where = "reused" if quick.reused is not None else f"at {len(quick.sensitivity_steps)} steps"
+        log(f"quick: the compute-step schedule only ({', '.join(QUICK_GRANULARITIES)}), step sensitivities {where}, "
+            f"measured on {quick.measure_prompts} prompt(s), no fg/bg profile: {planned} generations"
+            + (" and the targets' probes" if targets else ""))
         fgbg_prompts = 0
     if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
         log("fg/bg block profiling reads one transformer's attention: skipped for this pipeline's experts")
@@ -421,8 +442,9 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
     fractions, perturbed = ((0.4,), quick.sensitivity_steps) if quick else ((0.15, 0.4, 0.65, 0.9), None)
     component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
-    sensitivities = [sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
-                     for i in range(sensitivity_prompts)]
+    sensitivities = [quick.reused] if quick and quick.reused is not None else [
+        sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
+        for i in range(sensitivity_prompts)]
     count.phase("sensitivity")
     stages_run = ("+schedule",) if quick else STAGES
     granularities = QUICK_GRANULARITIES if quick else SCHEDULE_GRANULARITIES
