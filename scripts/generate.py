@@ -29,7 +29,7 @@ from pathlib import Path
 from videocache.cli import USER_ERRORS, add_generation_arguments, run_generation
 from videocache.distributed.checks import ParallelSettings
 from videocache.distributed.generation import settings_from_args
-from videocache.distributed.state import end_processes, leave_on_error, process_state
+from videocache.distributed.state import exit_processes, leave_on_error, process_state
 from videocache.pipelines.generation import read_prompts
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generate.py: error{rank}: {str(exc).splitlines()[0]}", file=sys.stderr)
         leave_on_error(state)
         return 2
-    end_processes(state)
+    exit_processes(state, code)  # several processes: they end here
     return code
 
 
