@@ -85,12 +85,8 @@ def generate(
     """Run the pipeline once with a seeded generator; time the whole call and the transformer alone.
     `image`: the first frame of an image-to-video pipeline (a file, or (H, W, 3) uint8)."""
     inputs: dict[str, Any] = {}
-    if image is None and takes_image(pipe):
-        raise ValueError(f"{type(pipe).__name__} makes a video from a first frame: give one (--image FILE)")
+    check_first_frame(type(pipe).__name__, takes_image(pipe), image is not None, "--image FILE")
     if image is not None:
-        if not takes_image(pipe):
-            raise ValueError(f"--image: {type(pipe).__name__} makes videos from text only; give an image-to-video "
-                             "model (WanImageToVideoPipeline)")
         from PIL import Image
 
         inputs["image"] = Image.fromarray(image) if isinstance(image, np.ndarray) else Image.open(image).convert("RGB")
@@ -158,6 +154,15 @@ def source_takes_image(source: str | Path) -> bool | None:
         return None
     cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
     return None if cls is None else takes_image(cls)
+
+
+def check_first_frame(model: str, image_to_video: bool | None, given: bool, flag: str) -> None:
+    """One-line errors for an image-to-video model given no first frame and for a text-only one given one
+    (`image_to_video`: None where it is not known yet, as for a hub id not downloaded; `flag`: how to give it)."""
+    if image_to_video and not given:
+        raise ValueError(f"{model} is an image-to-video model: give its first frame with {flag}")
+    if given and image_to_video is False:
+        raise ValueError(f"{flag.split()[0]}: {model} makes videos from text only; give an image-to-video model")
 
 
 def image_of(folder: str | Path, index: int) -> Path:

@@ -101,7 +101,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     """Load, optionally cache, generate and write; returns the summary. Raises USER_ERRORS on bad input."""
     import torch
 
-    from videocache.pipelines.generation import generate, source_takes_image
+    from videocache.pipelines.generation import check_first_frame, generate, source_takes_image
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -118,11 +118,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     if image is not None and not Path(image).is_file():
         raise ValueError(f"--image {image}: no such file")
     source = resolve_model(args.model)
-    image_to_video = source_takes_image(source)  # None for a hub id not downloaded yet: checked at generation
-    if image is None and image_to_video:
-        raise ValueError(f"{args.model} is an image-to-video model: give its first frame with --image FILE")
-    if image is not None and image_to_video is False:
-        raise ValueError(f"--image: {args.model} makes videos from text only; give an image-to-video model")
+    # before loading where the folder tells (a hub id not downloaded yet: at generation)
+    check_first_frame(args.model, source_takes_image(source), image is not None, "--image FILE")
     defaults = generation_defaults(source)  # None until loaded for a hub id not downloaded yet
     video = video_settings(args, defaults)
     for name in ("steps", "frames", "height", "width"):
@@ -340,7 +337,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import videocache
     from videocache.eval_vbench.calibration.runs import CalibrationSettings, calibrate
-    from videocache.pipelines.generation import check_images, read_prompts, source_takes_image, takes_image
+    from videocache.pipelines.generation import (
+        check_first_frame,
+        check_images,
+        read_prompts,
+        source_takes_image,
+        takes_image,
+    )
     from videocache.pipelines.loader import (
         attention_backend_of,
         check_attention_backend,
@@ -426,22 +429,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise ValueError("give --prompts FILE (calibration prompts, one per line) for a model other than the references")
     if args.image is not None and Path(args.image).is_dir():
         check_images(args.image, len(prompts), "--image")
-    image_to_video = source_takes_image(source)  # also checked once loaded (a hub id)
-    if args.image is None and image_to_video:
-        raise ValueError(f"{args.model} is an image-to-video model: give --image, the first frame the calibration runs "
-                         "start from (a file, or a folder with one per prompt)")
-    if args.image is not None and image_to_video is False:
-        raise ValueError(f"--image: {args.model} makes videos from text only")
+    first_frame = "--image FILE, or a folder with one per prompt (p000.png, ...)"
+    check_first_frame(args.model, source_takes_image(source), args.image is not None, first_frame)
     family = source_family(source)
     if family is not None:  # its fg/bg stage needs the family's attention probe: say so before loading
         family.require("attention_probe", "the fg/bg stage of videocache profile")
     defaults = generation_defaults(source, family)
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
     video = video_settings(args, defaults or defaults_of(pipe, source))
-    if args.image is not None and not takes_image(pipe):
-        raise ValueError(f"--image: {args.model} makes videos from text only")
-    if args.image is None and takes_image(pipe):
-        raise ValueError(f"{args.model} is an image-to-video model: give --image, the first frame the calibration runs start from")
+    check_first_frame(args.model, takes_image(pipe), args.image is not None, first_frame)  # a hub id: now known
     settings = CalibrationSettings(
         steps=video["steps"], frames=video["frames"], height=video["height"], width=video["width"],
         guidance_scale=video["guidance_scale"], attention_backend=backend, image=args.image, prompts=tuple(prompts),
@@ -449,6 +445,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     command = "videocache " + shlex.join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("videocache") else "videocache profile"
     if base is not None:
         base.check_model(videocache.adapters.get_adapter(pipe.transformer).fingerprint(pipe.transformer))
+    args.quick = args.quick or args.max_generations is not None or args.sensitivity_from is not None
     if args.guard_only:
         profile, report = base, {"seconds": 0.0}
     else:
@@ -464,7 +461,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if isinstance(profile, videocache.ExpertsProfile) and not args.no_guard:
         print("the run-time guard is not calibrated for a pipeline's experts (it ships off): --no-guard")
         args.no_guard = True
-    args.quick = args.quick or args.max_generations is not None or args.sensitivity_from is not None
     if args.quick and not args.no_guard and not args.guard_only:
         print("--quick: no run-time guard (its calibration alone costs more generations; --guard-only adds it later)")
         args.no_guard = True
@@ -484,9 +480,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         report["seconds"] = round(report["seconds"] + time.time() - started, 1)
         generations = report.get("generations")
         if generations:  # the guard's runs, in the calibration's generations
-            count.phase("guard")
-            count.per_generation = generations["record_calls_per_generation"]
-            generations["guard"] = count.report()["guard"]
+            generations["guard"] = round(count.calls / generations["record_calls_per_generation"], 1)
             generations["total"] = round(generations["total"] + generations["guard"], 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     profile.save(out)

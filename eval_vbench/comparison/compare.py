@@ -25,7 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videocache.pipelines.generation import check_images, image_of, read_prompts, source_takes_image
+from videocache.pipelines.generation import (
+    check_first_frame,
+    check_images,
+    image_of,
+    read_prompts,
+    source_takes_image,
+)
 
 from ..peers import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
@@ -455,12 +461,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     images = None if args.images is None else Path(args.images)
     if images is not None:
         check_images(images, len(prompts), "--images")
-    image_to_video = source_takes_image(source)  # None for a hub id not downloaded yet
-    if images is None and image_to_video:
-        raise ValueError(f"{args.model} is an image-to-video model: give --images DIR, each prompt's first frame "
-                         "(p000.png, p001.png, ...)")
-    if images is not None and image_to_video is False:
-        raise ValueError(f"--images: {args.model} makes videos from text only")
+    check_first_frame(args.model, source_takes_image(source), images is not None,
+                      "--images DIR, one per prompt (p000.png, p001.png, ...)")
     seeds = args.seeds if args.seeds is not None else [args.seed if args.seed is not None else 0]
     return CompareConfig(
         settings=settings,

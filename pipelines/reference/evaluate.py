@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..generation import generate
+from ..generation import generate, takes_image
 from .checker import check_video
 from .data import Caption, render_clip, split_captions
+from .first_frames import first_frame
 from .shared import load_vae_weights, vae_round_trip
 
 GATES = {"colour_rate": 0.8, "direction_rate": 0.7, "every_frame_colour_rate": 0.8, "vae_psnr_mean": 28.0}
@@ -53,19 +54,22 @@ def frame_psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def given_frame(pipe, caption: Caption, seed: int) -> np.ndarray | None:
+    """The first frame an image-to-video pipeline is given for this caption and seed; None for a text-only one."""
+    return first_frame(caption, seed) if takes_image(pipe) else None
+
+
 def prompt_adherence(pipe, captions: Sequence[Caption], steps: int = 25, guidance_scale: float = 5.0,
                      progress: bool = False) -> AdherenceReport:
     """Generate one video per caption (seed = its index) and check its colour, direction and the colour of
     every frame. An image-to-video pipeline is given the first frame of the caption's clip rendered with that
     seed, and its generated first frame is compared with it."""
-    from ..generation import takes_image
-
     colour = direction = every_frame = 0
     frame_fraction = 0.0
     misses = []
     first = [] if takes_image(pipe) else None
     for i, caption in enumerate(tqdm(captions, desc="adherence", disable=not progress)):
-        given = render_clip(caption, i).video[0] if first is not None else None
+        given = given_frame(pipe, caption, i)
         frames = generate(pipe, caption.text, seed=i, num_inference_steps=steps, num_frames=17, height=64,
                           width=64, guidance_scale=guidance_scale, progress=False, image=given).frames
         if first is not None:
@@ -87,12 +91,9 @@ def prompt_adherence(pipe, captions: Sequence[Caption], steps: int = 25, guidanc
 def demo_check(pipe, steps: int = 25, guidance_scale: float = 5.0) -> dict:
     """The README demo prompt as `videocache generate` runs it (seed 0): what each frame shows (image-to-video:
     given the first frame of its clip rendered with seed 0)."""
-    from ..generation import takes_image
-
     caption = Caption.parse(DEMO_PROMPT)
     frames = generate(pipe, caption.text, seed=0, num_inference_steps=steps, num_frames=17, height=64, width=64,
-                      guidance_scale=guidance_scale, progress=False,
-                      image=render_clip(caption, 0).video[0] if takes_image(pipe) else None).frames
+                      guidance_scale=guidance_scale, progress=False, image=given_frame(pipe, caption, 0)).frames
     result = check_video(frames)
     return {"prompt": caption.text, "seed": 0, "colour": result.colour, "direction": result.direction,
             "every_frame_colour": result.every_frame_matches(caption), "frames": frame_summary(result)}
@@ -139,13 +140,10 @@ def expert_divergence(pipe, captions: Sequence[Caption], steps: int = 25, guidan
 
     handles = [experts[a].register_forward_hook(watch(a, experts[b]), with_kwargs=True)
                for a, b in (("transformer", "transformer_2"), ("transformer_2", "transformer"))]
-    from ..generation import takes_image
-
     try:
         for i, caption in enumerate(captions):
             generate(pipe, caption.text, seed=i, num_inference_steps=steps, num_frames=17, height=64, width=64,
-                     guidance_scale=guidance_scale, progress=False,
-                     image=render_clip(caption, i).video[0] if takes_image(pipe) else None)
+                     guidance_scale=guidance_scale, progress=False, image=given_frame(pipe, caption, i))
     finally:
         for handle in handles:
             handle.remove()

@@ -12,12 +12,20 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .data import Caption, render_clip, split_captions
 
 
 def calibration_captions() -> list[Caption]:
     """The four training captions `videocache profile` calibrates a reference on by default."""
     return split_captions()[0][::61][:4]
+
+
+def first_frame(caption: Caption, seed: int) -> np.ndarray:
+    """The first frame of the caption's clip rendered with `seed`, (H, W, 3) uint8: what an image-to-video
+    reference is given for that prompt and seed."""
+    return render_clip(caption, seed).video[0]
 
 
 def write_first_frames(captions: Sequence[Caption], folder: str | Path) -> Path:
@@ -29,7 +37,7 @@ def write_first_frames(captions: Sequence[Caption], folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for i, caption in enumerate(captions):
-        Image.fromarray(render_clip(caption, i).video[0]).save(image_of(folder, i))
+        Image.fromarray(first_frame(caption, i)).save(image_of(folder, i))
     return folder
 
 
