@@ -219,12 +219,14 @@ def load_pipeline(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     attention_backend: str | None = None,
+    lora: Any = None,
 ) -> DiffusionPipeline:
     """Load a pipeline by name, folder or hub id, on `device` (default: CUDA when present, else CPU).
 
     `attention_backend`: diffusers' attention kernel for the transformer (native, flash, sage, xformers,
     flex, ...; None keeps diffusers' default), checked before loading and tried once after it
-    (AttentionBackendError, one line, when it cannot run on this device and dtype)."""
+    (AttentionBackendError, one line, when it cannot run on this device and dtype).
+    `lora`: a pipelines.lora.LoraSpec, fused into the transformer once it is on the device (LoraError, one line)."""
     source = resolve_model(model)
     if attention_backend is not None:
         check_attention_backend(attention_backend, resolve_device(device), dtype)
@@ -246,6 +248,10 @@ def load_pipeline(
         # round differently for the two alignments, so the parallel ranks' video differed from one process's.
         target = torch.device("cpu")
     pipe = pipe.to(target)
+    if lora is not None:
+        from .lora import load_lora
+
+        load_lora(pipe, lora)
     if attention_backend is not None:
         set_attention_backend(pipe, attention_backend)
     return pipe

@@ -21,6 +21,10 @@ stages), and assembles a ReferenceHunyuanVideoPipeline folder that names that VA
 sigma >= --boundary-ratio, the low-noise one below), run by WanPipeline with transformer_2 and boundary_ratio
 (the command is in pipelines/reference/README.md).
 
+--lora-rank R --init-transformer FOLDER trains a LoRA of the base's frozen transformer and saves it in diffusers'
+format, loaded by `pipe.load_lora_weights` and by videocache's --lora (reference-wan-diagonal: clips of --motion
+diagonal; the command is in pipelines/reference/README.md).
+
 --architecture opensora trains reference-opensora the same way (our STDiT3Model and a tiny T5, Open-Sora's
 time shift and x0 - noise velocity, caption dropout to the model's null caption) and assembles a
 ReferenceOpenSoraPipeline folder that names the shared VAE too.
@@ -40,6 +44,7 @@ import torch
 
 # The stages and what each --architecture changes in them live in the package; this script parses the
 # command line and runs the stages it names.
+from videocache.pipelines.reference.data import MOTIONS
 from videocache.pipelines.reference.training.architectures import ARCHITECTURES
 from videocache.pipelines.reference.training.assemble import assemble
 from videocache.pipelines.reference.training.clips import render_bank
@@ -125,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the transformer (each expert) from this saved pipeline folder's transformer (a fine-tune)")
     p.add_argument("--frame0-weight", type=float, default=None,
                    help="loss weight of latent frame 0 relative to the others (the transformer stage; default 1)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train a LoRA adapter of this rank on --init-transformer's frozen transformer instead of the "
+                   "whole model; assemble saves it in diffusers' LoRA format (pytorch_lora_weights.safetensors)")
+    p.add_argument("--motion", choices=MOTIONS, default=None,
+                   help="how the clips move for their captions' directions (stage clips): straight (default), or "
+                   "diagonal (turned 45 degrees counter-clockwise), what the reference LoRA teaches")
     p.add_argument("--transformer-config", type=json.loads, default={},
                    help="JSON overrides of the hunyuan or opensora transformer's config, e.g. "
                    "'{\"patch_size\": 2}' (more video tokens); the assembled folder's config records them")
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     check_transformer_config(p, args)
     if (args.boundary_ratio is not None) != bool(ARCHITECTURES[args.architecture].experts):
         p.error("--boundary-ratio goes with an architecture of two experts (wan22), and wan22 needs it")
+    if args.lora_rank is not None and (args.lora_rank < 1 or not args.init_transformer or args.architecture != "wan"):
+        p.error("--lora-rank takes a positive rank, with --architecture wan and --init-transformer (the base it adapts)")
     if args.boundary_ratio is not None and not 0 < args.boundary_ratio < 1:
         p.error(f"--boundary-ratio must lie between 0 and 1; got {args.boundary_ratio}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

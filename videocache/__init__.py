@@ -48,6 +48,7 @@ from .profile import (
     load_profile,
 )
 from .table import COMPONENTS, Action, BlockGroup, BlockLayout, CacheTable
+from .weights import loaded_lora, lora_mismatch
 
 __all__ = [
     "COMPONENTS",
@@ -264,7 +265,7 @@ def apply(
         raise ValueError(f"{type(pipe).__name__} has no transformer to cache")
     denoisers = pipeline_denoisers(pipe)
     sources = _expert_sources(profile, table, [d.attribute for d in denoisers],
-                              getattr(getattr(pipe, "config", None), "boundary_ratio", None))
+                              getattr(getattr(pipe, "config", None), "boundary_ratio", None), loaded_lora(pipe))
     options = dict(
         max_cache_bytes=max_cache_bytes, max_host_cache_bytes=max_host_cache_bytes, cache_dtype=cache_dtype,
         offload_to_cpu=offload_to_cpu, exposure_bias=exposure_bias, trace=trace, num_inference_steps=num_inference_steps,
@@ -293,9 +294,11 @@ def apply(
     return engine
 
 
-def _expert_sources(profile: Any, table: Any, experts: list[str], boundary: float | None = None) -> dict[str, Any]:
+def _expert_sources(profile: Any, table: Any, experts: list[str], boundary: float | None = None,
+                    lora: dict | None = None) -> dict[str, Any]:
     """What each expert's engine runs: its table, its expert's profile, or the profile (one transformer).
-    `boundary`: the pipeline's boundary_ratio, checked against the one the profile was made for."""
+    `boundary`: the pipeline's boundary_ratio, checked against the one the profile was made for; `lora`: the
+    LoRA the pipeline runs (videocache.weights), against the one it was calibrated with (one-line warnings)."""
     if table is not None:  # one table indexed by the generation's step: each expert runs its own steps of it
         if not isinstance(table, Mapping):
             return dict.fromkeys(experts, table)
@@ -305,6 +308,9 @@ def _expert_sources(profile: Any, table: Any, experts: list[str], boundary: floa
     if profile is None:
         raise ValueError("give the cache's profile (a name, a YAML path or a Profile) or a CacheTable")
     loaded = load_profile(profile)
+    mismatch = lora_mismatch(loaded.name, loaded.metadata.get("lora"), lora)
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=3)
     if not isinstance(loaded, ExpertsProfile):
         if len(experts) > 1:
             raise ProfileError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,12 @@ ATTENTION_BACKEND_HELP = (
 
 def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    from videocache.pipelines.lora import add_lora_arguments as add
+
+    add(p)
 
 
 def weights_dtype(name: str | None, model: str, device: str) -> Any:
@@ -71,6 +78,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else float32)")
     add_attention_backend_argument(p)
+    add_lora_arguments(p)
     p.add_argument("--ulysses", type=int, default=1, metavar="N",
                    help="Ulysses sequence parallelism: N processes share each video's tokens (under accelerate launch; "
                         "Open-Sora: DSP, frames and positions split in turn)")
@@ -112,11 +120,13 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         resolve_device,
         resolve_model,
     )
+    from videocache.pipelines.lora import lora_spec
     from videocache.video_io import write_video
 
     image = getattr(args, "image", None)
     if image is not None and not Path(image).is_file():
         raise ValueError(f"--image {image}: no such file")
+    lora = lora_spec(getattr(args, "lora", None), getattr(args, "lora_scale", None))
     source = resolve_model(args.model)
     # before loading where the folder tells (a hub id not downloaded yet: at generation)
     check_first_frame(args.model, source_takes_image(source), image is not None, "--image FILE")
@@ -143,12 +153,12 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     device = parallel.device if parallel is not None and args.device is None else args.device
     dtype = weights_dtype(args.dtype, args.model, resolve_device(device))
     backend = check_attention_backend(getattr(args, "attention_backend", None), resolve_device(device), dtype)
-    pipe = load_pipeline(args.model, device=device, dtype=dtype, attention_backend=backend)
+    pipe = load_pipeline(args.model, device=device, dtype=dtype, attention_backend=backend, lora=lora)
     if defaults is None:
         defaults = defaults_of(pipe, source)
         video = video_settings(args, defaults)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
-                             "attention_backend": attention_backend_of(pipe)}
+                             "attention_backend": attention_backend_of(pipe), "lora": lora and lora.record()}
     engine = None
     if args.profile != "none":
         import videocache
@@ -322,6 +332,7 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: bfloat16 for a model other than reference-wan on a GPU, else "
                         "float32; flash and sage need bfloat16 or float16)")
     add_attention_backend_argument(p)
+    add_lora_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -354,9 +365,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         resolve_model,
         source_family,
     )
+    from videocache.pipelines.lora import lora_spec
     from videocache.pipelines.reference import is_reference
+    from videocache.weights import describe, same_lora
 
     out = Path(args.out)
+    lora = lora_spec(args.lora, args.lora_scale)
     if out.suffix not in (".yaml", ".yml"):
         raise ValueError(f"--out must be a .yaml file; got {args.out}")
     base = None  # the profile --add-to extends or --guard-only completes
@@ -365,6 +379,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if isinstance(base, videocache.ExpertsProfile):
             raise ValueError(f"{'--add-to' if args.add_to else '--guard-only'} does not take a profile with a table per "
                              f"expert yet ({base.name}); calibrate the pipeline again with --guidance-scale / --steps")
+        if not same_lora(base.metadata.get("lora"), lora and lora.record()):
+            raise ValueError(f"{base.name} was calibrated on {describe(base.metadata.get('lora'))}, not on "
+                             f"{describe(lora and lora.record())}: give the same --lora/--lora-scale, or calibrate anew")
         made = base.metadata.get("settings") or {}
         for arg, key in (("steps", "steps"), ("frames", "frames"), ("height", "height"), ("width", "width")):
             if getattr(args, arg) is None and key in made:
@@ -435,7 +452,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if family is not None:  # its fg/bg stage needs the family's attention probe: say so before loading
         family.require("attention_probe", "the fg/bg stage of videocache profile")
     defaults = generation_defaults(source, family)
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend)
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, attention_backend=backend, lora=lora)
     video = video_settings(args, defaults or defaults_of(pipe, source))
     check_first_frame(args.model, takes_image(pipe), args.image is not None, first_frame)  # a hub id: now known
     settings = CalibrationSettings(
@@ -521,7 +538,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """videocache's own warnings on one line, as its errors are; others as Python shows them."""
+    text = str(message)
+    if text.startswith("videocache: "):
+        print(f"videocache: warning: {text.removeprefix('videocache: ')}", file=sys.stderr if file is None else file)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

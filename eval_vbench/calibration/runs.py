@@ -50,6 +50,7 @@ from videocache.profile import Profile
 from videocache.profile.compile import written_out
 from videocache.schedule_search import schedule_preset
 from videocache.table import CacheTable
+from videocache.weights import loaded_lora
 
 from ..metrics.fidelity import psnr, ssim
 
@@ -469,6 +470,9 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         "exposure_bias": (eb or ExposureBiasConfig()).to_dict(),
         **({"fgbg": fgbg.to_dict()} if fgbg is not None else {}),
     }
+    lora = loaded_lora(pipe)  # the weights measured: recorded, so that applying the profile elsewhere warns
+    if lora is not None:
+        base["metadata"] = {"lora": lora}
     report: dict[str, Any] = {"fgbg": None if fgbg is None else fgbg.to_dict(), "step_sensitivity": [round(float(w), 4) for w in weights],
                               "component_sensitivity": dict(zip(layout.names, np.round(comp_weights, 4).tolist(), strict=True)),
                               "budgets": []}
@@ -584,6 +588,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         "settings": settings.recorded(),
         "calibration_seconds": report["seconds"],
         "calibration_generations": report["generations"]["total"],
+        **({"lora": lora} if lora is not None else {}),
         **({"quick": True} if quick else {}),
         "measured_on_calibration_prompts": {
             b["preset"]: {"budget": b["budget"], **({"target_psnr": b["target_psnr"]} if "target_psnr" in b else {}),

@@ -32,6 +32,7 @@ from videocache.pipelines.generation import (
     read_prompts,
     source_takes_image,
 )
+from videocache.pipelines.lora import add_lora_arguments, lora_spec
 
 from ..peers import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
@@ -380,6 +381,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
         help="diffusers attention kernel for every method's transformer: native, flash, sage, xformers, flex, "
         "... (default: diffusers' default, native); checked before any worker starts",
     )
+    add_lora_arguments(p)
     p.add_argument("--save-videos", action="store_true", help="write every video as mp4 under OUT/videos/")
     p.add_argument(
         "--low-memory",
@@ -423,6 +425,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         )
     methods = parse_methods(list(args.methods))
     prompts = read_prompts(args.prompts)
+    lora = lora_spec(args.lora, args.lora_scale)  # a missing file fails before any worker starts
     backend = check_attention_backend(args.attention_backend, resolve_device(args.device), args.dtype)
     source = resolve_model(args.model)
     defaults = known_defaults(source)
@@ -442,6 +445,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         repeats=args.repeats,
         fps=defaults.fps,
         attention_backend=backend,
+        lora=None if lora is None else lora.path,
+        lora_scale=1.0 if lora is None else lora.scale,
         ulysses=degrees.ulysses,
         ring=degrees.ring,
         cfg=degrees.cfg,

@@ -41,6 +41,8 @@ class RunSettings:
     repeats: int = 1
     fps: int = 16
     attention_backend: str | None = None  # diffusers attention backend of every worker (None: diffusers' default)
+    lora: str | None = None  # LoRA weights every worker fuses into the transformer (pipelines.lora), at lora_scale
+    lora_scale: float = 1.0
     # sequence / CFG parallelism of every run (videocache compare --ulysses N --ring M --cfg-parallel under
     # accelerate launch); all 1: one process per run
     ulysses: int = 1
@@ -70,6 +72,9 @@ class RunSettings:
         degrees are left out when all are 1, so that comparisons made before they existed still resume."""
         data = asdict(self)
         data.pop("fps")
+        if self.lora is None:  # comparisons made before --lora existed still resume
+            data.pop("lora")
+            data.pop("lora_scale")
         if not self.parallel:
             for name in ("ulysses", "ring", "cfg"):
                 data.pop(name)

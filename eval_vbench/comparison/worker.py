@@ -567,14 +567,16 @@ def worker_main(
         import torch
 
         from videocache.pipelines.loader import load_pipeline
+        from videocache.pipelines.lora import LoraSpec
 
         run_settings = RunSettings(**settings)
         parallel, device = None, run_settings.device
         if run_settings.parallel:
             parallel, device = _join_parallel(run_settings)
         dtype = getattr(torch, run_settings.dtype) if run_settings.dtype else None
+        lora = None if run_settings.lora is None else LoraSpec(run_settings.lora, run_settings.lora_scale)
         pipe = load_pipeline(
-            run_settings.model, device=device, dtype=dtype, attention_backend=run_settings.attention_backend
+            run_settings.model, device=device, dtype=dtype, attention_backend=run_settings.attention_backend, lora=lora
         )
         pipe.set_progress_bar_config(disable=True)
         runner = GroupRunner(

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from videocache.pipelines.lora import add_lora_arguments, lora_spec
+
 from ..comparison.compare import CompareConfig, CompareResult, run_compare
 from ..comparison.run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
 from ..peers import Method, NoCache, parse_method
@@ -504,6 +506,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-vbench", action="store_true", help="skip VBench scoring (fidelity, speed, prompt accuracy only)")
     p.add_argument("--vbench-device", default="cpu", help="device VBench scores on (cpu, cuda)")
     p.add_argument("--low-memory", action="store_true", help="one worker process alive at a time")
+    add_lora_arguments(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -529,6 +532,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         except VBenchUnavailable as exc:
             raise ValueError(str(exc)) from None
     suite = build_suite(args.suite, args.samples, full_info, dims, args.limit)
+    lora = lora_spec(args.lora, args.lora_scale)
     source = resolve_model(args.model)
     d = known_defaults(source)
     settings = RunSettings(
@@ -536,6 +540,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         width=args.width or d.width,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
         negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype, fps=d.fps, repeats=args.repeats,
+        lora=None if lora is None else lora.path, lora_scale=1.0 if lora is None else lora.scale,
     )
     for method in methods:  # a profile that does not cover the step count fails before anything runs
         if getattr(method, "profile", None):

@@ -31,6 +31,16 @@ class CheckResult:
     def matches(self, caption: Caption) -> tuple[bool, bool]:
         return self.colour == caption.colour, self.direction == caption.direction
 
+    def moves_along(self, vector: tuple[float, float], tolerance_degrees: float = 22.5) -> bool:
+        """The fitted motion is at least MIN_DISPLACEMENT long and within `tolerance_degrees` of `vector`'s
+        direction (a diagonal: data.motion_vector(direction, "diagonal"))."""
+        dx, dy = self.displacement
+        length = float(np.hypot(dx, dy))
+        if length < MIN_DISPLACEMENT:
+            return False
+        cos = (dx * vector[0] + dy * vector[1]) / (length * float(np.hypot(*vector)))
+        return cos >= np.cos(np.radians(tolerance_degrees))
+
     def frame_colour_fraction(self, caption: Caption) -> float:
         """Fraction of frames whose foreground shows the prompted colour (a frame without one does not)."""
         if not self.frame_colours:

@@ -32,6 +32,22 @@ DIRECTIONS = ("left", "right", "up", "down")
 # Unit motion (dx, dy) in image coordinates (y grows downwards).
 DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
+# How a clip moves for its caption's direction: "straight" is what every reference was trained on; "diagonal"
+# (the direction turned 45 degrees counter-clockwise on screen: right -> up-right, up -> up-left, ...) is what
+# the reference LoRA teaches and the base never does.
+MOTIONS = ("straight", "diagonal")
+
+
+def motion_vector(direction: str, motion: str = "straight") -> tuple[float, float]:
+    """Unit motion (dx, dy) in image coordinates of a caption's direction under a motion style."""
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+    x, y = DIRECTION_VECTORS[direction]
+    if motion == "straight":
+        return float(x), float(y)
+    return (x + y) / np.sqrt(2), (y - x) / np.sqrt(2)
+
+
 CAPTION_TEMPLATE = "a {colour} {shape} moving {direction} on a {background} background"
 VOCABULARY = sorted(
     {"a", "moving", "on", "background", *SHAPE_COLOURS, *BACKGROUND_COLOURS, *SHAPES, *DIRECTIONS}
@@ -134,8 +150,10 @@ def render_clip(
     num_frames: int = NUM_FRAMES,
     height: int = HEIGHT,
     width: int = WIDTH,
+    motion: str = "straight",
 ) -> Clip:
-    """Render one clip. Size, speed, start position and a mild background shade vary with the seed."""
+    """Render one clip. Size, speed, start position and a mild background shade vary with the seed;
+    `motion` is one of MOTIONS."""
     if isinstance(caption, str):
         caption = Caption.parse(caption)
     caption.validate()
@@ -144,13 +162,13 @@ def render_clip(
     radius = rng.uniform(8.0, 12.0) * scale
     speed = rng.uniform(1.3, 2.0) * scale  # pixels per frame
     travel = speed * (num_frames - 1)
-    vx, vy = DIRECTION_VECTORS[caption.direction]
+    vx, vy = motion_vector(caption.direction, motion)
     margin = radius + 1.0
-    # Along the motion axis start so that the whole path stays inside the frame.
-    def start(extent: float, v: int) -> float:
+    # Along each axis of motion start so that the whole path stays inside the frame.
+    def start(extent: float, v: float) -> float:
         if v == 0:
             return rng.uniform(margin, extent - margin)
-        lo, hi = margin, extent - margin - travel
+        lo, hi = margin, extent - margin - travel * abs(v)
         pos = rng.uniform(lo, max(lo, hi))
         return pos if v > 0 else extent - pos
 

@@ -16,8 +16,8 @@ from .common import save_checkpoint
 
 
 def _render_video(job) -> np.ndarray:
-    caption, seed = job
-    return render_clip(caption, seed).video
+    caption, seed, motion = job
+    return render_clip(caption, seed, motion=motion).video
 
 
 def render_bank(args, work: Path) -> None:
@@ -26,8 +26,8 @@ def render_bank(args, work: Path) -> None:
     if out.exists():
         return
     train_caps, _ = split_captions()
-    jobs = [(cap, args.seed * 1000 + i) for cap in train_caps for i in range(args.clips_per_caption)]
+    jobs = [(cap, args.seed * 1000 + i, args.motion or "straight") for cap in train_caps for i in range(args.clips_per_caption)]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:  # rendering is deterministic per (caption, seed)
         rendered = pool.map(_render_video, jobs, chunksize=16)
         videos = np.stack(list(tqdm(rendered, total=len(jobs), desc="render", dynamic_ncols=True)))
-    save_checkpoint(out, videos=torch.from_numpy(videos), captions=[cap.text for cap, _ in jobs])
+    save_checkpoint(out, videos=torch.from_numpy(videos), captions=[cap.text for cap, _, _ in jobs])

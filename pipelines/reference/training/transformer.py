@@ -4,7 +4,8 @@
 A two-expert architecture (wan22) trains its experts one after the other, each on its own range of noise
 levels (the high-noise expert at sigma >= --boundary-ratio, the low-noise one below), both started from
 --init-transformer's weights. --frame0-weight weighs latent frame 0 in the loss (the first frames that every
-reference gets wrong)."""
+reference gets wrong). --lora-rank R trains a LoRA adapter on --init-transformer's frozen weights instead (the
+final checkpoint holds the adapter's EMA weights alone)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,24 @@ from tqdm.auto import tqdm
 
 from .architectures import ARCHITECTURES
 from .common import save_checkpoint
+
+# The linear layers a reference LoRA adapts in every Wan block: both attentions' projections and the MLP's.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+def add_lora(model: torch.nn.Module, rank: int) -> None:
+    """Freeze the model and give it a trainable LoRA adapter of `rank` (peft, as diffusers' training scripts do;
+    alpha = rank, so scale 1 applies the adapter as trained)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
+
+
+def trained_state(model: torch.nn.Module, args) -> dict[str, torch.Tensor]:
+    """What the stage trains, checkpoints and averages: the whole state, or a LoRA's weights alone."""
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if "lora_" in k} if args.lora_rank else state
 
 
 def transformer_lr(args, step: int) -> float:
@@ -75,20 +94,23 @@ def _train(args, device, work: Path, expert: str | None) -> None:
                 grown[:, : value.shape[1]] = value
                 state[key] = grown
         model.load_state_dict(state)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.lora_rank:  # only the adapter trains; the checkpoints and the EMA hold its weights alone
+        add_lora(model, args.lora_rank)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = {k: v.detach().clone() for k, v in trained_state(model, args).items()}
     step = 0
     ckpt_path = work / f"{name}_ckpt.pt"
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"], strict=not args.lora_rank)
         opt.load_state_dict(ckpt["opt"])
         ema = ckpt["ema"]
         step = ckpt["step"]
     gen = torch.Generator().manual_seed(args.seed + step)
     noise_gen = torch.Generator(device).manual_seed(args.seed + 1 + step)  # noise is drawn where it is used
-    params = [v for v in model.state_dict().values() if v.dtype.is_floating_point]
-    ema_params = [ema[k] for k, v in model.state_dict().items() if v.dtype.is_floating_point]
+    params = [v for v in trained_state(model, args).values() if v.dtype.is_floating_point]
+    ema_params = [ema[k] for k, v in trained_state(model, args).items() if v.dtype.is_floating_point]
     total = args.steps + args.steps2
     bar = tqdm(total=total, initial=step, desc=name, dynamic_ncols=True)
     model.train()
@@ -132,7 +154,7 @@ def _train(args, device, work: Path, expert: str | None) -> None:
             loss = ((pred.float() - target) ** 2 * frame_weight).mean() / frame_weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
@@ -143,6 +165,6 @@ def _train(args, device, work: Path, expert: str | None) -> None:
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.1e}")
         if step % args.ckpt_every == 0 or step == total:
-            save_checkpoint(ckpt_path, model=model.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
+            save_checkpoint(ckpt_path, model=trained_state(model, args), opt=opt.state_dict(), ema=ema, step=step)
     bar.close()
     save_checkpoint(final, model=ema)
