@@ -17,6 +17,8 @@ from typing import Any
 
 from videocache.weights import LORA_ATTR
 
+from .reference import REFERENCE_LORA_ROOT
+
 ADAPTER = "videocache_lora"
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 
@@ -39,14 +41,18 @@ class LoraSpec:
 
     @property
     def file(self) -> Path:
-        """The .safetensors file: PATH itself, or the folder's pytorch_lora_weights.safetensors, or its only one."""
+        """The .safetensors file: PATH itself, or the folder's pytorch_lora_weights.safetensors, or its only one;
+        a name that is no path is one of the shipped reference LoRAs (pipelines/reference/loras/NAME)."""
         path = Path(self.path).expanduser()
+        if not path.exists() and (REFERENCE_LORA_ROOT / self.path).is_dir():
+            path = REFERENCE_LORA_ROOT / self.path
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise LoraError(f"--lora {self.path}: not a .safetensors file")
             return path
         if not path.is_dir():
-            raise LoraError(f"--lora {self.path}: no such file or folder")
+            shipped = ", ".join(sorted(p.name for p in REFERENCE_LORA_ROOT.glob("*") if p.is_dir()))
+            raise LoraError(f"--lora {self.path}: no such file or folder" + (f" (shipped: {shipped})" if shipped else ""))
         if (path / WEIGHT_NAME).is_file():
             return path / WEIGHT_NAME
         found = sorted(path.glob("*.safetensors"))

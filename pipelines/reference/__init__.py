@@ -10,6 +10,9 @@ REFERENCE_WAN22_DIR = REFERENCE_ROOT / "reference-wan22"  # two experts fine-tun
 REFERENCE_WAN22_I2V_DIR = REFERENCE_ROOT / "reference-wan22-i2v"  # its image-to-video fine-tune (Wan2.2 I2V A14B's)
 REFERENCE_HUNYUAN_DIR = REFERENCE_ROOT / "reference-hunyuan"
 REFERENCE_OPENSORA_DIR = REFERENCE_ROOT / "reference-opensora"
+# LoRAs of the references, trained by the same script (--lora-rank), each a folder in diffusers' LoRA format
+# that `--lora NAME` finds by name: reference-wan-diagonal (reference-wan's shapes move diagonally)
+REFERENCE_LORA_ROOT = REFERENCE_ROOT / "loras"
 
 
 def is_reference(source: str | Path) -> bool:

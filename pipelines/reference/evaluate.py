@@ -191,7 +191,8 @@ def main() -> None:
                               motion=args.motion)
     result = {
         "model": args.model,
-        **({"lora": lora.record(), "motion": args.motion} if lora else {}),
+        **({"lora": lora.record()} if lora else {}),
+        "motion": args.motion,
         "held_out_prompts": report.prompts,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -228,7 +229,8 @@ def main() -> None:
             f"({report.prompts} held-out prompts, {args.steps} steps, CFG "
             f"{args.guidance_scale:g})\n\n`python -m videocache.pipelines.reference.evaluate --model {args.model}"
             + (f" --lora {args.lora}" + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale is not None else "")
-               + f" --motion {args.motion}" if lora else "")
+               if lora else "")
+            + (f" --motion {args.motion}" if args.motion != "straight" else "")
             + (f" --guidance-scale {args.guidance_scale:g}" if args.guidance_scale != 5.0 else "")
             + (f" --vae-weights {args.vae_weights}" if args.vae_weights else "")
             + f" --out {args.out}`\n\n"
