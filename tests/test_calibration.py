@@ -197,13 +197,21 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     """Every phase's transformer calls, in generations: the recording is one per prompt, the sensitivity one
     reference and one perturbed run per step and per (component, step); --quick runs the schedule stage only,
     perturbs a few steps and measures candidates on one prompt."""
-    from videocache.eval_vbench.calibration.runs import calibrate, quick_plan, quick_sensitivity_steps
+    from videocache.eval_vbench.calibration.runs import (
+        calibrate,
+        perturbation_cost,
+        quick_plan,
+        quick_sensitivity_steps,
+    )
 
-    assert quick_sensitivity_steps(25) == [1, 2, 4, 7, 11, 14, 18, 21, 23, 24]
-    fitted = quick_plan(25, 4, 3, 3, max_generations=15)  # 4 recorded + 1 + 3 components + 3 measured leave 4
-    assert fitted.sensitivity_steps == (1, 7, 18, 24) and fitted.generations(4, 3, 3) == 15
-    with pytest.raises(ValueError, match="needs at least 15 generations"):
-        quick_plan(25, 4, 3, 3, max_generations=14)
+    assert quick_sensitivity_steps(25, 10) == [1, 2, 4, 7, 11, 14, 18, 21, 23, 24]
+    # a perturbation at step t of 25 replays the steps before t - 1: it costs (26 - t) / 25 generations
+    assert perturbation_cost(25, [1, 24]) == pytest.approx(1.0 + 0.08)
+    assert quick_plan(25, 4, 3, 3).sensitivity_steps == tuple(range(1, 25))  # every step: 12.96 generations
+    fitted = quick_plan(25, 4, 3, 3, max_generations=15)  # 4 recorded + 1 + 3 x 0.64 components + 3 measured
+    assert len(fitted.sensitivity_steps) == 9 and fitted.generations(4, 3, 3) <= 15
+    with pytest.raises(ValueError, match="needs at least 13 generations"):
+        quick_plan(25, 4, 3, 3, max_generations=11)
 
     quiet = dict(fgbg_prompts=0, measure_top=1, log=lambda message: None, progress=False)
     _, full = calibrate(pipe, "full", PROMPTS, [0.6, 0.4], SETTINGS, **quiet)
@@ -211,9 +219,11 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     steps, components = SETTINGS.steps, 3
     full_counts, quick_counts = full["generations"], quick["generations"]
     assert full_counts["record"] == quick_counts["record"] == len(PROMPTS)
-    assert full_counts["sensitivity"] == 1 + (steps - 1) + components * 4  # 4 component steps of 6
-    assert quick_counts["sensitivity"] == 1 + len(quick_sensitivity_steps(steps)) + components
-    assert quick_counts["total"] == quick_plan(steps, len(PROMPTS), components, 2).generations(len(PROMPTS), components, 2)
+    component_steps = sorted({round(f * (steps - 1)) for f in (0.15, 0.4, 0.65, 0.9)})
+    assert full_counts["sensitivity"] == pytest.approx(
+        1 + perturbation_cost(steps, range(1, steps)) + components * perturbation_cost(steps, component_steps), abs=0.1)
+    plan = quick_plan(steps, len(PROMPTS), components, 2)
+    assert quick_counts["total"] == pytest.approx(plan.generations(len(PROMPTS), components, 2), abs=0.1)
     assert quick_counts["search"] == 2  # one schedule per budget, measured on one prompt
     for counts in (full_counts, quick_counts):
         phases = sum(v for k, v in counts.items() if k in ("fgbg", "record", "sensitivity", "search"))
@@ -255,3 +265,35 @@ def test_correction_factors_survive_a_json_round_trip():
     assert spec.correction == {"mlp": {"0-3": {3: 1.02, 5: 0.99}}}
     with pytest.raises(vc.ProfileError, match=r"factors in \(0, 4\)"):
         preset_from_dict("p", {**raw, "correction": {"mlp": {0: {3: 9.0}}}}, steps=8)
+
+
+def test_perturbation_runs_replay_the_reference_prefix_bit_for_bit(pipe):
+    """A perturbation run hands back the reference generation's outputs up to the step before the one it
+    perturbs instead of running them: the final latent is the one a run computing every step gives."""
+    from videocache.eval_vbench.calibration.replay import PrefixReplay
+    from videocache.eval_vbench.calibration.runs import (
+        GenerationCount,
+        _latent,
+        _perturbed_error,
+        model_layout,
+    )
+
+    layout = model_layout(pipe)
+    replay = PrefixReplay(pipe, SETTINGS.steps)
+    with torch.no_grad():
+        with replay.recording():
+            reference = _latent(pipe, PROMPTS[0], SETTINGS)
+        assert replay.calls_per_step == 2  # the two CFG branches
+        cells = np.zeros((SETTINGS.steps, layout.num_blocks, layout.width), dtype=bool)
+        cells[4] = layout.present
+        count = GenerationCount(pipe)
+        try:
+            replayed = _perturbed_error(pipe, PROMPTS[0], SETTINGS, reference, cells, replay)
+            count.discount(replay.replayed)
+            calls = count.calls
+            computed = _perturbed_error(pipe, PROMPTS[0], SETTINGS, reference, cells, PrefixReplay(pipe, SETTINGS.steps))
+        finally:
+            count.close()
+    assert replayed == computed > 0  # bit-identical
+    assert replay.replayed == 3 * 2 and calls == (SETTINGS.steps - 3) * 2  # steps 0-2 replayed, 3-5 computed
+    assert "PrefixReplay" not in getattr(pipe.transformer.forward, "__qualname__", "")  # no replayer left behind

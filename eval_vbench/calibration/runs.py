@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,16 +54,19 @@ from videocache.table import CacheTable
 from videocache.weights import loaded_lora
 
 from ..metrics.fidelity import psnr, ssim
+from .replay import PrefixReplay
 
 STAGES = ("static", "+fgbg", "+eb", "+correction", "+forecast", "+schedule")
 SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tries (per-block overfits)
 # --quick: only the compute-step schedule with every component on the same steps (the stage and granularity
 # every shipped calibration chose at every budget; measured on one prompt, the per-component schedule won once
 # and was 11 dB worse on held-out prompts), so nothing is chosen by measurement: each preset is measured once, on
-# one prompt, for the report. Step sensitivities are perturbed at 10 steps and interpolated (denser at both ends,
-# where they rise; at 6, reference-wan's fast lost 2 dB, at 10 it matched the full calibration).
-# --max-generations fits the perturbed steps (at least 4).
-QUICK_SENSITIVITY_STEPS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS = 10, 4, 1
+# one prompt, for the report. Each perturbation run replays the reference generation up to the step before the one
+# it perturbs (calibration.replay), so perturbing step t of T costs (T - t + 1) / T generations: by default quick
+# perturbs the Chebyshev-spaced steps (denser at both ends, where sensitivities rise) that cost at most
+# QUICK_STEP_GENERATIONS, every step at 25 (12.96), as the full calibration does, and interpolates the others; the
+# components at one step. --max-generations fits the steps (at least 4) in what the rest leaves.
+QUICK_STEP_GENERATIONS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS, QUICK_COMPONENT_FRACTION = 13.0, 4, 1, 0.4
 QUICK_GRANULARITIES = ("aligned",)
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
@@ -128,6 +132,10 @@ class GenerationCount:
 
     def _count(self, module, args) -> None:
         self.calls += 1
+
+    def discount(self, calls: int) -> None:
+        """Take back calls that ran no model (replayed: calibration.replay)."""
+        self.calls -= calls
 
     def phase(self, name: str) -> None:
         """Close the calls since the last phase under `name` (added to it if it ran before)."""
@@ -215,36 +223,62 @@ def _latent(pipe, prompt: str, s: CalibrationSettings) -> torch.Tensor:
     return pipe(prompt=prompt, generator=generator, output_type="latent", **s.call(prompt)).frames.float()
 
 
-def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch.Tensor, cells: np.ndarray) -> float:
+def _perturbed_error(pipe, prompt: str, s: CalibrationSettings, reference: torch.Tensor, cells: np.ndarray,
+                     replay: PrefixReplay) -> float:
     """Relative error of the final latent when the `cells` (steps, blocks, components) bool mask reuse the
-    previous step's output and everything else is computed."""
+    previous step's output and everything else is computed; the steps before the one whose outputs the first
+    reuse reads are the reference generation's (`replay`: recorded, not run again)."""
     actions = np.where(cells, int(videocache.Action.REUSE), int(videocache.Action.COMPUTE)).astype(np.int8)
+    first = int(np.flatnonzero(cells.any(axis=(1, 2)))[0])
     videocache.apply(pipe, table=CacheTable(actions, layout=model_layout(pipe)), trace=False)
     try:
-        latent = _latent(pipe, prompt, s)
+        with replay.replaying(max(first - 1, 0)):
+            latent = _latent(pipe, prompt, s)
     finally:
         videocache.remove(pipe)
     return float((latent - reference).norm() / reference.norm())
 
 
-def quick_sensitivity_steps(steps: int, count: int = QUICK_SENSITIVITY_STEPS) -> list[int]:
-    """The steps --quick perturbs: `count` of 1..steps-1, Chebyshev-spaced (denser at both ends, where a
-    one-step error is amplified most: the first steps and the last few before the final one)."""
+def perturbation_cost(steps: int, perturbed: Sequence[int]) -> float:
+    """Generations of the perturbation runs at `perturbed` steps: each computes from the step before it on."""
+    return sum((steps - t + 1) / steps for t in perturbed)
+
+
+def quick_sensitivity_steps(steps: int, count: int) -> list[int]:
+    """`count` of the steps 1..steps-1, Chebyshev-spaced (denser at both ends, where a one-step error is amplified
+    most: the first steps and the last few before the final one)."""
     count = min(count, steps - 1)
     x = (1 - np.cos(np.pi * np.arange(count) / max(count - 1, 1))) / 2
     return sorted({int(round(1 + (steps - 2) * v)) for v in x})
 
 
+def quick_steps_within(steps: int, generations: float) -> list[int]:
+    """The most Chebyshev-spaced steps whose perturbation runs cost at most `generations` (every one of
+    1..steps-1 where they fit)."""
+    every = list(range(1, steps))
+    for count in range(steps - 1, 0, -1):
+        chosen = every if count == steps - 1 else quick_sensitivity_steps(steps, count)
+        if perturbation_cost(steps, chosen) <= generations + 1e-9:
+            return chosen
+    return []
+
+
 @dataclass(frozen=True)
 class QuickPlan:
+    steps: int  # of the calibration's runs
     sensitivity_steps: tuple[int, ...]  # the steps perturbed (the others interpolated); none: reused
     measure_prompts: int  # prompts each preset's schedule is measured on
     reused: tuple[np.ndarray, np.ndarray] | None = None  # (step, component) sensitivities of another calibration
 
-    def generations(self, prompts: int, components: int, presets: int) -> int:
-        """What it runs: the recording, the sensitivity's reference and perturbed runs (none when reused), the
-        measurements (PSNR targets add their bisection's probes)."""
-        sensitivity = 0 if self.reused is not None else 1 + len(self.sensitivity_steps) + components
+    @property
+    def component_step(self) -> int:
+        return round(QUICK_COMPONENT_FRACTION * (self.steps - 1))
+
+    def generations(self, prompts: int, components: int, presets: int) -> float:
+        """What it runs: the recording, the sensitivity's reference and replayed perturbation runs (none when
+        reused), the measurements (PSNR targets add their bisection's probes)."""
+        sensitivity = 0.0 if self.reused is not None else 1 + perturbation_cost(self.steps, self.sensitivity_steps) \
+            + components * perturbation_cost(self.steps, [self.component_step])
         return prompts + sensitivity + self.measure_prompts * presets
 
 
@@ -261,21 +295,25 @@ def reused_sensitivities(report: dict, steps: int, names: Sequence[str], source:
 
 
 def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None) -> QuickPlan:
-    """--quick's runs: QUICK_SENSITIVITY_STEPS perturbed steps, or within `max_generations` as many as fit.
-    ValueError: not even QUICK_MIN_STEPS fit."""
-    fit = QUICK_SENSITIVITY_STEPS if max_generations is None else \
-        max_generations - (prompts + 1 + components + QUICK_MEASURE_PROMPTS * presets)
-    if fit < min(QUICK_MIN_STEPS, steps - 1):
-        least = QuickPlan(tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)), QUICK_MEASURE_PROMPTS)
+    """--quick's runs: the perturbed steps that QUICK_STEP_GENERATIONS buys, or within `max_generations` as many as
+    fit. ValueError: not even QUICK_MIN_STEPS fit."""
+    plan = QuickPlan(steps, (), QUICK_MEASURE_PROMPTS)
+    budget = QUICK_STEP_GENERATIONS if max_generations is None else \
+        max_generations - plan.generations(prompts, components, presets)
+    chosen = quick_steps_within(steps, budget)
+    if len(chosen) < min(QUICK_MIN_STEPS, steps - 1):
+        least = dataclasses.replace(plan, sensitivity_steps=tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)))
         raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from "
-                         f"{prompts} prompts needs at least {least.generations(prompts, components, presets)} "
+                         f"{prompts} prompts needs at least {math.ceil(least.generations(prompts, components, presets))} "
                          "generations here")
-    return QuickPlan(tuple(quick_sensitivity_steps(steps, fit)), QUICK_MEASURE_PROMPTS)
+    return dataclasses.replace(plan, sensitivity_steps=tuple(chosen))
 
 
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
-                progress: bool = True, steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """How much the rest of sampling amplifies a one-step feature error, measured by perturbation.
+                replay: PrefixReplay, progress: bool = True,
+                steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """How much the rest of sampling amplifies a one-step feature error, measured by perturbation (each run
+    replays the reference generation up to the step before the one it perturbs: `replay`).
 
     Per step t: the final latent's relative error when every component reuses its step t-1 output at t,
     divided by the proxy error of that reuse (`proxy`: (steps, component names)); `steps`: perturb only these
@@ -289,7 +327,8 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
     jobs = [(t, None) for t in perturbed] + [(t, c) for c in range(len(names)) for t in component_steps]
     step_w, comp_w = np.zeros(s.steps), np.zeros(len(names))
     with torch.no_grad():
-        reference = _latent(pipe, prompt, s)
+        with replay.recording():
+            reference = _latent(pipe, prompt, s)
         for t, c in tqdm(jobs, desc="sensitivity", disable=not progress, dynamic_ncols=True):
             cells = np.zeros(shape, dtype=bool)
             if c is None:
@@ -297,7 +336,7 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
             else:
                 for blocks, i in layout.cells_of(names[c]):
                     cells[t, blocks, i] = True
-            error = _perturbed_error(pipe, prompt, s, reference, cells)
+            error = _perturbed_error(pipe, prompt, s, reference, cells, replay)
             if c is None:
                 step_w[t] = error / max(float(proxy[t].sum()), 1e-12)
             else:
@@ -392,7 +431,7 @@ def calibrate(
     if sensitivity_report is not None:
         reused = reused_sensitivities(sensitivity_report[1], settings.steps, model_layout(pipe).names,
                                       sensitivity_report[0])
-        plan = QuickPlan((), QUICK_MEASURE_PROMPTS, reused)
+        plan = QuickPlan(settings.steps, (), QUICK_MEASURE_PROMPTS, reused)
     elif quick or max_generations is not None:
         components = len(model_layout(pipe).names)
         plan = quick_plan(settings.steps, len(prompts), components, len(budgets) + len(targets), max_generations)
@@ -420,7 +459,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         planned = quick.generations(len(prompts), len(model_layout(pipe).names), len(budgets) + len(targets))
         where = "reused" if quick.reused is not None else f"at {len(quick.sensitivity_steps)} steps"
         log(f"quick: the compute-step schedule only ({', '.join(QUICK_GRANULARITIES)}), step sensitivities {where}, "
-            f"measured on {quick.measure_prompts} prompt(s), no fg/bg profile: {planned} generations"
+            f"measured on {quick.measure_prompts} prompt(s), no fg/bg profile: {planned:.1f} generations"
             + (" and the targets' probes" if targets else ""))
         fgbg_prompts = 0
     if len(experts_of(pipe)) > 1 and fgbg is None and fgbg_prompts > 0:
@@ -441,11 +480,14 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.per_generation = count.phases["record"] / len(prompts)
     layout = model_layout(pipe)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
-    fractions, perturbed = ((0.4,), quick.sensitivity_steps) if quick else ((0.15, 0.4, 0.65, 0.9), None)
+    fractions, perturbed = ((QUICK_COMPONENT_FRACTION,), quick.sensitivity_steps) if quick else \
+        ((0.15, QUICK_COMPONENT_FRACTION, 0.65, 0.9), None)
     component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
+    replay = PrefixReplay(pipe, settings.steps)
     sensitivities = [quick.reused] if quick and quick.reused is not None else [
-        sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, progress, perturbed)
+        sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, replay, progress, perturbed)
         for i in range(sensitivity_prompts)]
+    count.discount(replay.replayed)  # handed back from the reference runs: no model ran
     count.phase("sensitivity")
     stages_run = ("+schedule",) if quick else STAGES
     granularities = QUICK_GRANULARITIES if quick else SCHEDULE_GRANULARITIES
