@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sensitivity-from", default=None, metavar="PROFILE",
                    help="the quick calibration reuses PROFILE's sensitivities (as for a fine-tune of its model): "
                         "written as quick-from-PROFILE.yaml and MODEL-from-PROFILE.md")
+    p.add_argument("--max-generations", type=int, default=None, metavar="N",
+                   help="give the quick calibration N generations instead of a tenth of the full one's: written as "
+                        "quick-N.yaml and MODEL-N.md")
     args = p.parse_args(argv)
     quick = "quick" if args.sensitivity_from is None else f"quick-from-{args.sensitivity_from}"
+    if args.max_generations is not None:
+        quick += f"-{args.max_generations}"
 
     folder = Path(args.out) / args.model
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration_frames = write_first_frames(calibration_captions(), folder / "calibration_frames") \
         if image_to_video else None
     reports = {"full": calibrate(args.model, folder / "full.yaml", None, calibration_frames)}
-    allowed = int(reports["full"]["generations"]["total"] * GENERATION_SHARE)  # the quick one gets a tenth
+    allowed = args.max_generations or int(reports["full"]["generations"]["total"] * GENERATION_SHARE)  # a tenth
     reports["quick"] = calibrate(args.model, folder / f"{quick}.yaml", allowed, calibration_frames,
                                  () if args.sensitivity_from is None else ("--sensitivity-from", args.sensitivity_from))
     prompts = folder / "prompts.txt"
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"{p['quick']['computed_fraction']:.3f}, {p['quick']['psnr']:.2f} dB",
                                f"{p['quick_minus_full_db']:+.2f} dB", "yes" if p["holds"] else "no")
                               for p in presets], "lrrrl")]
-    publish(Path(args.out) / (args.model if args.sensitivity_from is None else f"{args.model}-from-{args.sensitivity_from}"),
-            result, lines)
+    name = args.model if args.sensitivity_from is None else f"{args.model}-from-{args.sensitivity_from}"
+    publish(Path(args.out) / (name if args.max_generations is None else f"{name}-{args.max_generations}"), result, lines)
     return 0
 
 
