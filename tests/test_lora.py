@@ -205,3 +205,19 @@ def test_the_shipped_lora_is_small_loads_with_diffusers_alone_and_moves_the_shap
     assert motions() == [(True, False)] * 3  # every held-out shape turned 45 degrees
     pipe.unload_lora_weights()
     assert motions() == [(False, True)] * 3  # the base moves them as prompted
+
+
+def test_compare_runs_every_method_on_the_lora_model(tmp_path, lora_dir):
+    """`videocache compare --lora`: the workers fuse the LoRA before any method runs; the report records it."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left on a black background\n")
+    code = cli_main(["compare", "--lora", str(lora_dir), "--lora-scale", "0.5", "--prompts", str(prompts),
+                     "--methods", "videocache:reference-wan:full", "--steps", "10", "--out", str(tmp_path / "cmp"),
+                     "--no-progress", "--device", "cpu"])
+    assert code == 0
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert (report["settings"]["lora"], report["settings"]["lora_scale"]) == (str(lora_dir), 0.5)
+    (full,) = [m for m in report["methods"] if m["method"] == "videocache:reference-wan:full"]
+    assert float(full["psnr"]) == float("inf")  # computes everything: bit-identical to the LoRA model's own video
+    logs = "".join(f.read_text() for f in (tmp_path / "cmp" / "logs").glob("*.log"))
+    assert f"this pipeline runs LoRA {lora_dir.name} at scale 0.5" in logs  # the worker's model has it fused
