@@ -78,6 +78,11 @@ def lora_spec(path: str | None, scale: float | None) -> LoraSpec | None:
     return LoraSpec(path, 1.0 if scale is None else scale)
 
 
+def run_settings_fields(spec: LoraSpec | None) -> dict[str, Any]:
+    """The RunSettings fields of a comparison or evaluation run on this LoRA (none without one)."""
+    return {} if spec is None else {"lora": spec.path, "lora_scale": spec.scale}
+
+
 def load_lora(pipe: Any, spec: LoraSpec) -> None:
     """Load `spec` through the pipeline's diffusers LoRA loader, fuse it at its scale and unload the adapter."""
     cls = type(pipe).__name__

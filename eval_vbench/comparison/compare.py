@@ -32,7 +32,7 @@ from videocache.pipelines.generation import (
     read_prompts,
     source_takes_image,
 )
-from videocache.pipelines.lora import add_lora_arguments, lora_spec
+from videocache.pipelines.lora import add_lora_arguments, lora_spec, run_settings_fields
 
 from ..peers import VALID_FORMS, Method, parse_methods
 from .run_store import Item, RunSettings, RunStore, method_slug
@@ -445,8 +445,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         repeats=args.repeats,
         fps=defaults.fps,
         attention_backend=backend,
-        lora=None if lora is None else lora.path,
-        lora_scale=1.0 if lora is None else lora.scale,
+        **run_settings_fields(lora),
         ulysses=degrees.ulysses,
         ring=degrees.ring,
         cfg=degrees.cfg,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from videocache.pipelines.lora import add_lora_arguments, lora_spec
+from videocache.pipelines.lora import add_lora_arguments, lora_spec, run_settings_fields
 
 from ..comparison.compare import CompareConfig, CompareResult, run_compare
 from ..comparison.run_store import Item, RunSettings, RunStore, method_slug, read_json, write_json
@@ -540,7 +540,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         width=args.width or d.width,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else d.guidance_scale,
         negative_prompt=args.negative_prompt, device=args.device, dtype=args.dtype, fps=d.fps, repeats=args.repeats,
-        lora=None if lora is None else lora.path, lora_scale=1.0 if lora is None else lora.scale,
+        **run_settings_fields(lora),
     )
     for method in methods:  # a profile that does not cover the step count fails before anything runs
         if getattr(method, "profile", None):
