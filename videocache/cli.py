@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from videocache.pipelines.lora import add_lora_arguments
+
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
@@ -30,12 +32,6 @@ ATTENTION_BACKEND_HELP = (
 
 def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, metavar="NAME", help=ATTENTION_BACKEND_HELP)
-
-
-def add_lora_arguments(p: argparse.ArgumentParser) -> None:
-    from videocache.pipelines.lora import add_lora_arguments as add
-
-    add(p)
 
 
 def weights_dtype(name: str | None, model: str, device: str) -> Any:
@@ -122,6 +118,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     )
     from videocache.pipelines.lora import lora_spec
     from videocache.video_io import write_video
+    from videocache.weights import loaded_lora
 
     image = getattr(args, "image", None)
     if image is not None and not Path(image).is_file():
@@ -158,7 +155,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         defaults = defaults_of(pipe, source)
         video = video_settings(args, defaults)
     extra: dict[str, Any] = {"model": args.model, "profile": None, "preset": None,
-                             "attention_backend": attention_backend_of(pipe), "lora": lora and lora.record()}
+                             "attention_backend": attention_backend_of(pipe), "lora": loaded_lora(pipe)}
     engine = None
     if args.profile != "none":
         import videocache
@@ -298,7 +295,8 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
                         "videos of the calibration prompts; repeat for several (named after the budgets' presets)")
     p.add_argument("--quick", action="store_true",
                    help="about a tenth of the generations: the compute-step schedule only (every component on the "
-                        "same steps), coarser sensitivities, measured on one prompt, no fg/bg profile, no run-time guard")
+                        "same steps), sensitivities at the steps its generations pay for (every one at 25 steps), each preset measured on "
+                        "one prompt, no fg/bg profile, no run-time guard")
     p.add_argument("--sensitivity-from", default=None, metavar="PROFILE",
                    help="--quick with the step and component sensitivities of PROFILE's calibration report (a base "
                         "model's, for its LoRA or fine-tune): no sensitivity runs at all")

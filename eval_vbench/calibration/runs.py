@@ -424,7 +424,7 @@ def calibrate(
     budgets: [{budget, stages: [...], chosen}], seconds}. A preset per computed-fraction budget, then one per PSNR
     target (`targets`, dB on the calibration prompts: the lowest budget that reaches it; its report entry adds
     target_psnr, the probes and whether it was reached). `quick`: about a tenth of the generations (see
-    QUICK_SENSITIVITY_STEPS), within `max_generations` where given, or with no sensitivity runs at all where
+    QUICK_STEP_GENERATIONS), within `max_generations` where given, or with no sensitivity runs at all where
     `sensitivity_report` (name, report) gives another calibration's; the report counts the generations of every
     phase either way."""
     plan = None
@@ -480,9 +480,9 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.per_generation = count.phases["record"] / len(prompts)
     layout = model_layout(pipe)
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
-    fractions, perturbed = ((QUICK_COMPONENT_FRACTION,), quick.sensitivity_steps) if quick else \
-        ((0.15, QUICK_COMPONENT_FRACTION, 0.65, 0.9), None)
-    component_steps = sorted({round(f * (settings.steps - 1)) for f in fractions})
+    perturbed = quick.sensitivity_steps if quick else None
+    component_steps = [quick.component_step] if quick else \
+        sorted({round(f * (settings.steps - 1)) for f in (0.15, QUICK_COMPONENT_FRACTION, 0.65, 0.9)})
     replay = PrefixReplay(pipe, settings.steps)
     sensitivities = [quick.reused] if quick and quick.reused is not None else [
         sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, replay, progress, perturbed)

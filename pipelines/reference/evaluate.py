@@ -165,6 +165,8 @@ def expert_divergence(pipe, captions: Sequence[Caption], steps: int = 25, guidan
 def main() -> None:
     from pathlib import Path
 
+    from videocache.weights import loaded_lora
+
     from ..loader import load_pipeline
     from ..lora import add_lora_arguments, lora_spec
 
@@ -191,7 +193,7 @@ def main() -> None:
                               motion=args.motion)
     result = {
         "model": args.model,
-        **({"lora": lora.record()} if lora else {}),
+        **({"lora": loaded_lora(pipe)} if lora else {}),
         "motion": args.motion,
         "held_out_prompts": report.prompts,
         "steps": args.steps,
