@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
 from benchmarks.common import command, held_out_prompts, markdown_table, publish  # noqa: E402
 
@@ -42,6 +44,23 @@ def calibrate(model: str, out: Path, max_generations: int | None, images: Path |
         if videocache_main(argv) != 0:
             raise SystemExit(f"videocache profile failed for {out}")
     return json.loads(out.with_suffix(".json").read_text())
+
+
+def interpolation_error(quick: dict, full: dict) -> dict:
+    """How well the quick calibration's step sensitivities at the steps it did not perturb (interpolated, or
+    another calibration's) match the full calibration's, measured at every step: relative error after scaling
+    the quick weights onto the full ones where both measured (normalisation aside, those are the same runs)."""
+    q, f = np.asarray(quick["step_sensitivity"]), np.asarray(full["step_sensitivity"])
+    measured = [t for t in quick["perturbed_steps"] if f[t] > 0]
+    predicted = [t for t in range(1, len(f)) if t not in quick["perturbed_steps"] and f[t] > 0]
+    on = measured or predicted
+    q = q * f[on].sum() / q[on].sum()
+    error = np.abs(q[predicted] - f[predicted]) / f[predicted] if predicted else np.zeros(0)
+    worst = int(np.argmax(error)) if predicted else None
+    return {"perturbed": len(quick["perturbed_steps"]), "predicted": len(predicted),
+            "median_relative_error": round(float(np.median(error)), 3) if predicted else None,
+            "max_relative_error": round(float(error[worst]), 3) if predicted else None,
+            "max_at_step": predicted[worst] if predicted else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             and fast["computed_fraction"] <= full["computed_fraction"] + 1e-9,
         })
     share = generations["quick"]["total"] / generations["full"]["total"]
+    sensitivities = interpolation_error(reports["quick"], reports["full"])
     result = {"command": command(__file__, argv), "model": args.model, "prompts": args.prompts_count,
-              "generations": generations, "generation_share": round(share, 4),
+              "generations": generations, "generation_share": round(share, 4), "step_sensitivity": sensitivities,
               "seconds": {kind: reports[kind]["seconds"] for kind in reports},
               "within_db": WITHIN_DB, "presets": presets,
               "holds": all(p["holds"] for p in presets) and share <= GENERATION_SHARE}
@@ -112,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                              [(kind, *(f"{generations[kind].get(ph, 0):g}" for ph in phases),
                                f"{result['seconds'][kind]:.0f}") for kind in ("full", "quick")], "lrrrrrrr"),
              "", f"Generations: quick / full = {share:.3f} (bar: {GENERATION_SHARE:g}).", "",
+             f"Step sensitivities: quick perturbed {sensitivities['perturbed']} steps and predicted "
+             f"{sensitivities['predicted']}"
+             + ("." if not sensitivities["predicted"] else
+                f"; against the full calibration's measured ones the predicted weights are off by "
+                f"{100 * sensitivities['median_relative_error']:.0f} % (median), at most "
+                f"{100 * sensitivities['max_relative_error']:.0f} % (step {sensitivities['max_at_step']})."), "",
              *markdown_table(("preset", "full: computed, PSNR", "quick: computed, PSNR", "quick - full", "holds"),
                              [(p["preset"], f"{p['full']['computed_fraction']:.3f}, {p['full']['psnr']:.2f} dB",
                                f"{p['quick']['computed_fraction']:.3f}, {p['quick']['psnr']:.2f} dB",

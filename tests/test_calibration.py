@@ -209,7 +209,12 @@ def test_calibration_counts_its_generations_and_quick_runs_a_fraction_of_them(pi
     assert perturbation_cost(25, [1, 24]) == pytest.approx(1.0 + 0.08)
     assert quick_plan(25, 4, 3, 3).sensitivity_steps == tuple(range(1, 25))  # every step: 12.96 generations
     fitted = quick_plan(25, 4, 3, 3, max_generations=15)  # 4 recorded + 1 + 3 x 0.64 components + 3 measured
-    assert len(fitted.sensitivity_steps) == 9 and fitted.generations(4, 3, 3) <= 15
+    # 9 Chebyshev-spaced steps, and what is left buys step 22, the cheapest not yet perturbed
+    assert fitted.sensitivity_steps == (1, 2, 4, 8, 12, 17, 21, 22, 23, 24) and fitted.generations(4, 3, 3) <= 15
+    # two experts switching at step 8: the switch cannot reuse (never perturbed), the step after it always is
+    experts = quick_plan(25, 4, 3, 3, max_generations=16, spans=[(0, 8), (8, 25)])
+    assert 8 not in experts.sensitivity_steps and 9 in experts.sensitivity_steps
+    assert experts.generations(4, 3, 3) <= 16 < experts.generations(4, 3, 3) + (25 - 20 + 1) / 25  # the rest filled
     with pytest.raises(ValueError, match="needs at least 13 generations"):
         quick_plan(25, 4, 3, 3, max_generations=11)
 

@@ -205,6 +205,42 @@ def test_calibration_spends_one_budget_across_the_experts_and_predicts_what_they
         vc.remove(pipe)
 
 
+def test_quick_calibration_knows_the_switch_step_and_interpolates_within_each_expert(pipe):
+    """--quick on two experts: the switch step is never perturbed (an expert's first step cannot reuse, so it
+    weighs 0, as the full calibration's perturbation run there measures), quick perturbing every other step
+    finds the full calibration's sensitivities, and interpolation does not reach across the switch."""
+    from videocache.calibrate import step_proxy_errors
+    from videocache.eval_vbench.calibration.replay import PrefixReplay
+    from videocache.eval_vbench.calibration.runs import (
+        CalibrationSettings,
+        calibrate,
+        expert_spans,
+        model_layout,
+        record,
+        sensitivity,
+    )
+
+    settings = CalibrationSettings(steps=8, frames=5, height=32, width=32, guidance_scale=5.0)
+    prompts = ["a red circle moving left on a black background"]
+    spans = expert_spans(pipe, settings.steps)
+    switch, last = spans[1][0], settings.steps - 1
+    quiet = dict(preset_names=["fast"], measure_top=1, log=lambda _: None, progress=False)
+    _, full = calibrate(pipe, "full", prompts, [0.6], settings, **quiet)
+    _, quick = calibrate(pipe, "quick", prompts, [0.6], settings, quick=True, **quiet)
+    assert full["step_sensitivity"][switch] == quick["step_sensitivity"][switch] == 0
+    assert quick["step_sensitivity"] == pytest.approx(full["step_sensitivity"], abs=1e-3)
+    assert quick["generations"]["sensitivity"] < full["generations"]["sensitivity"]  # the switch step not run
+
+    proxy = step_proxy_errors(record(pipe, prompts, settings, progress=False).grams, model_layout(pipe))[0]
+    step_w, _ = sensitivity(pipe, prompts[0], settings, proxy, [switch + 1], PrefixReplay(pipe, settings.steps),
+                            False, steps=[1, switch - 1, switch + 1, last], spans=spans)
+    every = np.asarray(full["step_sensitivity"])
+    assert step_w[switch] == 0
+    # the low-noise expert's steps: between its own measured steps, not from the high-noise expert's last one
+    between = np.interp(range(switch + 1, last + 1), [switch + 1, last], every[[switch + 1, last]])
+    assert step_w[switch + 1:] / step_w[switch + 1] == pytest.approx(between / every[switch + 1], rel=1e-3)
+
+
 def test_peers_run_on_every_expert_and_the_measured_fraction_counts_both(pipe):
     """The comparison's peers: diffusers' MagCache calibrated per expert over its own steps (it counts the calls
     it sees, so one list for the whole run would hand the low-noise expert the first steps' ratios), and the

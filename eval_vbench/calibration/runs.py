@@ -64,8 +64,9 @@ SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tr
 # one prompt, for the report. Each perturbation run replays the reference generation up to the step before the one
 # it perturbs (calibration.replay), so perturbing step t of T costs (T - t + 1) / T generations: by default quick
 # perturbs the Chebyshev-spaced steps (denser at both ends, where sensitivities rise) that cost at most
-# QUICK_STEP_GENERATIONS, every step at 25 (12.96), as the full calibration does, and interpolates the others; the
-# components at one step. --max-generations fits the steps (at least 4) in what the rest leaves.
+# QUICK_STEP_GENERATIONS, every step at 25 (12.96), as the full calibration does, what is left on the cheapest others
+# (the last steps), and interpolates the rest within each expert's steps (a switch step weighs 0: it cannot reuse);
+# the components at one step. --max-generations fits the steps (at least 4) in what the rest leaves.
 QUICK_STEP_GENERATIONS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS, QUICK_COMPONENT_FRACTION = 13.0, 4, 1, 0.4
 QUICK_GRANULARITIES = ("aligned",)
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
@@ -252,15 +253,25 @@ def quick_sensitivity_steps(steps: int, count: int) -> list[int]:
     return sorted({int(round(1 + (steps - 2) * v)) for v in x})
 
 
-def quick_steps_within(steps: int, generations: float) -> list[int]:
+def quick_steps_within(steps: int, generations: float, spans: Sequence[tuple[int, int]] = ()) -> list[int]:
     """The most Chebyshev-spaced steps whose perturbation runs cost at most `generations` (every one of
-    1..steps-1 where they fit)."""
-    every = list(range(1, steps))
+    1..steps-1 where they fit), what is left spent on the cheapest others. With several experts (`spans`),
+    the step after each switch is always among them (interpolation stops at a switch) and the switch steps
+    themselves never are (an expert's first step cannot reuse: nothing to perturb)."""
+    starts = {start for start, _ in spans if start > 0}
+    every = [t for t in range(1, steps) if t not in starts]
+    after_switch = sorted(start + 1 for start in starts if start + 1 < steps)
     for count in range(steps - 1, 0, -1):
-        chosen = every if count == steps - 1 else quick_sensitivity_steps(steps, count)
+        chosen = every if count == steps - 1 else \
+            sorted({t for t in quick_sensitivity_steps(steps, count) if t not in starts} | set(after_switch))
         if perturbation_cost(steps, chosen) <= generations + 1e-9:
-            return chosen
-    return []
+            break
+    else:
+        return []
+    for t in reversed(every):  # what is left buys the cheapest steps not yet perturbed: the last ones
+        if t not in chosen and perturbation_cost(steps, [*chosen, t]) <= generations + 1e-9:
+            chosen = sorted([*chosen, t])
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -269,10 +280,12 @@ class QuickPlan:
     sensitivity_steps: tuple[int, ...]  # the steps perturbed (the others interpolated); none: reused
     measure_prompts: int  # prompts each preset's schedule is measured on
     reused: tuple[np.ndarray, np.ndarray] | None = None  # (step, component) sensitivities of another calibration
+    spans: tuple[tuple[int, int], ...] = ()  # each expert's (start, stop) steps where there are several
 
     @property
     def component_step(self) -> int:
-        return round(QUICK_COMPONENT_FRACTION * (self.steps - 1))
+        step = round(QUICK_COMPONENT_FRACTION * (self.steps - 1))
+        return step + 1 if any(start == step > 0 for start, _ in self.spans) else step  # a switch cannot reuse
 
     def generations(self, prompts: int, components: int, presets: int) -> float:
         """What it runs: the recording, the sensitivity's reference and replayed perturbation runs (none when
@@ -294,13 +307,14 @@ def reused_sensitivities(report: dict, steps: int, names: Sequence[str], source:
     return resampled / resampled[1:].mean(), np.array([comp[n] for n in names], dtype=float)
 
 
-def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None) -> QuickPlan:
+def quick_plan(steps: int, prompts: int, components: int, presets: int, max_generations: int | None = None,
+               spans: Sequence[tuple[int, int]] | None = None) -> QuickPlan:
     """--quick's runs: the perturbed steps that QUICK_STEP_GENERATIONS buys, or within `max_generations` as many as
-    fit. ValueError: not even QUICK_MIN_STEPS fit."""
-    plan = QuickPlan(steps, (), QUICK_MEASURE_PROMPTS)
+    fit (`spans`: each expert's steps, where there are several). ValueError: not even QUICK_MIN_STEPS fit."""
+    plan = QuickPlan(steps, (), QUICK_MEASURE_PROMPTS, spans=tuple(spans or ()))
     budget = QUICK_STEP_GENERATIONS if max_generations is None else \
         max_generations - plan.generations(prompts, components, presets)
-    chosen = quick_steps_within(steps, budget)
+    chosen = quick_steps_within(steps, budget, plan.spans)
     if len(chosen) < min(QUICK_MIN_STEPS, steps - 1):
         least = dataclasses.replace(plan, sensitivity_steps=tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)))
         raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from "
@@ -310,15 +324,16 @@ def quick_plan(steps: int, prompts: int, components: int, presets: int, max_gene
 
 
 def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, component_steps: Sequence[int],
-                replay: PrefixReplay, progress: bool = True,
-                steps: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                replay: PrefixReplay, progress: bool = True, steps: Sequence[int] | None = None,
+                spans: Sequence[tuple[int, int]] = ()) -> tuple[np.ndarray, np.ndarray]:
     """How much the rest of sampling amplifies a one-step feature error, measured by perturbation (each run
     replays the reference generation up to the step before the one it perturbs: `replay`).
 
     Per step t: the final latent's relative error when every component reuses its step t-1 output at t,
     divided by the proxy error of that reuse (`proxy`: (steps, component names)); `steps`: perturb only these
-    (>= 1) and interpolate the others. Per component name: the same with only that component reused, averaged
-    over `component_steps`. Both normalised to mean 1."""
+    (>= 1) and interpolate the others within each expert's span (`spans`; an expert's first step cannot reuse,
+    so it weighs 0, as a perturbation run there measures). Per component name: the same with only that
+    component reused, averaged over `component_steps`. Both normalised to mean 1."""
     layout = model_layout(pipe)
     shape = (s.steps, layout.num_blocks, layout.width)
     pipe.set_progress_bar_config(disable=True)
@@ -342,7 +357,10 @@ def sensitivity(pipe, prompt: str, s: CalibrationSettings, proxy: np.ndarray, co
             else:
                 comp_w[c] += error / max(float(proxy[t, c]), 1e-12) / len(component_steps)
     if steps is not None:
-        step_w[1:] = np.interp(np.arange(1, s.steps), perturbed, step_w[perturbed])
+        for start, stop in spans or [(0, s.steps)]:
+            inside = [t for t in perturbed if start < t < stop]
+            if inside:  # else the span is its first step alone
+                step_w[start + 1:stop] = np.interp(np.arange(start + 1, stop), inside, step_w[inside])
     step_w[0] = step_w[1:].max()
     return step_w / step_w[1:].mean(), comp_w / comp_w.mean()
 
@@ -434,7 +452,8 @@ def calibrate(
         plan = QuickPlan(settings.steps, (), QUICK_MEASURE_PROMPTS, reused)
     elif quick or max_generations is not None:
         components = len(model_layout(pipe).names)
-        plan = quick_plan(settings.steps, len(prompts), components, len(budgets) + len(targets), max_generations)
+        plan = quick_plan(settings.steps, len(prompts), components, len(budgets) + len(targets), max_generations,
+                          expert_spans(pipe, settings.steps))
     count = GenerationCount(pipe)
     try:
         return _calibrate(pipe, name, prompts, budgets, settings, count, targets=targets, quick=plan,
@@ -485,7 +504,8 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         sorted({round(f * (settings.steps - 1)) for f in (0.15, QUICK_COMPONENT_FRACTION, 0.65, 0.9)})
     replay = PrefixReplay(pipe, settings.steps)
     sensitivities = [quick.reused] if quick and quick.reused is not None else [
-        sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, replay, progress, perturbed)
+        sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, replay, progress, perturbed,
+                    quick.spans if quick else ())
         for i in range(sensitivity_prompts)]
     count.discount(replay.replayed)  # handed back from the reference runs: no model ran
     count.phase("sensitivity")
@@ -623,6 +643,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     report["seconds"] = round(time.time() - started, 1)
     report["generations"] = count.report()
     report["quick"] = quick is not None
+    report["perturbed_steps"] = [] if quick and quick.reused is not None else list(perturbed or range(1, settings.steps))
     report["measured_on_prompts"] = measured_on
     base["metadata"] = {
         "made_by": command or "videocache profile",
