@@ -63,12 +63,15 @@ SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tr
 # and was 11 dB worse on held-out prompts), so nothing is chosen by measurement: each preset is measured once, on
 # one prompt, for the report. Each perturbation run replays the reference generation up to the step before the one
 # it perturbs (calibration.replay), so perturbing step t of T costs (T - t + 1) / T generations: by default quick
-# perturbs the Chebyshev-spaced steps (denser at both ends, where sensitivities rise) that cost at most
-# QUICK_STEP_GENERATIONS, every step at 25 (12.96), as the full calibration does, what is left on the cheapest others
-# (the last steps), and interpolates the rest within each expert's steps (a switch step weighs 0: it cannot reuse);
-# the components at one step. --max-generations fits the steps (at least 4) in what the rest leaves.
-QUICK_STEP_GENERATIONS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS, QUICK_COMPONENT_FRACTION = 13.0, 4, 1, 0.4
+# perturbs the last QUICK_LAST_STEPS steps, the step after each expert switch and the Chebyshev-spaced steps (denser
+# at both ends, where sensitivities rise) that cost at most QUICK_STEP_GENERATIONS, every step at 25 (12.96), as
+# the full calibration does, then what is left on the cheapest others (the last steps), and interpolates the rest
+# within each expert's steps (a switch step weighs 0: it cannot reuse); the components at one step, late enough to
+# be cheap. --max-generations fits the steps (at least QUICK_MIN_STEPS) in what the rest leaves.
+QUICK_STEP_GENERATIONS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS, QUICK_COMPONENT_FRACTION = 13.0, 4, 1, 0.65
 QUICK_GRANULARITIES = ("aligned",)
+QUICK_LAST_STEPS = 3  # the cheapest runs, where sensitivities jump (reference-wan's second-to-last: 2.5x the mean)
+FULL_COMPONENT_FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # the full calibration's component sensitivities: their mean
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
 BLOCK_RUN_T_MAX = (3, 4)  # +fgbg block runs: recompute every t_max steps early, every 2 late
 
@@ -254,16 +257,16 @@ def quick_sensitivity_steps(steps: int, count: int) -> list[int]:
 
 
 def quick_steps_within(steps: int, generations: float, spans: Sequence[tuple[int, int]] = ()) -> list[int]:
-    """The most Chebyshev-spaced steps whose perturbation runs cost at most `generations` (every one of
-    1..steps-1 where they fit), what is left spent on the cheapest others. With several experts (`spans`),
-    the step after each switch is always among them (interpolation stops at a switch) and the switch steps
-    themselves never are (an expert's first step cannot reuse: nothing to perturb)."""
+    """The last QUICK_LAST_STEPS steps and the most Chebyshev-spaced ones whose perturbation runs cost at most
+    `generations` (every one of 1..steps-1 where they fit), what is left spent on the cheapest others. With
+    several experts (`spans`), the step after each switch is always among them (interpolation stops at a
+    switch) and the switch steps themselves never are (an expert's first step cannot reuse: nothing to perturb)."""
     starts = {start for start, _ in spans if start > 0}
     every = [t for t in range(1, steps) if t not in starts]
-    after_switch = sorted(start + 1 for start in starts if start + 1 < steps)
+    first = {start + 1 for start in starts if start + 1 < steps} | set(every[-QUICK_LAST_STEPS:])
     for count in range(steps - 1, 0, -1):
         chosen = every if count == steps - 1 else \
-            sorted({t for t in quick_sensitivity_steps(steps, count) if t not in starts} | set(after_switch))
+            sorted({t for t in quick_sensitivity_steps(steps, count) if t not in starts} | first)
         if perturbation_cost(steps, chosen) <= generations + 1e-9:
             break
     else:
@@ -312,14 +315,14 @@ def quick_plan(steps: int, prompts: int, components: int, presets: int, max_gene
     """--quick's runs: the perturbed steps that QUICK_STEP_GENERATIONS buys, or within `max_generations` as many as
     fit (`spans`: each expert's steps, where there are several). ValueError: not even QUICK_MIN_STEPS fit."""
     plan = QuickPlan(steps, (), QUICK_MEASURE_PROMPTS, spans=tuple(spans or ()))
-    budget = QUICK_STEP_GENERATIONS if max_generations is None else \
-        max_generations - plan.generations(prompts, components, presets)
-    chosen = quick_steps_within(steps, budget, plan.spans)
-    if len(chosen) < min(QUICK_MIN_STEPS, steps - 1):
-        least = dataclasses.replace(plan, sensitivity_steps=tuple(quick_sensitivity_steps(steps, QUICK_MIN_STEPS)))
+    fixed, need = plan.generations(prompts, components, presets), min(QUICK_MIN_STEPS, steps - 1)
+    chosen = quick_steps_within(steps, QUICK_STEP_GENERATIONS if max_generations is None else max_generations - fixed,
+                                plan.spans)
+    if len(chosen) < need:
+        least = next(n for n in range(math.ceil(fixed), math.ceil(fixed) + steps + 1)
+                     if len(quick_steps_within(steps, n - fixed, plan.spans)) >= need)
         raise ValueError(f"--max-generations {max_generations}: a quick calibration of {presets} preset(s) from "
-                         f"{prompts} prompts needs at least {math.ceil(least.generations(prompts, components, presets))} "
-                         "generations here")
+                         f"{prompts} prompts needs at least {least} generations here")
     return dataclasses.replace(plan, sensitivity_steps=tuple(chosen))
 
 
@@ -501,7 +504,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     proxy = step_proxy_errors(rec.grams[:sensitivity_prompts], layout)
     perturbed = quick.sensitivity_steps if quick else None
     component_steps = [quick.component_step] if quick else \
-        sorted({round(f * (settings.steps - 1)) for f in (0.15, QUICK_COMPONENT_FRACTION, 0.65, 0.9)})
+        sorted({round(f * (settings.steps - 1)) for f in FULL_COMPONENT_FRACTIONS})
     replay = PrefixReplay(pipe, settings.steps)
     sensitivities = [quick.reused] if quick and quick.reused is not None else [
         sensitivity(pipe, prompts[i], settings, proxy[i], component_steps, replay, progress, perturbed,
