@@ -53,14 +53,15 @@ def interpolation_error(quick: dict, full: dict) -> dict:
     q, f = np.asarray(quick["step_sensitivity"]), np.asarray(full["step_sensitivity"])
     measured = [t for t in quick["perturbed_steps"] if f[t] > 0]
     predicted = [t for t in range(1, len(f)) if t not in quick["perturbed_steps"] and f[t] > 0]
+    counts = {"perturbed": len(quick["perturbed_steps"]), "predicted": len(predicted)}
+    if not predicted:
+        return {**counts, "median_relative_error": None, "max_relative_error": None, "max_at_step": None}
     on = measured or predicted
     q = q * f[on].sum() / q[on].sum()
-    error = np.abs(q[predicted] - f[predicted]) / f[predicted] if predicted else np.zeros(0)
-    worst = int(np.argmax(error)) if predicted else None
-    return {"perturbed": len(quick["perturbed_steps"]), "predicted": len(predicted),
-            "median_relative_error": round(float(np.median(error)), 3) if predicted else None,
-            "max_relative_error": round(float(error[worst]), 3) if predicted else None,
-            "max_at_step": predicted[worst] if predicted else None}
+    error = np.abs(q[predicted] - f[predicted]) / f[predicted]
+    worst = int(np.argmax(error))
+    return {**counts, "median_relative_error": round(float(np.median(error)), 3),
+            "max_relative_error": round(float(error[worst]), 3), "max_at_step": predicted[worst]}
 
 
 def main(argv: list[str] | None = None) -> int:

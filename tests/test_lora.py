@@ -179,7 +179,6 @@ def test_comparisons_without_a_lora_resume_as_before():
     assert with_lora.comparable()["lora"] == "x" and with_lora.comparable()["lora_scale"] == 0.5
 
 
-
 def test_the_shipped_lora_is_small_loads_with_diffusers_alone_and_moves_the_shapes_diagonally():
     from videocache.pipelines.generation import generate
     from videocache.pipelines.loader import REFERENCE_DIR

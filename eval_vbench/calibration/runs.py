@@ -256,12 +256,17 @@ def quick_sensitivity_steps(steps: int, count: int) -> list[int]:
     return sorted({int(round(1 + (steps - 2) * v)) for v in x})
 
 
+def switch_steps(spans: Sequence[tuple[int, int]]) -> set[int]:
+    """The steps where an expert takes over from another (its first step: nothing of it cached to reuse)."""
+    return {start for start, _ in spans if start > 0}
+
+
 def quick_steps_within(steps: int, generations: float, spans: Sequence[tuple[int, int]] = ()) -> list[int]:
     """The last QUICK_LAST_STEPS steps and the most Chebyshev-spaced ones whose perturbation runs cost at most
     `generations` (every one of 1..steps-1 where they fit), what is left spent on the cheapest others. With
     several experts (`spans`), the step after each switch is always among them (interpolation stops at a
     switch) and the switch steps themselves never are (an expert's first step cannot reuse: nothing to perturb)."""
-    starts = {start for start, _ in spans if start > 0}
+    starts = switch_steps(spans)
     every = [t for t in range(1, steps) if t not in starts]
     first = {start + 1 for start in starts if start + 1 < steps} | set(every[-QUICK_LAST_STEPS:])
     for count in range(steps - 1, 0, -1):
@@ -288,7 +293,7 @@ class QuickPlan:
     @property
     def component_step(self) -> int:
         step = round(QUICK_COMPONENT_FRACTION * (self.steps - 1))
-        return step + 1 if any(start == step > 0 for start, _ in self.spans) else step  # a switch cannot reuse
+        return step + 1 if step in switch_steps(self.spans) else step  # a switch cannot reuse
 
     def generations(self, prompts: int, components: int, presets: int) -> float:
         """What it runs: the recording, the sensitivity's reference and replayed perturbation runs (none when
@@ -646,7 +651,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     report["seconds"] = round(time.time() - started, 1)
     report["generations"] = count.report()
     report["quick"] = quick is not None
-    report["perturbed_steps"] = [] if quick and quick.reused is not None else list(perturbed or range(1, settings.steps))
+    report["perturbed_steps"] = list(range(1, settings.steps) if quick is None else quick.sensitivity_steps)
     report["measured_on_prompts"] = measured_on
     base["metadata"] = {
         "made_by": command or "videocache profile",
