@@ -13,6 +13,7 @@ from diffusers import WanTransformer3DModel
 import videocache as vc
 from videocache import COMPONENTS, Action, CacheTable
 from videocache.engine import BLOCK_HOOK, COMPONENT_HOOK, TRANSFORMER_HOOK
+from videocache.table import TableError
 
 PROMPT = "a red circle moving left on a black background"
 STEPS = 8
@@ -42,14 +43,15 @@ def baseline(pipe):
     return run(pipe)
 
 
-def table(cells: dict[tuple[int, ...], str] | None = None, steps: int = STEPS, order: int = 1) -> CacheTable:
+def table(cells: dict[tuple[int, ...], str] | None = None, steps: int = STEPS, order: int = 1,
+          gain: float = 1.0) -> CacheTable:
     """All-compute table with `{(comp, block_or_None): "letters per step"}` overrides."""
     arr = np.zeros((steps, BLOCKS, 3), dtype=np.int8)
     for (comp, block), col in (cells or {}).items():
         for s, ch in enumerate(col):
             if ch != ".":
                 arr[s, slice(None) if block is None else block, comp] = "CRF".index(ch)
-    return CacheTable(arr, forecast_order=order)
+    return CacheTable(arr, forecast_order=order, forecast_gain=gain)
 
 
 def weights() -> dict[str, float]:
@@ -251,6 +253,21 @@ def test_forecast_order_1_is_linear_extrapolation(clean):
     stats = engine.stats()
     assert stats["calls"]["forecast"] == 2
     assert stats["cache_peak_bytes"] == 2 * 2 * TENSOR_BYTES  # k+1 = 2 tensors per context
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_gain_damps_the_extrapolation(clean, order):
+    """A forecast with gain g returns last + g (extrapolated - last): order 1 through its fused lerp, higher
+    orders through Newton's polynomial; gain 1 is the plain forecast."""
+    engine = vc.apply(clean, table=table({(MLP, 0): "CCCCFCCC"}, order=order, gain=0.4))
+    outputs = record_component_outputs(engine, 0, MLP)
+    run(clean)
+    outs = [out for name, out in outputs if name == "cond"]
+    plain = 2 * outs[3] - outs[2] if order == 1 else 3 * outs[3] - 3 * outs[2] + outs[1]
+    assert torch.allclose(outs[4], outs[3] + 0.4 * (plain - outs[3]), rtol=1e-5, atol=1e-6)
+    assert engine.stats()["calls"]["forecast"] == 2
+    with pytest.raises(TableError, match="forecast_gain must be a number in \\(0, 1\\]"):
+        table({(MLP, 0): "CCCCFCCC"}, gain=1.5)
 
 
 def test_cache_dtype_and_cpu_offload(clean):

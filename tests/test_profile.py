@@ -90,6 +90,7 @@ RULE = {"stage": "early", "components": ["mlp"], "blocks": "all", "interval": 2}
         (lambda d: d["exposure_bias"].update(sign=2), "broken.yaml: exposure_bias.sign must be"),
         (lambda d: d.update(schema_version=2), "schema_version must be 1"),
         (lambda d: d["presets"]["slow"].update(explicit={"mlp": {"all": [30]}}), "lists step 30"),
+        (lambda d: d["presets"]["slow"].update(forecast_gain=0), "presets.slow: forecast_gain must be a number in (0, 1]"),
     ],
 )
 def test_schema_errors_are_one_line_with_file(tmp_path, mutate, expect):

@@ -72,6 +72,27 @@ def test_aligned_schedule_beats_a_fixed_interval_rule(search):
     assert found.predicted_error <= fixed.predicted_error + 1e-9
 
 
+def test_a_forecast_gain_is_scored_as_it_runs():
+    """At gain g the search scores forecasts damped by g, as the engine runs them: its schedule is the best
+    there, no worse than the gain-1 schedule run damped; the preset carries the gain, which scoring reads.
+    Trajectories that bend (a linear forecast overshoots them), not random walks (reuse beats any forecast)."""
+    rng = np.random.default_rng(1)
+    comps = len(vc.COMPONENTS)
+    t = np.linspace(0, 1, STEPS)[:, None]
+    grams = np.zeros((1, BLOCKS, comps, STEPS, STEPS))
+    for b, c in itertools.product(range(BLOCKS), range(comps)):
+        a, v = rng.normal(size=(2, 16))
+        path = 3 + a * np.sqrt(t) + 0.3 * v * t
+        grams[0, b, c] = path @ path.T
+    search = TableSearch(grams, np.ones((BLOCKS, comps)), np.linspace(1, 0.05, STEPS), band=STEPS)
+    plain = schedule_preset(search, 0.5, "aligned")
+    damped = schedule_preset(search, 0.5, "aligned", gain=0.5)
+    assert damped["explicit_forecast"] and damped["forecast_gain"] == 0.5 and "forecast_gain" not in plain
+    found = search.evaluate(damped)
+    assert found.predicted_error <= search.evaluate({**plain, "forecast_gain": 0.5}).predicted_error + 1e-9
+    assert found.predicted_error != search.evaluate({**damped, "forecast_gain": 1.0}).predicted_error
+
+
 def test_bad_arguments(search):
     with pytest.raises(ValueError, match="granularity"):
         schedule_preset(search, 0.5, "per-token")

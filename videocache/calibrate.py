@@ -169,6 +169,7 @@ class SearchOptions:
     intervals: Sequence[int] = (1, 2, 3, 4)
     stage_threshold: float = 0.4
     forecast: bool = False
+    forecast_gain: float = 1.0  # forecasts return last + gain (forecast - last)
     correction: bool = False
     group_blocks: tuple[int, ...] = ()
     # ProfilingDiT's block runs on these blocks (each run of consecutive blocks reused as one delta,
@@ -184,6 +185,7 @@ class SearchOptions:
     def presets(self) -> list[dict]:
         """Every candidate preset of the family, in profile-rule form."""
         mode = {"mode": "forecast"} if self.forecast else {}
+        gain = {"forecast_gain": self.forecast_gain} if self.forecast and self.forecast_gain != 1.0 else {}
         attention, mlp = attention_and_mlp(self.components)
         out = []
         for warm, final, ae, al, me, ml in itertools.product(
@@ -200,7 +202,7 @@ class SearchOptions:
                     rules.append({"stage": stage, "components": comps, "blocks": list(self.group_blocks),
                                   "interval": interval + 1, **mode})
             out.append({"warmup_steps": warm, "final_steps": final, "stage_threshold": self.stage_threshold,
-                        "rules": rules, **({"block_runs": self.block_runs} if self.block_runs else {})})
+                        "rules": rules, **({"block_runs": self.block_runs} if self.block_runs else {}), **gain})
         return out
 
 
@@ -284,6 +286,7 @@ class TableSearch:
         the EOC factors of its reused cells (the mean least-squares scale from the calibration runs).
         `expanded`: the preset's `_expand` result, when already at hand."""
         table, fraction = expanded or self._expand(preset)
+        gain = table.forecast_gain
         actions = np.asarray(table.actions)
         skipped = actions != Action.COMPUTE
         total = np.zeros(self.grams.shape[0])
@@ -293,7 +296,7 @@ class TableSearch:
             deps = table.dependencies(t, b, c)
             if actions[t, b, c] == Action.FORECAST and len(deps) == 2:
                 prev, last = deps
-                r = (t - last) / (last - prev)
+                r = gain * (t - last) / (last - prev)
                 err = self.cell_error(b, c, t, (last, prev), (1 + r, -r))
             else:
                 last = deps[-1]

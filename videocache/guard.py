@@ -153,7 +153,7 @@ class TableGuard:
         t = self.table
 
         def rebuilt(actions: np.ndarray) -> CacheTable:
-            return CacheTable(actions, t.forecast_order, t.block_runs, runs, t.reuse_scale, t.layout)
+            return CacheTable(actions, t.forecast_order, t.block_runs, runs, t.reuse_scale, t.layout, t.forecast_gain)
 
         debt = self._debt + 1.0 - self._computed_share(step)
         if debt >= 0.5:

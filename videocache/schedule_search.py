@@ -33,17 +33,18 @@ class Schedule:
     forecasts: list[list[int]]  # per k: the skipped steps that forecast (the others reuse)
 
 
-def _cell_costs(search: TableSearch, cells: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+def _cell_costs(search: TableSearch, cells: list[tuple[int, int]], gain: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Weighted predicted error of every skipped step t given its last two computes (p, l), summed over
     the (block, component) `cells` and averaged over prompts, taking for each the better of reuse and forecast.
 
     Returns (cost, forecast) of shape (T + 1, T, T): index p + 1 (0: no compute before l), l, t; cost is
-    inf unless p < l < t, and forecast says where forecasting beats reuse."""
+    inf unless p < l < t, and forecast says where forecasting beats reuse. `gain`: forecasts damped to
+    last + gain (forecast - last)."""
     T = search.num_steps
     band = search.band
     t_idx = np.arange(T)
     p_, l_, t_ = np.meshgrid(t_idx, t_idx, t_idx, indexing="ij")
-    r = np.where(l_ > p_, (t_ - l_) / np.maximum(l_ - p_, 1), 0.0)  # forecast weights (1 + r, -r)
+    r = gain * np.where(l_ > p_, (t_ - l_) / np.maximum(l_ - p_, 1), 0.0)  # forecast weights (1 + r, -r)
     a, m = 1 + r, -r
     far_l = (t_idx[None, :] - t_idx[:, None]) > band  # beyond the recorded band: nothing useful kept
     far_p = (t_ - p_) > band
@@ -138,11 +139,11 @@ def _shortest_paths(cost: np.ndarray, forecast: np.ndarray) -> Schedule:
 GRANULARITIES = ("aligned", "component", "block")
 
 
-def schedule_preset(search: TableSearch, budget: float, granularity: str = "aligned") -> dict:
+def schedule_preset(search: TableSearch, budget: float, granularity: str = "aligned", gain: float = 1.0) -> dict:
     """A preset (explicit reuse/forecast step lists) with the least predicted error whose FLOP-weighted
     computed fraction is at most `budget`. `granularity`: one schedule for the whole model ("aligned":
     every component of every block computes at the same steps), one per component, or one per
-    (block, component)."""
+    (block, component). `gain`: the preset's forecast gain (forecasts scored and run damped by it)."""
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"the compute budget must be in (0, 1]; got {budget}")
     if granularity not in GRANULARITIES:
@@ -158,7 +159,7 @@ def schedule_preset(search: TableSearch, budget: float, granularity: str = "alig
     items = []  # (cells, schedule, FLOP share of one compute step)
     total = float(search.flops.sum()) * T
     for cells in groups:
-        schedule = _shortest_paths(*_cell_costs(search, cells))
+        schedule = _shortest_paths(*_cell_costs(search, cells, gain))
         items.append((cells, schedule, float(sum(search.flops[b, c] for b, c in cells)) / total))
     ks = np.arange(T + 1)
 
@@ -199,4 +200,4 @@ def schedule_preset(search: TableSearch, budget: float, granularity: str = "alig
             if forecast:
                 explicit_forecast.setdefault(name, {})[key] = forecast
     return {"warmup_steps": 0, "final_steps": 0, "rules": [], "explicit": explicit,
-            "explicit_forecast": explicit_forecast}
+            "explicit_forecast": explicit_forecast, **({"forecast_gain": gain} if gain != 1.0 and explicit_forecast else {})}

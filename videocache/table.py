@@ -239,6 +239,8 @@ class CacheTable:
 
     `reuse_scale` (same shape as `actions`, float): a REUSE cell returns the kept output times its factor
     (EOC-style correction calibrated from uncached runs); None means 1 everywhere.
+
+    `forecast_gain` g in (0, 1]: a FORECAST cell returns last + g (forecast - last) (`videocache.forecast.served`).
     """
 
     actions: np.ndarray
@@ -247,16 +249,18 @@ class CacheTable:
     run_actions: np.ndarray | None = None
     reuse_scale: np.ndarray | None = None
     layout: BlockLayout | None = None
+    forecast_gain: float = 1.0
     partial_blocks: np.ndarray = field(init=False, repr=False)
     _computes: list[list[list[int]]] = field(init=False, repr=False)
     _run_of: dict[int, int] = field(init=False, repr=False)
     _run_deps: np.ndarray = field(init=False, repr=False)
     _run_last_use: np.ndarray = field(init=False, repr=False)
-    # cells[step][block][comp] = (action, dependencies, last_use or None, reuse factor): the same facts as
+    # cells[step][block][comp] = (action, dependencies, last_use or None, factor: the reuse factor of a REUSE
+    # cell, the forecast gain of a FORECAST one): the same facts as
     # the arrays, as plain Python values, because the engine reads one per component call; one entry per
     # component of the block's group (absent cells left out)
     cells: list[list[list[tuple[int, tuple[int, ...], int | None, float]]]] = field(init=False, repr=False)
-    # uniform_skips[step] = (action, dependencies, reuse factor) where every cell of that step shares them
+    # uniform_skips[step] = (action, dependencies, factor) where every cell of that step shares them
     # (no block runs): the engine may then skip the whole block stack at once from per-step sums;
     # sum_last_use[step] = the last uniform skip step that reads that compute step
     uniform_skips: dict[int, tuple[int, tuple[int, ...], float]] = field(init=False, repr=False)
@@ -287,6 +291,9 @@ class CacheTable:
             raise TableError("cache table: a cell past its block's components is not compute (absent cells must be 0)")
         if not isinstance(self.forecast_order, int) or self.forecast_order < 1:
             raise TableError(f"forecast_order must be an integer >= 1; got {self.forecast_order!r}")
+        g = self.forecast_gain
+        if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 < g <= 1.0:
+            raise TableError(f"forecast_gain must be a number in (0, 1]; got {g!r}")
         arr = arr.astype(np.int8, copy=True)
         arr.flags.writeable = False
         self.actions = arr
@@ -331,7 +338,7 @@ class CacheTable:
                         acts[s][b][c],
                         deps_of[s][b][c],
                         None if last[s][b][c] < 0 else last[s][b][c],
-                        1.0 if scale is None else scale[s][b][c],
+                        self.forecast_gain if acts[s][b][c] == _FORECAST else 1.0 if scale is None else scale[s][b][c],
                     )
                     for c in range(own[b])
                 ]
@@ -561,7 +568,7 @@ class CacheTable:
         arr = self.actions.copy()
         for s, b, c in cells:
             arr[s, b, c] = action
-        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale, self.layout)
+        return CacheTable(arr, self.forecast_order, self.block_runs, self.run_actions, self.reuse_scale, self.layout, self.forecast_gain)
 
     def within(self, start: int, stop: int) -> CacheTable:
         """The table of a transformer that runs steps start..stop-1 only (one expert of several, indexed by
@@ -581,7 +588,7 @@ class CacheTable:
             runs = self.run_actions.copy()
             runs[: start + 1] = Action.COMPUTE
             runs[stop:] = Action.COMPUTE
-        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout)
+        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout, self.forecast_gain)
 
     def split(self, spans: Sequence[tuple[int, int]]) -> CacheTable:
         """What experts that run consecutive `spans` of the steps execute of this table, as one table: each
@@ -593,7 +600,7 @@ class CacheTable:
             arr[start:stop] = part.actions[start:stop]
             if runs is not None:
                 runs[start:stop] = part.run_actions[start:stop]
-        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout)
+        return CacheTable(arr, self.forecast_order, self.block_runs, runs, self.reuse_scale, self.layout, self.forecast_gain)
 
     @classmethod
     def full_compute(cls, num_steps: int, num_blocks: int, layout: BlockLayout | None = None) -> CacheTable:

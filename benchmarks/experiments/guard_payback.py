@@ -43,7 +43,7 @@ def main() -> None:
         arr = self.table.actions.copy()
         arr[step] = Action.COMPUTE
         t = self.table
-        return CacheTable(arr, t.forecast_order, t.block_runs, t.run_actions, t.reuse_scale, t.layout)
+        return CacheTable(arr, t.forecast_order, t.block_runs, t.run_actions, t.reuse_scale, t.layout, t.forecast_gain)
 
     for name, s in (("guidance 8, 25 frames", dataclasses.replace(base, guidance_scale=8.0, frames=25)),
                     ("guidance 8", dataclasses.replace(base, guidance_scale=8.0))):

@@ -76,7 +76,8 @@ def repaired(table, steps=None, component=None, blocks=None):
     comps = slice(None) if component is None else component
     sub = actions[rows, cols, comps]
     actions[rows, cols, comps] = np.where(sub != 0, 0, sub)
-    return CacheTable(actions, table.forecast_order, table.block_runs, table.run_actions, None, table.layout)
+    return CacheTable(actions, table.forecast_order, table.block_runs, table.run_actions, None, table.layout,
+                      table.forecast_gain)
 
 
 def trajectory(pipe, prompt: str, s: dict) -> dict:

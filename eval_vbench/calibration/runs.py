@@ -70,6 +70,10 @@ SCHEDULE_GRANULARITIES = ("aligned", "component")  # what the +schedule stage tr
 # be cheap. --max-generations fits the steps (at least QUICK_MIN_STEPS) in what the rest leaves.
 QUICK_STEP_GENERATIONS, QUICK_MIN_STEPS, QUICK_MEASURE_PROMPTS, QUICK_COMPONENT_FRACTION = 13.0, 4, 1, 0.65
 QUICK_GRANULARITIES = ("aligned",)
+# forecast gains the +forecast and +schedule stages try, each scored and measured (videocache.forecast.served):
+# the straight extrapolation overshoots where the trajectory bends, the more so at a higher guidance scale, where
+# the forecast tables lost to reuse before (benchmarks/shift_reference); quick keeps 1 (each gain is a measurement)
+FORECAST_GAINS, QUICK_FORECAST_GAINS = (1.0, 0.7, 0.4), (1.0,)
 QUICK_LAST_STEPS = 3  # the cheapest runs, where sensitivities jump (reference-wan's second-to-last: 2.5x the mean)
 FULL_COMPONENT_FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # the full calibration's component sensitivities: their mean
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
@@ -400,7 +404,8 @@ def _profile(base: dict, presets: dict[str, dict]) -> Profile:
 
 def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: float,
                   best: tuple[dict, Candidate] | None, fgbg: FgBgProfile | None, measure_top: int,
-                  granularities: Sequence[str] = SCHEDULE_GRANULARITIES) -> list[tuple[Candidate, SearchOptions]]:
+                  granularities: Sequence[str] = SCHEDULE_GRANULARITIES,
+                  gains: Sequence[float] = FORECAST_GAINS) -> list[tuple[Candidate, SearchOptions]]:
     """The candidates one ablation stage generates, each with the search options it came from (what the
     later stages build on if it is kept). ValueError: no candidate of the stage meets the budget."""
     if stage == "+eb":  # the same table, now with exposure-bias scaling
@@ -408,7 +413,9 @@ def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: 
             raise ValueError("no earlier stage met the budget: no table to add exposure-bias scaling to")
         return [(best[1], opts)]
     if stage == "+schedule":  # optimal compute steps, not a rule family (videocache.schedule_search)
-        return [(search.evaluate(schedule_preset(search, budget, g)), opts) for g in granularities]
+        presets = {json.dumps(p, sort_keys=True): p for p in (schedule_preset(search, budget, g, gain)
+                                                              for g in granularities for gain in gains)}
+        return [(search.evaluate(p), opts) for p in presets.values()]  # a gain with no forecast left: measured once
     if stage == "+fgbg":  # background blocks one step coarser, or reused whole as block runs: the best of each
         bg = list(fgbg.background_blocks)
         variants = [dataclasses.replace(opts, group_blocks=tuple(bg))] + [
@@ -419,8 +426,11 @@ def _stage_trials(stage: str, opts: SearchOptions, search: TableSearch, budget: 
             with contextlib.suppress(ValueError):  # a variant that cannot meet the budget
                 trials += [(c, variant) for c in search.best_within(budget, variant, keep=1)]
         return trials
-    variant = {"static": opts, "+correction": dataclasses.replace(opts, correction=True),
-               "+forecast": dataclasses.replace(opts, forecast=True)}[stage]
+    if stage == "+forecast":  # the best of each gain
+        keep = max(1, measure_top // len(gains))
+        variants = [dataclasses.replace(opts, forecast=True, forecast_gain=gain) for gain in gains]
+        return [(c, v) for v in variants for c in search.best_within(budget, v, keep=keep)]
+    variant = {"static": opts, "+correction": dataclasses.replace(opts, correction=True)}[stage]
     return [(c, variant) for c in search.best_within(budget, variant, keep=measure_top)]
 
 
@@ -519,6 +529,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
     count.phase("sensitivity")
     stages_run = ("+schedule",) if quick else STAGES
     granularities = QUICK_GRANULARITIES if quick else SCHEDULE_GRANULARITIES
+    gains = QUICK_FORECAST_GAINS if quick else FORECAST_GAINS
     measured_on = quick.measure_prompts if quick else len(prompts)
     trial_prompts, trial_refs = prompts[:measured_on], rec.references[:measured_on]
     weights = np.mean([w for w, _ in sensitivities], axis=0)
@@ -558,7 +569,7 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
             if stage == "+fgbg" and (fgbg is None or not fgbg.background_blocks):
                 continue
             try:
-                trials = _stage_trials(stage, opts, search, budget, best, fgbg, measure_top, granularities)
+                trials = _stage_trials(stage, opts, search, budget, best, fgbg, measure_top, granularities, gains)
             except ValueError as exc:
                 log(f"  {stage:12s} {exc}")
                 continue
@@ -596,7 +607,8 @@ def _calibrate(pipe, name: str, prompts: Sequence[str], budgets: Sequence[float]
         """(PSNR, computed fraction) of the best optimal compute-step schedule within `budget`: the stage that
         wins at every budget of the shipped calibrations, so the one a quality target is searched on."""
         best_row = None
-        for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top, granularities):
+        for candidate, _ in _stage_trials("+schedule", opts0, search, budget, None, fgbg, measure_top, granularities,
+                                          gains):
             key = json.dumps(candidate.preset, sort_keys=True)
             if key not in schedules_measured:
                 schedules_measured[key] = measure(pipe, _profile(base, {"trial": candidate.preset}), "trial",

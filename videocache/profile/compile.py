@@ -104,7 +104,8 @@ def build_table(
         arr[num_steps - final :] = Action.COMPUTE
         run_actions[num_steps - final :] = Action.COMPUTE
     try:
-        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale, layout)
+        return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale, layout,
+                          preset.forecast_gain)
     except TableError as e:
         raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None
 

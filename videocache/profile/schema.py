@@ -397,6 +397,7 @@ class PresetSpec:
     source: str = "<preset>"
     profile_name: str = ""
     guidance_scale: float | None = None  # the guidance scale it was calibrated at (the profile's)
+    forecast_gain: float = 1.0  # forecasts return last + gain (extrapolated - last): videocache.forecast.served
     # the same preset calibrated at other settings (the profile's variants), each with its own reference_steps
     variants: tuple[tuple[float, PresetSpec], ...] = ()  # (guidance scale, preset)
 
@@ -408,6 +409,9 @@ class PresetSpec:
         t = self.stage_threshold
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:
             raise ValueError(f"stage_threshold must be a number in [0, 1] (sigma, 1 = noisiest); got {t!r}")
+        g = self.forecast_gain
+        if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 < g <= 1.0:
+            raise ValueError(f"forecast_gain must be a number in (0, 1] (1: plain forecasts); got {g!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
         for r in self.rules:
             if not isinstance(r, RuleSpec):
@@ -488,6 +492,8 @@ class PresetSpec:
             d["exposure_bias"] = self.exposure_bias.to_dict()
         if self.block_runs is not None:
             d["block_runs"] = self.block_runs.to_dict()
+        if self.forecast_gain != 1.0:
+            d["forecast_gain"] = self.forecast_gain
         return d
 
 
@@ -803,7 +809,7 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
         raw,
         (),
         ("warmup_steps", "final_steps", "stage_threshold", "rules", "explicit", "explicit_forecast", "correction",
-         "exposure_bias", "block_runs"),
+         "exposure_bias", "block_runs", "forecast_gain"),
     )
     rules = []
     raw_rules = p.get("rules") or []
@@ -832,5 +838,6 @@ def _parse_preset(name: str, raw: Any, profile_eb: ExposureBiasConfig, steps: An
         correction=p.get("correction") or {},
         exposure_bias=eb,
         block_runs=block_runs,
+        forecast_gain=p.get("forecast_gain", 1.0),
         reference_steps=steps if _is_int(steps) else None,
     )
