@@ -72,10 +72,9 @@ def test_aligned_schedule_beats_a_fixed_interval_rule(search):
     assert found.predicted_error <= fixed.predicted_error + 1e-9
 
 
-def test_a_forecast_gain_is_scored_as_it_runs():
-    """At gain g the search scores forecasts damped by g, as the engine runs them: its schedule is the best
-    there, no worse than the gain-1 schedule run damped; the preset carries the gain, which scoring reads.
-    Trajectories that bend (a linear forecast overshoots them), not random walks (reuse beats any forecast)."""
+@pytest.fixture(scope="module")
+def bending() -> TableSearch:
+    """Trajectories that bend (a linear forecast overshoots them), not random walks (reuse beats any forecast)."""
     rng = np.random.default_rng(1)
     comps = len(vc.COMPONENTS)
     t = np.linspace(0, 1, STEPS)[:, None]
@@ -84,7 +83,13 @@ def test_a_forecast_gain_is_scored_as_it_runs():
         a, v = rng.normal(size=(2, 16))
         path = 3 + a * np.sqrt(t) + 0.3 * v * t
         grams[0, b, c] = path @ path.T
-    search = TableSearch(grams, np.ones((BLOCKS, comps)), np.linspace(1, 0.05, STEPS), band=STEPS)
+    return TableSearch(grams, np.ones((BLOCKS, comps)), np.linspace(1, 0.05, STEPS), band=STEPS)
+
+
+def test_a_forecast_gain_is_scored_as_it_runs(bending):
+    """At gain g the search scores forecasts damped by g, as the engine runs them: its schedule is the best
+    there, no worse than the gain-1 schedule run damped; the preset carries the gain, which scoring reads."""
+    search = bending
     plain = schedule_preset(search, 0.5, "aligned")
     damped = schedule_preset(search, 0.5, "aligned", gain=0.5)
     assert damped["explicit_forecast"] and damped["forecast_gain"] == 0.5 and "forecast_gain" not in plain
@@ -100,3 +105,18 @@ def test_bad_arguments(search):
         schedule_preset(search, 1.5)
     with pytest.raises(ValueError, match="no schedule fits"):
         schedule_preset(search, 0.01)
+
+
+@pytest.mark.parametrize("stage", ["+forecast", "+schedule"])
+def test_calibration_stages_try_each_forecast_gain(bending, stage):
+    """The forecast and schedule stages measure a candidate per gain (and granularity), each once."""
+    from eval_vbench.calibration.runs import FORECAST_GAINS, _stage_trials
+    from videocache.calibrate import SearchOptions
+
+    trials = _stage_trials(stage, SearchOptions(), bending, 0.6, None, None, measure_top=3)
+    gains = [c.preset.get("forecast_gain", 1.0) for c, _ in trials]
+    assert set(gains) == set(FORECAST_GAINS)
+    keys = [repr(sorted(c.preset.items())) for c, _ in trials]
+    assert len(set(keys)) == len(keys)
+    if stage == "+forecast":  # what later stages build on keeps the gain
+        assert [o.forecast_gain for _, o in trials] == gains

@@ -548,7 +548,8 @@ class CacheTable:
         head = f"{'':>{width}}  " + " ".join(f"{b:<{own[b]}}" for b in range(self.num_blocks))
         groups = "; ".join(f"{g.name}: {'/'.join(g.components)}" for g in layout.groups)
         lines = [
-            f"# C=compute R=reuse F=forecast(order {self.forecast_order}); per block: {groups}",
+            f"# C=compute R=reuse F=forecast(order {self.forecast_order}"
+            f"{'' if self.forecast_gain == 1.0 else f', gain {self.forecast_gain:g}'}); per block: {groups}",
         ]
         if self.block_runs:
             runs = ", ".join(f"{a}-{b}" for a, b in self.block_runs)
