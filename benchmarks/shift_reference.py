@@ -44,6 +44,8 @@ CASES = {  # name -> the settings that differ from the calibration's
     "size48": {"height": 48, "width": 48},
     "size96": {"height": 96, "width": 96},
     "guidance8_frames25": {"guidance_scale": 8.0, "frames": 25},
+    # a check after the variants were settled: settings no calibration or earlier case used (unchosen/)
+    "guidance7_steps20_frames21": {"guidance_scale": 7.0, "steps": 20, "frames": 21},
 }
 PRESETS = ("slow", "balanced", "fast")  # calibrated for computed fractions 0.60 / 0.48 / 0.32
 PEERS = (  # four settings each, from about 0.55 down to below 0.33 computed at the calibration settings

@@ -3,10 +3,10 @@
 An uncached calibration run records, for every (context, block, component), the Gram matrix of the
 component's outputs over the steps: G[s, s'] = <F_s, F_s'>. Any value the engine hands back at step t
 instead of computing F_t is a linear combination of earlier computed outputs (reuse: F_last; EOC-style
-corrected reuse: a * F_last; order-1 forecast: (1 + r) F_last - r F_prev), so its exact squared error
-||F_t - sum a_i F_i||^2 follows from G alone, without keeping any tensor. Outputs of more than
-SKETCH_ABOVE values (Wan2.1-1.3B at 480p x 81 frames: 50 M) are recorded through a fixed linear sketch
-instead, which estimates every such error within about sqrt(2 / SKETCH_SIZE) (`GramRecorder`).
+corrected reuse: a * F_last; order-1 forecast: (1 + r) F_last - r F_prev, r scaled by the forecast gain), so
+its exact squared error ||F_t - sum a_i F_i||^2 follows from G alone, without keeping any tensor. Outputs of
+more than SKETCH_ABOVE values (Wan2.1-1.3B at 480p x 81 frames: 50 M) are recorded through a fixed linear
+sketch instead, which estimates every such error within about sqrt(2 / SKETCH_SIZE) (`GramRecorder`).
 
 The search space is FEB-Cache's stage-aware one, written as profile rules: a warm-up, then in the early
 stage (sigma >= stage_threshold) attention and MLP each recomputed every a_early / m_early steps, in the

@@ -32,8 +32,8 @@ def served(
     """What a skipped cell (or a whole uniform skip step) returns at `step` from the values kept at `steps`
     (one list of tensors per kept step): the last ones times the reuse factor `scale`, or their forecast
     damped by the gain `scale` (last + gain (extrapolated - last); 1: the plain polynomial forecast). A gain
-    under 1 holds back what a straight extrapolation overshoots where the trajectory bends: a forecast-heavy
-    table gains 1-4 dB on held-out prompts at gains 0.4-0.8 (benchmarks/shift_reference)."""
+    under 1 holds back what a straight extrapolation overshoots where the trajectory bends: reference-opensora's
+    tables gain 0.4 to 7.7 dB on held-out prompts at gains 0.4-0.8 (benchmarks/experiments/forecast_gain.py)."""
     if action == _REUSE:
         return kept[-1] if scale == 1.0 else [t * scale for t in kept[-1]]
     if len(steps) == 2:  # order 1, the common case: one fused lerp instead of Newton's steps

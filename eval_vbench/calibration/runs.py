@@ -73,7 +73,7 @@ QUICK_GRANULARITIES = ("aligned",)
 # forecast gains the +forecast and +schedule stages try, each scored and measured (videocache.forecast.served):
 # the straight extrapolation overshoots where the trajectory bends, the more so at a higher guidance scale, where
 # the forecast tables lost to reuse before (benchmarks/shift_reference); quick keeps 1 (each gain is a measurement)
-FORECAST_GAINS, QUICK_FORECAST_GAINS = (1.0, 0.7, 0.4), (1.0,)
+FORECAST_GAINS, QUICK_FORECAST_GAINS = (1.0, 0.7, 0.4, 0.2), (1.0,)
 QUICK_LAST_STEPS = 3  # the cheapest runs, where sensitivities jump (reference-wan's second-to-last: 2.5x the mean)
 FULL_COMPONENT_FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # the full calibration's component sensitivities: their mean
 TARGET_LOW, TARGET_RESOLUTION = 0.05, 0.01  # a PSNR target's budget: searched on [0.05, 1] to within 0.01
