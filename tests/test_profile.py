@@ -222,3 +222,25 @@ def test_a_rule_preset_written_out_is_the_same_table_and_keeps_its_fraction_at_o
     own = share(rules, 25)
     assert max(abs(share(explicit, n) - own) for n in range(10, 60)) <= 0.02
     assert max(abs(share(rules, n) - own) for n in range(10, 60)) > 0.03  # what the rules alone do
+
+
+def test_the_forecast_gain_follows_the_step_count():
+    """A gain calibrated at one step count is carried to another by the local quadratic model
+    (`videocache.forecast.gain_at`): exact for y = b t + c t^2 forecast one step ahead, whatever the step size;
+    fewer steps damp more, more steps less; gain 1 stays 1. Tables built at another step count carry it."""
+    from videocache.forecast import MIN_GAIN, gain_at
+    from videocache.profile.compile import build_table
+    from videocache.profile.schema import preset_from_dict
+
+    def exact(b: float, c: float, h: float) -> float:  # the g with y(0) + g (y(0) - y(-h)) = y(h)
+        y = lambda t: b * t + c * t * t  # noqa: E731
+        return (y(h) - y(0)) / (y(0) - y(-h))
+
+    assert gain_at(exact(1.0, -0.2, 1.0), 0.5) == pytest.approx(exact(1.0, -0.2, 2.0))
+    assert gain_at(exact(1.0, -0.2, 1.0), 2.0) == pytest.approx(exact(1.0, -0.2, 0.5))
+    assert gain_at(1.0, 0.6) == 1.0 and gain_at(0.4, 1.0) == 0.4 and gain_at(0.2, 0.5) == MIN_GAIN
+    rule = {"stage": "all", "components": list(vc.COMPONENTS), "interval": 2, "mode": "forecast"}
+    preset = preset_from_dict("p", {"warmup_steps": 2, "rules": [rule], "forecast_gain": 0.4}, steps=25)
+    for steps in (15, 25, 50):
+        table = build_table(preset, [1 - s / steps for s in range(steps)], 2)
+        assert table.forecast_gain == pytest.approx(gain_at(0.4, steps / 25))

@@ -26,6 +26,24 @@ def newton_extrapolate(xs: Sequence[int], fs: Sequence[torch.Tensor], x: int) ->
     return result.to(fs[0].dtype)
 
 
+MIN_GAIN = 0.05  # where the model below asks for 0 or less: as good as reuse, still a valid gain
+
+
+def gain_at(gain: float, step_ratio: float) -> float:
+    """The forecast gain for a run with `step_ratio` = its steps / the steps the gain was calibrated at.
+
+    Along a trajectory that bends, y(t) = a + b t + c t^2 locally, the damped forecast y_0 + g (y_0 - y_-h)
+    is exact at t = h for g = (1 + x) / (1 - x), x = c h / b: the calibrated gain fixes x, and x scales with
+    the step size h, which goes as 1 / step_ratio. Fewer steps reach further and damp more; more steps damp
+    less. On reference-opensora's guidance-8 presets run at 15 and 50 steps and at 20 steps (guidance 7, 21
+    frames) it beat the calibrated gain in all nine preset-and-case runs, by 0.5 to 2.9 dB
+    (benchmarks/shift_reference/README.md)."""
+    if gain == 1.0 or step_ratio == 1.0:
+        return gain
+    x = (gain - 1.0) / (gain + 1.0) / step_ratio
+    return min(1.0, max(MIN_GAIN, (1.0 + x) / (1.0 - x)))
+
+
 def served(
     action: int, steps: Sequence[int], kept: Sequence[list[torch.Tensor]], step: int, scale: float
 ) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..forecast import gain_at
 from ..table import Action, BlockLayout, CacheTable, TableError, decreasing_interval_steps
 from .schema import PresetSpec, ProfileError
 
@@ -105,7 +106,7 @@ def build_table(
         run_actions[num_steps - final :] = Action.COMPUTE
     try:
         return CacheTable(arr, preset.forecast_order, tuple(runs), run_actions.astype(np.int8), scale, layout,
-                          preset.forecast_gain)
+                          gain_at(preset.forecast_gain, share))
     except TableError as e:
         raise ProfileError(f"{preset.source}: preset {preset.name!r} for {num_steps} steps: {e}") from None
 
