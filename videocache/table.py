@@ -224,6 +224,11 @@ def decreasing_interval_steps(num_steps: int, warmup_steps: int, t_max: int, t_m
 _COMPUTE, _REUSE, _FORECAST = int(Action.COMPUTE), int(Action.REUSE), int(Action.FORECAST)
 
 
+def is_forecast_gain(value: object) -> bool:
+    """Whether `value` is a forecast gain: a number in (0, 1] (1: plain forecasts; `videocache.forecast.served`)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0.0 < value <= 1.0
+
+
 @dataclass(eq=False)
 class CacheTable:
     """Actions of shape (num_steps, num_blocks, layout.width), values in `Action`; cell (s, b, c) is
@@ -291,9 +296,8 @@ class CacheTable:
             raise TableError("cache table: a cell past its block's components is not compute (absent cells must be 0)")
         if not isinstance(self.forecast_order, int) or self.forecast_order < 1:
             raise TableError(f"forecast_order must be an integer >= 1; got {self.forecast_order!r}")
-        g = self.forecast_gain
-        if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 < g <= 1.0:
-            raise TableError(f"forecast_gain must be a number in (0, 1]; got {g!r}")
+        if not is_forecast_gain(self.forecast_gain):
+            raise TableError(f"forecast_gain must be a number in (0, 1]; got {self.forecast_gain!r}")
         arr = arr.astype(np.int8, copy=True)
         arr.flags.writeable = False
         self.actions = arr

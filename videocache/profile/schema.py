@@ -17,7 +17,7 @@ import yaml
 from ..exposure_bias import ExposureBiasConfig
 from ..fgbg import FgBgProfile
 from ..guard import GuardConfig
-from ..table import COMPONENTS, BlockGroup, BlockLayout, consecutive_runs
+from ..table import COMPONENTS, BlockGroup, BlockLayout, consecutive_runs, is_forecast_gain
 from .search_path import suggest_profiles
 
 SCHEMA_VERSION = 1
@@ -409,9 +409,8 @@ class PresetSpec:
         t = self.stage_threshold
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:
             raise ValueError(f"stage_threshold must be a number in [0, 1] (sigma, 1 = noisiest); got {t!r}")
-        g = self.forecast_gain
-        if isinstance(g, bool) or not isinstance(g, int | float) or not 0.0 < g <= 1.0:
-            raise ValueError(f"forecast_gain must be a number in (0, 1] (1: plain forecasts); got {g!r}")
+        if not is_forecast_gain(self.forecast_gain):
+            raise ValueError(f"forecast_gain must be a number in (0, 1] (1: plain forecasts); got {self.forecast_gain!r}")
         object.__setattr__(self, "rules", tuple(self.rules))
         for r in self.rules:
             if not isinstance(r, RuleSpec):
